@@ -1,0 +1,36 @@
+"""Rotary position embeddings in both pairings.
+
+* interleaved (reference / torchtune, v51): elements (2i, 2i+1) rotate by pos * theta^(-2i/dk);
+* NeoX rotate-half (v52 HF checkpoints): elements (i, i + dk/2) rotate by the same angles.
+Angles and the rotation are computed in float32.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def rope_angles(positions: jax.Array, dk: int, theta: float) -> jax.Array:
+    """positions [..., L] int -> angles [..., L, dk/2] float32 (pos * theta^(-2i/dk))."""
+    inv = 1.0 / (theta ** (jnp.arange(0, dk, 2, dtype=jnp.float32)[: dk // 2] / dk))
+    return positions.astype(jnp.float32)[..., None] * inv
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float, interleaved: bool = True) -> jax.Array:
+    """Rotate x [B, L, H, dk] at positions [B, L] (or [L]); returns x's dtype."""
+    dk = x.shape[-1]
+    ang = rope_angles(positions, dk, theta)            # [B, L, dk/2] or [L, dk/2]
+    if ang.ndim == 2:
+        ang = ang[None]
+    cos = jnp.cos(ang)[:, :, None, :]                  # [B, L, 1, dk/2]
+    sin = jnp.sin(ang)[:, :, None, :]
+    xf = x.astype(jnp.float32)
+    if interleaved:
+        x0, x1 = xf[..., 0::2], xf[..., 1::2]
+        out = jnp.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], axis=-1).reshape(xf.shape)
+    else:
+        h = dk // 2
+        x0, x1 = xf[..., :h], xf[..., h:]
+        out = jnp.concatenate([x0 * cos - x1 * sin, x1 * cos + x0 * sin], axis=-1)
+    return out.astype(x.dtype)
