@@ -1,0 +1,47 @@
+"""`pldr-jax` command line: one sub-command per workflow, each defined in its own module.
+
+Each module in `COMMANDS` provides `add_parser(subparsers)` (registering its sub-command, whose
+parser sets `func`) and does its imports lazily so `pldr-jax --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "train": "pldr_jax.train.cli",
+    "generate": "pldr_jax.decode.cli",
+    "convert": "pldr_jax.io.cli",
+    "eval": "pldr_jax.eval.cli",
+    "analyze": "pldr_jax.analysis.cli",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pldr-jax", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, module in COMMANDS.items():
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:  # a workflow whose module is absent in this build
+            if e.name != module:
+                raise
+            continue
+        mod.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"pldr-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
