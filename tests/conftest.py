@@ -1,0 +1,50 @@
+"""Shared fixtures: the golden reference folder (../shared/reference) and tiny models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REF = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+
+
+def ref_path(name: str) -> Path:
+    p = REF / name
+    if not p.exists():
+        pytest.skip(f"golden file {p} not available")
+    return p
+
+
+@pytest.fixture(scope="session")
+def ref():
+    """Path to ../shared/reference (skips when absent)."""
+    if not REF.exists():
+        pytest.skip("../shared/reference not available")
+    return REF
+
+
+def load_reference_model(name: str):
+    """(cfg, params) of a golden reference model, e.g. "tiny_v510" or "tiny_v510G_identity"."""
+    import pldr_jax
+    from pldr_jax.io.state_dict import state_dict_to_params
+    hp = json.loads(ref_path(f"{name}.json").read_text())
+    overrides = {}
+    hp_inner = hp.get("hyperparameters", hp)
+    if "A_dff" not in hp_inner:
+        overrides["custom_G_type"] = "identity"
+    cfg = pldr_jax.PLDRConfig.from_reference_hparams({**hp_inner, **overrides})
+    sd = dict(np.load(ref_path(f"{name}_params.npz")))
+    return cfg, state_dict_to_params(cfg, sd)
+
+
+@pytest.fixture(scope="session")
+def tiny_v510():
+    return load_reference_model("tiny_v510")
+
+
+@pytest.fixture(scope="session")
+def tiny_v510g():
+    return load_reference_model("tiny_v510G_identity")
