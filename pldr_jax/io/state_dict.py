@@ -22,9 +22,10 @@ Parameters come back as host numpy arrays in `cfg.param_dtype` (device_put them 
 from __future__ import annotations
 
 import os
+import re
 import zipfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import numpy as np
@@ -184,34 +185,36 @@ def _leaf_getter(params: Mapping, cfg: PLDRConfig):
     return get
 
 
-def iter_state_dict(cfg: PLDRConfig, params: Mapping) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (key, array) in reference order, gathering one (possibly sharded) leaf at a time."""
-    get = _leaf_getter(params, cfg)
-    abstract = abstract_params(cfg)
-    cache_key, cache_val = None, None
-    for e in _entries(cfg):
-        leaf, is_layer_slice = get(e.path, e.layer)
-        ck = (e.path, e.layer if is_layer_slice else None)
-        if ck != cache_key:  # gather this leaf once, drop the previous one
-            cache_val = np.asarray(jax.device_get(leaf))
-            cache_key = ck
-            want = tuple(_get(abstract, e.path).shape)
-            if is_layer_slice:
-                want = want[1:]
-            if cache_val.shape != want:
-                raise ValueError(f"params leaf {'/'.join(e.path)} has shape {cache_val.shape}, "
-                                 f"expected {want} for the config ({_cfg_summary(cfg)})")
-        idx = ((e.layer,) if e.layer is not None and not is_layer_slice else ()) + e.index
-        v = cache_val[idx] if idx else cache_val
-        if e.transpose:
-            v = np.swapaxes(v, -1, -2)
-        yield e.key, np.ascontiguousarray(v)
-
-
 def params_to_state_dict(cfg: PLDRConfig, params: Mapping) -> dict[str, np.ndarray]:
     """Params tree (stacked or per-layer tuple, host or sharded device arrays) -> reference state
-    dict of C-contiguous numpy arrays in the params' dtype, in the reference key order."""
-    return dict(iter_state_dict(cfg, params))
+    dict of C-contiguous numpy arrays in the params' dtype, in the reference key order.
+
+    Each leaf is gathered to the host once (`np.asarray(jax.device_get(leaf))`), one at a time.
+    """
+    get = _leaf_getter(params, cfg)
+    abstract = abstract_params(cfg)
+    entries = _entries(cfg)
+    groups: dict[tuple, list[_Entry]] = {}
+    for e in entries:
+        _, is_layer_slice = get(e.path, e.layer)
+        groups.setdefault((e.path, e.layer if is_layer_slice else None), []).append(e)
+    out: dict[str, np.ndarray] = {}
+    for (path, layer), group in groups.items():
+        leaf, is_layer_slice = get(path, group[0].layer)
+        host = np.asarray(jax.device_get(leaf))
+        want = tuple(_get(abstract, path).shape)[1 if is_layer_slice else 0:]
+        if host.shape != want:
+            where = "/".join(path) + (f" (layer {layer})" if is_layer_slice else "")
+            raise ValueError(f"params leaf {where} has shape {host.shape}, expected {want} for the "
+                             f"config ({_cfg_summary(cfg)})")
+        for e in group:
+            idx = ((e.layer,) if e.layer is not None and not is_layer_slice else ()) + e.index
+            v = host[idx] if idx else host
+            if e.transpose:
+                v = np.swapaxes(v, -1, -2)
+            out[e.key] = np.ascontiguousarray(v)
+        del host
+    return {e.key: out[e.key] for e in entries}
 
 
 # --------------------------------------------------------------------------- files
@@ -293,7 +296,6 @@ def load_g_lm_list(path: str | os.PathLike, num_layers: int | PLDRConfig | None 
     if not path.is_file():
         raise FileNotFoundError(f"G_LM list not found: {path}")
     z = _open_npz(path)
-    import re
     idx = sorted(int(m.group(1)) for k in z if (m := re.fullmatch(r"layer(\d+)_G_LM", k)))
     if not idx:
         raise ValueError(f"{path}: no 'layer{{i}}_G_LM' arrays (keys: {sorted(z)[:10]})")
