@@ -27,7 +27,7 @@ from pathlib import Path
 from .corpus import default_corpus_documents
 
 __all__ = ["SourceStats", "DocumentSource", "ListSource", "BuiltinSource", "TextFileSource", "JsonlSource",
-           "ParquetSource", "HFDatasetSource", "make_source"]
+           "ParquetSource", "HFDatasetSource", "make_source", "iter_documents"]
 
 _ERRORS = ("replace", "skip", "strict")
 
@@ -303,8 +303,7 @@ class HFDatasetSource(DocumentSource):
                 raise ImportError("loading a Hugging Face dataset directory needs the optional 'datasets' "
                                   "package: pip install datasets") from e
             ds = datasets.load_from_disk(os.fspath(ds))
-        if hasattr(ds, "keys") and not hasattr(ds, "column_names") or isinstance(getattr(ds, "column_names", None),
-                                                                                 dict):
+        if isinstance(ds, dict) or isinstance(getattr(ds, "column_names", None), dict):  # a DatasetDict
             splits = list(ds.keys())
             if split is None:
                 if len(splits) != 1:
