@@ -67,11 +67,32 @@ _TORCH_DTYPES: dict[str, np.dtype] = {
 }
 
 
-class _StorageType:
+class _NoBuild:
+    """Refuses pickle's BUILD opcode, so a pickle cannot alter the loader's own objects."""
+
+    __slots__ = ()
+
+    def __setstate__(self, state):
+        raise UnsafePickleError(f"pickle tried to set the state of {self!r}; refused")
+
+
+class _Frozen(_NoBuild):
+    """Immutable once built (allow-listed globals are shared between loads)."""
+
+    __slots__ = ()
+
+    def __setattr__(self, name, value):
+        raise UnsafePickleError(f"pickle tried to modify {self!r}; refused")
+
+
+class _StorageType(_Frozen):
     """Stand-in for a `torch.XStorage` class: only carries its numpy dtype."""
 
+    __slots__ = ("name", "dtype")
+
     def __init__(self, name: str, dtype: np.dtype):
-        self.name, self.dtype = name, dtype
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "dtype", dtype)
 
     def __repr__(self):
         return f"<storage type torch.{self.name} ({self.dtype})>"
@@ -80,15 +101,48 @@ class _StorageType:
         raise UnsafePickleError(f"constructing torch.{self.name} directly is not supported")
 
 
-class _Storage:
+class _TorchDtype(_Frozen):
+    """Stand-in for a `torch.<dtype>` global (e.g. in metadata); `.numpy` is the numpy dtype."""
+
+    __slots__ = ("name", "numpy")
+
+    def __init__(self, name: str, dtype: np.dtype):
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "numpy", dtype)
+
+    def __repr__(self):
+        return f"torch.{self.name}"
+
+
+class _SafeCallable(_Frozen):
+    """An allow-listed callable, wrapped so a pickle cannot set attributes on the function."""
+
+    __slots__ = ("_fn", "_name")
+
+    def __init__(self, fn, name: str):
+        object.__setattr__(self, "_fn", fn)
+        object.__setattr__(self, "_name", name)
+
+    def __call__(self, *args, **kwargs):
+        return self._fn(*args, **kwargs)
+
+    def __repr__(self):
+        return f"<allowed global {self._name}>"
+
+
+class _Storage(_NoBuild):
     """A flat typed storage: `data` is a 1-D numpy array (None until filled, legacy format)."""
+
+    __slots__ = ("dtype", "numel", "data")
 
     def __init__(self, dtype: np.dtype, numel: int, data: np.ndarray | None = None):
         self.dtype, self.numel, self.data = dtype, numel, data
 
 
-class _PendingTensor:
+class _PendingTensor(_NoBuild):
     """Legacy format: a tensor whose storage bytes come after the pickle."""
+
+    __slots__ = ("storage", "offset", "size", "stride")
 
     def __init__(self, storage: _Storage, offset: int, size: tuple, stride: tuple):
         self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
@@ -155,21 +209,23 @@ def _codecs_encode(obj, encoding="utf-8", *_ignored):
 
 
 def _allowed_globals() -> dict[tuple[str, str], Any]:
-    allowed: dict[tuple[str, str], Any] = {
+    """(module, name) -> stand-in.  Builtin types (OrderedDict, tuple) are immutable classes."""
+    fns = {
         ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
         ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
         ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
         ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
-        ("collections", "OrderedDict"): collections.OrderedDict,
         ("torch", "device"): _device,
-        ("torch", "Size"): tuple,
         ("_codecs", "encode"): _codecs_encode,
-        ("torch.storage", "UntypedStorage"): _StorageType("UntypedStorage", np.dtype(np.uint8)),
     }
+    allowed: dict[tuple[str, str], Any] = {k: _SafeCallable(f, ".".join(k)) for k, f in fns.items()}
+    allowed[("collections", "OrderedDict")] = collections.OrderedDict
+    allowed[("torch", "Size")] = tuple
+    allowed[("torch.storage", "UntypedStorage")] = _StorageType("UntypedStorage", np.dtype(np.uint8))
     for name, dt in _STORAGE_DTYPES.items():
         allowed[("torch", name)] = _StorageType(name, dt)
     for name, dt in _TORCH_DTYPES.items():
-        allowed[("torch", name)] = dt
+        allowed[("torch", name)] = _TorchDtype(name, dt)
     return allowed
 
 
