@@ -196,7 +196,8 @@ def load_model_spec(spec: str, config: PLDRConfig | str | None = None):
 
     ``"preset:<name>[:<seed>]"`` initialises a random model of a preset (tests, quick experiments;
     g_lm = ``default_g`` of the preset); anything else is a path for ``pldr_jax.io.load_model``
-    (checkpoint file or Hugging Face folder).  ``config`` (a PLDRConfig or a JSON file) is passed on.
+    (reference state dict, Hugging Face folder or training directory).  ``config`` (a PLDRConfig,
+    preset name or JSON file) is passed on to it.
     """
     if isinstance(spec, str) and spec.startswith("preset:"):
         from .params import init_params
@@ -206,14 +207,13 @@ def load_model_spec(spec: str, config: PLDRConfig | str | None = None):
         cfg = config if isinstance(config, PLDRConfig) else PLDRConfig.preset(name)
         params = init_params(cfg, jax.random.key(seed))
         return cfg, params, default_g(cfg, jax.random.key(seed + 1))
-    if isinstance(config, (str, os.PathLike)):
-        import json
-        config = PLDRConfig.from_dict(json.loads(Path(config).read_text()))
     try:
         from .io import load_model
     except ImportError as e:
         raise ValueError(f"cannot load {spec!r}: pldr_jax.io.load_model is not available ({e})") from None
-    return load_model(spec, config=config)
+    cfg, params, g_lm = load_model(spec, config=config)
+    params = jax.tree_util.tree_map(jnp.asarray, params)  # host arrays -> device once, not per call
+    return cfg, params, (None if g_lm is None else jnp.asarray(g_lm, jnp.float32))
 
 
 # --------------------------------------------------------------------------- dispatcher

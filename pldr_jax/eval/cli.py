@@ -1,0 +1,104 @@
+"""pldr-jax eval: perplexity and multiple-choice accuracy of a checkpoint.
+
+Examples::
+
+    pldr-jax eval perplexity ckpt --data valid.txt --tokenizer tok.model
+    pldr-jax eval mc ckpt --data arc_easy.jsonl --tokenizer tok.model --mode full
+
+Results are printed as JSON (and written to ``--output`` when given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+__all__ = ["add_parser"]
+
+
+def _load(args):
+    import jax
+
+    from ..g_sources import load_model_spec, make_g
+
+    cfg, params, g_lm = load_model_spec(args.model, args.config)
+    if args.g_source:
+        g_lm = make_g(cfg, args.g_source, jax.random.key(args.seed))
+    tok = None
+    if args.tokenizer:
+        from ..data import Tokenizer
+        tok = Tokenizer.load(args.tokenizer)
+    return cfg, params, g_lm, tok
+
+
+def _emit(result: dict, args) -> None:
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.output:
+        p = Path(args.output)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text + "\n")
+
+
+def _run_ppl(args) -> int:
+    from .perplexity import perplexity_of_file
+
+    cfg, params, g_lm, tok = _load(args)
+    res = perplexity_of_file(cfg, params, args.data, tok, split=args.split, max_docs=args.max_docs,
+                             add_eos=not args.no_eos, mode=args.mode, g_lm=g_lm, batch_size=args.batch_size,
+                             stride=args.stride)
+    _emit({"task": "perplexity", "data": str(args.data), "mode": args.mode, **res.summary()}, args)
+    return 0
+
+
+def _run_mc(args) -> int:
+    from .multiple_choice import load_jsonl, score_multiple_choice
+
+    cfg, params, g_lm, tok = _load(args)
+    items = load_jsonl(args.data)
+    if args.max_docs is not None:
+        items = items[: args.max_docs]
+    res = score_multiple_choice(cfg, params, items, tokenizer=tok, mode=args.mode, g_lm=g_lm,
+                                batch_size=args.batch_size, target_delimiter=args.delimiter)
+    _emit({"task": "multiple_choice", "data": str(args.data), "mode": args.mode, **res.summary()}, args)
+    return 0
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    from ..g_sources import G_SPEC_HELP
+    from .multiple_choice import MODES
+
+    p.add_argument("model", help="checkpoint path (pldr_jax.io.load_model) or 'preset:<name>[:seed]' (random init)")
+    p.add_argument("--data", required=True, help="data file")
+    p.add_argument("--config", default=None, help="PLDRConfig JSON file when the checkpoint lacks one")
+    p.add_argument("--tokenizer", default=None, help="sentencepiece .model (needed for text)")
+    p.add_argument("--mode", choices=MODES, default="full",
+                   help="full: one pass over context+continuation (as lm-eval with the authors' HF model); "
+                        "cached: G_LM from the context only (KV+G-cache decoding); causal: one pass per "
+                        "scored token over its own prefix")
+    p.add_argument("--g-source", default=None, help=f"fix G_LM; {G_SPEC_HELP} (not 'transfer')")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-docs", type=int, default=None, help="score only the first N documents/items")
+    p.add_argument("--output", default=None, help="also write the JSON result here")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("eval", help="perplexity and multiple-choice evaluation",
+                              description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="eval_task", required=True)
+    pp = sub.add_parser("perplexity", help="token-level perplexity of a text/JSONL file",
+                        description="Documents: .jsonl ('text' or 'input_ids' per line) or text split by --split.")
+    _common(pp)
+    pp.add_argument("--split", choices=("blank", "line", "file"), default="blank",
+                    help="documents of a text file: paragraphs (blank), lines, or the whole file")
+    pp.add_argument("--stride", type=int, default=None, help="new tokens per window (default: max_seq_len)")
+    pp.add_argument("--no-eos", action="store_true", help="do not append EOS to each document")
+    pp.set_defaults(func=_run_ppl)
+    mc = sub.add_parser("mc", aliases=["multiple-choice"], help="multiple-choice accuracy (JSONL of "
+                        "{context, choices, label})")
+    _common(mc)
+    mc.add_argument("--delimiter", default=" ", help="text between context and a text choice (default ' ')")
+    mc.set_defaults(func=_run_mc)
+    return p

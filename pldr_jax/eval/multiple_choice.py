@@ -1,0 +1,313 @@
+"""Log-likelihood scoring: the core of perplexity, multiple choice and the lm-eval adapter.
+
+Multiple choice is scored the way zero-shot benchmarks (ARC, HellaSwag, PIQA in
+lm-evaluation-harness) score it: for each item, the log-likelihood of every choice as a
+continuation of the context, ``acc`` = the argmax is the label, ``acc_norm`` = the argmax of the
+log-likelihood divided by the choice's length (characters for text choices, as lm-eval; tokens for
+token-id choices) is the label.
+
+**Scoring modes** (PLDR's metric tensor A sums over every position of the input, so a token's
+logits depend on later tokens of the same pass -- see MODEL.md):
+
+* ``"full"`` (default): one forward pass over context + continuation, A over every real token of
+  it.  This is what the authors' Hugging Face model computes under lm-evaluation-harness, i.e. the
+  setting of the paper's zero-shot scores, and the reference's training-loss semantics.
+* ``"cached"``: G_LM is computed from the context alone (the G-cache a decoder holds after the
+  prompt) and the continuation is scored with it: the scores a KV+G-cache decoder assigns.
+* ``"causal"``: every target token is scored by a pass over its own prefix only (no later token
+  enters A): the scores of the no-cache decoder, one forward pass per scored token.
+
+A given ``g_lm`` (predefined-G models, or a G source from ``pldr_jax.g_sources``) fixes G in every
+mode, which then all coincide.  Batches are right-padded with pad-aware A, so every row scores as it
+would alone; lengths are padded to power-of-two buckets and the batch to a fixed size, so the number
+of compilations is at most ``log2(max_seq_len)`` per mode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..config import PLDRConfig
+from ..model import forward
+
+__all__ = ["MODES", "loglikelihood_tokens", "score_units", "bucket_length", "encode_pair", "make_encoder",
+           "load_jsonl", "mc_requests", "MCResult", "score_multiple_choice"]
+
+MODES = ("full", "cached", "causal")
+EOS_ID = 3
+
+
+def bucket_length(n: int, maximum: int, minimum: int = 8) -> int:
+    """Smallest power of two >= n (at least ``minimum``), capped at ``maximum``."""
+    b = max(minimum, 1 << max(0, int(n) - 1).bit_length())
+    return min(b, maximum)
+
+
+# --------------------------------------------------------------------------- jitted scorers
+def _gather(logits, targets):
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    lp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    greedy = jnp.argmax(logits, axis=-1) == targets
+    return lp, greedy
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _score_full(cfg: PLDRConfig, params, inputs, targets, g_lm):
+    """inputs/targets [B, L] (0 = pad) -> per-position log p(target) [B, L], greedy hit [B, L]."""
+    return _gather(forward(cfg, params, inputs, g_lm, pad_aware_A=True).logits, targets)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _score_cached(cfg: PLDRConfig, params, inputs, targets, ctx_len):
+    """G_LM from each row's first ctx_len tokens (its G-cache), then the whole row with that G."""
+    pos = jnp.arange(inputs.shape[1])[None, :]
+    ctx = jnp.where(pos < ctx_len[:, None], inputs, 0)
+    g = forward(cfg, params, ctx, pad_aware_A=True).deductive["G_LM"]        # [layers, B, H, dk, dk]
+    return _gather(forward(cfg, params, inputs, g, pad_aware_A=True).logits, targets)
+
+
+@dataclasses.dataclass
+class _Unit:
+    inp: list            # input ids (length n <= max_seq_len)
+    tgt: list            # target ids, same length
+    n_score: int         # the last n_score positions are scored
+    owner: int           # index of the request it belongs to
+
+
+def _units_for(req_index: int, inp: list, tgt: list, n_score: int, mode: str) -> list[_Unit]:
+    if mode != "causal":
+        return [_Unit(inp, tgt, n_score, req_index)]
+    n = len(inp)
+    return [_Unit(inp[: j + 1], tgt[: j + 1], 1, req_index) for j in range(n - n_score, n)]
+
+
+def score_units(cfg: PLDRConfig, params, units: Sequence[_Unit], n_requests: int, *, mode: str = "full",
+                g_lm=None, batch_size: int = 8) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Score work units; returns per request (sum log p over scored targets [float64], number of scored
+    targets, all scored targets greedy [bool])."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if g_lm is not None:
+        g_lm = jnp.asarray(g_lm, jnp.float32)
+        if g_lm.ndim == 5 and g_lm.shape[1] != 1:
+            raise ValueError("scoring takes one G_LM for all rows: [num_layers, (1,) H, dk, dk]")
+    if g_lm is None and not cfg.learned_g and cfg.custom_G_type != "identity":
+        raise ValueError(f"a predefined-G config (custom_G_type={cfg.custom_G_type!r}) needs g_lm")
+    fixed_g = g_lm is not None or not cfg.learned_g
+    sums = np.zeros(n_requests, np.float64)
+    counts = np.zeros(n_requests, np.int64)
+    greedy = np.ones(n_requests, bool)
+    order = sorted(range(len(units)), key=lambda i: -len(units[i].inp))
+    W = cfg.max_seq_len
+    for start in range(0, len(order), batch_size):
+        idx = order[start: start + batch_size]
+        L = bucket_length(max(len(units[i].inp) for i in idx), W)
+        inp = np.zeros((batch_size, L), np.int32)
+        tgt = np.zeros((batch_size, L), np.int32)
+        ctx = np.ones(batch_size, np.int32)
+        inp[:, 0] = EOS_ID  # filler rows: one real token, never read
+        for r, i in enumerate(idx):
+            u = units[i]
+            n = len(u.inp)
+            inp[r, :n] = u.inp
+            tgt[r, :n] = u.tgt
+            ctx[r] = n - u.n_score + 1
+        if mode == "cached" and not fixed_g:
+            lp, gr = _score_cached(cfg, params, jnp.asarray(inp), jnp.asarray(tgt), jnp.asarray(ctx))
+        else:
+            lp, gr = _score_full(cfg, params, jnp.asarray(inp), jnp.asarray(tgt), g_lm)
+        lp, gr = np.asarray(lp, np.float64), np.asarray(gr)
+        for r, i in enumerate(idx):
+            u = units[i]
+            n = len(u.inp)
+            sl = slice(n - u.n_score, n)
+            sums[u.owner] += lp[r, sl].sum()
+            counts[u.owner] += u.n_score
+            greedy[u.owner] &= bool(gr[r, sl].all())
+    return sums, counts, greedy
+
+
+def loglikelihood_tokens(cfg: PLDRConfig, params, requests: Sequence[tuple[Sequence[int], Sequence[int]]], *,
+                         mode: str = "full", g_lm=None, batch_size: int = 8,
+                         prefix_id: int = EOS_ID) -> list[tuple[float, bool]]:
+    """``log p(continuation | context)`` for token-id pairs, as lm-eval's ``loglikelihood``.
+
+    requests: (context_ids, continuation_ids); an empty context becomes ``[prefix_id]`` (EOS: the
+    paper packs documents with an EOS after each, so EOS is what precedes a document).  Inputs longer
+    than max_seq_len + 1 lose context tokens from the left (as lm-eval).  Returns (log-likelihood,
+    is_greedy) per request: is_greedy = every continuation token is the argmax of its logits.
+    """
+    units: list[_Unit] = []
+    W = cfg.max_seq_len
+    for i, (ctx, cont) in enumerate(requests):
+        ctx, cont = [int(t) for t in ctx], [int(t) for t in cont]
+        if not cont:
+            raise ValueError(f"request {i}: empty continuation")
+        if len(cont) > W:
+            raise ValueError(f"request {i}: continuation of {len(cont)} tokens exceeds max_seq_len={W}")
+        if not ctx:
+            ctx = [int(prefix_id)]
+        full = (ctx + cont)[-(W + 1):]
+        if any(t <= 0 or t >= cfg.vocab_size for t in full):
+            raise ValueError(f"request {i}: ids must be in [1, vocab_size={cfg.vocab_size}) (0 is padding)")
+        units += _units_for(i, full[:-1], full[1:], len(cont), mode)
+    sums, _, greedy = score_units(cfg, params, units, len(requests), mode=mode, g_lm=g_lm, batch_size=batch_size)
+    return [(float(s), bool(g)) for s, g in zip(sums, greedy)]
+
+
+# --------------------------------------------------------------------------- text encoding
+def make_encoder(tokenizer) -> Callable[[str], list[int]]:
+    """text -> ids without BOS/EOS, for a ``pldr_jax.data.Tokenizer`` (``encode(text, add_eos=False)``),
+    a sentencepiece processor or any object whose ``encode(text)`` returns ids (a trailing EOS is
+    dropped)."""
+    def enc(text: str) -> list[int]:
+        try:
+            return list(tokenizer.encode(text, add_eos=False))
+        except TypeError:
+            ids = list(tokenizer.encode(text))
+            return ids[:-1] if ids and ids[-1] == EOS_ID else ids
+    return enc
+
+
+def encode_pair(encode: Callable[[str], list[int]], context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-eval's context/continuation split: trailing spaces of the context move to the continuation,
+    then ``cont = encode(context + continuation)[len(encode(context)):]`` so that the two parts
+    tokenize as the whole text does."""
+    n_sp = len(context) - len(context.rstrip())
+    if n_sp:
+        continuation = context[-n_sp:] + continuation
+        context = context[:-n_sp]
+    whole = encode(context + continuation)
+    ctx = encode(context)
+    return ctx, whole[len(ctx):]
+
+
+# --------------------------------------------------------------------------- multiple choice
+def load_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Items ``{"context", "choices", "label"}`` one JSON object per line (blank lines skipped).
+
+    context: str or list of ids; choices: list of str or of id lists (>= 2); label: int index.
+    ValueError names the line of the first malformed item.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"multiple-choice file not found: {p}")
+    items = []
+    for ln, line in enumerate(p.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p}:{ln}: not valid JSON ({e})") from None
+        try:
+            _validate_item(d)
+        except ValueError as e:
+            raise ValueError(f"{p}:{ln}: {e}") from None
+        items.append(d)
+    if not items:
+        raise ValueError(f"{p}: no items")
+    return items
+
+
+def _validate_item(d) -> None:
+    if not isinstance(d, dict):
+        raise ValueError("item must be a JSON object with context, choices, label")
+    missing = [k for k in ("context", "choices", "label") if k not in d]
+    if missing:
+        raise ValueError(f"item lacks {missing}")
+    ch = d["choices"]
+    if not isinstance(ch, list) or len(ch) < 2:
+        raise ValueError("choices must be a list of at least 2 entries")
+    lab = d["label"]
+    if isinstance(lab, bool) or not isinstance(lab, int) or not 0 <= lab < len(ch):
+        raise ValueError(f"label must be an int in [0, {len(ch)}), got {lab!r}")
+
+
+@dataclasses.dataclass
+class MCResult:
+    """acc, acc_norm: accuracies; n: items; loglikelihoods: per item, per choice (float64);
+    lengths: the normalisers of acc_norm per choice; pred / pred_norm: argmax indices; labels;
+    is_greedy: per item, per choice."""
+    acc: float
+    acc_norm: float
+    n: int
+    loglikelihoods: list
+    lengths: list
+    pred: list
+    pred_norm: list
+    labels: list
+    is_greedy: list
+
+    def summary(self) -> dict:
+        return {"acc": self.acc, "acc_norm": self.acc_norm, "n": self.n}
+
+
+def mc_requests(items: Sequence[dict], encode: Callable[[str], list[int]] | None = None,
+                target_delimiter: str = " ") -> tuple[list, list, list]:
+    """Items -> (flat list of (context_ids, continuation_ids), per-item choice counts, per-choice
+    acc_norm lengths).  Text choices are scored as ``target_delimiter + choice`` (lm-eval's default
+    " "), lengths are ``len(choice)`` in characters; token choices are used as given, lengths in tokens."""
+    reqs, counts, lengths = [], [], []
+    for i, d in enumerate(items):
+        _validate_item(d)
+        ctx = d["context"]
+        lens = []
+        for c in d["choices"]:
+            if isinstance(c, str):
+                if encode is None:
+                    raise ValueError(f"item {i}: text choices need a tokenizer")
+                if isinstance(ctx, str):
+                    cids, tids = encode_pair(encode, ctx, target_delimiter + c)
+                else:
+                    cids, tids = list(ctx), encode(target_delimiter + c)
+                lens.append(float(len(c)))
+            else:
+                if isinstance(ctx, str) and encode is None:
+                    raise ValueError(f"item {i}: text context needs a tokenizer")
+                cids = encode(ctx) if isinstance(ctx, str) else list(ctx)
+                tids = [int(t) for t in c]
+                lens.append(float(len(tids)))
+            reqs.append((cids, tids))
+        counts.append(len(d["choices"]))
+        lengths.append(lens)
+    return reqs, counts, lengths
+
+
+def score_multiple_choice(cfg: PLDRConfig, params, items, *, tokenizer=None, mode: str = "full", g_lm=None,
+                          batch_size: int = 8, target_delimiter: str = " ") -> MCResult:
+    """Accuracy and length-normalised accuracy on multiple-choice items (a list of dicts or a JSONL
+    path; see ``load_jsonl``).  ``tokenizer`` is needed for text items."""
+    if isinstance(items, (str, os.PathLike)):
+        items = load_jsonl(items)
+    items = list(items)
+    if not items:
+        raise ValueError("no multiple-choice items")
+    encode = make_encoder(tokenizer) if tokenizer is not None else None
+    reqs, counts, lengths = mc_requests(items, encode, target_delimiter)
+    res = loglikelihood_tokens(cfg, params, reqs, mode=mode, g_lm=g_lm, batch_size=batch_size)
+    lls, greedy, pred, pred_norm, labels = [], [], [], [], []
+    k = 0
+    for d, n, lens in zip(items, counts, lengths):
+        ll = [r[0] for r in res[k:k + n]]
+        greedy.append([r[1] for r in res[k:k + n]])
+        k += n
+        lls.append(ll)
+        pred.append(int(np.argmax(ll)))
+        pred_norm.append(int(np.argmax(np.asarray(ll) / np.asarray(lens))))
+        labels.append(int(d["label"]))
+    acc = float(np.mean([p == l for p, l in zip(pred, labels)]))
+    acc_norm = float(np.mean([p == l for p, l in zip(pred_norm, labels)]))
+    return MCResult(acc=acc, acc_norm=acc_norm, n=len(items), loglikelihoods=lls, lengths=lengths, pred=pred,
+                    pred_norm=pred_norm, labels=labels, is_greedy=greedy)
