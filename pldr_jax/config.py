@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+from pathlib import Path
 from typing import Any, Mapping
 
 G_TYPES = (None, "identity", "random", "external")
@@ -137,7 +139,38 @@ class PLDRConfig:
         unknown = sorted(set(d) - fields)
         if unknown:
             raise ValueError(f"unknown PLDRConfig fields: {unknown}")
+        required = [f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise ValueError(f"PLDRConfig lacks required fields: {missing}")
         return cls(**dict(d))
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike, **overrides: Any) -> "PLDRConfig":
+        """From a JSON file: `to_json()` output, a training run's ``run_config.json`` (its "model"
+        entry) or the reference's hyper-parameter json (keys ``input_vocab_size`` / ``hyperparameters``).
+
+        Errors name the file: FileNotFoundError if it is absent, ValueError if it is not UTF-8 JSON
+        holding an object, or if a field is unknown, missing or out of range.
+        """
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file not found: path={str(p)!r}")
+        try:
+            d = json.loads(p.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"config file {str(p)!r} is not valid UTF-8 JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"config file {str(p)!r} must hold a JSON object, got {type(d).__name__}")
+        if isinstance(d.get("model"), dict):
+            d = d["model"]
+        try:
+            if "input_vocab_size" in d or isinstance(d.get("hyperparameters"), dict):
+                return cls.from_reference_hparams(d, **overrides)
+            return cls.from_dict({**d, **overrides})
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"config file {str(p)!r}: {e}") from None
 
     # ------------------------------------------------------------------ constructors
     @classmethod

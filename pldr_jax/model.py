@@ -56,7 +56,10 @@ def project_qkv(cfg: PLDRConfig, lp: dict, x: jax.Array, positions: jax.Array):
     """x [B, L, D], positions [B, L] -> rotated q, k and v, each [B, L, H, dk]."""
     B, L, _ = x.shape
     split = lambda t: t.reshape(B, L, cfg.num_heads, cfg.head_dim)
-    q, k, v = (split(linear(lp[n], x)) for n in ("wq", "wk", "wv"))
+    if "wqkv" in lp:   # fused [D, 3D] projection (decode-prepared params, pldr_jax.decode.prepare_params)
+        q, k, v = (split(t) for t in jnp.split(linear(lp["wqkv"], x), 3, axis=-1))
+    else:
+        q, k, v = (split(linear(lp[n], x)) for n in ("wq", "wk", "wv"))
     q = apply_rope(q, positions, cfg.rope_theta, cfg.reference_rope)
     k = apply_rope(k, positions, cfg.rope_theta, cfg.reference_rope)
     return q, k, v
@@ -115,6 +118,8 @@ def normalize_g_lm(cfg: PLDRConfig, g_lm) -> jax.Array | None:
             raise ValueError(f"g_lm is required for a predefined-G config (custom_G_type="
                              f"{cfg.custom_G_type!r}): pass an array [num_layers={L}, H={H}, dk={dk}, dk={dk}]")
         return None
+    if not hasattr(g_lm, "shape"):
+        g_lm = jnp.asarray(g_lm, jnp.float32)
     shape = tuple(g_lm.shape)
     if len(shape) == 4:
         g_lm = g_lm[:, None]

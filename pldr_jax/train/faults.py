@@ -1,0 +1,337 @@
+"""Training faults: non-finite steps, checkpoint-directory preflight, corrupted checkpoints.
+
+Pure helpers that the loop / step wire in with a few lines (nothing here imports the loop):
+
+* `FaultPolicy` -- what to do when a step's loss or gradients are not finite:
+  ``"skip"`` (default): the update is not applied (params and optimiser state keep their old
+  values, the batch is consumed), the step is counted and logged, training goes on -- until more
+  than ``max_skipped`` steps were skipped, which then acts as ``"stop"``;
+  ``"stop"``: the update is not applied either, the (last good) state is saved as a checkpoint,
+  then `NonFiniteError` is raised;  ``"off"``: no check (the reference's behaviour).
+* `apply_gradients_guarded` -- the jit-side half: one optimiser update whose result is
+  `jnp.where`-selected against the old state when the loss, the gradients or the new params are
+  not finite; returns ``(state, ok)``.  `NonFiniteMonitor` is the host-side half (counting,
+  logging, the stop decision).
+* `preflight_checkpoint_dir` -- before training starts: the directory can be created, a probe
+  file can be written + fsynced + deleted, and the disk has room for one more checkpoint
+  (`estimate_checkpoint_bytes`); `CheckpointDirError` (a ValueError) otherwise.
+* `verify_checkpoint` / `latest_good_checkpoint` -- a step directory is complete (orbax metadata,
+  every item present and parseable) and its arrays read back (and match the digest stored with
+  the config, if any: `tree_digest`); a bad newest checkpoint is moved aside to
+  ``<dir>.corrupt/`` with a warning and the previous good one is used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["FaultPolicy", "NonFiniteError", "NonFiniteMonitor", "tree_all_finite", "apply_gradients_guarded",
+           "CheckpointDirError", "CorruptCheckpointError", "estimate_checkpoint_bytes", "preflight_checkpoint_dir",
+           "tree_digest", "verify_checkpoint", "latest_good_checkpoint"]
+
+NONFINITE_POLICIES = ("skip", "stop", "off")
+
+
+# =========================================================================== non-finite steps
+class NonFiniteError(FloatingPointError):
+    """Training stopped on a non-finite loss / gradient (policy "stop", or too many skipped steps)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FaultPolicy:
+    """nonfinite: "skip" | "stop" | "off" (see the module docstring).
+    max_skipped: with "skip", stop (as "stop") once more than this many steps were skipped in this
+      run; None = never stop.
+    """
+    nonfinite: str = "skip"
+    max_skipped: int | None = None
+
+    def __post_init__(self):
+        if self.nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"FaultPolicy.nonfinite must be one of {NONFINITE_POLICIES}, got {self.nonfinite!r}")
+        m = self.max_skipped
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 0):
+            raise ValueError(f"FaultPolicy.max_skipped must be an int >= 0 or None, got {m!r}")
+
+    @property
+    def guard(self) -> bool:
+        """Whether the jitted step must guard its update (static)."""
+        return self.nonfinite != "off"
+
+    @property
+    def per_step_check(self) -> bool:
+        """Whether the loop must look at every step's flag as soon as it is computed (needed to
+        stop right at the first bad step; "skip" can read the flags in the periodic log flush)."""
+        return self.nonfinite == "stop" or (self.nonfinite == "skip" and self.max_skipped is not None)
+
+
+def tree_all_finite(*trees) -> jax.Array:
+    """A bool scalar: every inexact leaf of every tree is finite (jit-friendly; ints are ignored)."""
+    oks = [jnp.all(jnp.isfinite(x)) for t in trees for x in jax.tree_util.tree_leaves(t)
+           if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(oks)) if oks else jnp.bool_(True)
+
+
+def apply_gradients_guarded(state, grads, tx, loss=None, *, guard: bool = True):
+    """`state.apply_gradients(grads, tx)` unless the loss, the gradients or the updated params are
+    non-finite, in which case params and opt_state keep their old values.  ``state.step`` (the
+    batches consumed, what the loop and resume count) advances either way.
+
+    Works inside `jax.jit` (a `jnp.where` select per leaf; no host sync).  Returns
+    ``(new_state, ok)`` with `ok` a bool scalar (True = the update was applied).
+    """
+    new = state.apply_gradients(grads, tx)
+    if not guard:
+        return new, jnp.bool_(True)
+    ok = tree_all_finite(grads, new.params)
+    if loss is not None:
+        ok = ok & jnp.all(jnp.isfinite(loss))
+    pick = lambda n, o: jnp.where(ok, n, o)
+    params = jax.tree_util.tree_map(pick, new.params, state.params)
+    opt_state = jax.tree_util.tree_map(pick, new.opt_state, state.opt_state)
+    return new.replace(params=params, opt_state=opt_state), ok
+
+
+class NonFiniteMonitor:
+    """Host-side bookkeeping of guarded steps.
+
+    ``observe(step, ok)`` with ``ok`` the step's flag (bool / 0-1 number / array) returns True when
+    the loop must stop (save the state -- the last good parameters, since the bad update was not
+    applied -- then call `raise_stop`).  Skipped steps are logged once each and counted in
+    ``skipped`` / ``skipped_steps``.
+    """
+
+    def __init__(self, policy: FaultPolicy = FaultPolicy(), log: Callable[..., Any] = print):
+        self.policy = policy
+        self.log = log
+        self.skipped = 0
+        self.skipped_steps: list[int] = []
+        self.stop_step: int | None = None
+
+    def observe(self, step: int, ok) -> bool:
+        if self.policy.nonfinite == "off":
+            return False
+        if bool(np.asarray(ok)):
+            return False
+        self.skipped += 1
+        self.skipped_steps.append(int(step))
+        if self.policy.nonfinite == "stop":
+            self.log(f"error: non-finite loss or gradients at step {step}; the update was not applied "
+                     "(policy 'stop')")
+            self.stop_step = int(step)
+            return True
+        self.log(f"warning: non-finite loss or gradients at step {step}; update skipped "
+                 f"({self.skipped} skipped so far, policy 'skip')")
+        if self.policy.max_skipped is not None and self.skipped > self.policy.max_skipped:
+            self.stop_step = int(step)
+            return True
+        return False
+
+    def raise_stop(self, checkpoint: str | os.PathLike | None = None):
+        where = f"; the last good state was saved as checkpoint {checkpoint}" if checkpoint is not None else ""
+        why = ("policy 'stop'" if self.policy.nonfinite == "stop" else
+               f"more than max_skipped={self.policy.max_skipped} steps skipped: {self.skipped_steps[-10:]}")
+        raise NonFiniteError(
+            f"training stopped: non-finite loss or gradients at step {self.stop_step} ({why}){where}. "
+            "Lower the learning rate, enable clipping, check the data or the DAG coefficients; resume "
+            "with resume=True (--resume) to continue past that batch")
+
+
+# =========================================================================== checkpoint directory preflight
+class CheckpointDirError(ValueError):
+    """The checkpoint directory is unusable (not creatable, not writable, not enough free space)."""
+
+
+def estimate_checkpoint_bytes(tree) -> int:
+    """Bytes of the arrays of `tree` (arrays or `jax.ShapeDtypeStruct`s, e.g. an abstract
+    TrainState): roughly one uncompressed checkpoint."""
+    total = 0
+    for x in jax.tree_util.tree_leaves(tree):
+        shape, dtype = getattr(x, "shape", None), getattr(x, "dtype", None)
+        if shape is None or dtype is None:
+            continue
+        if jnp.issubdtype(dtype, jax.dtypes.prng_key):
+            total += 8 * math.prod(shape)
+            continue
+        total += math.prod(shape) * np.dtype(dtype).itemsize
+    return int(total)
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def preflight_checkpoint_dir(path: str | os.PathLike, required_bytes: int = 0, *, margin: float = 1.25,
+                             probe_bytes: int = 4096) -> Path:
+    """Check, before training, that `path` can hold checkpoints: it is (or can be created as) a
+    directory, a probe file can be written, fsynced and deleted, and ``margin * required_bytes``
+    (e.g. `estimate_checkpoint_bytes(abstract_state)`) are free.  Returns the absolute path;
+    raises `CheckpointDirError` naming the path and what to do."""
+    p = Path(path).absolute()
+    if p.exists() and not p.is_dir():
+        raise CheckpointDirError(f"checkpoint directory {str(p)!r} exists and is not a directory; "
+                                 "choose another workdir")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointDirError(f"cannot create checkpoint directory {str(p)!r}: {e.strerror or e} "
+                                 f"(errno {e.errno}); choose a writable workdir") from None
+    probe = p / f".pldr_write_probe.{os.getpid()}.{time.monotonic_ns()}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            data = b"\0" * probe_bytes
+            written = 0
+            while written < len(data):
+                written += os.write(fd, data[written:])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        try:
+            probe.unlink()
+        except OSError:
+            pass
+        hint = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+                errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+                errno.EPERM: "permission denied"}.get(e.errno, e.strerror or str(e))
+        raise CheckpointDirError(f"checkpoint directory {str(p)!r} is not writable: {hint} (errno {e.errno}); "
+                                 "free space, fix the permissions or choose another workdir") from None
+    if required_bytes:
+        need = int(required_bytes * margin)
+        free = shutil.disk_usage(p).free
+        if free < need:
+            raise CheckpointDirError(
+                f"not enough free disk space for checkpoints in {str(p)!r}: {_fmt_bytes(free)} free, one "
+                f"checkpoint needs about {_fmt_bytes(required_bytes)} (x{margin} margin = {_fmt_bytes(need)}); "
+                "free space, lower keep_checkpoints or choose another workdir")
+    return p
+
+
+# =========================================================================== checkpoint verification
+class CorruptCheckpointError(ValueError):
+    """A checkpoint step directory is incomplete or unreadable (the message lists the problems)."""
+
+
+def tree_digest(tree) -> str:
+    """A sha256 over the paths, dtypes, shapes and bytes of every array of `tree` (host copy).
+    Store it with a checkpoint's config (key "digest") so that `verify_checkpoint` also detects
+    silently flipped bytes, which orbax's own reads do not."""
+    h = hashlib.sha256()
+    leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(tree))
+    for kp, v in sorted(((jax.tree_util.keystr(kp), v) for kp, v in leaves), key=lambda t: t[0]):
+        a = np.ascontiguousarray(np.asarray(v))
+        h.update(f"{kp}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _read_json(path: Path, problems: list[str], what: str):
+    if not path.is_file():
+        problems.append(f"{what} missing ({path.name})")
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        problems.append(f"{what} unreadable ({path.name}: {type(e).__name__}: {e})")
+        return None
+
+
+def _item_json(item_dir: Path, problems: list[str], what: str):
+    """The JSON payload of an orbax JsonSave item (file "metadata")."""
+    return _read_json(item_dir / "metadata", problems, what)
+
+
+def verify_checkpoint(directory: str | os.PathLike, step: int, *, read_arrays: bool = True,
+                      required_items: Iterable[str] = ("state",)) -> list[str]:
+    """Problems found in checkpoint `step` of `directory` (an empty list = good).
+
+    Checks the step directory and orbax's ``_CHECKPOINT_METADATA``; every item directory listed
+    in `required_items`; the state item's ``_METADATA``; the JSON items (config, JSON data-iterator
+    state) parse; with `read_arrays`, every array of the state reads back (this is what detects
+    truncated or missing array files) and, when the config holds a "digest" (`tree_digest` of
+    the saved state), the arrays match it (detects flipped bytes).
+    """
+    d = Path(directory).absolute() / str(int(step))
+    problems: list[str] = []
+    if not d.is_dir():
+        return [f"step directory {str(d)!r} missing"]
+    _read_json(d / "_CHECKPOINT_METADATA", problems, "orbax checkpoint metadata")
+    items = {p.name for p in d.iterdir() if p.is_dir()}
+    for name in required_items:
+        if name not in items:
+            problems.append(f"item {name!r} missing (have {sorted(items)})")
+    config = None
+    if "config" in items:
+        config = _item_json(d / "config", problems, "config item")
+    if "data" in items and (d / "data" / "metadata").exists():
+        _item_json(d / "data", problems, "data-iterator item")
+    if "state" in items:
+        _read_json(d / "state" / "_METADATA", problems, "state metadata")
+    if read_arrays and "state" in items and not problems:
+        try:
+            import orbax.checkpoint as ocp
+            with ocp.StandardCheckpointer() as ckptr:
+                raw = ckptr.restore(d / "state")
+            leaves = jax.tree_util.tree_leaves(raw)
+            if not leaves:
+                problems.append("state item holds no arrays")
+            want = config.get("digest") if isinstance(config, dict) else None
+            if want is not None and tree_digest(raw) != want:
+                problems.append("state arrays do not match the digest stored with the config (corrupted bytes)")
+        except Exception as e:  # any read failure means the checkpoint cannot be used
+            msg = " ".join(str(e).split(" See full TensorStore details")[0].split())[:300]
+            problems.append(f"state arrays unreadable ({type(e).__name__}: {msg})")
+    return problems
+
+
+def _steps(directory: Path) -> list[int]:
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def latest_good_checkpoint(directory: str | os.PathLike, *, read_arrays: bool = True, quarantine: bool = True,
+                           log: Callable[[str], Any] | None = None) -> int | None:
+    """The newest step of `directory` that passes `verify_checkpoint` (None if there is none).
+
+    Every newer, bad step is reported (`log`, default `warnings.warn`) with its problems and, with
+    `quarantine`, moved to ``<directory>.corrupt/<step>-<unix time>`` so that orbax no longer sees
+    it and the resumed run can write that step again.  Call it before opening the orbax manager
+    (which caches the step list).  Unfinished saves (orbax's ``*.orbax-checkpoint-tmp-*``
+    directories, left by a killed process) are never counted as steps.
+    """
+    root = Path(directory).absolute()
+    say = log if log is not None else (lambda m: warnings.warn(m, RuntimeWarning, stacklevel=3))
+    for step in reversed(_steps(root)):
+        problems = verify_checkpoint(root, step, read_arrays=read_arrays)
+        if not problems:
+            return step
+        msg = f"checkpoint {root / str(step)} is corrupted or incomplete: " + "; ".join(problems)
+        if quarantine:
+            dest_root = root.parent / (root.name + ".corrupt")
+            dest_root.mkdir(parents=True, exist_ok=True)
+            dest = dest_root / f"{step}-{int(time.time())}"
+            shutil.move(str(root / str(step)), str(dest))
+            msg += f"; moved to {dest}"
+        say(msg + "; falling back to the previous checkpoint")
+    return None

@@ -1,0 +1,353 @@
+"""Hardening: configs from files, mesh / batch checks, G_LM arguments, non-finite steps, checkpoint
+directory preflight, corrupted checkpoints (detection, fallback to the previous good one).
+
+Tests marked ``xfail(strict=True)`` describe behaviour that `pldr_jax.train.faults` provides but the
+loop / step do not use yet (see the wiring patch in the hardening report); they turn into passes
+(and the strict xfail into a failure to remove the marker) once it is wired in.
+"""
+
+from __future__ import annotations
+
+import errno
+import glob
+import json
+import os
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pldr_jax
+from pldr_jax import PLDRConfig
+from pldr_jax.train import faults
+from pldr_jax.train.faults import (CheckpointDirError, FaultPolicy, NonFiniteError, NonFiniteMonitor,
+                                   apply_gradients_guarded, estimate_checkpoint_bytes, latest_good_checkpoint,
+                                   preflight_checkpoint_dir, tree_digest, verify_checkpoint)
+
+TINY = PLDRConfig.preset("tiny")
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+# =========================================================================== configs from files
+def test_config_from_json_file_round_trips_all_formats(tmp_path):
+    p = tmp_path / "cfg.json"
+    p.write_text(TINY.to_json())
+    assert PLDRConfig.from_json_file(p) == TINY
+    assert PLDRConfig.from_json_file(p, max_seq_len=32) == TINY.replace(max_seq_len=32)
+    run = tmp_path / "run_config.json"
+    run.write_text(json.dumps({"model": TINY.to_dict(), "train": {}}))
+    assert PLDRConfig.from_json_file(run) == TINY
+    ref = tmp_path / "ref.json"
+    ref.write_text(json.dumps({"hyperparameters": dict(num_layers=2, d_model=32, num_heads=4, dff=85, A_dff=16,
+                                                        num_reslayerA=2, num_denseA=2, input_vocab_size=101,
+                                                        max_seq_len=64)}))
+    assert PLDRConfig.from_json_file(ref) == TINY
+
+
+@pytest.mark.parametrize("content,match", [
+    (b"{not json", "not valid UTF-8 JSON"),
+    (b'{"num_layers": "\xff"}', "not valid UTF-8 JSON"),
+    (b"[1, 2]", "must hold a JSON object"),
+    (b'{"num_layers": 2}', r"lacks required fields: \['d_model'"),
+    (b'{"num_layer": 2}', r"unknown PLDRConfig fields: \['num_layer'\]"),
+])
+def test_config_file_errors_name_the_file(tmp_path, content, match):
+    p = tmp_path / "bad.json"
+    p.write_bytes(content)
+    with pytest.raises(ValueError, match=match) as e:
+        PLDRConfig.from_json_file(p)
+    assert "bad.json" in str(e.value)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("num_heads", 0, "num_heads must be a positive int"), ("d_model", 30, "divisible by num_heads"),
+    ("vocab_size", 2, "vocab_size must be >= 4"), ("dtype", "float64", "dtype must be one of"),
+    ("rope_theta", 0.5, "rope_theta must be a finite number > 1"), ("max_seq_len", -1, "max_seq_len"),
+])
+def test_config_file_out_of_range_names_field_and_file(tmp_path, field, value, match):
+    p = tmp_path / "cfg.json"
+    p.write_text(json.dumps({**TINY.to_dict(), field: value}))
+    with pytest.raises(ValueError, match=match) as e:
+        PLDRConfig.from_json_file(p)
+    assert "cfg.json" in str(e.value) and field in str(e.value)
+
+
+def test_config_file_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        PLDRConfig.from_json_file(tmp_path / "nope.json")
+
+
+# =========================================================================== mesh / batch, G_LM
+class _FakeMesh:
+    def __init__(self, **shape):
+        self.shape = shape
+
+
+@pytest.mark.parametrize("batch,accum,shape,match", [
+    (6, 1, dict(data=4, fsdp=1, tensor=1), "not divisible by the 4 batch shards"),
+    (8, 3, dict(data=1, fsdp=1, tensor=1), "grad_accum=3"),
+    (8, 2, dict(data=2, fsdp=4, tensor=1), "micro-batch 4 .* 8 batch shards"),
+])
+def test_batch_that_does_not_split_over_the_mesh(batch, accum, shape, match):
+    from pldr_jax.train.sharding import check_batch_size
+    with pytest.raises(ValueError, match=match):
+        check_batch_size(batch, _FakeMesh(**shape), accum)
+    check_batch_size(16, _FakeMesh(data=2, fsdp=2, tensor=1), 2)
+
+
+def test_g_lm_given_as_nested_list_is_validated():
+    from pldr_jax.model import normalize_g_lm
+    with pytest.raises(ValueError, match="g_lm has shape"):
+        normalize_g_lm(TINY, [[1.0, 0.0], [0.0, 1.0]])
+    g = normalize_g_lm(TINY, np.zeros((2, 4, 8, 8)).tolist())
+    assert g.shape == (2, 1, 4, 8, 8) and g.dtype == jnp.float32
+
+
+# =========================================================================== non-finite steps
+def test_fault_policy_validation():
+    assert FaultPolicy().nonfinite == "skip" and FaultPolicy().guard
+    assert not FaultPolicy("off").guard and FaultPolicy("stop").per_step_check
+    with pytest.raises(ValueError, match="nonfinite must be one of"):
+        FaultPolicy("ignore")
+    with pytest.raises(ValueError, match="max_skipped"):
+        FaultPolicy("skip", max_skipped=-1)
+
+
+@pytest.fixture(scope="module")
+def guarded_step():
+    """A jitted step of the real model whose loss is scaled by batch["scale"] (inf -> non-finite)."""
+    from pldr_jax.train import create_train_state, make_optimizer
+    from pldr_jax.train.step import loss_terms
+    cfg = PLDRConfig(num_layers=1, d_model=16, num_heads=2, dff=24, vocab_size=20, max_seq_len=8, A_dff=4,
+                     num_reslayerA=1, num_denseA=1)
+    tx = make_optimizer(1e-2, 1, 10)
+    state = create_train_state(cfg, tx, 0)
+
+    @jax.jit
+    def step(state, batch):
+        def obj(p):
+            t = loss_terms(cfg, p, batch["inputs"], batch["targets"])
+            return t["ce_sum"] / jnp.maximum(t["count"], 1.0) * batch["scale"]
+        loss, grads = jax.value_and_grad(obj)(state.params)
+        new, ok = apply_gradients_guarded(state, grads, tx, loss)
+        return new, {"loss": loss, "nonfinite": 1.0 - ok.astype(jnp.float32)}
+
+    rng = np.random.default_rng(0)
+    batch = {"inputs": jnp.asarray(rng.integers(1, 20, (2, 8)), jnp.int32),
+             "targets": jnp.asarray(rng.integers(1, 20, (2, 8)), jnp.int32)}
+    return step, state, batch
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_nonfinite_step_is_skipped_and_counted(guarded_step, bad):
+    step, state0, batch = guarded_step
+    s1, m1 = step(state0, {**batch, "scale": jnp.float32(1.0)})
+    assert float(m1["nonfinite"]) == 0.0 and int(s1.step) == 1
+    s2, m2 = step(s1, {**batch, "scale": jnp.float32(bad)})
+    assert float(m2["nonfinite"]) == 1.0 and not np.isfinite(float(m2["loss"]))
+    assert int(s2.step) == 2  # the batch is consumed ...
+    for a, b in zip(jax.tree_util.tree_leaves((s1.params, s1.opt_state)),
+                    jax.tree_util.tree_leaves((s2.params, s2.opt_state))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # ... the update is not applied
+    s3, m3 = step(s2, {**batch, "scale": jnp.float32(1.0)})
+    assert float(m3["nonfinite"]) == 0.0 and faults.tree_all_finite(s3.params)
+    assert not all(np.array_equal(np.asarray(a), np.asarray(b))
+                   for a, b in zip(jax.tree_util.tree_leaves(s2.params), jax.tree_util.tree_leaves(s3.params)))
+
+
+def test_nonfinite_monitor_policies():
+    logs = []
+    m = NonFiniteMonitor(FaultPolicy("skip"), log=logs.append)
+    assert [m.observe(s, ok) for s, ok in [(1, True), (2, False), (3, 1.0), (4, 0.0)]] == [False] * 4
+    assert m.skipped == 2 and m.skipped_steps == [2, 4] and "step 2" in logs[0] and "skipped" in logs[0]
+    m = NonFiniteMonitor(FaultPolicy("skip", max_skipped=1), log=logs.append)
+    assert not m.observe(1, False) and m.observe(2, False)
+    with pytest.raises(NonFiniteError, match="more than max_skipped=1"):
+        m.raise_stop("ckpt/2")
+    m = NonFiniteMonitor(FaultPolicy("stop"), log=logs.append)
+    assert not m.observe(1, True) and m.observe(2, jnp.bool_(False))
+    with pytest.raises(NonFiniteError, match=r"step 2 \(policy 'stop'\); the last good state was saved as "
+                                             r"checkpoint ckpt/2"):
+        m.raise_stop("ckpt/2")
+    assert not NonFiniteMonitor(FaultPolicy("off")).observe(1, False)
+
+
+# =========================================================================== preflight
+def test_preflight_ok_and_estimate(tmp_path):
+    from pldr_jax.train import make_optimizer
+    from pldr_jax.train.state import create_train_state
+    d = preflight_checkpoint_dir(tmp_path / "a" / "b", required_bytes=1000)
+    assert d.is_dir() and list(d.iterdir()) == []  # the probe is gone
+    abstract = jax.eval_shape(lambda: create_train_state(TINY, make_optimizer(1e-3, 1, 10), 0))
+    n = estimate_checkpoint_bytes(abstract)
+    assert 3 * 4 * pldr_jax.count_params(TINY) <= n <= 3 * 4 * pldr_jax.count_params(TINY) + 1024
+
+
+def test_preflight_errors(tmp_path, monkeypatch):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(CheckpointDirError, match="exists and is not a directory"):
+        preflight_checkpoint_dir(f)
+    with pytest.raises(CheckpointDirError, match="cannot create checkpoint directory"):
+        preflight_checkpoint_dir(f / "ckpt")
+    with pytest.raises(CheckpointDirError, match="cannot create|not writable"):
+        preflight_checkpoint_dir("/proc/pldr_ckpt_test")
+    real_usage = shutil.disk_usage
+    monkeypatch.setattr(faults.shutil, "disk_usage",
+                        lambda p: real_usage(p)._replace(free=10 * 2**20))
+    with pytest.raises(CheckpointDirError, match=r"not enough free disk space .* 10.0 MiB free.*100.0 MiB"):
+        preflight_checkpoint_dir(tmp_path / "small", required_bytes=100 * 2**20)
+    monkeypatch.undo()
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(faults.os, "write", full)
+    with pytest.raises(CheckpointDirError, match="not writable: the disk is full"):
+        preflight_checkpoint_dir(tmp_path / "full")
+    monkeypatch.undo()
+    assert not any(p.name.startswith(".pldr_write_probe") for p in (tmp_path / "full").iterdir())
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_preflight_read_only_directory(tmp_path):
+    d = tmp_path / "ro"
+    d.mkdir()
+    d.chmod(0o500)
+    try:
+        with pytest.raises(CheckpointDirError, match="permission denied"):
+            preflight_checkpoint_dir(d)
+    finally:
+        d.chmod(0o700)
+
+
+# =========================================================================== corrupted checkpoints
+@pytest.fixture(scope="module")
+def small_runs(tmp_path_factory):
+    """A 4-step straight run, and a run of the same 4 steps (checkpoints 2, 3, 4 kept)."""
+    from pldr_jax.train.loop import train
+    from .test_checkpoint import setup_run
+    root = tmp_path_factory.mktemp("hard")
+    cfg, tc, tok, docs = setup_run(root)
+    tc = tc.replace(steps=4, eval_every=0, validation_fraction=0.0, keep_checkpoints=3, async_checkpoint=False)
+    kw = dict(tokenizer=tok, documents=docs, compiler_options=FAST_COMPILE, log=lambda *a, **k: None)
+    straight = train(cfg, tc.replace(workdir=str(root / "straight")), **kw)
+    return dict(root=root, cfg=cfg, tc=tc, kw=kw, straight=straight)
+
+
+def _fresh_copy(small_runs, name):
+    src = Path(small_runs["straight"].paths["workdir"])
+    dst = small_runs["root"] / name
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _truncate_biggest_array_file(step_dir: Path):
+    files = [Path(p) for p in glob.glob(str(step_dir / "state" / "**" / "d" / "*"), recursive=True)]
+    big = max(files, key=lambda p: p.stat().st_size)
+    with open(big, "r+b") as fh:
+        fh.truncate(big.stat().st_size // 2)
+
+
+@pytest.mark.parametrize("damage", ["truncate_array", "truncate_metadata", "remove_state", "garbage_config",
+                                    "remove_orbax_metadata"])
+def test_verify_detects_damage(small_runs, damage):
+    wd = _fresh_copy(small_runs, f"verify_{damage}")
+    ck = wd / "checkpoints"
+    assert sorted(int(p.name) for p in ck.iterdir() if p.name.isdigit()) == [2, 3, 4]
+    assert verify_checkpoint(ck, 4) == []
+    d = ck / "4"
+    if damage == "truncate_array":
+        _truncate_biggest_array_file(d)
+        want = "state arrays unreadable"
+    elif damage == "truncate_metadata":
+        (d / "state" / "_METADATA").write_text((d / "state" / "_METADATA").read_text()[:50])
+        want = "state metadata unreadable"
+    elif damage == "remove_state":
+        shutil.rmtree(d / "state")
+        want = "item 'state' missing"
+    elif damage == "garbage_config":
+        (d / "config" / "metadata").write_text("{garbage")
+        want = "config item unreadable"
+    else:
+        (d / "_CHECKPOINT_METADATA").unlink()
+        want = "orbax checkpoint metadata missing"
+    problems = verify_checkpoint(ck, 4)
+    assert problems and any(want in p for p in problems), problems
+    assert verify_checkpoint(ck, 3) == []
+
+
+def test_corrupted_latest_falls_back_to_previous_and_resume_is_exact(small_runs):
+    """The newest checkpoint is truncated: it is reported, moved aside, and the run resumes from the
+    previous one -- ending bitwise where the uninterrupted run ended."""
+    from pldr_jax.train.loop import train
+    wd = _fresh_copy(small_runs, "fallback")
+    ck = wd / "checkpoints"
+    shutil.rmtree(ck / "4")          # as if the run had been killed after checkpoint 3 ...
+    _truncate_biggest_array_file(ck / "3")  # ... which got truncated
+    msgs = []
+    assert latest_good_checkpoint(ck, log=msgs.append) == 2
+    assert len(msgs) == 1 and "checkpoint" in msgs[0] and "/3 is corrupted" in msgs[0] and "moved to" in msgs[0]
+    assert sorted(p.name for p in ck.iterdir() if p.name.isdigit()) == ["2"]
+    assert [p.name.split("-")[0] for p in (wd / "checkpoints.corrupt").iterdir()] == ["3"]
+    r = train(small_runs["cfg"], small_runs["tc"].replace(workdir=str(wd), resume=True), **small_runs["kw"])
+    s = small_runs["straight"]
+    assert (r.start_step, r.end_step) == (2, 4) and r.losses == s.losses[2:]
+    for a, b in zip(jax.tree_util.tree_leaves(jax.device_get(r.state.params)),
+                    jax.tree_util.tree_leaves(jax.device_get(s.state.params))):
+        np.testing.assert_array_equal(a, b)
+    assert latest_good_checkpoint(tmp_dir := wd / "nothing_here") is None and not tmp_dir.exists()
+
+
+def test_flipped_bytes_detected_only_with_a_digest(tmp_path):
+    from pldr_jax.train.checkpoint import CheckpointManager
+    state = {"w": jnp.arange(4096, dtype=jnp.float32), "b": jnp.ones((3, 3))}
+    with CheckpointManager(tmp_path / "ck", async_save=False, max_to_keep=None) as m:
+        m.save(1, state, config={"digest": tree_digest(state)})
+        m.save(2, state, config={})
+    for step in (1, 2):
+        files = [Path(p) for p in glob.glob(str(tmp_path / "ck" / str(step) / "state" / "**" / "d" / "*"),
+                                            recursive=True)]
+        big = max(files, key=lambda p: p.stat().st_size)
+        b = bytearray(big.read_bytes())
+        for i in range(len(b) // 2, len(b) // 2 + 16):
+            b[i] ^= 0xFF
+        big.write_bytes(bytes(b))
+    assert any("digest" in p for p in verify_checkpoint(tmp_path / "ck", 1))
+    assert verify_checkpoint(tmp_path / "ck", 2) == []  # orbax itself does not notice
+
+
+# =========================================================================== loop integration (not wired yet)
+@pytest.mark.xfail(strict=True, reason="train(resume=True) restores mngr.latest_step() without verifying it; "
+                                       "needs faults.latest_good_checkpoint in loop.train (wiring patch)")
+def test_loop_resume_skips_a_corrupted_latest_checkpoint(small_runs):
+    from pldr_jax.train.loop import train
+    wd = _fresh_copy(small_runs, "loop_fallback")
+    shutil.rmtree(wd / "checkpoints" / "4")
+    _truncate_biggest_array_file(wd / "checkpoints" / "3")
+    r = train(small_runs["cfg"], small_runs["tc"].replace(workdir=str(wd), resume=True), **small_runs["kw"])
+    assert r.start_step == 2 and r.losses == small_runs["straight"].losses[2:]
+
+
+@pytest.mark.xfail(strict=True, reason="the train step applies non-finite updates; needs "
+                                       "faults.apply_gradients_guarded in step.py + NonFiniteMonitor in loop.py")
+def test_loop_skips_nonfinite_steps(small_runs):
+    from pldr_jax.train.loop import train
+    root = small_runs["root"] / "nonfinite"
+    r = train(small_runs["cfg"], small_runs["tc"].replace(workdir=str(root), learning_rate=1e30, steps=3,
+                                                          warmup_steps=0, clip_value=None),
+              **small_runs["kw"])
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(jax.device_get(r.state.params)))
+    assert sum(m.get("nonfinite", 0.0) for m in r.step_metrics) >= 1
+
+
+@pytest.mark.xfail(strict=True, reason="loop.train does not preflight the checkpoint directory (an OSError "
+                                       "from mkdir, not a clear CheckpointDirError); needs preflight_checkpoint_dir")
+def test_loop_reports_unusable_checkpoint_dir_before_training(small_runs):
+    from pldr_jax.train.loop import train
+    f = small_runs["root"] / "a_file"
+    f.write_text("x")
+    with pytest.raises(CheckpointDirError):
+        train(small_runs["cfg"], small_runs["tc"].replace(workdir=str(f / "run")), **small_runs["kw"])
