@@ -1,22 +1,33 @@
 """pldr_jax: PLDR-LLM (Power Law Decoder Representations) in JAX, exact to the authors' PyTorch code.
 
-Public API (see README.md):
-    PLDRConfig, init_params, forward, masked_loss, dag_loss, load_torch_checkpoint, ...
+The public API is re-exported here; the subpackages hold the rest:
+`ops` (pure math), `io` (checkpoint formats), `decode` (generation with KV- and G-cache),
+`data` (sentencepiece + grain), `train` (sharded optax training, orbax checkpoints),
+`analysis` (invariance of deductive outputs), `eval` (perplexity, multiple choice, lm-eval adapter).
 """
 
 from .config import PRESETS, PLDRConfig
+from .decode import GenerateOutput, generate, init_cache
+from .decode.stream import stream_generate
+from .decode.text import generate_text
+from .g_sources import (drop_deep_net, external_g, identity_g, make_g, random_normal_g, random_uniform_g,
+                        sweep_forward, transferred_g)
+from .io import (load_g_lm_list, load_hf, load_model, load_torch_checkpoint, save_hf, save_model,
+                 save_torch_checkpoint)
 from .losses import dag_loss, dag_total, masked_loss
 from .model import ForwardOutput, forward
 from .params import (abstract_params, count_params, init_params, logical_axes, stack_layers,
                      unstack_layers)
+from .train import make_optimizer
 
-__all__ = ["PLDRConfig", "PRESETS", "init_params", "abstract_params", "count_params", "logical_axes",
-           "stack_layers", "unstack_layers", "forward", "ForwardOutput", "masked_loss", "dag_loss",
-           "dag_total"]
-
-# Optional parts are imported lazily-but-eagerly here as they land; each module is self-contained.
-try:  # noqa: SIM105
-    from .io import load_g_lm_list, load_hf, load_torch_checkpoint, save_hf, save_torch_checkpoint  # noqa: F401
-    __all__ += ["load_torch_checkpoint", "save_torch_checkpoint", "load_g_lm_list", "load_hf", "save_hf"]
-except ImportError:  # pragma: no cover - io package not yet present
-    pass
+__all__ = [
+    "PLDRConfig", "PRESETS",
+    "init_params", "abstract_params", "count_params", "logical_axes", "stack_layers", "unstack_layers",
+    "forward", "ForwardOutput", "masked_loss", "dag_loss", "dag_total",
+    "load_torch_checkpoint", "save_torch_checkpoint", "load_g_lm_list", "load_hf", "save_hf",
+    "load_model", "save_model",
+    "generate", "GenerateOutput", "init_cache", "stream_generate", "generate_text",
+    "identity_g", "random_normal_g", "random_uniform_g", "transferred_g", "external_g", "make_g",
+    "sweep_forward", "drop_deep_net",
+    "make_optimizer",
+]

@@ -7,8 +7,16 @@ import jax.numpy as jnp
 
 
 def linear(p: dict, x: jax.Array) -> jax.Array:
-    """`x @ kernel + bias`; x [..., in] -> [..., out], computed in x's dtype."""
-    return jnp.matmul(x, p["kernel"].astype(x.dtype)) + p["bias"].astype(x.dtype)
+    """`x @ kernel + bias`; x [..., in] -> [..., out], computed in x's dtype.
+
+    p may hold "kernel_t" [out, in] (the transposed kernel, as decode-prepared params do: XLA:CPU's
+    matrix-vector product is faster contracting the weight's last axis) instead of "kernel".
+    """
+    if "kernel_t" in p:
+        y = jax.lax.dot_general(x, p["kernel_t"].astype(x.dtype), (((x.ndim - 1,), (1,)), ((), ())))
+    else:
+        y = jnp.matmul(x, p["kernel"].astype(x.dtype))
+    return y + p["bias"].astype(x.dtype)
 
 
 def layer_norm(p: dict, x: jax.Array, eps: float) -> jax.Array:
@@ -21,5 +29,12 @@ def layer_norm(p: dict, x: jax.Array, eps: float) -> jax.Array:
 
 
 def glu(p: dict, x: jax.Array) -> jax.Array:
-    """SwiGLU with biases: `w3(silu(w1 x) * w2 x)`; [..., n] -> [..., n]."""
-    return linear(p["w3"], jax.nn.silu(linear(p["w1"], x)) * linear(p["w2"], x))
+    """SwiGLU with biases: `w3(silu(w1 x) * w2 x)`; [..., n] -> [..., n].
+
+    p may hold a fused "w12" (w1 and w2 concatenated on the output axis) instead of "w1", "w2".
+    """
+    if "w12" in p:
+        h1, h2 = jnp.split(linear(p["w12"], x), 2, axis=-1)
+    else:
+        h1, h2 = linear(p["w1"], x), linear(p["w2"], x)
+    return linear(p["w3"], jax.nn.silu(h1) * h2)

@@ -1,0 +1,198 @@
+"""Decoding benchmark: the v51 110M preset (random init), greedy, prompt 64 -> 64 new tokens.
+
+For each (batch, mode, dtype) it reports tokens/s (all new tokens of the batch / wall time of the
+whole `generate` call, prefill included, median over timed runs after a warm-up, as the
+reference's figures), prefill time, per-step decode time, compile time (first call minus a warm
+call) and the peak RSS of the process that ran that configuration (each configuration runs in its
+own subprocess unless --in-process).
+
+    python experiments/bench_decode.py                  # batch 1, 8, 32; all modes at batch 1,
+                                                        # KV modes at 8 and 32; float32 + bfloat16
+    python experiments/bench_decode.py --quick          # batch 1 and 8, kv_g and kv, 1 timed run
+    python experiments/bench_decode.py --all-modes      # also the no-KV modes at batch 8/32 (slow)
+    python experiments/bench_decode.py --json           # one JSON object {"results": [...], ...}
+
+Reference anchors (authors' PyTorch code, same 2-core CPU, float32): kv+G batch 1: 36.6 tok/s,
+batch 8: 145 tok/s; kv-only 35.4 / 129; G-only 6.75 and no-cache 6.92 at batch 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+REFERENCE_TOK_S = {("kv_g", 1): 36.6, ("kv", 1): 35.4, ("g", 1): 6.75, ("none", 1): 6.92,
+                   ("kv_g", 8): 145.0, ("kv", 8): 129.0}
+MODES = ("kv_g", "kv", "g", "none")
+
+
+def _cpu_counters() -> tuple[int, int, int]:
+    """(total jiffies, idle jiffies) of the machine and this process's own (user + system) jiffies."""
+    try:
+        with open("/proc/stat") as f:
+            vals = [int(v) for v in f.readline().split()[1:9]]
+        with open("/proc/self/stat") as f:
+            st = f.read().rsplit(")", 1)[1].split()
+        return sum(vals), vals[3] + vals[4], int(st[11]) + int(st[12])
+    except OSError:  # not Linux: no contention accounting
+        return 0, 0, 0
+
+
+def timed(fn, reps: int, max_tries: int, max_others: float, budget_s: float = 1e9):
+    """Run fn() until `reps` runs saw other processes use < max_others of the machine's CPU
+    (other benchmarks/tests on a shared 2-core box distort timings), or max_tries runs.
+
+    Returns (clean times, all times, others' CPU share per run, last result)."""
+    clean, all_t, shares, out = [], [], [], None
+    start = time.perf_counter()
+    for _ in range(max_tries):
+        if all_t and time.perf_counter() - start > budget_s:
+            break
+        c0 = _cpu_counters()
+        t0 = time.perf_counter()
+        out = fn()
+        dt = time.perf_counter() - t0
+        c1 = _cpu_counters()
+        total = c1[0] - c0[0]
+        others = (total - (c1[1] - c0[1]) - (c1[2] - c0[2])) / total if total > 0 else 0.0
+        all_t.append(dt)
+        shares.append(max(others, 0.0))
+        if others < max_others:
+            clean.append(dt)
+            if len(clean) >= reps:
+                break
+    return clean, all_t, shares, out
+
+
+def run_one(batch: int, mode: str, dtype: str, prompt_len: int, new_tokens: int, reps: int, preset: str,
+            bf16_min_batch: int, max_tries: int = 12, max_others: float = 0.15, budget_s: float = 120.0) -> dict:
+    import jax
+    import numpy as np
+
+    import pldr_jax
+    from pldr_jax.decode import MODES as MODE_FLAGS
+    from pldr_jax.decode import generate, prepare_params
+
+    cfg = pldr_jax.PLDRConfig.preset(preset, dtype=dtype, param_dtype=dtype)
+    params = jax.jit(pldr_jax.init_params, static_argnums=0)(cfg, jax.random.key(0))
+    run_cfg, run_params = prepare_params(cfg, params, batch, bf16_min_batch=bf16_min_batch)
+    del params
+    jax.block_until_ready(run_params)
+    rng = np.random.default_rng(1)
+    prompts = rng.integers(4, cfg.vocab_size, (batch, prompt_len)).tolist()
+    kv, g = MODE_FLAGS[mode]
+    kw = dict(max_new_tokens=new_tokens, kv_cache=kv, g_cache=g, top_k=1, eos_id=None,
+              bf16_min_batch=bf16_min_batch)
+
+    t0 = time.perf_counter()
+    first = generate(cfg, run_params, prompts, **kw)
+    first_total = time.perf_counter() - t0
+    timings = []
+
+    def call():
+        out = generate(cfg, run_params, prompts, **kw)
+        assert all(len(t) == new_tokens for t in out.tokens)
+        timings.append(out.timings)
+        return out
+
+    clean, all_t, shares, out = timed(call, reps, max_tries, max_others, budget_s)
+    use = clean if clean else all_t
+    idx = [all_t.index(t) for t in use]
+    total = statistics.median(use)
+    steps = max(new_tokens - 1, 1)
+    return {
+        "batch": batch, "mode": mode, "dtype": dtype, "compute_dtype": out.compute_dtype,
+        "tokens_per_s": batch * new_tokens / total,
+        "prefill_s": statistics.median(timings[i]["prefill_s"] for i in idx),
+        "step_ms": 1e3 * statistics.median(timings[i]["decode_s"] for i in idx) / steps,
+        "compile_s": max(first_total - total, 0.0),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        "total_s": total, "best_tokens_per_s": batch * new_tokens / min(use), "clean_runs": len(clean),
+        "all_totals_s": all_t, "others_cpu_share": shares,
+        "reference_tokens_per_s": REFERENCE_TOK_S.get((mode, batch)),
+        "first_ids": first.tokens[0][:8],
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="batch 1 and 8, modes kv_g and kv, 1 timed run")
+    ap.add_argument("--batches", default=None, help="comma list (default 1,8,32)")
+    ap.add_argument("--modes", default=None, help="comma list of kv_g,kv,g,none")
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--all-modes", action="store_true", help="run the no-KV modes (g, none) at batch > 1 too")
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=None, help="timed runs per configuration (default 3)")
+    ap.add_argument("--preset", default="v51-110m")
+    ap.add_argument("--max-tries", type=int, default=12,
+                    help="timed runs at most per configuration while waiting for uncontended runs")
+    ap.add_argument("--max-others", type=float, default=0.15,
+                    help="a run counts as clean when other processes used less than this share of the CPU")
+    ap.add_argument("--budget", type=float, default=120.0, help="seconds of timed runs per configuration at most")
+    ap.add_argument("--bf16-min-batch", type=int, default=8)
+    ap.add_argument("--in-process", action="store_true", help="run every configuration in this process")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: "batch,mode,dtype"
+    args = ap.parse_args(argv)
+
+    reps = args.reps or (1 if args.quick else 3)
+    if args.one:
+        b, m, d = args.one.split(",")
+        res = run_one(int(b), m, d, args.prompt_len, args.new_tokens, reps, args.preset, args.bf16_min_batch,
+                      args.max_tries, args.max_others, args.budget)
+        print(json.dumps(res))
+        return 0
+
+    batches = [int(x) for x in (args.batches or ("1,8" if args.quick else "1,8,32")).split(",")]
+    modes = (args.modes or ("kv_g,kv" if args.quick else ",".join(MODES))).split(",")
+    dtypes = args.dtypes.split(",")
+    for m in modes:
+        if m not in MODES:
+            ap.error(f"unknown mode {m!r}; choose from {MODES}")
+    configs = [(b, m, d) for d in dtypes for b in batches for m in modes
+               if args.all_modes or b == 1 or m in ("kv_g", "kv")]
+    results, skipped = [], [(b, m, d) for d in dtypes for b in batches for m in modes
+                            if not (args.all_modes or b == 1 or m in ("kv_g", "kv"))]
+    for b, m, d in configs:
+        if args.in_process:
+            res = run_one(b, m, d, args.prompt_len, args.new_tokens, reps, args.preset, args.bf16_min_batch,
+                          args.max_tries, args.max_others, args.budget)
+        else:
+            cmd = [sys.executable, os.path.abspath(__file__), "--one", f"{b},{m},{d}", "--reps", str(reps),
+                   "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
+                   "--preset", args.preset, "--bf16-min-batch", str(args.bf16_min_batch),
+                   "--max-tries", str(args.max_tries), "--max-others", str(args.max_others),
+                   "--budget", str(args.budget)]
+            p = subprocess.run(cmd, capture_output=True, text=True)
+            if p.returncode != 0:
+                print(p.stderr, file=sys.stderr)
+                raise SystemExit(f"configuration {b},{m},{d} failed")
+            res = json.loads(p.stdout.strip().splitlines()[-1])
+        results.append(res)
+        if not args.json:
+            ref = res["reference_tokens_per_s"]
+            x = f"  ({res['tokens_per_s'] / ref:.1f}x ref {ref})" if ref else ""
+            print(f"batch {b:3d} {m:5s} {d:9s} [{res['compute_dtype']:8s}] {res['tokens_per_s']:8.1f} tok/s  "
+                  f"prefill {res['prefill_s'] * 1e3:7.1f} ms  step {res['step_ms']:7.2f} ms  "
+                  f"compile {res['compile_s']:5.1f} s  peak {res['peak_rss_mb']:6.0f} MB{x}", flush=True)
+    if args.json:
+        keys = ("batch", "mode", "dtype", "tokens_per_s", "prefill_s", "step_ms", "compile_s", "peak_rss_mb")
+        print(json.dumps({"results": [{k: r[k] for k in keys} for r in results],
+                          "details": results,
+                          "skipped": [{"batch": b, "mode": m, "dtype": d} for b, m, d in skipped],
+                          "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "preset": args.preset,
+                          "reps": reps}))
+    elif skipped:
+        print(f"skipped (no-KV modes at batch > 1; --all-modes to run): {len(skipped)} configurations")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

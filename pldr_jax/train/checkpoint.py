@@ -1,0 +1,211 @@
+"""Orbax checkpoints of a training run: state, data-iterator state and config, saved together.
+
+Layout (one orbax `CheckpointManager` directory)::
+
+    <dir>/<step>/state/    TrainState (params, opt_state, step, rng) -- sharded arrays, tensorstore
+    <dir>/<step>/data/     data-iterator state, one JSON file per process (grain's handler)
+    <dir>/<step>/config/   {"model": PLDRConfig.to_dict(), "train": TrainConfig dict, ...} (JSON)
+
+Saves are asynchronous by default (the arrays are copied off the devices, then written in a
+background thread while training continues); `max_to_keep` keeps the newest N steps.  Restoring
+takes an abstract TrainState whose leaves carry target shardings (`sharding.abstract_train_state`),
+so a checkpoint written on one mesh restores onto any other (different device count or axes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from ..config import PLDRConfig
+
+__all__ = ["CheckpointManager", "read_config", "latest_step", "load_params"]
+
+
+def _grain_args():
+    try:
+        import grain
+        return grain.checkpoint.CheckpointSave, grain.checkpoint.CheckpointRestore
+    except (ImportError, AttributeError):  # pragma: no cover - grain is a dependency
+        return None, None
+
+
+class CheckpointManager:
+    """Thin wrapper of `orbax.checkpoint.CheckpointManager` for TrainStates.
+
+    directory: checkpoint root (created).  max_to_keep: newest checkpoints kept (None = all).
+    save_interval_steps: `save(step, ..., force=False)` only saves on multiples of it.
+    async_save: write in a background thread (call `wait_until_finished` / `close` at the end).
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3,
+                 save_interval_steps: int = 1, async_save: bool = True):
+        self.directory = Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
+                                               enable_async_checkpointing=async_save, create=True)
+        self._mngr = ocp.CheckpointManager(self.directory, options=options)
+
+    # ------------------------------------------------------------------ queries
+    def latest_step(self) -> int | None:
+        return self._mngr.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._mngr.all_steps())
+
+    # ------------------------------------------------------------------ save
+    def save(self, step: int, state: Any, *, config: Mapping[str, Any] | None = None, data_iterator: Any = None,
+             force: bool = False) -> bool:
+        """Save `state` (a TrainState or any pytree of arrays) as checkpoint `step`, with the JSON
+        `config` and the data iterator's state (a grain `DatasetIterator`, or any object with
+        `get_state()` / `set_state()` of a JSON-serialisable dict), one file per process.
+        Returns True when a save started."""
+        items: dict[str, Any] = {"state": ocp.args.StandardSave(state)}
+        if config is not None:
+            items["config"] = ocp.args.JsonSave(_jsonable(config))
+        if data_iterator is not None:
+            items["data"] = self._data_save_args(data_iterator)
+        return bool(self._mngr.save(int(step), args=ocp.args.Composite(**items), force=force))
+
+    @staticmethod
+    def _data_save_args(it):
+        save_cls, _ = _grain_args()
+        return save_cls(_as_grain_checkpointable(it))
+
+    # ------------------------------------------------------------------ restore
+    def restore(self, abstract_state: Any, step: int | None = None, *, data_iterator: Any = None) -> tuple[Any, dict]:
+        """Restore checkpoint `step` (default: latest) onto `abstract_state`'s shapes and shardings
+        (e.g. `sharding.abstract_train_state(cfg, tx, mesh)`, any mesh).  With `data_iterator`,
+        its position is restored in place too.  Returns (state, config dict or {})."""
+        step = self._resolve(step)
+        names = self.item_names(step)
+        items: dict[str, Any] = {"state": ocp.args.StandardRestore(abstract_state)}
+        if "config" in names:
+            items["config"] = ocp.args.JsonRestore()
+        if data_iterator is not None:
+            if "data" not in names:
+                raise ValueError(f"checkpoint {step} in {self.directory} has no data-iterator state")
+            _, restore_cls = _grain_args()
+            items["data"] = restore_cls(_as_grain_checkpointable(data_iterator))
+        out = self._mngr.restore(step, args=ocp.args.Composite(**items))
+        return out["state"], dict(out["config"]) if "config" in items and out["config"] is not None else {}
+
+    def restore_config(self, step: int | None = None) -> dict:
+        """Only the JSON config of checkpoint `step` (default: latest)."""
+        step = self._resolve(step)
+        out = self._mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        return dict(out["config"])
+
+    def restore_raw_state(self, step: int | None = None) -> Any:
+        """The saved state as a plain pytree of arrays on the default device (nested dicts; no
+        target needed) -- for inference / conversion, not for resuming."""
+        step = self._resolve(step)
+        out = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+        return out["state"]
+
+    def item_names(self, step: int) -> set[str]:
+        d = self.directory / str(step)
+        return {p.name for p in d.iterdir() if p.is_dir()} if d.is_dir() else set()
+
+    def _resolve(self, step):
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                raise FileNotFoundError(f"no checkpoint found in {self.directory}")
+        if step not in self.all_steps():
+            raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory} "
+                                    f"(available: {self.all_steps()})")
+        return int(step)
+
+    # ------------------------------------------------------------------ lifecycle
+    def wait_until_finished(self) -> None:
+        self._mngr.wait_until_finished()
+
+    def close(self) -> None:
+        self._mngr.wait_until_finished()
+        self._mngr.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class _JsonStateAdapter:
+    """Any iterator with JSON-dict get_state()/set_state() in the shape grain's checkpoint handler
+    takes for non-grain iterators (state as bytes), so that every process writes its own
+    ``process_<i>-of-<n>.json`` (orbax's JsonSave would write the primary process's only)."""
+
+    def __init__(self, it):
+        self._it = it
+
+    def get_state(self) -> bytes:
+        return json.dumps(_jsonable(self._it.get_state())).encode()
+
+    def set_state(self, state: bytes) -> None:
+        self._it.set_state(json.loads(state.decode() if isinstance(state, (bytes, bytearray)) else state))
+
+    def start_prefetch(self) -> None:
+        pass
+
+
+def _as_grain_checkpointable(it):
+    import grain
+    if isinstance(it, grain.DatasetIterator):
+        return it
+    if not (hasattr(it, "get_state") and hasattr(it, "set_state")):
+        raise TypeError(f"data iterator {type(it).__name__} has no get_state()/set_state()")
+    return _JsonStateAdapter(it)
+
+
+def _jsonable(x):
+    """Round-trip through json (tuples -> lists, numpy scalars -> Python); raises on the rest."""
+    def default(o):
+        if isinstance(o, (np.integer,)):
+            return int(o)
+        if isinstance(o, (np.floating,)):
+            return float(o)
+        if isinstance(o, Path):
+            return str(o)
+        raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
+    return json.loads(json.dumps(x, default=default))
+
+
+def latest_step(directory: str | os.PathLike) -> int | None:
+    """Latest checkpoint step in `directory` (None if none)."""
+    if not Path(directory).is_dir():
+        return None
+    with CheckpointManager(directory, async_save=False, max_to_keep=None) as m:
+        return m.latest_step()
+
+
+def read_config(directory: str | os.PathLike, step: int | None = None) -> dict:
+    """The JSON config stored with checkpoint `step` (default latest) of `directory`."""
+    with CheckpointManager(directory, async_save=False, max_to_keep=None) as m:
+        return m.restore_config(step)
+
+
+def load_params(directory: str | os.PathLike, step: int | None = None, mesh=None) -> tuple[PLDRConfig, dict, dict]:
+    """(model config, params, full config dict) of a checkpoint written by `train`, for inference.
+
+    The state is restored onto `mesh` (default: the first local device) with the optimiser
+    structure rebuilt from the stored training config; params come back in the stacked layout.
+    """
+    from .loop import TrainConfig
+    from .sharding import abstract_train_state, make_mesh
+    with CheckpointManager(directory, async_save=False, max_to_keep=None) as m:
+        conf = m.restore_config(step)
+        cfg = PLDRConfig.from_dict(conf["model"])
+        if "train" not in conf:
+            raw = m.restore_raw_state(step)
+            return cfg, jax.tree_util.tree_map(jax.numpy.asarray, raw["params"]), conf
+        tx, _ = TrainConfig.from_dict(conf["train"]).optimizer()
+        mesh = mesh if mesh is not None else make_mesh(1, 1, 1, devices=jax.local_devices()[:1])
+        state, _ = m.restore(abstract_train_state(cfg, tx, mesh), step)
+    return cfg, state.params, conf

@@ -1,0 +1,587 @@
+"""The training loop: data -> sharded train steps -> validation, logging, orbax checkpoints, plot.
+
+`train(model_cfg, train_cfg)` runs the same code on one CPU, on many (simulated) devices and on
+many processes (call `init_distributed` first, on every process, with the same arguments):
+
+1. tokenizer (loaded, or trained on the data by process 0 into ``workdir/tokenizer.model``),
+2. the grain pipelines (each process reads its own shard; global batch = ``batch_size``),
+3. mesh + sharded initialisation, or ``resume``: restore state, data position and RNG from the
+   newest checkpoint in ``workdir/checkpoints`` (onto the current mesh, whatever it was saved on),
+4. the loop: one jitted step per batch; every ``log_every`` steps a JSONL line in
+   ``workdir/metrics.jsonl`` (loss, accuracy, lr, grad norm, tokens/s) and the progress bar;
+   every ``eval_every`` steps validation loss / accuracy / perplexity; every ``save_every`` steps
+   an asynchronous checkpoint (the newest ``keep_checkpoints`` kept),
+5. at the end: a final checkpoint and validation, ``workdir/loss_curve.png``.
+
+Only process 0 writes logs, plots and the tokenizer; every process takes part in checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..config import PLDRConfig
+from .checkpoint import CheckpointManager
+from .optimizer import lr_schedule, make_optimizer
+from .sharding import (abstract_train_state, check_batch_size, init_train_state, make_mesh, replicated,
+                       shard_batch)
+from .step import StepOptions, make_eval_step, make_train_step, reduce_eval
+
+__all__ = ["TrainConfig", "TrainResult", "train", "init_distributed", "prepare_tokenizer", "prepare_datasets",
+           "make_g_lm", "plot_history", "read_metrics"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything about a training run except the model (a `PLDRConfig`).
+
+    Run: workdir (outputs), steps (optimiser updates in total; a resumed run continues up to it),
+      seed (parameter init and step RNG), resume (continue from the newest checkpoint in
+      workdir/checkpoints), overwrite (delete a previous run's checkpoints and logs in workdir).
+    Data: data (source spec for `pldr_jax.data.make_source`: "builtin" = the embedded corpus, a
+      path, "jsonl:PATH:FIELD", ...), tokenizer (a sentencepiece .model; None = train one with
+      `vocab_size` pieces on the training data), seq_len, batch_size (global, all processes),
+      data_mode ("pack" | "pad" | "nopad"), validation_fraction (documents held out), data_seed.
+    Optimiser (the reference recipe): learning_rate (peak), warmup_steps, total_steps (end of the
+      cosine decay; None = steps), alpha (final lr = alpha * peak), weight_decay, clip_value
+      (per-element clip, reference 1.0; None = off), clip_norm (global-norm clip; None = off).
+    Loss / compute: dag_coeffs (c_A, c_P, c_G), grad_accum (micro-batches per update), dtype
+      (override of the model's compute dtype: "float32" | "bfloat16"), remat, pad_aware_A,
+      g_source (predefined-G models: "identity", "random_normal[:scale]", "uniform[:lo:hi]",
+      "external:<file.npz>"; None = the config's custom_G_type default).
+    Mesh: mesh = (data, fsdp, tensor) sizes, one may be -1 (= the remaining devices).
+    Logging / eval / checkpoints: log_every, eval_every (0 = only at the end), eval_batches
+      (per evaluation, None = the whole validation split), save_every (0 = only at the end),
+      keep_checkpoints, async_checkpoint, progress (tqdm bar), plot, tensorboard (if installed).
+    """
+    workdir: str = "runs/pldr"
+    steps: int = 1000
+    seed: int = 0
+    resume: bool = False
+    overwrite: bool = False
+    data: str = "builtin"
+    tokenizer: str | None = None
+    vocab_size: int = 4000
+    seq_len: int = 256
+    batch_size: int = 8
+    data_mode: str = "pack"
+    validation_fraction: float = 0.05
+    data_seed: int = 0
+    learning_rate: float = 1e-3
+    warmup_steps: int = 100
+    total_steps: int | None = None
+    alpha: float = 0.1
+    weight_decay: float = 0.1
+    clip_value: float | None = 1.0
+    clip_norm: float | None = None
+    dag_coeffs: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    grad_accum: int = 1
+    dtype: str | None = None
+    remat: bool = False
+    pad_aware_A: bool = False
+    g_source: str | None = None
+    mesh: tuple[int, int, int] = (-1, 1, 1)
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int | None = 20
+    save_every: int = 500
+    keep_checkpoints: int = 3
+    async_checkpoint: bool = True
+    progress: bool = True
+    plot: bool = True
+    tensorboard: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "dag_coeffs", tuple(float(c) for c in self.dag_coeffs))
+        object.__setattr__(self, "mesh", tuple(int(m) for m in self.mesh))
+        for name in ("steps", "seq_len", "batch_size", "grad_accum", "log_every", "vocab_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"TrainConfig.{name} must be a positive int, got {v!r}")
+        for name in ("eval_every", "save_every", "warmup_steps", "keep_checkpoints"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"TrainConfig.{name} must be an int >= 0, got {v!r}")
+        if self.total_steps is not None and self.total_steps < 1:
+            raise ValueError(f"TrainConfig.total_steps must be >= 1 or None, got {self.total_steps!r}")
+        if self.warmup_steps > self.schedule_steps:
+            raise ValueError(f"TrainConfig.warmup_steps ({self.warmup_steps}) exceeds the schedule length "
+                             f"({self.schedule_steps} = total_steps or steps)")
+        if self.dtype not in (None, "float32", "bfloat16"):
+            raise ValueError(f"TrainConfig.dtype must be None, 'float32' or 'bfloat16', got {self.dtype!r}")
+        if len(self.mesh) != 3:
+            raise ValueError(f"TrainConfig.mesh must be (data, fsdp, tensor), got {self.mesh!r}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})")
+        if self.eval_batches is not None and self.eval_batches < 1:
+            raise ValueError(f"TrainConfig.eval_batches must be >= 1 or None, got {self.eval_batches!r}")
+        StepOptions(dag_coeffs=self.dag_coeffs, grad_accum=self.grad_accum)  # validates
+
+    @property
+    def schedule_steps(self) -> int:
+        return self.total_steps if self.total_steps is not None else self.steps
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - fields)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields: {unknown}")
+        return cls(**dict(d))
+
+    def replace(self, **kw) -> "TrainConfig":
+        return dataclasses.replace(self, **kw)
+
+    def optimizer(self):
+        """(optax transformation, schedule) of this config."""
+        tx = make_optimizer(self.learning_rate, self.warmup_steps, self.schedule_steps, self.alpha,
+                            self.weight_decay, self.clip_value, clip_norm=self.clip_norm)
+        return tx, lr_schedule(self.learning_rate, self.warmup_steps, self.schedule_steps, self.alpha)
+
+    def step_options(self) -> StepOptions:
+        return StepOptions(dag_coeffs=self.dag_coeffs, grad_accum=self.grad_accum, pad_aware_A=self.pad_aware_A,
+                           remat=self.remat)
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What `train` returns.
+
+    state: the final TrainState (sharded). model_cfg: the model config trained (dtype applied).
+    step_metrics: one dict per step run in this call ({"step", "loss", "accuracy", "lr", ...}).
+    evals: validation results [{"step", "val_loss", "val_accuracy", "val_perplexity"}].
+    paths: {"workdir", "checkpoints", "metrics", "plot", "tokenizer", "g_lm"} (str or None).
+    wall_s: seconds of this call; start_step / end_step: optimiser steps before / after.
+    g_lm: the predefined G_LM used (None for learned G).
+    """
+    state: Any
+    model_cfg: PLDRConfig
+    step_metrics: list
+    evals: list
+    paths: dict
+    wall_s: float
+    start_step: int
+    end_step: int
+    g_lm: Any = None
+    tokenizer: Any = None
+
+    @property
+    def losses(self) -> list[float]:
+        return [m["loss"] for m in self.step_metrics]
+
+
+# --------------------------------------------------------------------------- distributed
+def init_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                     process_id: int | None = None, **kw) -> None:
+    """`jax.distributed.initialize` with CPU collectives over gloo (needed for multi-process CPU
+    runs, harmless on GPU/TPU).  No-op for a single process without a coordinator."""
+    if coordinator_address is None and (num_processes in (None, 1)):
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id, **kw)
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+# --------------------------------------------------------------------------- data
+def prepare_tokenizer(tcfg: TrainConfig, workdir: Path | None = None, documents: Sequence[str] | None = None):
+    """The run's tokenizer: `tcfg.tokenizer` if given, else ``workdir/tokenizer.model`` if present
+    (resume), else one trained with `tcfg.vocab_size` pieces on the data (process 0 trains and
+    saves; the others load it after a barrier)."""
+    from ..data import Tokenizer, make_source
+    if tcfg.tokenizer:
+        return Tokenizer.load(tcfg.tokenizer)
+    workdir = Path(tcfg.workdir if workdir is None else workdir)
+    path = workdir / "tokenizer.model"
+    if path.exists() and not tcfg.overwrite:
+        return Tokenizer.load(path)
+    if jax.process_index() == 0:
+        docs = documents if documents is not None else list(make_source(tcfg.data))
+        workdir.mkdir(parents=True, exist_ok=True)
+        Tokenizer.train(docs, workdir / "tokenizer", tcfg.vocab_size, seed=tcfg.data_seed)
+    _barrier("pldr_tokenizer")
+    return Tokenizer.load(path)
+
+
+def prepare_datasets(tcfg: TrainConfig, tokenizer, documents=None):
+    """(train PretrainDataset, validation PretrainDataset or None) for this process's shard."""
+    from ..data import make_dataset, make_source, tokenize_documents
+    pc, pi = jax.process_count(), jax.process_index()
+    if tcfg.batch_size % pc:
+        raise ValueError(f"batch_size ({tcfg.batch_size}) must be divisible by the {pc} processes")
+    local_bs = tcfg.batch_size // pc
+    src = documents if documents is not None else make_source(tcfg.data)
+    corpus = tokenize_documents(tokenizer, src)
+    common = dict(seq_len=tcfg.seq_len, mode=tcfg.data_mode, shard_index=pi, shard_count=pc,
+                  validation_fraction=tcfg.validation_fraction, split_seed=tcfg.data_seed)
+    train_ds = make_dataset(None, corpus, batch_size=local_bs, seed=tcfg.data_seed, split="train", **common)
+    val_ds = None
+    if tcfg.validation_fraction > 0:
+        val_ds = make_dataset(None, corpus, batch_size=local_bs, split="validation", **common)
+    return train_ds, val_ds
+
+
+def make_g_lm(cfg: PLDRConfig, tcfg: TrainConfig):
+    """The constant G_LM [num_layers, H, dk, dk] of a predefined-G model (None for learned G)."""
+    if cfg.learned_g:
+        if tcfg.g_source not in (None, "learned"):
+            raise ValueError(f"g_source={tcfg.g_source!r} needs a predefined-G model config (custom_G_type set); "
+                             "a learned-G model derives G_LM itself")
+        return None
+    from ..g_sources import make_g
+    spec = tcfg.g_source
+    if spec is None:
+        spec = {"identity": "identity", "random": "uniform"}.get(cfg.custom_G_type)
+        if spec is None:
+            raise ValueError("custom_G_type='external' needs g_source='external:<file.npz>'")
+    g = make_g(cfg, spec, jax.random.key(tcfg.seed + 1))
+    if g is None:
+        raise ValueError(f"g_source={spec!r} gives no G_LM; a predefined-G model needs one")
+    return np.asarray(g, np.float32)
+
+
+# --------------------------------------------------------------------------- logging
+class _Logger:
+    def __init__(self, path: Path | None, tensorboard_dir: Path | None):
+        self.path = path
+        self._f = open(path, "a") if path is not None else None
+        self._tb = None
+        if tensorboard_dir is not None:
+            try:
+                from tensorboardX import SummaryWriter  # type: ignore
+                self._tb = SummaryWriter(str(tensorboard_dir))
+            except ImportError:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter  # type: ignore
+                    self._tb = SummaryWriter(str(tensorboard_dir))
+                except ImportError:
+                    self._tb = None
+
+    def write(self, record: dict) -> None:
+        if self._f is not None:
+            self._f.write(json.dumps(record) + "\n")
+            self._f.flush()
+        if self._tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                    self._tb.add_scalar(k, v, record["step"])
+
+    def close(self):
+        if self._f is not None:
+            self._f.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """Records of a metrics.jsonl file (later records of the same kind and step replace earlier
+    ones, so a resumed run's log reads as one run)."""
+    p = Path(path)
+    if not p.exists():
+        return []
+    recs = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    seen: dict = {}
+    for r in recs:
+        seen[(r.get("kind", "train"), r["step"])] = r
+    return sorted(seen.values(), key=lambda r: (r["step"], r.get("kind", "train")))
+
+
+def plot_history(metrics_path: str | os.PathLike, out_path: str | os.PathLike, title: str = "") -> Path | None:
+    """Train and validation loss curves of a metrics.jsonl as a PNG (matplotlib Agg)."""
+    recs = read_metrics(metrics_path)
+    tr = [(r["step"], r["loss"]) for r in recs if r.get("kind") == "train"]
+    va = [(r["step"], r["val_loss"]) for r in recs if r.get("kind") == "eval"]
+    if not tr and not va:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    if tr:
+        ax.plot(*zip(*tr), label="train loss", lw=1.4)
+    if va:
+        ax.plot(*zip(*va), "o-", label="validation loss", lw=1.4, ms=4)
+    ax.set_xlabel("step")
+    ax.set_ylabel("masked cross-entropy")
+    ax.set_title(title or "PLDR-LLM pretraining")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = Path(out_path)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+# --------------------------------------------------------------------------- the loop
+_STEP_CACHE: dict = {}
+
+
+def _compiled_steps(model_cfg: PLDRConfig, tcfg: TrainConfig, mesh, compiler_options=None):
+    """(tx, schedule, train_step, eval_step) for this model / optimiser / mesh, cached."""
+    opt_fields = (tcfg.learning_rate, tcfg.warmup_steps, tcfg.schedule_steps, tcfg.alpha, tcfg.weight_decay,
+                  tcfg.clip_value, tcfg.clip_norm)
+    copts = tuple(sorted((compiler_options or {}).items()))
+    key = (model_cfg, opt_fields, tcfg.step_options(), mesh, copts)
+    if key not in _STEP_CACHE:
+        if len(_STEP_CACHE) >= 8:
+            _STEP_CACHE.pop(next(iter(_STEP_CACHE)))
+        tx, schedule = tcfg.optimizer()
+        opts = tcfg.step_options()
+        _STEP_CACHE[key] = (tx, schedule,
+                            make_train_step(model_cfg, tx, schedule, opts=opts, mesh=mesh,
+                                            compiler_options=compiler_options),
+                            make_eval_step(model_cfg, opts=opts, mesh=mesh, compiler_options=compiler_options))
+    return _STEP_CACHE[key]
+
+
+def _is_main() -> bool:
+    return jax.process_index() == 0
+
+
+def _clear_run(workdir: Path) -> None:
+    for name in ("checkpoints", "metrics.jsonl", "loss_curve.png", "tensorboard", "tokenizer.model",
+                 "tokenizer.vocab", "g_lm.npy", "run_config.json"):
+        p = workdir / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+def _batches(source, start_step: int):
+    """An iterator of host-local batches and whether it is checkpointable."""
+    if hasattr(source, "iterator"):  # PretrainDataset
+        return source.iterator(0), True
+    it = iter(source)
+    return it, hasattr(it, "get_state") and hasattr(it, "set_state")
+
+
+def evaluate(eval_step, params, val_source, mesh, g_lm=None, max_batches: int | None = None) -> dict:
+    """Validation loss / accuracy / perplexity over `val_source` (first `max_batches` batches)."""
+    sums = []
+    it = val_source.iterator(0) if hasattr(val_source, "iterator") else iter(val_source)
+    for i, batch in enumerate(it):
+        if max_batches is not None and i >= max_batches:
+            break
+        sums.append(eval_step(params, shard_batch(batch, mesh), g_lm))
+    return reduce_eval(jax.device_get(sums))
+
+
+def train(model_cfg: PLDRConfig, tcfg: TrainConfig, *, train_data: Iterable | None = None,
+          val_data: Iterable | None = None, tokenizer=None, documents: Sequence[str] | None = None,
+          devices: Sequence | None = None, log=print,
+          compiler_options: Mapping[str, Any] | None = None) -> TrainResult:
+    """Train `model_cfg` with `tcfg` (see the module docstring).
+
+    train_data / val_data: optional replacements for the grain pipelines -- a `PretrainDataset`
+    or any iterable of host-local batches {"inputs", "targets"} int32 [batch_size / processes, L]
+    (an iterator with get_state/set_state is checkpointed too).  tokenizer / documents: use these
+    instead of loading / training a tokenizer and reading `tcfg.data`.  devices: mesh devices
+    (default all).  log: a print-like function for status lines (process 0 only).
+    compiler_options: XLA options for the jitted steps (see `make_train_step`).
+    The compiled steps are cached per (model, optimiser, step options, mesh): repeated calls in one
+    process (resume, notebooks, tests) do not recompile.
+    """
+    t_start = time.perf_counter()
+    log = log if _is_main() else (lambda *a, **k: None)
+    if tcfg.dtype is not None and tcfg.dtype != model_cfg.dtype:
+        model_cfg = model_cfg.replace(dtype=tcfg.dtype)
+    workdir = Path(tcfg.workdir).absolute()
+    if tcfg.overwrite and tcfg.resume:
+        raise ValueError("overwrite and resume are mutually exclusive")
+    if _is_main():
+        if tcfg.overwrite:
+            _clear_run(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+    _barrier("pldr_workdir")
+    ckpt_dir = workdir / "checkpoints"
+    mngr = CheckpointManager(ckpt_dir, max_to_keep=tcfg.keep_checkpoints or None, async_save=tcfg.async_checkpoint)
+    latest = mngr.latest_step()
+    if latest is not None and not tcfg.resume:
+        mngr.close()
+        raise ValueError(f"{ckpt_dir} already holds checkpoints (latest step {latest}); pass resume=True "
+                         "(--resume) to continue, overwrite=True (--overwrite) to start again, or another workdir")
+    if latest is not None:
+        saved = mngr.restore_config(latest)
+        if saved.get("model") and PLDRConfig.from_dict(saved["model"]) != model_cfg:
+            mngr.close()
+            raise ValueError(f"the checkpoint in {ckpt_dir} was trained with a different model config:\n"
+                             f"  saved:   {saved['model']}\n  current: {model_cfg.to_dict()}")
+
+    # ---- data
+    if train_data is None:
+        if tokenizer is None:
+            tokenizer = prepare_tokenizer(tcfg, workdir, documents)
+        if tokenizer.vocab_size > model_cfg.vocab_size:
+            raise ValueError(f"tokenizer has {tokenizer.vocab_size} pieces but the model's vocab_size is "
+                             f"{model_cfg.vocab_size}; set vocab_size >= {tokenizer.vocab_size}")
+        train_data, auto_val = prepare_datasets(tcfg, tokenizer, documents)
+        val_data = auto_val if val_data is None else val_data
+    tok_path = getattr(tokenizer, "path", None) if tokenizer is not None else None
+    if tok_path is not None:
+        tok_path = Path(tok_path).absolute()
+        own = workdir / "tokenizer.model"
+        if tok_path != own and _is_main():  # keep the run folder self-contained
+            shutil.copyfile(tok_path, own)
+        tok_path = str(own)
+
+    # ---- model, mesh, optimiser
+    mesh = make_mesh(*tcfg.mesh, devices=devices)
+    check_batch_size(tcfg.batch_size, mesh, tcfg.grad_accum)
+    tx, schedule, train_step, eval_step = _compiled_steps(model_cfg, tcfg, mesh, compiler_options)
+    g_lm = make_g_lm(model_cfg, tcfg)
+    g_path = None
+    if g_lm is not None and _is_main():
+        g_path = workdir / "g_lm.npy"
+        np.save(g_path, g_lm)
+    g_dev = None if g_lm is None else jax.device_put(g_lm, replicated(mesh))
+
+    config_record = {"model": model_cfg.to_dict(), "train": tcfg.to_dict(), "tokenizer": tok_path,
+                     "g_lm": str(g_path) if g_path else None, "mesh": dict(mesh.shape),
+                     "process_count": jax.process_count()}
+    if _is_main():
+        (workdir / "run_config.json").write_text(json.dumps(config_record, indent=2))
+
+    batches, checkpointable_data = _batches(train_data, 0)
+    if tcfg.resume and latest is not None:
+        abstract = abstract_train_state(model_cfg, tx, mesh)
+        state, _ = mngr.restore(abstract, latest, data_iterator=batches if checkpointable_data else None)
+        log(f"resumed from {ckpt_dir / str(latest)} (step {int(state.step)})")
+    else:
+        state = init_train_state(model_cfg, tx, mesh, tcfg.seed, compiler_options=compiler_options)
+    start_step = int(state.step)
+
+    logger = _Logger(workdir / "metrics.jsonl" if _is_main() else None,
+                     workdir / "tensorboard" if (tcfg.tensorboard and _is_main()) else None)
+    bar = None
+    if tcfg.progress and _is_main() and start_step < tcfg.steps:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=tcfg.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+                   file=sys.stderr)
+
+    tokens_per_step = tcfg.batch_size * tcfg.seq_len
+    step_metrics: list[dict] = []
+    evals: list[dict] = []
+    pending: list[tuple[int, Any]] = []
+    warned: list[int] = []
+    t_int = time.perf_counter()
+    int_start = start_step
+
+    def flush(step_now: int):
+        nonlocal pending, t_int, int_start
+        if not pending:
+            return None
+        got = jax.device_get([m for _, m in pending])
+        rows = []
+        for (s, _), m in zip(pending, got):
+            row = {"step": s, **{k: float(v) for k, v in m.items()}}
+            rows.append(row)
+        step_metrics.extend(rows)
+        dt = time.perf_counter() - t_int
+        n = step_now - int_start
+        rec = {"kind": "train", "step": step_now}
+        for k in rows[-1]:
+            if k != "step":
+                rec[k] = float(np.mean([r[k] for r in rows])) if k not in ("lr",) else rows[-1][k]
+        rec["tokens_per_s"] = n * tokens_per_step / dt if dt > 0 else float("nan")
+        rec["real_tokens_per_s"] = sum(r["tokens"] for r in rows) / dt if dt > 0 else float("nan")
+        rec["step_s"] = dt / max(n, 1)
+        rec["elapsed_s"] = time.perf_counter() - t_start
+        logger.write(rec)
+        if not math.isfinite(rec["loss"]) and not warned:
+            warned.append(step_now)
+            log(f"warning: non-finite loss at step {step_now} (e.g. a DAG term overflowing float32 at this "
+                "initialisation -- see the reference README, oddity 5)")
+        if bar is not None:
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
+        pending = []
+        t_int = time.perf_counter()
+        int_start = step_now
+        return rec
+
+    def run_eval(step_now: int):
+        if val_data is None:
+            return
+        r = evaluate(eval_step, state.params, val_data, mesh, g_dev, tcfg.eval_batches)
+        r = {"kind": "eval", "step": step_now, **r}
+        evals.append(r)
+        logger.write(r)
+        if bar is not None:
+            bar.write(f"step {step_now}: val_loss {r['val_loss']:.4f}  val_acc {r['val_accuracy']:.4f}  "
+                      f"val_ppl {r['val_perplexity']:.2f}")
+        else:
+            log(f"step {step_now}: val_loss {r['val_loss']:.4f}  val_acc {r['val_accuracy']:.4f}  "
+                f"val_ppl {r['val_perplexity']:.2f}")
+
+    def save(step_now: int, force: bool = False):
+        mngr.save(step_now, state, config=config_record, data_iterator=batches if checkpointable_data else None,
+                  force=force)
+
+    step = start_step
+    try:
+        while step < tcfg.steps:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                log(f"data exhausted after step {step}")
+                break
+            state, metrics = train_step(state, shard_batch(batch, mesh), g_dev)
+            step += 1
+            pending.append((step, metrics))
+            if bar is not None:
+                bar.update(1)
+            last = step == tcfg.steps
+            if step % tcfg.log_every == 0 or last:
+                flush(step)
+            if tcfg.eval_every and step % tcfg.eval_every == 0 and not last:
+                t0 = time.perf_counter()
+                run_eval(step)
+                t_int += time.perf_counter() - t0  # keep eval time out of tokens/s
+            if tcfg.save_every and step % tcfg.save_every == 0 and not last:
+                save(step)
+        flush(step)
+        if step > start_step or val_data is not None:
+            run_eval(step)
+        if step > start_step:
+            save(step, force=True)
+        mngr.wait_until_finished()
+    finally:
+        if bar is not None:
+            bar.close()
+        logger.close()
+        mngr.close()
+
+    plot_path = None
+    if tcfg.plot and _is_main():
+        try:
+            plot_path = plot_history(workdir / "metrics.jsonl", workdir / "loss_curve.png",
+                                     title=f"PLDR-LLM ({model_cfg.num_layers} layers, d_model {model_cfg.d_model})")
+        except Exception as e:  # a plot must never fail a finished run
+            log(f"warning: loss plot failed: {e}")
+    paths = {"workdir": str(workdir), "checkpoints": str(ckpt_dir), "metrics": str(workdir / "metrics.jsonl"),
+             "plot": str(plot_path) if plot_path else None, "tokenizer": tok_path,
+             "g_lm": str(g_path) if g_path else None}
+    return TrainResult(state=state, model_cfg=model_cfg, step_metrics=step_metrics, evals=evals, paths=paths,
+                       wall_s=time.perf_counter() - t_start, start_step=start_step, end_step=step, g_lm=g_lm,
+                       tokenizer=tokenizer)

@@ -1,0 +1,254 @@
+"""Device mesh, logical-axis rules and shardings for training.
+
+One code path for one device, many simulated CPU devices and multi-process (`jax.distributed`)
+runs:
+
+* `make_mesh(data, fsdp, tensor)` builds a `jax.sharding.Mesh` with the axes `MESH_AXES`
+  ("data", "fsdp", "tensor"), all of `AxisType.Auto` (GSPMD propagation; no explicit-sharding
+  type rules).  -1 for one axis takes the remaining devices.
+* Every parameter leaf has logical axis names (`pldr_jax.params.logical_axes`); one rule table
+  (`DEFAULT_RULES`) maps each name to a mesh axis (or None = replicated).  A dimension whose size
+  is not divisible by its mesh axis falls back to replicated for that dimension (so e.g. 14 heads
+  on a tensor axis of 4 still work), and a mesh axis is used at most once per array.
+* The batch is sharded over ("data", "fsdp") on its leading axis: FSDP = data parallelism whose
+  parameters and optimiser state are additionally split over the "fsdp" axis (XLA inserts the
+  all-gathers / reduce-scatters).  "tensor" splits heads, FFN width and vocabulary.
+* `init_train_state` runs `create_train_state` under `jax.jit(out_shardings=...)`: each device
+  computes only its own shards; the full model never exists on one device.
+* `shard_batch` turns each process's local batch into one global array
+  (`jax.make_array_from_process_local_data`); process p's rows are global rows
+  [p * B_local, (p + 1) * B_local).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from ..config import PLDRConfig
+from ..params import abstract_params, logical_axes
+from .state import TrainState, create_train_state
+
+__all__ = ["MESH_AXES", "BATCH_AXES", "DEFAULT_RULES", "make_mesh", "parse_mesh_shape", "logical_to_spec",
+           "param_partition_specs", "param_shardings", "state_shardings", "abstract_train_state",
+           "init_train_state", "batch_sharding", "replicated", "shard_batch", "check_batch_size",
+           "data_parallel_size", "describe_shardings"]
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+#: logical axis name -> mesh axis (str, tuple of str, or None = replicated).
+DEFAULT_RULES: dict[str, Any] = {
+    "batch": BATCH_AXES,
+    "layers": None,
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "mlp": "tensor",
+    "attn_heads": "tensor",
+    "norm": None,
+    "dk": None,
+    "dk_out": None,
+    "a_mlp": None,
+    "res": None,
+    "glu": None,
+    "kv_len": None,
+}
+
+
+# --------------------------------------------------------------------------- mesh
+def parse_mesh_shape(spec: str | Sequence[int] | None) -> tuple[int, int, int]:
+    """"data,fsdp,tensor" (e.g. "-1,1,1", "2,4,1") or a sequence of up to 3 ints -> a 3-tuple."""
+    if spec is None:
+        return (-1, 1, 1)
+    if isinstance(spec, str):
+        try:
+            vals = [int(v) for v in spec.replace("x", ",").split(",") if v.strip()]
+        except ValueError:
+            raise ValueError(f"mesh shape {spec!r} must be comma-separated ints 'data,fsdp,tensor'") from None
+    else:
+        vals = [int(v) for v in spec]
+    if not 1 <= len(vals) <= 3:
+        raise ValueError(f"mesh shape {spec!r} must give 1 to 3 sizes (data, fsdp, tensor)")
+    vals += [1] * (3 - len(vals))
+    return tuple(vals)  # type: ignore[return-value]
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
+    """A Mesh over `devices` (default: all devices of all processes) with axes `MESH_AXES`.
+
+    One size may be -1 (the remaining devices).  The product must equal the number of devices.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    sizes = [data, fsdp, tensor]
+    for name, s in zip(MESH_AXES, sizes):
+        if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or (s < 1 and s != -1):
+            raise ValueError(f"mesh axis {name!r} size must be a positive int or -1, got {s!r}")
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got (data, fsdp, tensor) = {tuple(sizes)}")
+    if -1 in sizes:
+        known = math.prod(s for s in sizes if s != -1)
+        if n % known:
+            raise ValueError(f"{n} devices are not divisible by the fixed mesh axes (product {known}) of "
+                             f"(data, fsdp, tensor) = {tuple(sizes)}")
+        sizes[sizes.index(-1)] = n // known
+    if math.prod(sizes) != n:
+        raise ValueError(f"mesh (data, fsdp, tensor) = {tuple(sizes)} needs {math.prod(sizes)} devices, "
+                         f"but {n} are available")
+    types = (AxisType.Auto,) * 3
+    if devices == list(jax.devices()):
+        # let JAX order devices for the physical topology (TPU / GPU interconnect)
+        return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=types)
+    return Mesh(np.array(devices, dtype=object).reshape(sizes), MESH_AXES, axis_types=types)
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    """Number of batch shards: product of the mesh's "data" and "fsdp" axes."""
+    return math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.shape)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+# --------------------------------------------------------------------------- rules
+def _as_tuple(axis) -> tuple[str, ...]:
+    if axis is None:
+        return ()
+    return (axis,) if isinstance(axis, str) else tuple(axis)
+
+
+def logical_to_spec(names: Sequence[str | None], shape: Sequence[int] | None = None, mesh: Mesh | None = None,
+                    rules: Mapping[str, Any] | None = None) -> PartitionSpec:
+    """PartitionSpec for an array with logical axis `names`.
+
+    With `shape` and `mesh`, a dimension not divisible by the product of its mesh axes sizes is
+    replicated instead, and mesh axes absent from the mesh or already used are dropped.
+    Unknown logical names raise ValueError (every axis needs a rule, even if None).
+    """
+    rules = DEFAULT_RULES if rules is None else rules
+    used: set[str] = set()
+    out = []
+    for i, name in enumerate(names):
+        if name is None:
+            out.append(None)
+            continue
+        if name not in rules:
+            raise ValueError(f"no sharding rule for logical axis {name!r}; rules cover {sorted(rules)}")
+        axes = [a for a in _as_tuple(rules[name]) if a not in used and (mesh is None or a in mesh.shape)]
+        if mesh is not None and shape is not None:
+            axes = [a for a in axes if mesh.shape[a] > 1]
+            while axes and shape[i] % math.prod(mesh.shape[a] for a in axes):
+                axes.pop()  # drop the innermost axis until the dimension divides
+        used.update(axes)
+        out.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
+    while out and out[-1] is None:
+        out.pop()
+    return PartitionSpec(*out)
+
+
+def param_partition_specs(cfg: PLDRConfig, mesh: Mesh | None = None, rules: Mapping[str, Any] | None = None,
+                          params: Any = None):
+    """Tree of PartitionSpecs for the parameters of `cfg` (stacked layout)."""
+    shapes = abstract_params(cfg) if params is None else params
+    axes = logical_axes(cfg)
+    return jax.tree_util.tree_map(lambda names, x: logical_to_spec(names, x.shape, mesh, rules), axes, shapes,
+                                  is_leaf=lambda t: isinstance(t, tuple) and all(isinstance(n, str) for n in t))
+
+
+def param_shardings(cfg: PLDRConfig, mesh: Mesh, rules: Mapping[str, Any] | None = None):
+    """Tree of NamedShardings for the parameters of `cfg`."""
+    specs = param_partition_specs(cfg, mesh, rules)
+    return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs,
+                                  is_leaf=lambda s: isinstance(s, PartitionSpec))
+
+
+def state_shardings(cfg: PLDRConfig, tx: optax.GradientTransformation, mesh: Mesh,
+                    rules: Mapping[str, Any] | None = None) -> TrainState:
+    """TrainState of NamedShardings: params by the rules, optimiser moments like their
+    parameters, step / rng / counters replicated."""
+    p_sh = param_shardings(cfg, mesh, rules)
+    abstract = jax.eval_shape(lambda: create_train_state(cfg, tx, 0))
+    rep = replicated(mesh)
+    opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract.opt_state, p_sh,
+                                   transform_non_params=lambda _: rep,
+                                   is_leaf=lambda x: isinstance(x, NamedSharding))
+    return TrainState(step=rep, params=p_sh, opt_state=opt_sh, rng=rep)
+
+
+def abstract_train_state(cfg: PLDRConfig, tx: optax.GradientTransformation, mesh: Mesh,
+                         rules: Mapping[str, Any] | None = None) -> TrainState:
+    """TrainState of `jax.ShapeDtypeStruct`s carrying their target shardings (restore targets)."""
+    abstract = jax.eval_shape(lambda: create_train_state(cfg, tx, 0))
+    sh = state_shardings(cfg, tx, mesh, rules)
+    return jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, sh)
+
+
+_INIT_CACHE: dict = {}
+
+
+def init_train_state(cfg: PLDRConfig, tx: optax.GradientTransformation, mesh: Mesh, seed: int = 0,
+                     rules: Mapping[str, Any] | None = None,
+                     compiler_options: Mapping[str, Any] | None = None) -> TrainState:
+    """Initialise a TrainState directly into its sharded layout (jit with out_shardings).
+
+    The numbers equal `create_train_state(cfg, tx, seed)` on one device (threefry is
+    partitionable), whatever the mesh.  The compiled initialiser is cached per (cfg, tx, mesh).
+    """
+    key = (cfg, tx, mesh, tuple(sorted((rules or DEFAULT_RULES).items())),
+           tuple(sorted((compiler_options or {}).items())))
+    init = _INIT_CACHE.get(key)
+    if init is None:
+        sh = state_shardings(cfg, tx, mesh, rules)
+        init = jax.jit(lambda s: create_train_state(cfg, tx, s), out_shardings=sh,
+                       compiler_options=dict(compiler_options) if compiler_options else None)
+        if len(_INIT_CACHE) >= 8:
+            _INIT_CACHE.pop(next(iter(_INIT_CACHE)))
+        _INIT_CACHE[key] = init
+    return init(jnp.asarray(seed, jnp.uint32))
+
+
+# --------------------------------------------------------------------------- batches
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Sharding of a [B, ...] batch: B over ("data", "fsdp"), the rest replicated."""
+    axes = tuple(a for a in BATCH_AXES if a in mesh.shape)
+    return NamedSharding(mesh, PartitionSpec(axes, *([None] * (ndim - 1))))
+
+
+def check_batch_size(global_batch: int, mesh: Mesh, grad_accum: int = 1) -> None:
+    """ValueError unless the global batch splits over processes, batch shards and micro-batches."""
+    dp = data_parallel_size(mesh)
+    pc = jax.process_count()
+    if global_batch % pc:
+        raise ValueError(f"global batch {global_batch} is not divisible by the {pc} processes")
+    if global_batch % grad_accum:
+        raise ValueError(f"global batch {global_batch} is not divisible by grad_accum={grad_accum}")
+    if (global_batch // grad_accum) % dp:
+        raise ValueError(f"micro-batch {global_batch // grad_accum} (global batch {global_batch} / grad_accum "
+                         f"{grad_accum}) is not divisible by the {dp} batch shards (mesh data x fsdp)")
+
+
+def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
+    """Process-local numpy batch {name: [B_local, ...]} -> global jax arrays [B_local * processes, ...]
+    sharded by `batch_sharding` (works unchanged on one process)."""
+    out = {}
+    for k, v in batch.items():
+        v = np.asarray(v)
+        out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v)
+    return out
+
+
+def describe_shardings(tree) -> dict[str, str]:
+    """{"path": "PartitionSpec(...)"} of a tree of NamedShardings / arrays (for logs and tests)."""
+    out = {}
+    for kp, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        s = getattr(leaf, "sharding", leaf)
+        out[jax.tree_util.keystr(kp)] = str(getattr(s, "spec", s))
+    return out

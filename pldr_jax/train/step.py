@@ -1,0 +1,218 @@
+"""Loss, jitted training step (gradient accumulation, DAG option) and evaluation step.
+
+Loss (the reference's `masked_loss_function`): the mean cross-entropy over the non-pad targets of
+the whole (global) batch, plus optionally ``c_A dag(A_LM) + c_P dag(A_P) + c_G dag(G_LM)``.
+
+Gradient accumulation splits the batch into `grad_accum` micro-batches that are run one after the
+other (`lax.scan`) and sums their gradients.  Each micro-batch contributes
+``CE_sum(micro) / N_real(batch) + dag(micro) / grad_accum``, so the accumulated loss and gradient
+equal those of the full batch (up to float summation order) -- padding-heavy micro-batches are
+not over-weighted.  Micro-batch k holds rows k, k + K, k + 2K, ... so every batch shard keeps
+its rows local.
+
+Precision: parameters (master weights), gradients, optimiser state, the deductive path (A -> G),
+softmax, logits and the loss are float32; with ``cfg.dtype == "bfloat16"`` the matmul-heavy path
+(projections, attention, FFN) runs in bfloat16.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from ..config import PLDRConfig
+from ..losses import dag_loss
+from ..model import forward
+from .sharding import batch_sharding, replicated, state_shardings
+from .state import TrainState
+
+__all__ = ["StepOptions", "loss_terms", "make_train_step", "make_eval_step", "reduce_eval"]
+
+DAG_NAMES = ("dag_A", "dag_P", "dag_G")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    """Static options of the training step.
+
+    dag_coeffs: (c_A, c_P, c_G) of the DAG regulariser on (A_LM, A_P, G_LM); zeros skip it.
+    grad_accum: micro-batches per optimiser update.
+    pad_aware_A: mask padding out of the metric tensor A (False = the reference).
+    remat: rematerialise each decoder layer in the backward pass (less memory, ~30% more compute).
+    """
+    dag_coeffs: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    grad_accum: int = 1
+    pad_aware_A: bool = False
+    remat: bool = False
+
+    def __post_init__(self):
+        c = tuple(float(x) for x in self.dag_coeffs)
+        if len(c) != 3 or any(x < 0 for x in c):
+            raise ValueError(f"dag_coeffs must be three non-negative numbers (c_A, c_P, c_G), got {self.dag_coeffs!r}")
+        object.__setattr__(self, "dag_coeffs", c)
+        if isinstance(self.grad_accum, bool) or not isinstance(self.grad_accum, int) or self.grad_accum < 1:
+            raise ValueError(f"grad_accum must be an int >= 1, got {self.grad_accum!r}")
+
+    @property
+    def use_dag(self) -> bool:
+        return any(self.dag_coeffs)
+
+
+def loss_terms(cfg: PLDRConfig, params: Any, inputs: jax.Array, targets: jax.Array, g_lm=None,
+               opts: StepOptions = StepOptions()) -> dict[str, jax.Array]:
+    """Sums over one (micro-)batch: {"ce_sum", "correct", "count"} and, with DAG, the DAG values
+    {"dag_A", "dag_P", "dag_G"} (means over layers, batch, heads; 0 where the coefficient is 0)."""
+    out = forward(cfg, params, inputs, g_lm, pad_aware_A=opts.pad_aware_A, remat=opts.remat)
+    logits = out.logits.astype(jnp.float32)
+    real = (targets != 0).astype(jnp.float32)
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    tgt = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    terms = {"ce_sum": jnp.sum((logz - tgt) * real),
+             "correct": jnp.sum((jnp.argmax(logits, -1) == targets).astype(jnp.float32) * real),
+             "count": jnp.sum(real)}
+    if opts.use_dag:
+        keys = ("A_LM", "A_P", "G_LM")
+        used = {k: out.deductive[k] for c, k in zip(opts.dag_coeffs, keys) if c}
+        vals = dag_loss(used)
+        for name, k in zip(DAG_NAMES, keys):
+            terms[name] = vals.get(k, jnp.float32(0.0))
+    return terms
+
+
+def _split_micro(x: jax.Array, k: int) -> jax.Array:
+    """[B, ...] -> [k, B/k, ...] with micro-batch j = rows j, j + k, j + 2k, ... (shard-local)."""
+    B = x.shape[0]
+    return jnp.swapaxes(x.reshape(B // k, k, *x.shape[1:]), 0, 1)
+
+
+def make_train_step(cfg: PLDRConfig, tx: optax.GradientTransformation, schedule: Callable | None = None, *,
+                    opts: StepOptions = StepOptions(), mesh: Mesh | None = None,
+                    rules: Mapping[str, Any] | None = None, donate: bool = True,
+                    compiler_options: Mapping[str, Any] | None = None) -> Callable:
+    """A jitted `train_step(state, batch, g_lm=None) -> (state, metrics)`.
+
+    batch: {"inputs", "targets"} int32 [B, L] (global arrays; see `sharding.shard_batch`).
+    g_lm: the predefined G_LM [num_layers, H, dk, dk] for a predefined-G config (None for
+    learned G; an "identity" config defaults to the identity).  It is a constant, not trained.
+    metrics (float32 scalars): loss (masked CE), accuracy, total_loss (CE + DAG terms), tokens
+    (real targets), lr (the learning rate this update used), grad_norm (global norm before
+    clipping) and, with DAG, dag_A / dag_P / dag_G.
+    With `mesh`, the step is jitted with in/out shardings (state by the rules, batch over
+    ("data", "fsdp")).  donate: donate the input state's buffers (the caller must not reuse it).
+    compiler_options: XLA options for `jax.jit` (e.g. {"xla_backend_optimization_level": 0} to
+    compile faster in tests).
+    """
+    if opts.use_dag and not cfg.learned_g:
+        raise ValueError("DAG regularisation needs a learned-G model (custom_G_type=None): a predefined "
+                         "G_LM is a constant and has no A_LM / A_P")
+    K = opts.grad_accum
+
+    def step(state: TrainState, batch, g_lm=None):
+        inputs, targets = batch["inputs"], batch["targets"]
+        n_total = jnp.maximum(jnp.sum(targets != 0).astype(jnp.float32), 1.0)
+
+        def micro(params, inp, tgt):
+            def objective(p):
+                t = loss_terms(cfg, p, inp, tgt, g_lm, opts)
+                obj = t["ce_sum"] / n_total
+                if opts.use_dag:
+                    obj = obj + sum(c * t[n] for c, n in zip(opts.dag_coeffs, DAG_NAMES)) / K
+                return obj, t
+            (_, t), g = jax.value_and_grad(objective, has_aux=True)(params)
+            return g, t
+
+        if K == 1:
+            grads, terms = micro(state.params, inputs, targets)
+        else:
+            xs = (_split_micro(inputs, K), _split_micro(targets, K))
+            if mesh is not None:
+                sh = NamedSharding(mesh, PartitionSpec(None, *batch_sharding(mesh).spec))
+                xs = jax.lax.with_sharding_constraint(xs, (sh, sh))
+            zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+            t0 = jax.eval_shape(lambda: micro(state.params, xs[0][0], xs[1][0])[1])
+            t0 = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), t0)
+
+            def body(carry, x):
+                g_acc, t_acc = carry
+                g, t = micro(state.params, *x)
+                return (jax.tree_util.tree_map(jnp.add, g_acc, g), jax.tree_util.tree_map(jnp.add, t_acc, t)), None
+
+            (grads, terms), _ = jax.lax.scan(body, (zeros, t0), xs)
+            terms = {k: (v / K if k in DAG_NAMES else v) for k, v in terms.items()}
+
+        lr = schedule(state.step) if schedule is not None else jnp.float32(jnp.nan)
+        grad_norm = optax.tree.norm(grads)
+        new_state = state.apply_gradients(grads, tx)
+        loss = terms["ce_sum"] / n_total
+        metrics = {"loss": loss, "accuracy": terms["correct"] / n_total, "tokens": terms["count"],
+                   "lr": jnp.asarray(lr, jnp.float32), "grad_norm": grad_norm}
+        total = loss
+        if opts.use_dag:
+            for c, n in zip(opts.dag_coeffs, DAG_NAMES):
+                metrics[n] = terms[n]
+                total = total + c * terms[n]
+        metrics["total_loss"] = total
+        return new_state, metrics
+
+    donate_argnums = (0,) if donate else ()
+    copts = dict(compiler_options) if compiler_options else None
+    if mesh is None:
+        jitted = jax.jit(step, donate_argnums=donate_argnums, compiler_options=copts)
+    else:
+        st_sh = state_shardings(cfg, tx, mesh, rules)
+        rep = replicated(mesh)
+        b_sh = batch_sharding(mesh)
+        jitted = jax.jit(step, in_shardings=(st_sh, {"inputs": b_sh, "targets": b_sh}, rep),
+                         out_shardings=(st_sh, rep), donate_argnums=donate_argnums, compiler_options=copts)
+    return _with_optional_g(jitted)
+
+
+def _with_optional_g(jitted):
+    """`f(a, b, g_lm=None)` over a jitted 3-argument function (jit's in_shardings need every
+    positional argument); `.lower(...)` and `.jitted` stay available."""
+    def f(a, b, g_lm=None):
+        return jitted(a, b, g_lm)
+    f.lower = lambda a, b, g_lm=None: jitted.lower(a, b, g_lm)
+    f.jitted = jitted
+    return f
+
+
+def make_eval_step(cfg: PLDRConfig, *, opts: StepOptions = StepOptions(), mesh: Mesh | None = None,
+                   rules: Mapping[str, Any] | None = None,
+                   compiler_options: Mapping[str, Any] | None = None) -> Callable:
+    """A jitted `eval_step(params, batch, g_lm=None) -> {"ce_sum", "correct", "count"}` (sums over
+    the batch; combine batches with `reduce_eval`)."""
+    eval_opts = dataclasses.replace(opts, remat=False, dag_coeffs=(0.0, 0.0, 0.0))
+
+    def step(params, batch, g_lm=None):
+        t = loss_terms(cfg, params, batch["inputs"], batch["targets"], g_lm, eval_opts)
+        return {k: t[k] for k in ("ce_sum", "correct", "count")}
+
+    copts = dict(compiler_options) if compiler_options else None
+    if mesh is None:
+        return _with_optional_g(jax.jit(step, compiler_options=copts))
+    from .sharding import param_shardings
+    b_sh = batch_sharding(mesh)
+    rep = replicated(mesh)
+    return _with_optional_g(jax.jit(step, in_shardings=(param_shardings(cfg, mesh, rules),
+                                                        {"inputs": b_sh, "targets": b_sh}, rep),
+                                    out_shardings=rep, compiler_options=copts))
+
+
+def reduce_eval(sums: list[Mapping[str, Any]]) -> dict[str, float]:
+    """Combine eval_step outputs: {"val_loss", "val_accuracy", "val_perplexity", "val_tokens"}."""
+    import math
+    ce = sum(float(s["ce_sum"]) for s in sums)
+    correct = sum(float(s["correct"]) for s in sums)
+    n = sum(float(s["count"]) for s in sums)
+    if n == 0:
+        return {"val_loss": float("nan"), "val_accuracy": float("nan"), "val_perplexity": float("nan"),
+                "val_tokens": 0}
+    loss = ce / n
+    return {"val_loss": loss, "val_accuracy": correct / n,
+            "val_perplexity": math.exp(min(loss, 700.0)), "val_tokens": int(n)}

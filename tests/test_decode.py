@@ -1,0 +1,335 @@
+"""Decoding: the four cache modes against the reference's generations, ragged batches, compile counts,
+EOS, streaming, sampling reproducibility, text and CLI.
+
+Golden data: ../shared/reference/tiny_v510_generate.npz (greedy, 20 tokens, four modes),
+tiny_v510_Ginit_identity.npz (the same weights with a given identity G), tiny_v510G_identity_outputs.npz
+(v510G).  Ids must match exactly, per-step logits within 2e-4.
+
+Compilation is the dominant cost here, so the tests share static configurations: every call of
+`_gen` below uses return_logits=True and return_deductive=True, max_new_tokens <= 32 and prompts
+<= 16 tokens, so B=1 runs of one mode compile once for the whole file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pldr_jax
+import pldr_jax.io
+from pldr_jax.decode import GenerateOutput, generate, init_cache
+from pldr_jax.decode.cache import cache_logical_axes, cache_partition_specs
+from pldr_jax.decode.stream import stream_generate
+
+from .conftest import ref_path
+
+gm = importlib.import_module("pldr_jax.decode.generate")
+
+MODES = {"kv_g": ("kvT_gT", True, True), "kv": ("kvT_gF", True, False), "g": ("kvF_gT", False, True),
+         "none": ("kvF_gF", False, False)}
+PROMPT = [70, 48, 9, 8, 68, 61, 1]
+RAGGED = [PROMPT, [5, 17, 99], [12, 40, 33, 7, 7, 81, 2, 64, 90, 11, 45, 23]]
+
+
+def _gen(cfg, params, prompts, mode="kv_g", **kw):
+    kv, g = MODES[mode][1:]
+    kw.setdefault("max_new_tokens", 20)
+    kw.setdefault("top_k", 1)
+    kw.setdefault("eos_id", None)
+    return generate(cfg, params, prompts, kv_cache=kv, g_cache=g, return_logits=True, return_deductive=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_v510):
+    cfg, params = tiny_v510
+    return cfg, gm.prepare_params(cfg, params, 1)[1]
+
+
+@pytest.fixture(scope="module")
+def golden():
+    return np.load(ref_path("tiny_v510_generate.npz"))
+
+
+# --------------------------------------------------------------------------- golden generations
+@pytest.mark.parametrize("mode", list(MODES))
+def test_four_modes_match_reference(tiny, golden, mode):
+    cfg, params = tiny
+    tag = MODES[mode][0]
+    out = _gen(cfg, params, [golden["prompt_ids"].tolist()], mode)
+    assert isinstance(out, GenerateOutput) and out.mode == mode
+    assert out.tokens[0] == golden[f"{tag}_ids"].tolist()
+    np.testing.assert_allclose(out.logits[0], golden[f"{tag}_step_logits"], atol=2e-4, rtol=0)
+    for i in range(cfg.num_layers):
+        for name in ("A_LM", "G_LM"):
+            want = golden[f"{tag}_layer{i}_step_{name}"][:, 0]          # [steps, H, dk, dk]
+            got = out.deductive[name][:, i, 0]
+            np.testing.assert_allclose(got, want, atol=1e-4 * max(1.0, float(np.abs(want).max())), rtol=0)
+    if mode != "none":   # the cached modes keep the prompt's G: constant over steps
+        g = out.deductive["G_LM"]
+        np.testing.assert_allclose(g, np.broadcast_to(g[:1], g.shape), atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_given_identity_g_matches_reference(tiny, mode):
+    cfg, params = tiny
+    ref = np.load(ref_path("tiny_v510_Ginit_identity.npz"))
+    tag = MODES[mode][0]
+    eye = np.broadcast_to(np.eye(cfg.head_dim, dtype=np.float32), (cfg.num_layers, cfg.num_heads) + (cfg.head_dim,) * 2)
+    out = _gen(cfg, params, [ref["prompt_ids"].tolist()], mode, g_lm=eye)
+    assert out.tokens[0] == ref[f"{tag}_ids"].tolist()
+    np.testing.assert_allclose(out.logits[0], ref[f"{tag}_step_logits"], atol=2e-4, rtol=0)
+    np.testing.assert_allclose(out.deductive["G_LM"][:, :, 0], np.broadcast_to(eye, (20,) + eye.shape))
+
+
+@pytest.mark.parametrize("kv", [True, False])
+def test_v510g_identity_generation(tiny_v510g, kv):
+    cfg, params = tiny_v510g
+    ref = np.load(ref_path("tiny_v510G_identity_outputs.npz"))
+    tag = "kvT" if kv else "kvF"
+    out = _gen(cfg, params, [ref["gen_prompt_ids"].tolist()], "kv_g" if kv else "g")
+    assert out.tokens[0] == ref[f"gen_{tag}_ids"].tolist()
+    np.testing.assert_allclose(out.logits[0], ref[f"gen_{tag}_step_logits"], atol=2e-4, rtol=0)
+
+
+# --------------------------------------------------------------------------- ragged batches
+@pytest.mark.parametrize("mode", list(MODES))
+def test_ragged_batch_equals_alone(tiny, mode):
+    cfg, params = tiny
+    batch = _gen(cfg, params, RAGGED, mode)
+    assert batch.prompt_lengths.tolist() == [len(p) for p in RAGGED]
+    for b, p in enumerate(RAGGED):
+        alone = _gen(cfg, params, [p], mode)
+        assert batch.tokens[b] == alone.tokens[0], f"row {b}"
+        # "none" re-derives A and G from the sequence each step: batch-shape rounding is amplified
+        np.testing.assert_allclose(batch.logits[b], alone.logits[0], atol=2e-4 if mode == "none" else 2e-5,
+                                   rtol=0)
+        np.testing.assert_allclose(batch.prompt_deductive["G_LM"][:, b], alone.prompt_deductive["G_LM"][:, 0],
+                                   atol=2e-5)
+
+
+def test_shared_g_uses_first_rows_g(tiny):
+    cfg, params = tiny
+    own = _gen(cfg, params, RAGGED, "kv_g")
+    shared = _gen(cfg, params, RAGGED, "kv_g", shared_g=True)
+    assert shared.tokens[0] == own.tokens[0]
+    np.testing.assert_allclose(shared.logits[0], own.logits[0], atol=1e-6)
+    # prefill uses each row's own G (cache_first_G); afterwards row 1 decodes with row 0's G
+    np.testing.assert_allclose(shared.logits[1, 0], own.logits[1, 0], atol=1e-6)
+    for i in range(cfg.num_layers):
+        assert shared.cache.G_LM[i].shape[0] == 1
+        np.testing.assert_allclose(shared.cache.G_LM[i][0], own.prompt_deductive["G_LM"][i, 0], atol=1e-6)
+    np.testing.assert_allclose(shared.deductive["G_LM"][1:, :, 2], shared.deductive["G_LM"][1:, :, 0])
+    assert not np.allclose(shared.logits[1, 1:], own.logits[1, 1:], atol=1e-4)
+
+
+# --------------------------------------------------------------------------- compilation
+def test_no_recompile_within_bucket(tiny):
+    """Different max_new_tokens, prompt contents and lengths within one bucket, sampling values and
+    seeds: at most one compilation of prefill and of the decode loop (zero when an earlier test
+    already compiled this static configuration), and none after the first call."""
+    cfg, params = tiny
+    sizes = lambda: (gm._prefill_jit._cache_size(), gm._decode_jit._cache_size())
+    # prompts <= 16 tokens and 17..32 new tokens: one length bucket (P = 16, N = 32, S = 64)
+    calls = [(RAGGED, 20, 0.8, 0), ([[5, 6, 7], [8, 9, 10, 11, 12], [1] * 16], 25, 1.0, 1),
+             ([[13, 14, 15, 16, 17, 18, 19], [20], [99, 98]], 32, 0.5, 2),
+             ([[4, 4], [50] * 11, [3, 2, 1]], 17, 0.9, 3)]
+    before = sizes()
+    for i, (prompts, n, temp, seed) in enumerate(calls):
+        out = _gen(cfg, params, prompts, "kv_g", max_new_tokens=n, temperature=temp, top_k=20, top_p=0.95,
+                   seed=seed)
+        assert [len(t) for t in out.tokens] == [n] * 3
+        if i == 0:
+            first = sizes()
+            assert all(0 <= a - b <= 1 for a, b in zip(first, before))
+    assert sizes() == first
+
+
+# --------------------------------------------------------------------------- sampling and stopping
+def test_sampling_reproducible_from_seed(tiny):
+    cfg, params = tiny
+    kw = dict(temperature=0.8, top_k=20, top_p=0.95)
+    a = _gen(cfg, params, RAGGED, "kv_g", seed=11, **kw)
+    b = _gen(cfg, params, RAGGED, "kv_g", seed=11, **kw)
+    c = _gen(cfg, params, RAGGED, "kv_g", seed=12, **kw)
+    assert a.tokens == b.tokens
+    assert a.tokens != c.tokens
+    greedy = _gen(cfg, params, RAGGED, "kv_g")
+    assert a.tokens != greedy.tokens
+
+
+def test_top_k_1_equals_greedy(tiny, golden):
+    cfg, params = tiny
+    out = _gen(cfg, params, [PROMPT], "kv_g", top_k=1, temperature=0.3, top_p=0.5, seed=5)
+    assert out.tokens[0] == golden["kvT_gT_ids"].tolist()
+    assert (out.logits[0].argmax(-1) == np.array(out.tokens[0])).all()
+
+
+def test_eos_stops_rows_and_masks_the_rest(tiny, golden):
+    cfg, params = tiny
+    assert golden["kvT_gT_ids"].tolist()[:4] == [84, 50, 46, 88]
+    out = _gen(cfg, params, [PROMPT], "kv_g", eos_id=46)
+    assert out.tokens[0] == [84, 50, 46]
+    assert out.num_generated.tolist() == [3] and out.steps == 3
+    assert (out.ids[0, 3:] == 0).all()
+    # ragged: each row stops at its own EOS; the loop ends early when every row is done
+    full = _gen(cfg, params, RAGGED, "kv_g")
+    eos = full.tokens[1][4]
+    out = _gen(cfg, params, RAGGED, "kv_g", eos_id=eos)
+    for b in range(len(RAGGED)):
+        row = full.tokens[b]
+        want = row[:row.index(eos) + 1] if eos in row else row
+        assert out.tokens[b] == want
+        assert (out.ids[b, len(want):] == 0).all()
+
+
+def test_max_seq_len_error_and_stop(tiny):
+    cfg, params = tiny                    # max_seq_len 64
+    prompt = list(range(1, 61))
+    with pytest.raises(ValueError, match="max_seq_len"):
+        generate(cfg, params, [prompt], max_new_tokens=10)
+    out = generate(cfg, params, [prompt, [5, 6]], max_new_tokens=10, top_k=1, eos_id=None, stop_at_max_seq_len=True)
+    assert [len(t) for t in out.tokens] == [4, 10]
+
+
+def test_input_validation(tiny):
+    cfg, params = tiny
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(cfg, params, [PROMPT], max_new_tokens=0)
+    with pytest.raises(ValueError, match="empty"):
+        generate(cfg, params, [PROMPT, []], max_new_tokens=2)
+    with pytest.raises(ValueError, match="pad id 0"):
+        generate(cfg, params, [[5, 0, 6]], max_new_tokens=2)
+    with pytest.raises(ValueError, match="vocab_size"):
+        generate(cfg, params, [[5, 600]], max_new_tokens=2)
+    with pytest.raises(ValueError, match="temperature"):
+        generate(cfg, params, [PROMPT], max_new_tokens=2, temperature=0)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(cfg, params, [PROMPT], max_new_tokens=2, top_p=1.2)
+    with pytest.raises(ValueError, match="eos_id"):
+        generate(cfg, params, [PROMPT], max_new_tokens=2, eos_id=-3)
+    with pytest.raises(ValueError, match="g_lm"):
+        generate(cfg, params, [PROMPT], max_new_tokens=2, g_lm=np.zeros((3, 4, 8, 8), np.float32))
+    assert gm.normalize_prompts(cfg, np.array([[5, 6, 0, 0], [7, 0, 0, 0]])) == [[5, 6], [7]]
+    assert gm.normalize_prompts(cfg, [5, 6]) == [[5, 6]]
+
+
+# --------------------------------------------------------------------------- streaming
+def test_stream_equals_generate(tiny):
+    cfg, params = tiny
+    eos = _gen(cfg, params, RAGGED, "kv_g").tokens[1][4]
+    ref = generate(cfg, params, RAGGED, max_new_tokens=20, top_k=1, eos_id=eos)
+    got = [[] for _ in RAGGED]
+    steps = 0
+    for step in stream_generate(cfg, params, RAGGED, max_new_tokens=20, top_k=1, eos_id=eos):
+        steps += 1
+        for b in range(len(RAGGED)):
+            if step.active[b]:
+                got[b].append(int(step.tokens[b]))
+    assert got == ref.tokens
+    assert steps == ref.steps
+
+
+# --------------------------------------------------------------------------- cache pytree
+def test_init_cache_shapes_and_axes(tiny):
+    cfg, _ = tiny
+    c = init_cache(cfg, 3, 32)
+    assert len(c.k) == cfg.num_layers and c.k[0].shape == (3, 32, cfg.num_heads, cfg.head_dim)
+    assert c.G_LM[0].shape == (3, cfg.num_heads, cfg.head_dim, cfg.head_dim) and c.lengths.shape == (3,)
+    c1 = init_cache(cfg, 3, 32, kv=False, g_batch=1)
+    assert c1.k is None and c1.G_LM[0].shape[0] == 1
+    axes = cache_logical_axes(c)
+    assert axes.k[0] == ("batch", "kv_len", "attn_heads", "dk")
+    assert cache_logical_axes(c1).G_LM[0] == (None, "attn_heads", "dk", "dk_out")
+    specs = cache_partition_specs(c, {"batch": "data", "attn_heads": "model"})
+    assert specs.k[0] == jax.sharding.PartitionSpec("data", None, "model", None)
+    assert jax.tree_util.tree_structure(jax.tree_util.tree_map(jnp.zeros_like, c)) == jax.tree_util.tree_structure(c)
+    with pytest.raises(ValueError, match="max_len"):
+        init_cache(cfg, 1, cfg.max_seq_len + 1)
+
+
+def test_dtype_policy(tiny):
+    cfg, params = tiny
+    bf = cfg.replace(dtype="bfloat16", param_dtype="bfloat16")
+    assert gm.decode_dtype(bf, 1) == "float32" and gm.decode_dtype(bf, 8) == "bfloat16"
+    assert gm.decode_dtype(bf, 1, bf16_min_batch=0) == "bfloat16" and gm.decode_dtype(cfg, 1) == "float32"
+    p16 = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params)
+    rc, rp = gm.prepare_params(bf, p16, 2)
+    assert rc.dtype == "float32" and rp["layers"][0]["wqkv"]["kernel"].dtype == jnp.float32
+    rc, rp = gm.prepare_params(cfg.replace(dtype="bfloat16"), params, 8)
+    assert rc.dtype == "bfloat16" and rp["layers"][0]["ffn"]["w12"]["kernel"].dtype == jnp.bfloat16
+    assert rp["layers"][0]["plga"]["W"].dtype == jnp.float32        # deductive weights stay float32
+    rc, rp = gm.prepare_params(cfg, params, 1)
+    assert rp["layers"][0]["wqkv"]["kernel"] is params["layers"][0]["wqkv"]["kernel"]   # no copy
+    # the fused decode layout gives the same forward pass as the reference layout
+    raw = pldr_jax.io.state_dict_to_params(cfg, dict(np.load(ref_path("tiny_v510_params.npz"))))
+    toks = jnp.array([PROMPT + [0] * 3])
+    np.testing.assert_allclose(pldr_jax.forward(cfg, params, toks).logits, pldr_jax.forward(cfg, raw, toks).logits,
+                               atol=1e-5)
+
+
+# --------------------------------------------------------------------------- text and CLI
+class _CharTokenizer:
+    """A stand-in sentencepiece-like tokenizer for the 101-token toy vocabulary."""
+    eos_id, pad_id = 3, 0
+
+    def encode(self, text, add_eos=False):
+        ids = [10 + (ord(c) % 90) for c in text]
+        return ids + [3] if add_eos else ids
+
+    def decode(self, ids):
+        return "".join(chr(ord("a") + (i - 10) % 26) for i in ids)
+
+
+def test_generate_text(tiny):
+    from pldr_jax.decode.text import generate_text, stream_text
+    cfg, params = tiny
+    tok = _CharTokenizer()
+    texts = ["hello", "a longer prompt", "xyz"]
+    out = generate_text(cfg, params, tok, texts, max_new_tokens=20, top_k=1)
+    ids = generate(cfg, params, [tok.encode(t) for t in texts], max_new_tokens=20, top_k=1, eos_id=3)
+    assert out.prompt_ids == [tok.encode(t) for t in texts]
+    assert list(out) == [tok.decode([t for t in row if t != 3]) for row in ids.tokens]
+    full = generate_text(cfg, params, tok, texts, max_new_tokens=20, top_k=1, include_prompt=True)
+    assert full[1] == tok.decode(tok.encode(texts[1])) + out[1]
+    assert "".join(stream_text(cfg, params, tok, "hello", max_new_tokens=20, top_k=1)) == out[0]
+
+
+def test_real_tokenizer_encoding_matches_reference():
+    from pldr_jax.data.tokenizer import Tokenizer
+    from pldr_jax.decode.text import encode_prompts
+    tok = Tokenizer.load(ref_path("refinedweb-tokenizer-model-pldrllm-kvg-cache-paper.model"))
+    text = "Write a letter requesting that people use language models responsibly."
+    want = [6159, 270, 1943, 17057, 279, 372, 404, 1554, 2192, 28095, 262, 3][:-1]   # EOS dropped
+    assert encode_prompts(tok, [text]) == [want]
+    assert encode_prompts(tok, [""]) == [[3]]                                      # reference oddity 10
+
+
+def test_cli_generate_json(tiny, tmp_path, capsys):
+    import shutil
+
+    from pldr_jax.cli import main
+    cfg, params = tiny
+    ck = tmp_path / "tiny_v510.pth"               # the config sidecar tiny_v510.json is found beside it
+    shutil.copy(ref_path("tiny_v510.pth"), ck)
+    shutil.copy(ref_path("tiny_v510.json"), tmp_path / "tiny_v510.json")
+    out_npz = tmp_path / "ded.npz"
+    args = [a for p in RAGGED for a in ("--ids", " ".join(map(str, p)))]
+    rc = main(["generate", str(ck), *args, "--greedy", "--max-new-tokens", "20", "--eos-id", "3", "--json",
+               "--save-deductive", str(out_npz)])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out)
+    want = generate(cfg, params, RAGGED, max_new_tokens=20, top_k=1, eos_id=3)
+    assert [r["ids"] for r in res["results"]] == want.tokens and res["mode"] == "kv_g"
+    z = np.load(out_npz)
+    assert z["layer0_G_LM"].shape == (3, cfg.num_heads, cfg.head_dim, cfg.head_dim)
+    np.testing.assert_allclose(z["layer1_G_LM"], np.asarray(want.prompt_deductive["G_LM"][1]), atol=1e-6)
+    assert z["prompt_lengths"].tolist() == [len(p) for p in RAGGED]
+    assert main(["generate", str(ck), "--prompt", "hi"]) == 2      # no tokenizer: a clear error
+    assert "tokenizer" in capsys.readouterr().err
+    assert main(["generate", str(ck), "--ids", "5 6", "--max-new-tokens", "100"]) == 2
+    assert "max_seq_len" in capsys.readouterr().err

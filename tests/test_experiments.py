@@ -1,0 +1,185 @@
+"""The experiments (``experiments/*.py --quick``) and the notebooks run end to end and write sane files.
+
+Each experiment runs as a subprocess (as a user would run it) with XLA's backend optimisations off to
+keep compile times short; the notebooks are executed top to bottom with nbclient (kernel "python3",
+installed for the user when missing) from ``notebooks/``, writing only into temporary directories.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXP = ROOT / "experiments"
+NB = ROOT / "notebooks"
+FAST_XLA = "--xla_backend_optimization_level=0"
+MODES = ("kv_g", "kv", "g", "none")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    flags = env.get("XLA_FLAGS", "")
+    if FAST_XLA not in flags:
+        env["XLA_FLAGS"] = (flags + " " + FAST_XLA).strip()
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    return env
+
+
+def run_script(name: str, *args, timeout: int = 600) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(EXP / name), "--quick", *map(str, args)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=_env())
+    assert p.returncode == 0, f"{' '.join(cmd)} failed:\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}"
+    return p
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def is_png(path: Path) -> bool:
+    return path.is_file() and path.stat().st_size > 1000 and path.read_bytes()[:8] == PNG_MAGIC
+
+
+def finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(float(x))
+
+
+# --------------------------------------------------------------------------- CLI (no JAX)
+def test_parse_config_quick_and_overrides():
+    sys.path.insert(0, str(EXP))
+    try:
+        import ablation
+        import cache_fidelity
+        import decode_speed
+    finally:
+        sys.path.remove(str(EXP))
+    cfg = ablation.parse_config(ablation.AblationConfig, ["--quick", "--steps", "5", "--variants",
+                                                          "learned,identity", "--no-compile-cache"],
+                                ablation.QUICK, "")
+    assert cfg.quick and cfg.steps == 5 and cfg.variants == ("learned", "identity")
+    assert cfg.d_model == ablation.QUICK["d_model"] and cfg.compile_cache is False and cfg.fast_compile
+    default = ablation.parse_config(ablation.AblationConfig, [], ablation.QUICK, "")
+    assert default == ablation.AblationConfig() and not default.quick
+    cf = ablation.parse_config(cache_fidelity.CacheFidelityConfig, ["--prompts", "a, b|c"], cache_fidelity.QUICK, "")
+    assert cf.prompts == ("a, b", "c")
+    ds = ablation.parse_config(decode_speed.DecodeSpeedConfig, ["--batches", "1,2"], decode_speed.QUICK, "")
+    assert ds.batches == (1, 2)
+    with pytest.raises(SystemExit):
+        ablation.parse_config(ablation.AblationConfig, ["--no-such-option", "1"], ablation.QUICK, "")
+
+
+# --------------------------------------------------------------------------- experiments
+@pytest.fixture(scope="module")
+def ablation_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("ablation")
+    out, wd = base / "results", base / "runs"
+    run_script("ablation.py", "--out", out, "--workdir", wd)
+    return out, wd
+
+
+def test_ablation_quick(ablation_run):
+    out, wd = ablation_run
+    for name in ("metrics.json", "table.csv", "table.md", "curves.csv"):
+        assert (out / name).is_file(), name
+    assert is_png(out / "curves.png") and is_png(out / "transferred_G_LM.png")
+    rows = read_csv(out / "table.csv")
+    assert [r["variant"] for r in rows] == ["learned", "identity", "random_normal", "random_uniform", "transferred"]
+    for r in rows:
+        for k in ("final_train_loss", "final_train_accuracy", "val_loss", "val_accuracy", "val_perplexity", "wall_s"):
+            assert math.isfinite(float(r[k])), (r["variant"], k, r[k])
+        assert 0 < float(r["val_loss"]) < 10 and 0 <= float(r["val_accuracy"]) <= 1
+        assert int(r["steps"]) > 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert set(m["runs"]) == {r["variant"] for r in rows}
+    assert m["transfer"]["g_finite"] and len(m["transfer"]["prompt_ids"]) > 0
+    # same budget and data for every variant
+    assert len({r["tokens_seen"] for r in rows}) == 1
+    # predefined-G variants have fewer parameters (no metric learner / PLGA weights)
+    params = {r["variant"]: int(r["params"]) for r in rows}
+    assert all(params[v] < params["learned"] for v in params if v != "learned")
+    curves = read_csv(out / "curves.csv")
+    assert {c["variant"] for c in curves} == set(params) and all(math.isfinite(float(c["loss"])) for c in curves)
+    assert (wd / "learned" / "checkpoints").is_dir()
+
+
+def test_cache_fidelity_quick(ablation_run, tmp_path):
+    _, wd = ablation_run
+    out = tmp_path / "cf"
+    run_script("cache_fidelity.py", "--checkpoint", wd / "learned", "--out", out, "--workdir", tmp_path / "runs")
+    for name in ("ids.json", "logit_deltas.csv", "modes.csv", "modes.md", "deductive_comparison.csv",
+                 "deductive_comparison.md", "same_prefix_summary.csv", "fidelity.json"):
+        assert (out / name).is_file(), name
+    assert is_png(out / "g_lm_drift.png")
+    res = json.loads((out / "fidelity.json").read_text())
+    assert res["model"]["source"] == "checkpoint"
+    modes = {r["mode"]: r for r in res["modes"]}
+    assert tuple(modes) == MODES
+    ids = json.loads((out / "ids.json").read_text())["modes"]
+    assert set(ids) == set(MODES)
+    # KV-only recomputes G from the cached prompt-time A: the same tokens and G as KV+G
+    assert ids["kv"]["tokens"] == ids["kv_g"]["tokens"]
+    assert modes["kv"]["max_G_LM_rmse_vs_kv_g"] < 1e-5 and modes["kv_g"]["max_logit_delta_all"] == 0
+    assert modes["g"]["max_logit_delta_same_prefix"] < 1e-3
+    for r in res["modes"]:
+        assert all(finite(r[k]) for k in ("max_logit_delta_all", "max_G_LM_drift", "tokens_per_s")), r
+    comp = read_csv(out / "deductive_comparison.csv")
+    assert {(c["mode"], c["tensor"]) for c in comp} == {(m, t) for m in MODES for t in ("A_LM", "G_LM")}
+    assert all(math.isfinite(float(c["max_rmse_vs_kv_g"])) for c in comp)
+    deltas = read_csv(out / "logit_deltas.csv")
+    assert {d["mode"] for d in deltas} == set(MODES)
+
+
+def test_decode_speed_quick(tmp_path):
+    out = tmp_path / "ds"
+    run_script("decode_speed.py", "--out", out)
+    for name in ("speed.json", "speed.csv", "speed_pivot.csv", "speed.md"):
+        assert (out / name).is_file(), name
+    assert is_png(out / "speed.png")
+    rows = read_csv(out / "speed.csv")
+    assert {(r["model"], int(r["batch"]), r["mode"]) for r in rows} == {("tiny", b, m) for b in (1, 4) for m in MODES}
+    assert all(float(r["tokens_per_s"]) > 0 and math.isfinite(float(r["tokens_per_s"])) for r in rows)
+    assert "kv_g / none" in (out / "speed.md").read_text()
+
+
+# --------------------------------------------------------------------------- notebooks
+def _ensure_kernel() -> str:
+    from jupyter_client.kernelspec import KernelSpecManager
+    if "python3" not in KernelSpecManager().find_kernel_specs():
+        subprocess.run([sys.executable, "-m", "ipykernel", "install", "--user", "--name", "python3"], check=True,
+                       capture_output=True)
+    return "python3"
+
+
+@pytest.mark.parametrize("name", ["quickstart", "exploration"])
+def test_notebook_runs(name, monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    path = NB / f"{name}.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code, "notebook has no code cells"
+    assert all(not c.get("outputs") and c.get("execution_count") is None for c in code), \
+        f"{path.name} must be stored without outputs"
+    for k, v in _env().items():   # the kernel inherits the environment: fast compiles, short training
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("PLDR_QUICKSTART_STEPS", "20")
+    monkeypatch.setenv("PLDR_EXPLORATION_STEPS", "20")
+    monkeypatch.delenv("PLDR_QUICKSTART_CHECKPOINT", raising=False)
+    client = nbclient.NotebookClient(nb, timeout=300, kernel_name=_ensure_kernel(),
+                                     resources={"metadata": {"path": str(NB)}})
+    client.execute()   # raises CellExecutionError on the first failing cell
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors
+    images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+              if "image/png" in o.get("data", {})]
+    assert images, "the notebook should draw plots"
