@@ -254,6 +254,17 @@ def train_config(cfg: AblationConfig, workdir: Path, tokenizer_path: str, g_sour
                        tensorboard=False, g_source=g_source)
 
 
+def train_kwargs(cfg) -> dict:
+    """Extra keyword arguments for `pldr_jax.train.loop.train`: XLA compiler options with --fast-compile
+    (effective even when JAX was initialised before XLA_FLAGS could be set)."""
+    import inspect
+
+    from pldr_jax.train.loop import train
+    if cfg.fast_compile and "compiler_options" in inspect.signature(train).parameters:
+        return {"compiler_options": {"xla_backend_optimization_level": 0}}
+    return {}
+
+
 def summarize_run(name: str, result, g_lm, n_params: int, cfg: AblationConfig, g_spec: str) -> dict:
     """Summary row + curves of one finished `train` call."""
     import numpy as np
@@ -264,7 +275,9 @@ def summarize_run(name: str, result, g_lm, n_params: int, cfg: AblationConfig, g
     acc = [float(m["accuracy"]) for m in sm]
     k = max(1, min(cfg.log_every, len(sm)))
     recs = [r for r in read_metrics(result.paths["metrics"]) if r.get("kind") == "train"]
-    step_s = [r["step_s"] for r in recs[1:]] or [r["step_s"] for r in recs]
+    step_s = [r["step_s"] for r in recs if isinstance(r.get("step_s"), (int, float)) and math.isfinite(r["step_s"])]
+    if getattr(result, "first_step_s", None) is None and len(step_s) > 1:
+        step_s = step_s[1:]   # older loops count compilation in the first interval
     final_eval = result.evals[-1] if result.evals else {}
     row = {
         "variant": name, "g_lm": g_spec, "custom_G_type": str(result.model_cfg.custom_G_type),
@@ -276,6 +289,7 @@ def summarize_run(name: str, result, g_lm, n_params: int, cfg: AblationConfig, g
         "val_accuracy": float(final_eval.get("val_accuracy", float("nan"))),
         "val_perplexity": float(final_eval.get("val_perplexity", float("nan"))),
         "wall_s": float(result.wall_s),
+        "compile_s": float(getattr(result, "first_step_s", None) or float("nan")),
         "step_ms": 1000.0 * float(np.median(step_s)) if step_s else float("nan"),
     }
     g_stats = None
@@ -397,7 +411,8 @@ def run(cfg: AblationConfig) -> dict:
         tcfg = train_config(cfg, workdir / name, str(tok.path or workdir / "tokenizer.model"),
                             None if g_type is None else g_spec)
         log(f"[{name}] training {count_params(mcfg):,} parameters, G_LM = {g_spec or 'learned'}")
-        res = train(mcfg, tcfg, tokenizer=tok, documents=docs, log=lambda *a: log(f"[{name}]", *a))
+        res = train(mcfg, tcfg, tokenizer=tok, documents=docs, log=lambda *a: log(f"[{name}]", *a),
+                    **train_kwargs(cfg))
         params = jax.device_get(res.state.params)
         label = {"learned": "learned (metric learner + PLGA)",
                  "transferred": f"G-cache of 'learned' on a {len(transfer.get('prompt_ids', []))}-token val prompt"
@@ -418,7 +433,8 @@ def run(cfg: AblationConfig) -> dict:
     notes = [f"Embedded corpus ({len(docs)} documents), tokenizer {tok.vocab_size} pieces, validation "
              f"fraction {cfg.validation_fraction}; val metrics on {cfg.eval_batches} batches after the last step. "
              "final_train_* = mean over the last log interval. wall_s includes compilation (the persistent "
-             "compile cache is shared by the predefined-G runs); step_ms = median steady-state step time."]
+             "compile cache is shared by the predefined-G runs); compile_s = compilation + first step; step_ms = "
+             "median steady-state time per optimiser step."]
     write_table(rows, out / "table.csv", out / "table.md", title=title, notes=notes)
     curve_rows = []
     for name, r in runs.items():

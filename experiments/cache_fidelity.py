@@ -125,7 +125,8 @@ def load_or_train(cfg: CacheFidelityConfig):
     mcfg = common.model_config(acfg, tok.vocab_size, None)
     tcfg = common.train_config(acfg, wd / "learned", str(tok.path), None)
     common.log(f"training a learned-G model for {acfg.steps} steps in {wd / 'learned'}")
-    res = train(mcfg, tcfg, tokenizer=tok, documents=docs, log=lambda *a: common.log("[train]", *a))
+    res = train(mcfg, tcfg, tokenizer=tok, documents=docs, log=lambda *a: common.log("[train]", *a),
+                **common.train_kwargs(cfg))
     params = jax.device_get(res.state.params)
     last = res.evals[-1] if res.evals else {}
     return res.model_cfg, params, tok, {"source": "trained", "checkpoint": str(wd / "learned" / "checkpoints"),

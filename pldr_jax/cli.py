@@ -38,9 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:  # bad input: configs, prompts, files, checkpoints
         print(f"pldr-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # training stopped on non-finite values (last good state saved)
+        print(f"pldr-jax {args.command}: error: {e}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

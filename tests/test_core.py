@@ -176,7 +176,9 @@ def test_scan_and_python_loop_layouts_agree():
     b = pldr_jax.forward(TINY, pldr_jax.unstack_layers(params), tokens)
     np.testing.assert_allclose(a.logits, b.logits, atol=1e-5)
     for k in a.deductive:
-        np.testing.assert_allclose(a.deductive[k], b.deductive[k], rtol=1e-5, atol=1e-5)
+        # float32 summation order differs between the two layouts; A_LM/G_LM come through a matrix
+        # inverse, which amplifies it a little
+        np.testing.assert_allclose(a.deductive[k], b.deductive[k], rtol=1e-4, atol=1e-4)
     restacked = pldr_jax.stack_layers(pldr_jax.unstack_layers(params))
     jax.tree_util.tree_map(np.testing.assert_array_equal, restacked, params)
 

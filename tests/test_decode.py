@@ -259,17 +259,17 @@ def test_dtype_policy(tiny):
     assert gm.decode_dtype(bf, 1, bf16_min_batch=0) == "bfloat16" and gm.decode_dtype(cfg, 1) == "float32"
     p16 = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params)
     rc, rp = gm.prepare_params(bf, p16, 2)
-    assert rc.dtype == "float32" and rp["layers"][0]["wqkv"]["kernel"].dtype == jnp.float32
+    assert rc.dtype == "float32" and rp["layers"][0]["wqkv"]["kernel_t"].dtype == jnp.float32
     rc, rp = gm.prepare_params(cfg.replace(dtype="bfloat16"), params, 8)
-    assert rc.dtype == "bfloat16" and rp["layers"][0]["ffn"]["w12"]["kernel"].dtype == jnp.bfloat16
+    assert rc.dtype == "bfloat16" and rp["layers"][0]["ffn"]["w12"]["kernel_t"].dtype == jnp.bfloat16
     assert rp["layers"][0]["plga"]["W"].dtype == jnp.float32        # deductive weights stay float32
     rc, rp = gm.prepare_params(cfg, params, 1)
-    assert rp["layers"][0]["wqkv"]["kernel"] is params["layers"][0]["wqkv"]["kernel"]   # no copy
+    assert rp["layers"][0]["wqkv"]["kernel_t"] is params["layers"][0]["wqkv"]["kernel_t"]   # no copy
     # the fused decode layout gives the same forward pass as the reference layout
     raw = pldr_jax.io.state_dict_to_params(cfg, dict(np.load(ref_path("tiny_v510_params.npz"))))
     toks = jnp.array([PROMPT + [0] * 3])
     np.testing.assert_allclose(pldr_jax.forward(cfg, params, toks).logits, pldr_jax.forward(cfg, raw, toks).logits,
-                               atol=1e-5)
+                               atol=1e-4)
 
 
 # --------------------------------------------------------------------------- text and CLI

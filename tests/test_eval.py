@@ -156,7 +156,8 @@ def test_harness_adapter_equals_direct_scorer(model, tok):
     reqs = [Instance(d["context"], " " + c) for d in ITEMS for c in d["choices"]]
     got = lm.loglikelihood(reqs)
     flat = [ll for lls in res.loglikelihoods for ll in lls]
-    np.testing.assert_allclose([g[0] for g in got], flat, rtol=1e-6, atol=1e-6)
+    # different batch compositions / paddings: equal up to float32 summation order
+    np.testing.assert_allclose([g[0] for g in got], flat, rtol=2e-5, atol=1e-4)
     assert [g[1] for g in got] == [g for gs in res.is_greedy for g in gs]
     # acc_norm divides by the choice's length in characters (lm-eval)
     assert res.lengths[0] == [3.0, 4.0, 12.0]

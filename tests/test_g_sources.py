@@ -134,7 +134,8 @@ def test_transferred_g_into_v510g_gives_the_learned_models_g_cache_logits(learne
     seq = _row(PROMPT + out.tokens[0][:-1])
     # with a fixed G attention is causal, so one v510G pass gives every step's next-token logits
     step_logits = forward(cfg_g, p_g, seq, G).logits[0, n - 1:]
-    np.testing.assert_allclose(out.logits[0], step_logits, atol=1e-5, rtol=0)
+    # the decoder runs fused, transposed weights (prepare_params): float32 summation order differs
+    np.testing.assert_allclose(out.logits[0], step_logits, atol=3e-4, rtol=0)
     assert out.tokens[0] == np.argmax(np.asarray(step_logits), -1).tolist()
 
 

@@ -1,9 +1,6 @@
 """Hardening: configs from files, mesh / batch checks, G_LM arguments, non-finite steps, checkpoint
-directory preflight, corrupted checkpoints (detection, fallback to the previous good one).
-
-Tests marked ``xfail(strict=True)`` describe behaviour that `pldr_jax.train.faults` provides but the
-loop / step do not use yet (see the wiring patch in the hardening report); they turn into passes
-(and the strict xfail into a failure to remove the marker) once it is wired in.
+directory preflight, corrupted checkpoints (detection, fallback to the previous good one), and
+the training loop using all of them.
 """
 
 from __future__ import annotations
@@ -29,6 +26,9 @@ from pldr_jax.train.faults import (CheckpointDirError, FaultPolicy, NonFiniteErr
 
 TINY = PLDRConfig.preset("tiny")
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+# reading a deliberately truncated checkpoint leaves orbax read coroutines that report on teardown
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 
 # =========================================================================== configs from files
@@ -319,9 +319,7 @@ def test_flipped_bytes_detected_only_with_a_digest(tmp_path):
     assert verify_checkpoint(tmp_path / "ck", 2) == []  # orbax itself does not notice
 
 
-# =========================================================================== loop integration (not wired yet)
-@pytest.mark.xfail(strict=True, reason="train(resume=True) restores mngr.latest_step() without verifying it; "
-                                       "needs faults.latest_good_checkpoint in loop.train (wiring patch)")
+# =========================================================================== loop integration
 def test_loop_resume_skips_a_corrupted_latest_checkpoint(small_runs):
     from pldr_jax.train.loop import train
     wd = _fresh_copy(small_runs, "loop_fallback")
@@ -331,8 +329,6 @@ def test_loop_resume_skips_a_corrupted_latest_checkpoint(small_runs):
     assert r.start_step == 2 and r.losses == small_runs["straight"].losses[2:]
 
 
-@pytest.mark.xfail(strict=True, reason="the train step applies non-finite updates; needs "
-                                       "faults.apply_gradients_guarded in step.py + NonFiniteMonitor in loop.py")
 def test_loop_skips_nonfinite_steps(small_runs):
     from pldr_jax.train.loop import train
     root = small_runs["root"] / "nonfinite"
@@ -343,8 +339,6 @@ def test_loop_skips_nonfinite_steps(small_runs):
     assert sum(m.get("nonfinite", 0.0) for m in r.step_metrics) >= 1
 
 
-@pytest.mark.xfail(strict=True, reason="loop.train does not preflight the checkpoint directory (an OSError "
-                                       "from mkdir, not a clear CheckpointDirError); needs preflight_checkpoint_dir")
 def test_loop_reports_unusable_checkpoint_dir_before_training(small_runs):
     from pldr_jax.train.loop import train
     f = small_runs["root"] / "a_file"

@@ -329,3 +329,31 @@ def test_predefined_g_training():
 def test_train_config_validation(kw):
     with pytest.raises(ValueError):
         TrainConfig(**kw)
+
+
+def test_cli_resolves_presets_recipes_and_overrides(capsys):
+    import json
+    from pldr_jax.cli import main
+    from pldr_jax.train.cli import MAIN_JOB_MODEL, MAIN_JOB_RECIPE
+    assert main(["train", "--preset", "v51-110m", "--set", "num_layers=2", "--mesh=-1,4,1", "--dag", "0.1,0,0",
+                 "--workdir", "x", "--print-config"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    m, t = out["model"], out["train"]
+    assert out["recipe"] == "paper" and m["num_layers"] == 2 and m["d_model"] == 896
+    assert (t["learning_rate"], t["warmup_steps"], t["total_steps"], t["alpha"], t["weight_decay"], t["clip_value"],
+            t["batch_size"], t["seq_len"]) == (1e-3, 2000, 250_000, 0.1, 0.1, 1.0, 32, 1024)
+    assert t["mesh"] == [-1, 4, 1] and t["dag_coeffs"] == [0.1, 0.0, 0.0]
+    assert main(["train", "--preset", "v51-dag-110m", "--print-config"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["recipe"] == "paper-dag" and out["train"]["dag_coeffs"] == [0.05, 0.05, 0.05]
+    assert main(["train", "--preset", "tiny", "--no-clip-value", "--clip-norm", "1", "--steps", "20",
+                 "--dtype", "bfloat16", "--print-config"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["train"]["clip_value"] is None and out["train"]["clip_norm"] == 1.0 and out["model"]["dtype"] == "bfloat16"
+    assert out["train"]["warmup_steps"] <= 20
+    assert main(["train", "--main-job", "--print-config"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {k: out["model"][k] for k in MAIN_JOB_MODEL} == MAIN_JOB_MODEL
+    assert out["train"]["steps"] == MAIN_JOB_RECIPE["steps"] and out["train"]["overwrite"]
+    assert main(["train", "--preset", "tiny", "--set", "nonsense", "--print-config"]) == 2
+    assert main(["train", "--preset", "tiny", "--set", "num_heads=3", "--print-config"]) == 2

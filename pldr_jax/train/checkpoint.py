@@ -202,7 +202,7 @@ def load_params(directory: str | os.PathLike, step: int | None = None, mesh=None
     with CheckpointManager(directory, async_save=False, max_to_keep=None) as m:
         conf = m.restore_config(step)
         cfg = PLDRConfig.from_dict(conf["model"])
-        if "train" not in conf:
+        if not conf.get("train"):
             raw = m.restore_raw_state(step)
             return cfg, jax.tree_util.tree_map(jax.numpy.asarray, raw["params"]), conf
         tx, _ = TrainConfig.from_dict(conf["train"]).optimizer()

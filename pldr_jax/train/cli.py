@@ -5,7 +5,7 @@ Examples::
     pldr-jax train --main-job                                  # small model, embedded corpus, CPU, minutes
     pldr-jax train --preset small --steps 2000 --workdir runs/small
     pldr-jax train --preset v51-110m --data jsonl:data.jsonl:text --tokenizer paper.model \\
-        --mesh -1,8,1 --batch-size 32 --seq-len 1024          # the paper's recipe (AdamW, warm-up 2000, ...)
+        --mesh=-1,8,1 --batch-size 32 --seq-len 1024         # the paper's recipe (AdamW, warm-up 2000, ...)
     pldr-jax train --preset v51g-106m --g-source external:G.npz   # v510G ablation with a given G_LM
     pldr-jax train --preset small --set num_layers=2 --set A_dff=32 --dtype bfloat16 --resume
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -53,7 +52,7 @@ MAIN_JOB_MODEL = dict(num_layers=4, d_model=192, num_heads=6, dff=512, vocab_siz
                       A_dff=48, num_reslayerA=1, num_denseA=2)
 MAIN_JOB_RECIPE = dict(steps=300, learning_rate=2e-3, warmup_steps=30, alpha=0.1, weight_decay=0.1,
                        clip_value=1.0, batch_size=16, seq_len=128, vocab_size=2000, validation_fraction=0.05,
-                       log_every=10, eval_every=100, eval_batches=8, save_every=100, keep_checkpoints=2,
+                       log_every=10, eval_every=50, eval_batches=8, save_every=100, keep_checkpoints=2,
                        data="builtin")
 MAIN_JOB_PROMPTS = ("The for statement", "A module is", "Return the", "The default value of")
 
@@ -109,7 +108,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     d.add_argument("--validation-fraction", type=float, default=None)
     d.add_argument("--data-seed", type=int, default=None)
     r = p.add_argument_group("mesh, logging, checkpoints")
-    r.add_argument("--mesh", default=None, metavar="DATA,FSDP,TENSOR", help="mesh axis sizes, one may be -1")
+    r.add_argument("--mesh", default=None, metavar="DATA,FSDP,TENSOR",
+                   help="mesh axis sizes, one may be -1 (write --mesh=-1,8,1)")
     r.add_argument("--log-every", type=int, default=None)
     r.add_argument("--eval-every", type=int, default=None, help="0: validate only at the end")
     r.add_argument("--eval-batches", type=int, default=None)
@@ -120,6 +120,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     r.add_argument("--overwrite", action="store_true", help="delete a previous run's outputs in --workdir")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.add_argument("--no-plot", action="store_true", help="no loss-curve PNG at the end")
+    r.add_argument("--nonfinite", choices=("skip", "stop", "off"), default=None,
+                   help="a step with a non-finite loss/gradient: skip it (default), stop after saving the "
+                        "last good state, or off (no check, as the reference)")
+    r.add_argument("--max-skipped", type=int, default=None, help="with --nonfinite skip: stop after this many")
     r.add_argument("--print-config", action="store_true", help="print the resolved configs as JSON and exit")
     g = p.add_argument_group("main job")
     g.add_argument("--prompt", action="append", default=None, help="prompt(s) for the main job's samples")
@@ -165,7 +169,7 @@ def model_config(args, base: dict | None = None):
 _FLAG_FIELDS = ("workdir", "steps", "batch_size", "seq_len", "learning_rate", "warmup_steps", "total_steps", "alpha",
                 "weight_decay", "clip_norm", "grad_accum", "remat", "pad_aware_A", "g_source", "seed", "data",
                 "tokenizer", "vocab_size", "data_mode", "validation_fraction", "data_seed", "log_every",
-                "eval_every", "eval_batches", "save_every", "keep_checkpoints")
+                "eval_every", "eval_batches", "save_every", "keep_checkpoints", "nonfinite", "max_skipped")
 
 
 def train_config(args, recipe: dict, cfg):

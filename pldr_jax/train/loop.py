@@ -26,14 +26,15 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ..config import PLDRConfig
 from .checkpoint import CheckpointManager
+from .faults import (FaultPolicy, NonFiniteMonitor, estimate_checkpoint_bytes, latest_good_checkpoint,
+                     preflight_checkpoint_dir)
 from .optimizer import lr_schedule, make_optimizer
 from .sharding import (abstract_train_state, check_batch_size, init_train_state, make_mesh, replicated,
                        shard_batch)
@@ -65,6 +66,9 @@ class TrainConfig:
     Logging / eval / checkpoints: log_every, eval_every (0 = only at the end), eval_batches
       (per evaluation, None = the whole validation split), save_every (0 = only at the end),
       keep_checkpoints, async_checkpoint, progress (tqdm bar), plot, tensorboard (if installed).
+    Faults: nonfinite ("skip": a step with a non-finite loss / gradient is not applied, counted and
+      logged; "stop": save the last good state and raise `NonFiniteError`; "off": the reference,
+      no check), max_skipped (with "skip": stop once more than this many steps were skipped).
     """
     workdir: str = "runs/pldr"
     steps: int = 1000
@@ -102,6 +106,8 @@ class TrainConfig:
     progress: bool = True
     plot: bool = True
     tensorboard: bool = True
+    nonfinite: str = "skip"
+    max_skipped: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "dag_coeffs", tuple(float(c) for c in self.dag_coeffs))
@@ -128,6 +134,7 @@ class TrainConfig:
         if self.eval_batches is not None and self.eval_batches < 1:
             raise ValueError(f"TrainConfig.eval_batches must be >= 1 or None, got {self.eval_batches!r}")
         StepOptions(dag_coeffs=self.dag_coeffs, grad_accum=self.grad_accum)  # validates
+        self.fault_policy()  # validates nonfinite / max_skipped
 
     @property
     def schedule_steps(self) -> int:
@@ -155,7 +162,10 @@ class TrainConfig:
 
     def step_options(self) -> StepOptions:
         return StepOptions(dag_coeffs=self.dag_coeffs, grad_accum=self.grad_accum, pad_aware_A=self.pad_aware_A,
-                           remat=self.remat)
+                           remat=self.remat, nonfinite_guard=self.fault_policy().guard)
+
+    def fault_policy(self) -> FaultPolicy:
+        return FaultPolicy(nonfinite=self.nonfinite, max_skipped=self.max_skipped)
 
 
 @dataclasses.dataclass
@@ -179,6 +189,7 @@ class TrainResult:
     end_step: int
     g_lm: Any = None
     tokenizer: Any = None
+    first_step_s: float | None = None
 
     @property
     def losses(self) -> list[float]:
@@ -264,7 +275,13 @@ def make_g_lm(cfg: PLDRConfig, tcfg: TrainConfig):
 class _Logger:
     def __init__(self, path: Path | None, tensorboard_dir: Path | None):
         self.path = path
-        self._f = open(path, "a") if path is not None else None
+        self._f = None
+        if path is not None:
+            # a run killed mid-write leaves a partial last line: start on a fresh line after it
+            torn = path.exists() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
+            self._f = open(path, "a")
+            if torn:
+                self._f.write("\n")
         self._tb = None
         if tensorboard_dir is not None:
             try:
@@ -299,7 +316,12 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     p = Path(path)
     if not p.exists():
         return []
-    recs = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    recs = []
+    for line in p.read_text().splitlines():
+        try:
+            recs.append(json.loads(line))
+        except json.JSONDecodeError:  # blank, or torn by a kill mid-write
+            continue
     seen: dict = {}
     for r in recs:
         seen[(r.get("kind", "train"), r["step"])] = r
@@ -359,10 +381,13 @@ def _is_main() -> bool:
     return jax.process_index() == 0
 
 
-def _clear_run(workdir: Path) -> None:
+def _clear_run(workdir: Path, keep: Sequence[str | None] = ()) -> None:
+    keep_paths = {Path(k).absolute() for k in keep if k}
     for name in ("checkpoints", "metrics.jsonl", "loss_curve.png", "tensorboard", "tokenizer.model",
                  "tokenizer.vocab", "g_lm.npy", "run_config.json"):
         p = workdir / name
+        if p.absolute() in keep_paths:
+            continue
         if p.is_dir():
             shutil.rmtree(p)
         elif p.exists():
@@ -410,12 +435,21 @@ def train(model_cfg: PLDRConfig, tcfg: TrainConfig, *, train_data: Iterable | No
     workdir = Path(tcfg.workdir).absolute()
     if tcfg.overwrite and tcfg.resume:
         raise ValueError("overwrite and resume are mutually exclusive")
+    # ---- everything that can be checked before any work: mesh, batch, checkpoint directory
+    mesh = make_mesh(*tcfg.mesh, devices=devices)
+    check_batch_size(tcfg.batch_size, mesh, tcfg.grad_accum)
+    tx, schedule, train_step, eval_step = _compiled_steps(model_cfg, tcfg, mesh, compiler_options)
+    abstract = abstract_train_state(model_cfg, tx, mesh)
+    ckpt_dir = workdir / "checkpoints"
     if _is_main():
         if tcfg.overwrite:
-            _clear_run(workdir)
+            _clear_run(workdir, keep=[tcfg.tokenizer])
+        preflight_checkpoint_dir(ckpt_dir, estimate_checkpoint_bytes(abstract))
         workdir.mkdir(parents=True, exist_ok=True)
     _barrier("pldr_workdir")
-    ckpt_dir = workdir / "checkpoints"
+    if tcfg.resume and _is_main():  # a truncated / corrupted newest checkpoint is moved aside
+        latest_good_checkpoint(ckpt_dir, log=lambda m: log("warning: " + m))
+    _barrier("pldr_verify")
     mngr = CheckpointManager(ckpt_dir, max_to_keep=tcfg.keep_checkpoints or None, async_save=tcfg.async_checkpoint)
     latest = mngr.latest_step()
     if latest is not None and not tcfg.resume:
@@ -446,10 +480,7 @@ def train(model_cfg: PLDRConfig, tcfg: TrainConfig, *, train_data: Iterable | No
             shutil.copyfile(tok_path, own)
         tok_path = str(own)
 
-    # ---- model, mesh, optimiser
-    mesh = make_mesh(*tcfg.mesh, devices=devices)
-    check_batch_size(tcfg.batch_size, mesh, tcfg.grad_accum)
-    tx, schedule, train_step, eval_step = _compiled_steps(model_cfg, tcfg, mesh, compiler_options)
+    # ---- G_LM of a predefined-G model
     g_lm = make_g_lm(model_cfg, tcfg)
     g_path = None
     if g_lm is not None and _is_main():
@@ -465,8 +496,9 @@ def train(model_cfg: PLDRConfig, tcfg: TrainConfig, *, train_data: Iterable | No
 
     batches, checkpointable_data = _batches(train_data, 0)
     if tcfg.resume and latest is not None:
-        abstract = abstract_train_state(model_cfg, tx, mesh)
         state, _ = mngr.restore(abstract, latest, data_iterator=batches if checkpointable_data else None)
+        if not checkpointable_data:
+            log("warning: the training data has no get_state()/set_state(); it restarts from its beginning")
         log(f"resumed from {ckpt_dir / str(latest)} (step {int(state.step)})")
     else:
         state = init_train_state(model_cfg, tx, mesh, tcfg.seed, compiler_options=compiler_options)
@@ -485,6 +517,9 @@ def train(model_cfg: PLDRConfig, tcfg: TrainConfig, *, train_data: Iterable | No
     evals: list[dict] = []
     pending: list[tuple[int, Any]] = []
     warned: list[int] = []
+    first_step_s = None
+    monitor = NonFiniteMonitor(tcfg.fault_policy(), log=log)
+    per_step_check = tcfg.fault_policy().per_step_check
     t_int = time.perf_counter()
     int_start = start_step
 
@@ -493,23 +528,25 @@ def train(model_cfg: PLDRConfig, tcfg: TrainConfig, *, train_data: Iterable | No
         if not pending:
             return None
         got = jax.device_get([m for _, m in pending])
-        rows = []
-        for (s, _), m in zip(pending, got):
-            row = {"step": s, **{k: float(v) for k, v in m.items()}}
-            rows.append(row)
+        rows = [{"step": s_, **{k: float(v) for k, v in m.items()}} for (s_, _), m in zip(pending, got)]
         step_metrics.extend(rows)
+        if not per_step_check:
+            for r in rows:
+                monitor.observe(r["step"], r.get("nonfinite", 0.0) == 0.0)
         dt = time.perf_counter() - t_int
         n = step_now - int_start
         rec = {"kind": "train", "step": step_now}
         for k in rows[-1]:
             if k != "step":
                 rec[k] = float(np.mean([r[k] for r in rows])) if k not in ("lr",) else rows[-1][k]
-        rec["tokens_per_s"] = n * tokens_per_step / dt if dt > 0 else float("nan")
-        rec["real_tokens_per_s"] = sum(r["tokens"] for r in rows) / dt if dt > 0 else float("nan")
-        rec["step_s"] = dt / max(n, 1)
+        ok = n > 0 and dt > 0  # n == 0: only the compiling first step since the last record
+        rec["tokens_per_s"] = n * tokens_per_step / dt if ok else float("nan")
+        rec["real_tokens_per_s"] = sum(r["tokens"] for r in rows[-n:]) / dt if ok else float("nan")
+        rec["step_s"] = dt / n if ok else float("nan")
         rec["elapsed_s"] = time.perf_counter() - t_start
         logger.write(rec)
-        if not math.isfinite(rec["loss"]) and not warned:
+        rec["skipped_steps_total"] = monitor.skipped
+        if not math.isfinite(rec["loss"]) and not warned and tcfg.nonfinite == "off":
             warned.append(step_now)
             log(f"warning: non-finite loss at step {step_now} (e.g. a DAG term overflowing float32 at this "
                 "initialisation -- see the reference README, oddity 5)")
@@ -549,8 +586,18 @@ def train(model_cfg: PLDRConfig, tcfg: TrainConfig, *, train_data: Iterable | No
             state, metrics = train_step(state, shard_batch(batch, mesh), g_dev)
             step += 1
             pending.append((step, metrics))
+            if step == start_step + 1:  # keep compilation out of the tokens/s figures
+                jax.block_until_ready(metrics)
+                first_step_s = time.perf_counter() - t_int
+                logger.write({"kind": "info", "step": step, "compile_and_first_step_s": first_step_s})
+                t_int, int_start = time.perf_counter(), step
             if bar is not None:
                 bar.update(1)
+            if per_step_check and monitor.observe(step, float(metrics["nonfinite"]) == 0.0):
+                flush(step)
+                save(step, force=True)  # the bad update was not applied: this is the last good state
+                mngr.wait_until_finished()
+                monitor.raise_stop(ckpt_dir / str(step))
             last = step == tcfg.steps
             if step % tcfg.log_every == 0 or last:
                 flush(step)
@@ -584,4 +631,4 @@ def train(model_cfg: PLDRConfig, tcfg: TrainConfig, *, train_data: Iterable | No
              "g_lm": str(g_path) if g_path else None}
     return TrainResult(state=state, model_cfg=model_cfg, step_metrics=step_metrics, evals=evals, paths=paths,
                        wall_s=time.perf_counter() - t_start, start_step=start_step, end_step=step, g_lm=g_lm,
-                       tokenizer=tokenizer)
+                       tokenizer=tokenizer, first_step_s=first_step_s)

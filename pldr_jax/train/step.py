@@ -28,6 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ..config import PLDRConfig
 from ..losses import dag_loss
 from ..model import forward
+from .faults import apply_gradients_guarded
 from .sharding import batch_sharding, replicated, state_shardings
 from .state import TrainState
 
@@ -44,11 +45,14 @@ class StepOptions:
     grad_accum: micro-batches per optimiser update.
     pad_aware_A: mask padding out of the metric tensor A (False = the reference).
     remat: rematerialise each decoder layer in the backward pass (less memory, ~30% more compute).
+    nonfinite_guard: do not apply an update whose loss, gradients or new params are not finite
+      (params and optimiser state keep their values; metrics["nonfinite"] = 1). See `faults`.
     """
     dag_coeffs: tuple[float, float, float] = (0.0, 0.0, 0.0)
     grad_accum: int = 1
     pad_aware_A: bool = False
     remat: bool = False
+    nonfinite_guard: bool = True
 
     def __post_init__(self):
         c = tuple(float(x) for x in self.dag_coeffs)
@@ -101,7 +105,8 @@ def make_train_step(cfg: PLDRConfig, tx: optax.GradientTransformation, schedule:
     learned G; an "identity" config defaults to the identity).  It is a constant, not trained.
     metrics (float32 scalars): loss (masked CE), accuracy, total_loss (CE + DAG terms), tokens
     (real targets), lr (the learning rate this update used), grad_norm (global norm before
-    clipping) and, with DAG, dag_A / dag_P / dag_G.
+    clipping), nonfinite (1.0 when the update was skipped as non-finite, see
+    `StepOptions.nonfinite_guard`) and, with DAG, dag_A / dag_P / dag_G.
     With `mesh`, the step is jitted with in/out shardings (state by the rules, batch over
     ("data", "fsdp")).  donate: donate the input state's buffers (the caller must not reuse it).
     compiler_options: XLA options for `jax.jit` (e.g. {"xla_backend_optimization_level": 0} to
@@ -147,7 +152,6 @@ def make_train_step(cfg: PLDRConfig, tx: optax.GradientTransformation, schedule:
 
         lr = schedule(state.step) if schedule is not None else jnp.float32(jnp.nan)
         grad_norm = optax.tree.norm(grads)
-        new_state = state.apply_gradients(grads, tx)
         loss = terms["ce_sum"] / n_total
         metrics = {"loss": loss, "accuracy": terms["correct"] / n_total, "tokens": terms["count"],
                    "lr": jnp.asarray(lr, jnp.float32), "grad_norm": grad_norm}
@@ -157,6 +161,8 @@ def make_train_step(cfg: PLDRConfig, tx: optax.GradientTransformation, schedule:
                 metrics[n] = terms[n]
                 total = total + c * terms[n]
         metrics["total_loss"] = total
+        new_state, ok = apply_gradients_guarded(state, grads, tx, total, guard=opts.nonfinite_guard)
+        metrics["nonfinite"] = 1.0 - ok.astype(jnp.float32)
         return new_state, metrics
 
     donate_argnums = (0,) if donate else ()
