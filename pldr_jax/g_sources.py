@@ -129,7 +129,7 @@ def external_g(path: str | os.PathLike, cfg: PLDRConfig | None = None) -> jax.Ar
     ``[H, dk, dk]``, e.g. ``../shared/reference/predefined_G_LM_*.npz``), or an ``.npy`` /
     single-array ``.npz`` holding ``[num_layers, H, dk, dk]``.
 
-    Uses ``pldr_jax.io.load_g_lm_list`` when available.  With ``cfg`` the number of layers, heads
+    The layer-list format is read by ``pldr_jax.io.load_g_lm_list``.  With ``cfg`` the number of layers, heads
     and dk are validated (ValueError naming the mismatch).  Returns float32 ``[layers, H, dk, dk]``.
     """
     p = Path(path)
@@ -143,35 +143,9 @@ def external_g(path: str | os.PathLike, cfg: PLDRConfig | None = None) -> jax.Ar
         if len(keys) == 1 and not re.fullmatch(r"layer\d+_G_LM", keys[0]):
             g = z[keys[0]]
             return _check_g(cfg, g, str(p)) if cfg is not None else jnp.asarray(g, jnp.float32)
-    try:
-        from .io import load_g_lm_list
-    except ImportError:
-        load_g_lm_list = None
-    if load_g_lm_list is not None:
-        g = load_g_lm_list(p, cfg=cfg)
-    else:  # pragma: no cover - used only while pldr_jax.io is absent
-        g = _read_g_npz(p)
+    from .io import load_g_lm_list
+    g = load_g_lm_list(p, cfg=cfg)
     return _check_g(cfg, g, str(p)) if cfg is not None else jnp.asarray(g, jnp.float32)
-
-
-def _read_g_npz(p: Path) -> np.ndarray:
-    with np.load(p, allow_pickle=False) as z:
-        idx = sorted(int(m.group(1)) for k in z.keys() if (m := re.fullmatch(r"layer(\d+)_G_LM", k)))
-        if not idx:
-            raise ValueError(f"{p}: no 'layer{{i}}_G_LM' arrays (keys: {sorted(z.keys())[:10]})")
-        if idx != list(range(len(idx))):
-            raise ValueError(f"{p}: G_LM layers are not numbered 0..n-1: {idx}")
-        gs = []
-        for i in idx:
-            g = np.asarray(z[f"layer{i}_G_LM"])
-            if g.ndim == 4 and g.shape[0] == 1:
-                g = g[0]
-            if g.ndim != 3 or g.shape[-1] != g.shape[-2]:
-                raise ValueError(f"{p}: layer{i}_G_LM has shape {g.shape}; expected [1, H, dk, dk] or [H, dk, dk]")
-            gs.append(g)
-    if len({g.shape for g in gs}) != 1:
-        raise ValueError(f"{p}: layers have different G_LM shapes")
-    return np.stack(gs).astype(np.float32)
 
 
 def default_g(cfg: PLDRConfig, key: jax.Array | None = None, path: str | os.PathLike | None = None):

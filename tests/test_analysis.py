@@ -14,29 +14,11 @@ from pldr_jax import PLDRConfig, abstract_params, forward
 from pldr_jax.analysis import invariance as inv
 from pldr_jax.analysis import report
 from pldr_jax.losses import dag_loss
+from .helpers import fast_params
 
 TINY = PLDRConfig.preset("tiny")
 TINY_G = PLDRConfig.preset("tiny-g")
 T_STEPS = 4
-
-
-def fast_params(cfg, seed=0):
-    """Random parameters with the model's structure (numpy; much faster than compiling init_params)."""
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, s):
-        name = jax.tree_util.keystr(path)
-        if "scale" in name:
-            return jnp.ones(s.shape, jnp.float32)
-        if "embedding" in name:
-            return jnp.asarray(rng.standard_normal(s.shape), jnp.float32)
-        if "bias" in name or name.endswith("['b']") or name.endswith("['ba']"):
-            return jnp.asarray(0.02 * rng.standard_normal(s.shape), jnp.float32)
-        if "plga" in name:
-            return jnp.asarray(0.15 * rng.standard_normal(s.shape), jnp.float32)
-        return jnp.asarray(rng.standard_normal(s.shape) / np.sqrt(s.shape[-2]), jnp.float32)
-
-    return jax.tree_util.tree_map_with_path(leaf, abstract_params(cfg))
 
 
 @pytest.fixture(scope="module")

@@ -17,28 +17,10 @@ from pldr_jax.eval import harness
 from pldr_jax.eval import multiple_choice as mc
 
 from .conftest import ref_path
+from .helpers import fast_params
 
 CFG = PLDRConfig.preset("tiny", vocab_size=32000)          # the paper tokenizer's vocabulary
 CFG_G = PLDRConfig.preset("tiny-g", vocab_size=32000)      # identity G (an SDPA model)
-
-
-def fast_params(cfg, seed=0):
-    """Random parameters with the model's structure (numpy; much faster than compiling init_params)."""
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, s):
-        name = jax.tree_util.keystr(path)
-        if "scale" in name:
-            return jnp.ones(s.shape, jnp.float32)
-        if "embedding" in name:
-            return jnp.asarray(rng.standard_normal(s.shape), jnp.float32)
-        if "bias" in name or name.endswith("['b']") or name.endswith("['ba']"):
-            return jnp.asarray(0.02 * rng.standard_normal(s.shape), jnp.float32)
-        if "plga" in name:
-            return jnp.asarray(0.15 * rng.standard_normal(s.shape), jnp.float32)
-        return jnp.asarray(rng.standard_normal(s.shape) / np.sqrt(s.shape[-2]), jnp.float32)
-
-    return jax.tree_util.tree_map_with_path(leaf, abstract_params(cfg))
 
 
 @pytest.fixture(scope="module")

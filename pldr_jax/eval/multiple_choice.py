@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from pathlib import Path
 from typing import Callable, Sequence
@@ -38,6 +37,7 @@ import numpy as np
 
 from ..config import PLDRConfig
 from ..model import forward
+from .jsonl import iter_jsonl
 
 __all__ = ["MODES", "loglikelihood_tokens", "score_units", "bucket_length", "encode_pair", "make_encoder",
            "load_jsonl", "mc_requests", "MCResult", "score_multiple_choice"]
@@ -201,16 +201,8 @@ def load_jsonl(path: str | os.PathLike) -> list[dict]:
     ValueError names the line of the first malformed item.
     """
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"multiple-choice file not found: {p}")
     items = []
-    for ln, line in enumerate(p.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            d = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{p}:{ln}: not valid JSON ({e})") from None
+    for ln, d in iter_jsonl(p, "multiple-choice file"):
         try:
             _validate_item(d)
         except ValueError as e:

@@ -19,7 +19,6 @@ Windows are batched with fixed, bucketed shapes (jitted, few compilations).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from pathlib import Path
@@ -29,6 +28,7 @@ import numpy as np
 
 from ..config import PLDRConfig
 from .multiple_choice import EOS_ID, _Unit, _units_for, make_encoder, score_units
+from .jsonl import iter_jsonl
 
 __all__ = ["rolling_windows", "doc_loglikelihoods", "PerplexityResult", "perplexity_of_tokens", "perplexity_of_texts",
            "read_documents", "perplexity_of_file", "perplexity_of_dataset"]
@@ -130,13 +130,7 @@ def read_documents(path: str | os.PathLike, split: str = "blank", text_field: st
         raise FileNotFoundError(f"data file not found: {p}")
     if p.suffix == ".jsonl":
         docs = []
-        for ln, line in enumerate(p.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{p}:{ln}: not valid JSON ({e})") from None
+        for ln, d in iter_jsonl(p):
             if isinstance(d, dict) and "input_ids" in d:
                 docs.append([int(t) for t in d["input_ids"]])
             elif isinstance(d, dict) and isinstance(d.get(text_field), str):
