@@ -345,3 +345,16 @@ def test_loop_reports_unusable_checkpoint_dir_before_training(small_runs):
     f.write_text("x")
     with pytest.raises(CheckpointDirError):
         train(small_runs["cfg"], small_runs["tc"].replace(workdir=str(f / "run")), **small_runs["kw"])
+
+
+def test_loop_stop_policy_saves_last_good_state_then_raises(small_runs):
+    from pldr_jax.train.checkpoint import load_params
+    from pldr_jax.train.loop import train
+    root = small_runs["root"] / "nonfinite_stop"
+    with pytest.raises(NonFiniteError, match="non-finite loss or gradients at step") as e:
+        train(small_runs["cfg"], small_runs["tc"].replace(workdir=str(root), learning_rate=1e30, steps=3,
+                                                          warmup_steps=0, clip_value=None, nonfinite="stop"),
+              **small_runs["kw"])
+    assert "saved as checkpoint" in str(e.value)
+    cfg, params, _ = load_params(root / "checkpoints")
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(params))
