@@ -279,3 +279,19 @@ def test_neox_rope_equals_interleaved_on_permuted_weights():
     # and the pairing matters: the same weights under the other pairing give other logits
     c = pldr_jax.forward(neox_cfg, params, tokens)
     assert np.abs(np.asarray(a.logits - c.logits)).max() > 5e-2
+
+
+@pytest.mark.parametrize("rows", [32, 20])            # 20: not a multiple of 16 (the plain-transpose path)
+def test_matmul_lowp_forward_and_custom_vjp_match_float32(rows):
+    from pldr_jax.ops.layers import matmul_lowp
+    kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (2, rows, 48)).astype(jnp.bfloat16)
+    w = (jax.random.normal(kw, (48, 40)) * 0.2).astype(jnp.bfloat16)
+    g = jax.random.normal(kg, (2, rows, 40)).astype(jnp.bfloat16)
+    y, vjp = jax.vjp(matmul_lowp, x, w)
+    dx, dw = vjp(g)
+    assert y.dtype == dx.dtype == dw.dtype == jnp.bfloat16 and dw.shape == w.shape
+    f32 = lambda a: np.asarray(a, np.float32)
+    np.testing.assert_allclose(f32(y), f32(x) @ f32(w), rtol=1e-2, atol=1e-2)
+    np.testing.assert_allclose(f32(dx), f32(g) @ f32(w).T, rtol=1e-2, atol=2e-2)
+    np.testing.assert_allclose(f32(dw), np.einsum("blk,bln->kn", f32(x), f32(g)), rtol=1e-2, atol=5e-2)

@@ -25,7 +25,10 @@ def metric_learner(p_norm: dict, p_res: dict, A: jax.Array, eps: float) -> jax.A
 
     p_res leaves carry leading [R, N] (GLUs) or [R] (norms) axes.  Float32 throughout.
     """
-    A = layer_norm(p_norm, A.astype(jnp.float32), eps)
+    shape = A.shape
+    # every op acts on the last axis: run on [rows, dk] (2-D matmuls; their backward is ~20% faster
+    # on XLA:CPU than with the [B, H] batch axes kept)
+    A = layer_norm(p_norm, A.astype(jnp.float32).reshape(-1, shape[-1]), eps)
     R = p_res["norm"]["scale"].shape[0]
     N = p_res["w1"]["kernel"].shape[1]
     f32 = lambda t: jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), t)
@@ -34,4 +37,4 @@ def metric_learner(p_norm: dict, p_res: dict, A: jax.Array, eps: float) -> jax.A
         for j in range(N):
             y = glu(f32(jax.tree_util.tree_map(lambda a: a[r, j], {k: p_res[k] for k in ("w1", "w2", "w3")})), y)
         A = layer_norm(jax.tree_util.tree_map(lambda a: a[r], p_res["norm"]), A + y, eps)
-    return A
+    return A.reshape(shape)

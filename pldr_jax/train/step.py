@@ -161,7 +161,8 @@ def make_train_step(cfg: PLDRConfig, tx: optax.GradientTransformation, schedule:
                 metrics[n] = terms[n]
                 total = total + c * terms[n]
         metrics["total_loss"] = total
-        new_state, ok = apply_gradients_guarded(state, grads, tx, total, guard=opts.nonfinite_guard)
+        new_state, ok = apply_gradients_guarded(state, grads, tx, total, guard=opts.nonfinite_guard,
+                                                grad_norm=grad_norm)
         metrics["nonfinite"] = 1.0 - ok.astype(jnp.float32)
         return new_state, metrics
 
