@@ -18,7 +18,7 @@ from .losses import dag_loss, dag_total, masked_loss
 from .model import ForwardOutput, forward
 from .params import (abstract_params, count_params, init_params, logical_axes, stack_layers,
                      unstack_layers)
-from .train import make_optimizer
+from .train import TrainConfig, TrainResult, lr_schedule, make_optimizer  # the loop: pldr_jax.train.train
 
 __all__ = [
     "PLDRConfig", "PRESETS",
@@ -29,5 +29,5 @@ __all__ = [
     "generate", "GenerateOutput", "init_cache", "stream_generate", "generate_text",
     "identity_g", "random_normal_g", "random_uniform_g", "transferred_g", "external_g", "make_g",
     "sweep_forward", "drop_deep_net",
-    "make_optimizer",
+    "make_optimizer", "lr_schedule", "TrainConfig", "TrainResult",
 ]
