@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pldr_jax import PLDRConfig, abstract_params, forward
+from pldr_jax import PLDRConfig, forward
 from pldr_jax.analysis import invariance as inv
 from pldr_jax.analysis import report
 from pldr_jax.losses import dag_loss

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pldr_jax import PLDRConfig, abstract_params, forward
+from pldr_jax import PLDRConfig, forward
 import pldr_jax.eval.perplexity as ppl
 from pldr_jax.eval import harness
 from pldr_jax.eval import multiple_choice as mc

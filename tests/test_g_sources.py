@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pldr_jax import PLDRConfig, abstract_params, count_params, forward, masked_loss
+from pldr_jax import PLDRConfig, count_params, forward, masked_loss
 from pldr_jax import g_sources as gs
 from .helpers import fast_params
 

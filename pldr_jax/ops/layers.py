@@ -30,7 +30,6 @@ def _matmul_lowp_fwd(x, w):
 
 def _matmul_lowp_bwd(res, g):
     x, w = res
-    g = g.astype(x.dtype)
     dx = jax.lax.dot_general(g, w, (((g.ndim - 1,), (1,)), ((), ())),
                              preferred_element_type=jnp.float32).astype(x.dtype)
     x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
@@ -50,16 +49,16 @@ def linear(p: dict, x: jax.Array) -> jax.Array:
     p may hold "kernel_t" [out, in] (the transposed kernel, as decode-prepared params do: XLA:CPU's
     matrix-vector product is faster contracting the weight's last axis) instead of "kernel".
     """
-    low = jnp.dtype(x.dtype).itemsize < 4
-    if "kernel_t" in p:
-        w, dims = p["kernel_t"].astype(x.dtype), (((x.ndim - 1,), (1,)), ((), ()))
-    elif low:
-        return matmul_lowp(x, p["kernel"].astype(x.dtype)) + p["bias"].astype(x.dtype)
-    else:
-        w, dims = p["kernel"].astype(x.dtype), (((x.ndim - 1,), (0,)), ((), ()))
     # 16-bit inputs accumulate in float32 (as TPU/GPU matmul units do); on XLA:CPU this also selects
     # the oneDNN bf16 kernels, ~2x faster than a bf16-output matmul and than float32 (see experiments/)
-    y = jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32 if low else None).astype(x.dtype)
+    low = jnp.dtype(x.dtype).itemsize < 4
+    if "kernel_t" in p:   # decode layout, never differentiated
+        y = jax.lax.dot_general(x, p["kernel_t"].astype(x.dtype), (((x.ndim - 1,), (1,)), ((), ())),
+                                preferred_element_type=jnp.float32 if low else None).astype(x.dtype)
+    elif low:
+        y = matmul_lowp(x, p["kernel"].astype(x.dtype))
+    else:
+        y = jnp.matmul(x, p["kernel"].astype(x.dtype))
     return y + p["bias"].astype(x.dtype)
 
 

@@ -9,8 +9,8 @@ Pure helpers that the loop / step wire in with a few lines (nothing here imports
   ``"stop"``: the update is not applied either, the (last good) state is saved as a checkpoint,
   then `NonFiniteError` is raised;  ``"off"``: no check (the reference's behaviour).
 * `apply_gradients_guarded` -- the jit-side half: one optimiser update, skipped (`lax.cond`) when
-  the loss or the gradients are not finite; returns ``(state, ok)``.  `NonFiniteMonitor` is the host-side half (counting,
-  logging, the stop decision).
+  the loss or the gradients are not finite; returns ``(state, ok)``.  `NonFiniteMonitor` is the
+  host-side half (counting, logging, the stop decision).
 * `preflight_checkpoint_dir` -- before training starts: the directory can be created, a probe
   file can be written + fsynced + deleted, and the disk has room for one more checkpoint
   (`estimate_checkpoint_bytes`); `CheckpointDirError` (a ValueError) otherwise.

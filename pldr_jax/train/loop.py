@@ -519,7 +519,7 @@ def train(model_cfg: PLDRConfig, tcfg: TrainConfig, *, train_data: Iterable | No
     warned: list[int] = []
     first_step_s = None
     monitor = NonFiniteMonitor(tcfg.fault_policy(), log=log)
-    per_step_check = tcfg.fault_policy().per_step_check
+    per_step_check = monitor.policy.per_step_check
     t_int = time.perf_counter()
     int_start = start_step
 
@@ -544,8 +544,8 @@ def train(model_cfg: PLDRConfig, tcfg: TrainConfig, *, train_data: Iterable | No
         rec["real_tokens_per_s"] = sum(r["tokens"] for r in rows[-n:]) / dt if ok else float("nan")
         rec["step_s"] = dt / n if ok else float("nan")
         rec["elapsed_s"] = time.perf_counter() - t_start
-        logger.write(rec)
         rec["skipped_steps_total"] = monitor.skipped
+        logger.write(rec)
         if not math.isfinite(rec["loss"]) and not warned and tcfg.nonfinite == "off":
             warned.append(step_now)
             log(f"warning: non-finite loss at step {step_now} (e.g. a DAG term overflowing float32 at this "

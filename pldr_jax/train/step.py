@@ -45,8 +45,8 @@ class StepOptions:
     grad_accum: micro-batches per optimiser update.
     pad_aware_A: mask padding out of the metric tensor A (False = the reference).
     remat: rematerialise each decoder layer in the backward pass (less memory, ~30% more compute).
-    nonfinite_guard: do not apply an update whose loss, gradients or new params are not finite
-      (params and optimiser state keep their values; metrics["nonfinite"] = 1). See `faults`.
+    nonfinite_guard: do not apply an update whose loss or gradients are not finite (params and
+      optimiser state keep their values; metrics["nonfinite"] = 1). See `faults`.
     """
     dag_coeffs: tuple[float, float, float] = (0.0, 0.0, 0.0)
     grad_accum: int = 1
