@@ -25,6 +25,8 @@ import subprocess
 import sys
 import time
 
+from pldr_jax.train.host_memory import huge_page_env, huge_pages_active
+
 REFERENCE = {"step_s": 4.311, "tokens_per_s": 237.5, "source": "../shared/reference/torch_cpu_baseline.json"}
 
 
@@ -74,16 +76,18 @@ def run_one(preset: str, dtype: str, batch: int, seq_len: int, steps: int, warmu
     state, m = step(state, batch_arrays)
     jax.block_until_ready(m)
     compile_s = time.perf_counter() - t0
+    gflops = matmul_gflops()      # before the warm-up steps: its buffers then settle in the heap
     for _ in range(warmup):
         state, m = step(state, batch_arrays)
         jax.block_until_ready(m)
-    gflops = matmul_gflops()
     times, losses = [], []
+    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(steps):
         t = time.perf_counter()
         state, m = step(state, batch_arrays)
         losses.append(float(m["loss"]))   # fetching the loss waits for the step
         times.append(time.perf_counter() - t)
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / steps
     step_s = statistics.median(times)
     flops = step_flops(cfg, batch, seq_len)
     return {"dtype": dtype, "batch": batch, "seq_len": seq_len, "step_s": round(step_s, 4),
@@ -93,7 +97,8 @@ def run_one(preset: str, dtype: str, batch: int, seq_len: int, steps: int, warmu
             "losses": [round(x, 5) for x in losses], "matmul_gflops": round(gflops, 1),
             "flops_per_step": flops, "efficiency": round(flops / step_s / 1e9 / gflops, 3),
             "speedup_vs_reference": round(REFERENCE["step_s"] / step_s, 2),
-            "params": pldr_jax.count_params(cfg), "remat": remat}
+            "params": pldr_jax.count_params(cfg), "remat": remat, "huge_page_malloc": huge_pages_active(),
+            "page_faults_per_step": round(faults)}
 
 
 def main(argv=None) -> int:
@@ -105,6 +110,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps after the compiling one")
     ap.add_argument("--remat", action="store_true")
+    ap.add_argument("--no-huge-pages", action="store_true",
+                    help="run the steps with glibc's default malloc (by default the step processes get "
+                         "glibc.malloc.hugetlb=1, as `pldr-jax` sets it; see pldr_jax/train/host_memory.py)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -119,7 +127,8 @@ def main(argv=None) -> int:
         cmd = [sys.executable, os.path.abspath(__file__), "--child", dtype, "--preset", args.preset,
                "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--steps", str(args.steps),
                "--warmup", str(args.warmup)] + (["--remat"] if args.remat else [])
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        env = dict(os.environ) if args.no_huge_pages else huge_page_env()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:
             sys.stderr.write(proc.stdout[-2000:] + proc.stderr[-4000:])

@@ -46,5 +46,14 @@ def main(argv: list[str] | None = None) -> int:
         return 3
 
 
+def console_main() -> int:
+    """The `pldr-jax` console script: re-executes itself once with huge-page malloc for XLA:CPU's
+    large per-step buffers (see `pldr_jax.train.host_memory`; PLDR_JAX_NO_HUGE_PAGES=1 opts out),
+    then runs `main`."""
+    from .train.host_memory import reexec_with_huge_pages
+    reexec_with_huge_pages(["-c", "import sys; from pldr_jax.cli import main; sys.exit(main())", *sys.argv[1:]])
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

@@ -151,6 +151,39 @@ def stack_layers(params: Params) -> Params:
     return {**params, "layers": jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *layers)}
 
 
+def fuse_projections(lp: dict) -> dict:
+    """One layer's params (per-layer or stacked) with the matrices that read the same input fused
+    on their output axis: wq|wk|wv -> "wqkv" [.., D, 3D] and ffn w1|w2 -> "w12" [.., D, 2F].
+
+    `forward` accepts either form.  One larger matmul instead of two or three independent ones: on
+    XLA:CPU independent matmuls run concurrently on the same two cores and each is then 2-4x slower.
+    Traced inside a jitted step, the gradients flow back to the unfused leaves.  No-op when fused.
+    (The metric learner's small GLUs measured slower fused: see experiments/README.md.)
+    """
+    if "wqkv" in lp:
+        return lp
+    if "kernel" not in lp["wq"]:
+        raise ValueError("fuse the projections before transposing them (decode.prepare_params does)")
+
+    def cat(*ps):
+        return {k: jnp.concatenate([jnp.asarray(p[k]) for p in ps], axis=-1) for k in ("kernel", "bias")}
+
+    lp = dict(lp)
+    lp["wqkv"] = cat(lp.pop("wq"), lp.pop("wk"), lp.pop("wv"))
+    ffn = dict(lp["ffn"])
+    ffn["w12"] = cat(ffn.pop("w1"), ffn.pop("w2"))
+    lp["ffn"] = ffn
+    return lp
+
+
+def fuse_params(params: Params) -> Params:
+    """`fuse_projections` applied to every layer (stacked or per-layer layout)."""
+    layers = params["layers"]
+    if isinstance(layers, (tuple, list)):
+        return {**params, "layers": tuple(fuse_projections(lp) for lp in layers)}
+    return {**params, "layers": fuse_projections(layers)}
+
+
 def num_layers_of(params: Params) -> int:
     layers = params["layers"]
     if isinstance(layers, (tuple, list)):

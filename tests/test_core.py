@@ -282,16 +282,70 @@ def test_neox_rope_equals_interleaved_on_permuted_weights():
 
 
 @pytest.mark.parametrize("rows", [32, 20])            # 20: not a multiple of 16 (the plain-transpose path)
-def test_matmul_lowp_forward_and_custom_vjp_match_float32(rows):
-    from pldr_jax.ops.layers import matmul_lowp
-    kx, kw, kg = jax.random.split(jax.random.key(0), 3)
-    x = jax.random.normal(kx, (2, rows, 48)).astype(jnp.bfloat16)
-    w = (jax.random.normal(kw, (48, 40)) * 0.2).astype(jnp.bfloat16)
-    g = jax.random.normal(kg, (2, rows, 40)).astype(jnp.bfloat16)
-    y, vjp = jax.vjp(matmul_lowp, x, w)
-    dx, dw = vjp(g)
-    assert y.dtype == dx.dtype == dw.dtype == jnp.bfloat16 and dw.shape == w.shape
-    f32 = lambda a: np.asarray(a, np.float32)
-    np.testing.assert_allclose(f32(y), f32(x) @ f32(w), rtol=1e-2, atol=1e-2)
-    np.testing.assert_allclose(f32(dx), f32(g) @ f32(w).T, rtol=1e-2, atol=2e-2)
-    np.testing.assert_allclose(f32(dw), np.einsum("blk,bln->kn", f32(x), f32(g)), rtol=1e-2, atol=5e-2)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_dense_custom_vjp_matches_autodiff(rows, dtype):
+    """`ops.layers.dense`: the forward and its hand-written backward equal float64 math; the weight
+    and bias gradients come back in the master weights' float32, not rounded to bfloat16."""
+    from pldr_jax.ops.layers import dense
+    kx, kw, kb, kg = jax.random.split(jax.random.key(0), 4)
+    dt = jnp.dtype(dtype)
+    x = jax.random.normal(kx, (2, rows, 48)).astype(dt)
+    w = jax.random.normal(kw, (48, 40)) * 0.2                       # float32 master weights
+    b = jax.random.normal(kb, (40,)) * 0.1
+    g = jax.random.normal(kg, (2, rows, 40)).astype(dt)
+    y, vjp = jax.vjp(dense, x, w, b)
+    dx, dw, db = vjp(g)
+    assert y.dtype == dx.dtype == dt and dw.dtype == db.dtype == jnp.float32 and dw.shape == w.shape
+    f64 = lambda a: np.asarray(a, np.float64)
+    wc = f64(w.astype(dt))                                          # what the matmul saw
+    tol = dict(rtol=1e-2, atol=3e-2) if dtype == "bfloat16" else dict(rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(f64(y), f64(x) @ wc + f64(b), **tol)
+    np.testing.assert_allclose(f64(dx), f64(g) @ wc.T, **tol)
+    # weight / bias gradients: float32 accumulation of the exact products of the 16-bit inputs
+    np.testing.assert_allclose(f64(dw), np.einsum("blk,bln->kn", f64(x), f64(g)), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(f64(db), f64(g).sum((0, 1)), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_head_cross_entropy_matches_logits_then_loss(dtype):
+    """The fused output head + cross-entropy equals logsumexp(logits) - logits[target] on float32
+    logits, its `correct` equals argmax == target, and its custom backward equals autodiff."""
+    from pldr_jax.ops.cross_entropy import head_cross_entropy
+    kx, kw, kb, kt, kg = jax.random.split(jax.random.key(3), 5)
+    dt = jnp.dtype(dtype)
+    x = jax.random.normal(kx, (3, 7, 24)).astype(dt)
+    w = jax.random.normal(kw, (24, 50)) * 0.3
+    b = jax.random.normal(kb, (50,)) * 0.1
+    t = jax.random.randint(kt, (3, 7), 0, 50)
+    weights = jax.random.uniform(kg, (3, 7))
+
+    def plain(x, w, b):
+        logits = jnp.matmul(x.astype(jnp.float32), w.astype(dt).astype(jnp.float32)) + b
+        nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, t[..., None], -1)[..., 0]
+        return nll, (jnp.argmax(logits, -1) == t).astype(jnp.float32)
+
+    nll, correct = head_cross_entropy(x, w, b, t)
+    nll_ref, correct_ref = plain(x, w, b)
+    assert nll.shape == correct.shape == (3, 7) and nll.dtype == jnp.float32
+    np.testing.assert_allclose(nll, nll_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(correct, correct_ref)
+    got = jax.grad(lambda *a: jnp.sum(head_cross_entropy(*a, t)[0] * weights), argnums=(0, 1, 2))(x, w, b)
+    want = jax.grad(lambda *a: jnp.sum(plain(*a)[0] * weights), argnums=(0, 1, 2))(x, w, b)
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == "bfloat16" else dict(rtol=1e-5, atol=1e-6)
+    for a, e, name in zip(got, want, ("x", "kernel", "bias")):
+        assert a.dtype == (dt if name == "x" else jnp.float32), name
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(e, np.float32), err_msg=name, **tol)
+
+
+def test_fused_projections_give_the_same_forward():
+    """`params.fuse_projections` (wq|wk|wv and ffn w1|w2 concatenated) is a pure re-layout."""
+    from pldr_jax.params import fuse_params, unstack_layers
+    params = pldr_jax.init_params(TINY, jax.random.key(5))
+    tokens = _random_tokens(2, 9, TINY.vocab_size)
+    a = pldr_jax.forward(TINY, params, tokens)
+    for run in (fuse_params(params), fuse_params(unstack_layers(params))):
+        lp = run["layers"] if isinstance(run["layers"], dict) else run["layers"][0]
+        assert "wqkv" in lp and "wq" not in lp and "w12" in lp["ffn"] and "w1" not in lp["ffn"]
+        b = pldr_jax.forward(TINY, run, tokens)
+        np.testing.assert_allclose(b.logits, a.logits, rtol=1e-5, atol=1e-5)
+    assert fuse_params(fuse_params(params))["layers"]["wqkv"]["kernel"].shape == (TINY.num_layers, 32, 96)

@@ -302,6 +302,34 @@ def test_bfloat16_compute_keeps_float32_master_weights(micro):
     assert np.isfinite(float(m16["grad_norm"]))
 
 
+def test_unrolled_and_scanned_layers_agree(micro):
+    """StepOptions.unroll_layers (Python loop over layer slices, the default) and the lax.scan form
+    are the same computation: equal losses, accuracy and parameters after two SGD steps."""
+    cfg, sgd = micro["cfg"].replace(num_layers=2), micro["sgd"]
+    batch = micro_batch(seed=3)
+    runs = []
+    for unroll in (True, False):
+        step = make_train_step(cfg, sgd, opts=StepOptions(unroll_layers=unroll), donate=False,
+                               compiler_options=FAST_COMPILE)
+        runs.append(_sgd_two_steps(step, cfg, sgd, batch))
+    (l1, d1, m1), (l2, d2, m2) = runs
+    np.testing.assert_allclose(l1, l2, rtol=1e-6)
+    assert float(m1["accuracy"]) == float(m2["accuracy"])
+    for k in d1:
+        assert float(np.abs(d1[k] - d2[k]).max()) <= 1e-4 * float(np.abs(d1[k]).max()) + 1e-8, k
+
+
+def test_step_accuracy_is_argmax_accuracy(micro):
+    """The step's accuracy (from the fused head + loss) equals `masked_loss`'s argmax accuracy."""
+    cfg, batch = micro["cfg"], micro["batch"]
+    state = create_train_state(cfg, micro["sgd"], 11)
+    out = pldr_jax.forward(cfg, state.params, batch["inputs"])
+    loss, acc = pldr_jax.masked_loss(out.logits, batch["targets"])
+    _, m = micro["step"](state, batch)
+    assert float(m["loss"]) == pytest.approx(float(loss), rel=1e-5)
+    assert float(m["accuracy"]) == pytest.approx(float(acc), abs=1e-6)
+
+
 def test_predefined_g_training():
     """v510G ablations: the same compiled step trains with an identity and a random-normal G."""
     from pldr_jax.g_sources import make_g

@@ -53,7 +53,7 @@ from ..config import PLDRConfig
 from ..model import attend_and_mix, deduce, embed, metric_A, normalize_g_lm, project_qkv
 from ..ops.attention import causal_padding_mask
 from ..ops.layers import linear
-from ..params import unstack_layers
+from ..params import fuse_projections, unstack_layers
 from .cache import Cache
 from .sampling import Greedy, Sampler, make_sampler, sample_logits
 
@@ -122,22 +122,6 @@ def decode_dtype(cfg: PLDRConfig, batch: int, bf16_min_batch: int = 8) -> str:
     return cfg.dtype
 
 
-def _fuse_layer(lp: dict) -> dict:
-    """wq|wk|wv -> one [D, 3D] "wqkv" and ffn w1|w2 -> one [D, 2F] "w12" (fewer, larger matrix-vector
-    products per decode step; `model.project_qkv` and `ops.layers.glu` accept either form)."""
-    if "wqkv" in lp:
-        return lp
-    if "kernel" not in lp["wq"]:
-        raise ValueError("fuse the projections before transposing them (prepare_params does)")
-    cat = lambda *ps: {k: jnp.concatenate([jnp.asarray(p[k]) for p in ps], axis=-1) for k in ("kernel", "bias")}
-    lp = dict(lp)
-    lp["wqkv"] = cat(lp.pop("wq"), lp.pop("wk"), lp.pop("wv"))
-    ffn = dict(lp["ffn"])
-    ffn["w12"] = cat(ffn.pop("w1"), ffn.pop("w2"))
-    lp["ffn"] = ffn
-    return lp
-
-
 def _transpose_linear(p: dict) -> dict:
     """{"kernel" [in, out], "bias"} -> {"kernel_t" [out, in], "bias"} (see `ops.layers.linear`)."""
     if "kernel" not in p:
@@ -183,7 +167,7 @@ def prepare_params(cfg: PLDRConfig, params: dict, batch: int, *, bf16_min_batch:
         layers = tuple({k: (jax.tree_util.tree_map(cast, v) if k in _MATMUL_LAYER_KEYS else v)
                         for k, v in lp.items()} for lp in params["layers"])
     if fuse:
-        layers = tuple(_fuse_layer(lp) for lp in layers)
+        layers = tuple(fuse_projections(lp) for lp in layers)
     final = jax.tree_util.tree_map(cast, params["final"])
     if transpose:
         layers = tuple(_transpose_layer(lp) for lp in layers)

@@ -10,37 +10,55 @@ def _rows_transposed(a: jax.Array) -> jax.Array:
     """a [M, K] -> a.T [K, M] as a real row-major copy (M divisible by 16).
 
     A plain ``a.T`` feeding a dot is folded by XLA into the dot's dimension numbers, and XLA:CPU then
-    misses its oneDNN bf16 kernel for the weight-gradient form ``x^T @ g`` (~170 against ~360
+    misses its fast bf16 kernel for the weight-gradient form ``x^T @ g`` (~150 against ~330
     GFLOP/s, see experiments/README.md); transposing 16-row blocks forces the copy."""
     m, k = a.shape
     return a.reshape(m // 16, 16, k).transpose(2, 0, 1).reshape(k, m)
 
 
+def weight_grad(x: jax.Array, g: jax.Array) -> jax.Array:
+    """``x^T @ g`` for x [M, K], g [M, N] -> [K, N] float32, in the form XLA:CPU runs fastest."""
+    if jnp.dtype(x.dtype).itemsize < 4 and x.shape[0] % 16 == 0:
+        return jnp.matmul(_rows_transposed(x), g, preferred_element_type=jnp.float32)
+    return jax.lax.dot_general(x, g, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def input_grad_then_weight_grad(x2: jax.Array, g2: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(g2 @ w^T [M, K] float32, x2^T @ g2 [K, N] float32) for x2 [M, K], g2 [M, N], w [K, N].
+
+    The two products are independent, and XLA:CPU would run them at the same time on its two-thread
+    pool, each then ~2-4x slower than alone; an optimization barrier orders them."""
+    dx = jax.lax.dot_general(g2, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    x2, g2, dx = jax.lax.optimization_barrier((x2, g2, dx))
+    return dx, weight_grad(x2, g2)
+
+
 @jax.custom_vjp
-def matmul_lowp(x: jax.Array, w: jax.Array) -> jax.Array:
-    """``x @ w`` for 16-bit x [..., K] and w [K, N], accumulated in float32, returned in x's dtype;
-    its backward pass keeps both gradient matmuls in the fast 16-bit form (see `_rows_transposed`)."""
-    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())),
-                               preferred_element_type=jnp.float32).astype(x.dtype)
+def dense(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
+    """``x @ w + b`` for x [..., K]; w [K, N] and b [N] in any float dtype (the float32 master
+    weights) are cast to x's dtype.  Accumulated in float32, returned in x's dtype.
+
+    Backward: both gradient matmuls in their fast forms (`weight_grad`), run one after the other;
+    the weight and bias gradients come back float32-accurate in w's and b's dtypes (no 16-bit
+    rounding), the bias gradient summed in float32."""
+    y = jax.lax.dot_general(x, w.astype(x.dtype), (((x.ndim - 1,), (0,)), ((), ())),
+                            preferred_element_type=jnp.float32)
+    return (y + b.astype(jnp.float32)).astype(x.dtype)
 
 
-def _matmul_lowp_fwd(x, w):
-    return matmul_lowp(x, w), (x, w)
+def _dense_fwd(x, w, b):
+    return dense(x, w, b), (x, w, b)
 
 
-def _matmul_lowp_bwd(res, g):
-    x, w = res
-    dx = jax.lax.dot_general(g, w, (((g.ndim - 1,), (1,)), ((), ())),
-                             preferred_element_type=jnp.float32).astype(x.dtype)
+def _dense_bwd(res, g):
+    x, w, b = res
     x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
-    if x2.shape[0] % 16 == 0:
-        dw = jnp.matmul(_rows_transposed(x2), g2, preferred_element_type=jnp.float32)
-    else:
-        dw = jax.lax.dot_general(x2, g2, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-    return dx, dw.astype(w.dtype)
+    dx, dw = input_grad_then_weight_grad(x2, g2, w.astype(x.dtype))
+    db = jnp.sum(g2.astype(jnp.float32), axis=0)
+    return dx.astype(x.dtype).reshape(x.shape), dw.astype(w.dtype), db.astype(b.dtype)
 
 
-matmul_lowp.defvjp(_matmul_lowp_fwd, _matmul_lowp_bwd)
+dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 def linear(p: dict, x: jax.Array) -> jax.Array:
@@ -49,17 +67,14 @@ def linear(p: dict, x: jax.Array) -> jax.Array:
     p may hold "kernel_t" [out, in] (the transposed kernel, as decode-prepared params do: XLA:CPU's
     matrix-vector product is faster contracting the weight's last axis) instead of "kernel".
     """
-    # 16-bit inputs accumulate in float32 (as TPU/GPU matmul units do); on XLA:CPU this also selects
-    # the oneDNN bf16 kernels, ~2x faster than a bf16-output matmul and than float32 (see experiments/)
-    low = jnp.dtype(x.dtype).itemsize < 4
     if "kernel_t" in p:   # decode layout, never differentiated
+        low = jnp.dtype(x.dtype).itemsize < 4
         y = jax.lax.dot_general(x, p["kernel_t"].astype(x.dtype), (((x.ndim - 1,), (1,)), ((), ())),
                                 preferred_element_type=jnp.float32 if low else None).astype(x.dtype)
-    elif low:
-        y = matmul_lowp(x, p["kernel"].astype(x.dtype))
-    else:
-        y = jnp.matmul(x, p["kernel"].astype(x.dtype))
-    return y + p["bias"].astype(x.dtype)
+        return y + p["bias"].astype(x.dtype)
+    # 16-bit inputs accumulate in float32 (as TPU/GPU matmul units do); on XLA:CPU this also selects
+    # the oneDNN bf16 kernels, ~2x faster than a bf16-output matmul and than float32 (see experiments/)
+    return dense(x, p["kernel"], p["bias"])
 
 
 def layer_norm(p: dict, x: jax.Array, eps: float) -> jax.Array:
