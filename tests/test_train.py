@@ -370,7 +370,7 @@ def test_cli_resolves_presets_recipes_and_overrides(capsys):
     assert out["recipe"] == "paper" and m["num_layers"] == 2 and m["d_model"] == 896
     assert (t["learning_rate"], t["warmup_steps"], t["total_steps"], t["alpha"], t["weight_decay"], t["clip_value"],
             t["batch_size"], t["seq_len"]) == (1e-3, 2000, 250_000, 0.1, 0.1, 1.0, 32, 1024)
-    assert t["mesh"] == [-1, 4, 1] and t["dag_coeffs"] == [0.1, 0.0, 0.0]
+    assert t["mesh"] == [-1, 4, 1] and t["dag_coeffs"] == [0.1, 0.0, 0.0] and t["unroll_layers"] is True
     assert main(["train", "--preset", "v51-dag-110m", "--print-config"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["recipe"] == "paper-dag" and out["train"]["dag_coeffs"] == [0.05, 0.05, 0.05]
@@ -379,6 +379,11 @@ def test_cli_resolves_presets_recipes_and_overrides(capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["train"]["clip_value"] is None and out["train"]["clip_norm"] == 1.0 and out["model"]["dtype"] == "bfloat16"
     assert out["train"]["warmup_steps"] <= 20
+    assert main(["train", "--preset", "tiny", "--no-unroll-layers", "--print-config"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["train"]["unroll_layers"] is False
+    assert TrainConfig(unroll_layers=False).step_options().unroll_layers is False
+    assert TrainConfig().step_options().unroll_layers is True
     assert main(["train", "--main-job", "--print-config"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert {k: out["model"][k] for k in MAIN_JOB_MODEL} == MAIN_JOB_MODEL

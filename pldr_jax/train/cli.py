@@ -95,6 +95,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--dag", default=None, metavar="cA,cP,cG", help="DAG regulariser coefficients")
     t.add_argument("--grad-accum", type=int, default=None, help="micro-batches per update")
     _bool_or_none(t, "remat", "rematerialise layers in the backward pass (less memory)")
+    _bool_or_none(t, "unroll-layers", "unrolled layer loop (default; faster on CPU) or, with --no-unroll-layers, "
+                                      "lax.scan (compile time flat in depth)")
     _bool_or_none(t, "pad-aware-A", "mask padding out of the metric tensor A (the reference does not)")
     t.add_argument("--g-source", default=None,
                    help="predefined-G models: identity | random_normal[:scale] | uniform[:lo:hi] | external:FILE.npz")
@@ -167,7 +169,7 @@ def model_config(args, base: dict | None = None):
 
 
 _FLAG_FIELDS = ("workdir", "steps", "batch_size", "seq_len", "learning_rate", "warmup_steps", "total_steps", "alpha",
-                "weight_decay", "clip_norm", "grad_accum", "remat", "pad_aware_A", "g_source", "seed", "data",
+                "weight_decay", "clip_norm", "grad_accum", "remat", "unroll_layers", "pad_aware_A", "g_source", "seed", "data",
                 "tokenizer", "vocab_size", "data_mode", "validation_fraction", "data_seed", "log_every",
                 "eval_every", "eval_batches", "save_every", "keep_checkpoints", "nonfinite", "max_skipped")
 

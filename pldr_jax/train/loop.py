@@ -59,7 +59,8 @@ class TrainConfig:
       cosine decay; None = steps), alpha (final lr = alpha * peak), weight_decay, clip_value
       (per-element clip, reference 1.0; None = off), clip_norm (global-norm clip; None = off).
     Loss / compute: dag_coeffs (c_A, c_P, c_G), grad_accum (micro-batches per update), dtype
-      (override of the model's compute dtype: "float32" | "bfloat16"), remat, pad_aware_A,
+      (override of the model's compute dtype: "float32" | "bfloat16"), remat, unroll_layers (see
+      `StepOptions`: unrolled layer loop, the default, or lax.scan for deep models), pad_aware_A,
       g_source (predefined-G models: "identity", "random_normal[:scale]", "uniform[:lo:hi]",
       "external:<file.npz>"; None = the config's custom_G_type default).
     Mesh: mesh = (data, fsdp, tensor) sizes, one may be -1 (= the remaining devices).
@@ -94,6 +95,7 @@ class TrainConfig:
     grad_accum: int = 1
     dtype: str | None = None
     remat: bool = False
+    unroll_layers: bool = True
     pad_aware_A: bool = False
     g_source: str | None = None
     mesh: tuple[int, int, int] = (-1, 1, 1)
@@ -162,7 +164,8 @@ class TrainConfig:
 
     def step_options(self) -> StepOptions:
         return StepOptions(dag_coeffs=self.dag_coeffs, grad_accum=self.grad_accum, pad_aware_A=self.pad_aware_A,
-                           remat=self.remat, nonfinite_guard=self.fault_policy().guard)
+                           remat=self.remat, unroll_layers=self.unroll_layers,
+                           nonfinite_guard=self.fault_policy().guard)
 
     def fault_policy(self) -> FaultPolicy:
         return FaultPolicy(nonfinite=self.nonfinite, max_skipped=self.max_skipped)
