@@ -76,7 +76,7 @@ def run_one(preset: str, dtype: str, batch: int, seq_len: int, steps: int, warmu
     state, m = step(state, batch_arrays)
     jax.block_until_ready(m)
     compile_s = time.perf_counter() - t0
-    gflops = matmul_gflops()      # before the warm-up steps: its buffers then settle in the heap
+    gflops = matmul_gflops()      # before the warm-up steps: the timed steps then follow them directly
     for _ in range(warmup):
         state, m = step(state, batch_arrays)
         jax.block_until_ready(m)

@@ -12,16 +12,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .layers import input_grad_then_weight_grad
+from .layers import affine_f32, input_grad_then_weight_grad
 
 __all__ = ["head_cross_entropy"]
-
-
-def _logits(x2: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-    """x2 [T, D] @ kernel [D, V] + bias [V] -> float32 [T, V] (matmul in x2's dtype)."""
-    y = jax.lax.dot_general(x2, kernel.astype(x2.dtype), (((1,), (0,)), ((), ())),
-                            preferred_element_type=jnp.float32)
-    return y + bias.astype(jnp.float32)
 
 
 @jax.custom_vjp
@@ -30,7 +23,7 @@ def _head_ce_2d(x2, kernel, bias, targets):
 
 
 def _head_ce_fwd(x2, kernel, bias, targets):
-    logits = _logits(x2, kernel, bias)
+    logits = affine_f32(x2, kernel, bias)                                     # [T, V] float32
     top = jnp.max(logits, axis=-1)
     lse = top + jnp.log(jnp.sum(jnp.exp(logits - top[:, None]), axis=-1))
     tgt = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]

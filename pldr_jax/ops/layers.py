@@ -33,6 +33,14 @@ def input_grad_then_weight_grad(x2: jax.Array, g2: jax.Array, w: jax.Array) -> t
     return dx, weight_grad(x2, g2)
 
 
+def affine_f32(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
+    """``x @ w + b`` -> float32 [..., N]: the matmul in x's dtype (w cast to it) accumulated in
+    float32, then the float32 bias.  x [..., K], w [K, N], b [N]."""
+    y = jax.lax.dot_general(x, w.astype(x.dtype), (((x.ndim - 1,), (0,)), ((), ())),
+                            preferred_element_type=jnp.float32)
+    return y + b.astype(jnp.float32)
+
+
 @jax.custom_vjp
 def dense(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
     """``x @ w + b`` for x [..., K]; w [K, N] and b [N] in any float dtype (the float32 master
@@ -41,9 +49,7 @@ def dense(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
     Backward: both gradient matmuls in their fast forms (`weight_grad`), run one after the other;
     the weight and bias gradients come back float32-accurate in w's and b's dtypes (no 16-bit
     rounding), the bias gradient summed in float32."""
-    y = jax.lax.dot_general(x, w.astype(x.dtype), (((x.ndim - 1,), (0,)), ((), ())),
-                            preferred_element_type=jnp.float32)
-    return (y + b.astype(jnp.float32)).astype(x.dtype)
+    return affine_f32(x, w, b).astype(x.dtype)
 
 
 def _dense_fwd(x, w, b):
@@ -73,7 +79,7 @@ def linear(p: dict, x: jax.Array) -> jax.Array:
                                 preferred_element_type=jnp.float32 if low else None).astype(x.dtype)
         return y + p["bias"].astype(x.dtype)
     # 16-bit inputs accumulate in float32 (as TPU/GPU matmul units do); on XLA:CPU this also selects
-    # the oneDNN bf16 kernels, ~2x faster than a bf16-output matmul and than float32 (see experiments/)
+    # its fast bf16 kernels, ~2x faster than a bf16-output matmul and than float32 (see experiments/)
     return dense(x, p["kernel"], p["bias"])
 
 
