@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 COMMANDS = {
@@ -44,6 +45,32 @@ def main(argv: list[str] | None = None) -> int:
     except FloatingPointError as e:  # training stopped on non-finite values (last good state saved)
         print(f"pldr-jax {args.command}: error: {e}", file=sys.stderr)
         return 3
+    except (RuntimeError, TimeoutError) as e:  # resume impossible, a save failed, a cross-process wait timed out
+        if not isinstance(e, _run_failures()):
+            raise
+        print(f"pldr-jax {args.command}: error: {e}", file=sys.stderr)
+        _exit_now_if_multiprocess(4)
+        return 4
+
+
+def _exit_now_if_multiprocess(code: int) -> None:
+    """In a multi-process run, exit at once: orbax threads stuck on a failed collective save would
+    keep the interpreter from exiting, and the other processes learn of this one's end from the
+    coordination service's heartbeat (they stop with "another task died")."""
+    import jax
+    if jax.process_count() > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _run_failures() -> tuple:
+    """The failures of a run that are reported as a message and exit code 4 (not a traceback)."""
+    from .train.checkpoint import CheckpointTimeout
+    from .train.loop import CheckpointSaveError
+    from .train.multihost import CrossProcessTimeout
+    from .train.resume import ResumeError
+    return ResumeError, CheckpointSaveError, CrossProcessTimeout, CheckpointTimeout
 
 
 def console_main() -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pickle
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -312,20 +313,43 @@ def test_shuffle_reproducible_and_epochs():
     assert len(_batches(inf, 50)) == 50
 
 
-def test_shards_disjoint_and_cover():
+def _full_rows(batch):
+    return np.concatenate([batch["inputs"], batch["targets"][:, -1:]], 1)
+
+
+def test_shards_split_the_same_global_batches_whatever_their_count():
+    """Shard i of n yields rows [i*B, (i+1)*B) of each global batch; the global batches (and so a
+    resumed run's data order) do not depend on n; within an epoch the shards are disjoint and cover
+    every row of the full global batches once."""
     corpus = _synthetic_corpus(list(range(2, 40)))
     n_rows = len(make_rows(corpus, 4))
-    shards = []
-    for i in range(3):
-        ds = PretrainDataset(corpus, seq_len=4, batch_size=2, seed=5, shard_index=i, shard_count=3, num_epochs=1)
-        rows = np.concatenate([np.concatenate([b["inputs"], b["targets"][:, -1:]], 1) for b in _batches(ds)])
-        shards.append({tuple(r) for r in ds.rows.tolist()})
-        assert {tuple(r) for r in rows.tolist()} <= shards[-1]
-        assert len(ds.rows) == n_rows // 3
-    assert not (shards[0] & shards[1]) and not (shards[0] & shards[2]) and not (shards[1] & shards[2])
-    assert sum(map(len, shards)) == (n_rows // 3) * 3
+    one = _batches(PretrainDataset(corpus, seq_len=4, batch_size=6, seed=5, num_epochs=1))
+    for count in (2, 3):
+        shards = [_batches(PretrainDataset(corpus, seq_len=4, batch_size=6 // count, seed=5, shard_index=i,
+                                           shard_count=count, num_epochs=1)) for i in range(count)]
+        assert all(len(sh) == len(one) == n_rows // 6 for sh in shards)
+        for k, g in enumerate(one):
+            np.testing.assert_array_equal(np.concatenate([_full_rows(sh[k]) for sh in shards]), _full_rows(g))
+    seen = Counter(tuple(r) for b in one for r in _full_rows(b).tolist())
+    assert sum(seen.values()) == (n_rows // 6) * 6 and not seen - Counter(map(tuple, make_rows(corpus, 4).tolist()))
     with pytest.raises(ValueError, match="shard_index"):
         PretrainDataset(corpus, seq_len=4, batch_size=2, shard_index=3, shard_count=3)
+    # a state saved on one shard count restores on another: same next global batch
+    it = iter(PretrainDataset(corpus, seq_len=4, batch_size=6, seed=5))
+    for _ in range(7):
+        next(it)
+    state = it.get_state()
+    halves = [iter(PretrainDataset(corpus, seq_len=4, batch_size=3, seed=5, shard_index=i, shard_count=2))
+              for i in (0, 1)]
+    for h in halves:
+        h.set_state(state)
+    np.testing.assert_array_equal(np.concatenate([_full_rows(next(h)) for h in halves]), _full_rows(next(it)))
+    # validation shards pad a partial last global batch with all-pad rows
+    val = [_batches(PretrainDataset(corpus, seq_len=4, batch_size=4, shuffle=False, num_epochs=1,
+                                    drop_remainder=False, shard_index=i, shard_count=2)) for i in (0, 1)]
+    got = np.concatenate([_full_rows(b) for k in range(len(val[0])) for b in (val[0][k], val[1][k])])
+    np.testing.assert_array_equal(got[:n_rows], make_rows(corpus, 4))
+    assert not got[n_rows:].any() and len(got) == -(-n_rows // 8) * 8
 
 
 def test_checkpoint_restore_iterator(tmp_path):

@@ -21,8 +21,7 @@ import pldr_jax
 from pldr_jax import PLDRConfig
 from pldr_jax.train import faults
 from pldr_jax.train.faults import (CheckpointDirError, FaultPolicy, NonFiniteError, NonFiniteMonitor,
-                                   apply_gradients_guarded, estimate_checkpoint_bytes, latest_good_checkpoint,
-                                   preflight_checkpoint_dir, tree_digest, verify_checkpoint)
+                                   apply_gradients_guarded, estimate_checkpoint_bytes, preflight_checkpoint_dir)
 
 TINY = PLDRConfig.preset("tiny")
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
@@ -244,89 +243,154 @@ def _fresh_copy(small_runs, name):
     return dst
 
 
+def _array_files(step_dir: Path) -> list[Path]:
+    return sorted((Path(p) for p in glob.glob(str(step_dir / "state" / "**" / "d" / "*"), recursive=True)),
+                  key=lambda p: p.stat().st_size)
+
+
 def _truncate_biggest_array_file(step_dir: Path):
-    files = [Path(p) for p in glob.glob(str(step_dir / "state" / "**" / "d" / "*"), recursive=True)]
-    big = max(files, key=lambda p: p.stat().st_size)
+    big = _array_files(step_dir)[-1]
     with open(big, "r+b") as fh:
         fh.truncate(big.stat().st_size // 2)
 
 
-@pytest.mark.parametrize("damage", ["truncate_array", "truncate_metadata", "remove_state", "garbage_config",
-                                    "remove_orbax_metadata"])
-def test_verify_detects_damage(small_runs, damage):
-    wd = _fresh_copy(small_runs, f"verify_{damage}")
-    ck = wd / "checkpoints"
-    assert sorted(int(p.name) for p in ck.iterdir() if p.name.isdigit()) == [2, 3, 4]
-    assert verify_checkpoint(ck, 4) == []
-    d = ck / "4"
-    if damage == "truncate_array":
-        _truncate_biggest_array_file(d)
-        want = "state arrays unreadable"
-    elif damage == "truncate_metadata":
-        (d / "state" / "_METADATA").write_text((d / "state" / "_METADATA").read_text()[:50])
-        want = "state metadata unreadable"
-    elif damage == "remove_state":
-        shutil.rmtree(d / "state")
-        want = "item 'state' missing"
-    elif damage == "garbage_config":
-        (d / "config" / "metadata").write_text("{garbage")
-        want = "config item unreadable"
-    else:
-        (d / "_CHECKPOINT_METADATA").unlink()
-        want = "orbax checkpoint metadata missing"
-    problems = verify_checkpoint(ck, 4)
-    assert problems and any(want in p for p in problems), problems
-    assert verify_checkpoint(ck, 3) == []
+def _flip_bytes(path: Path, n: int = 1, at: float = 0.5):
+    b = bytearray(path.read_bytes())
+    for i in range(int(len(b) * at), int(len(b) * at) + n):
+        b[i] ^= 0xFF
+    path.write_bytes(bytes(b))
 
 
-def test_corrupted_latest_falls_back_to_previous_and_resume_is_exact(small_runs):
-    """The newest checkpoint is truncated: it is reported, moved aside, and the run resumes from the
-    previous one -- ending bitwise where the uninterrupted run ended."""
+def _resume(small_runs, wd, **kw):
     from pldr_jax.train.loop import train
-    wd = _fresh_copy(small_runs, "fallback")
-    ck = wd / "checkpoints"
-    shutil.rmtree(ck / "4")          # as if the run had been killed after checkpoint 3 ...
-    _truncate_biggest_array_file(ck / "3")  # ... which got truncated
-    msgs = []
-    assert latest_good_checkpoint(ck, log=msgs.append) == 2
-    assert len(msgs) == 1 and "checkpoint" in msgs[0] and "/3 is corrupted" in msgs[0] and "moved to" in msgs[0]
-    assert sorted(p.name for p in ck.iterdir() if p.name.isdigit()) == ["2"]
-    assert [p.name.split("-")[0] for p in (wd / "checkpoints.corrupt").iterdir()] == ["3"]
-    r = train(small_runs["cfg"], small_runs["tc"].replace(workdir=str(wd), resume=True), **small_runs["kw"])
+    return train(small_runs["cfg"], small_runs["tc"].replace(workdir=str(wd), resume=True, **kw), **small_runs["kw"])
+
+
+def _assert_exact_continuation(small_runs, r, start):
     s = small_runs["straight"]
-    assert (r.start_step, r.end_step) == (2, 4) and r.losses == s.losses[2:]
+    assert (r.start_step, r.end_step) == (start, 4) and r.losses == s.losses[start:]
     for a, b in zip(jax.tree_util.tree_leaves(jax.device_get(r.state.params)),
                     jax.tree_util.tree_leaves(jax.device_get(s.state.params))):
         np.testing.assert_array_equal(a, b)
-    assert latest_good_checkpoint(tmp_dir := wd / "nothing_here") is None and not tmp_dir.exists()
 
 
-def test_flipped_bytes_detected_only_with_a_digest(tmp_path):
-    from pldr_jax.train.checkpoint import CheckpointManager
-    state = {"w": jnp.arange(4096, dtype=jnp.float32), "b": jnp.ones((3, 3))}
-    with CheckpointManager(tmp_path / "ck", async_save=False, max_to_keep=None) as m:
-        m.save(1, state, config={"digest": tree_digest(state)})
-        m.save(2, state, config={})
-    for step in (1, 2):
-        files = [Path(p) for p in glob.glob(str(tmp_path / "ck" / str(step) / "state" / "**" / "d" / "*"),
-                                            recursive=True)]
-        big = max(files, key=lambda p: p.stat().st_size)
-        b = bytearray(big.read_bytes())
-        for i in range(len(b) // 2, len(b) // 2 + 16):
-            b[i] ^= 0xFF
-        big.write_bytes(bytes(b))
-    assert any("digest" in p for p in verify_checkpoint(tmp_path / "ck", 1))
-    assert verify_checkpoint(tmp_path / "ck", 2) == []  # orbax itself does not notice
+@pytest.mark.parametrize("damage", ["truncate_array", "delete_array", "truncate_metadata", "remove_state",
+                                    "garbage_config", "remove_orbax_metadata", "flip_bytes"])
+def test_resume_quarantines_proven_corruption_and_falls_back(small_runs, damage):
+    """Each kind of damage to the newest checkpoint (written by train(), so with a digest) is proven
+    corruption: the step is moved to checkpoints.corrupt/ (not deleted), reported in the result, and the
+    run resumes from the previous step, ending bitwise where the uninterrupted run ended."""
+    wd = _fresh_copy(small_runs, f"damage_{damage}")
+    ck = wd / "checkpoints"
+    shutil.rmtree(ck / "4")  # as if killed after checkpoint 3 ...
+    d = ck / "3"             # ... which is then damaged
+    want = {"truncate_array": "state arrays unreadable", "delete_array": "state arrays unreadable",
+            "truncate_metadata": "state metadata unreadable", "remove_state": "item 'state' missing",
+            "garbage_config": "config item unreadable", "remove_orbax_metadata": "orbax checkpoint metadata missing",
+            "flip_bytes": "do not match the digest"}[damage]
+    if damage == "truncate_array":
+        _truncate_biggest_array_file(d)
+    elif damage == "delete_array":
+        _array_files(d)[-1].unlink()
+    elif damage == "truncate_metadata":
+        (d / "state" / "_METADATA").write_text((d / "state" / "_METADATA").read_text()[:50])
+    elif damage == "remove_state":
+        shutil.rmtree(d / "state")
+    elif damage == "garbage_config":
+        (d / "config" / "metadata").write_text("{garbage")
+    elif damage == "remove_orbax_metadata":
+        (d / "_CHECKPOINT_METADATA").unlink()
+    else:  # a single flipped byte inside the largest array file: orbax reads it without complaint
+        _flip_bytes(_array_files(d)[-1], n=1, at=0.6)
+    r = _resume(small_runs, wd)
+    _assert_exact_continuation(small_runs, r, 2)
+    assert r.resumed_from == 2 and [q["step"] for q in r.quarantined] == [3]
+    assert any(want in p for p in r.quarantined[0]["problems"]), r.quarantined
+    moved = list((wd / "checkpoints.corrupt").iterdir())
+    assert [m.name.split("-")[0] for m in moved] == ["3"] and str(moved[0]) == r.quarantined[0]["moved_to"]
+    recs = [json.loads(x) for x in (wd / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    assert any(x.get("kind") == "resume" and x["quarantined"][0]["step"] == 3 for x in recs)
 
 
-# =========================================================================== loop integration
-def test_loop_resume_skips_a_corrupted_latest_checkpoint(small_runs):
-    from pldr_jax.train.loop import train
-    wd = _fresh_copy(small_runs, "loop_fallback")
-    shutil.rmtree(wd / "checkpoints" / "4")
-    _truncate_biggest_array_file(wd / "checkpoints" / "3")
-    r = train(small_runs["cfg"], small_runs["tc"].replace(workdir=str(wd), resume=True), **small_runs["kw"])
-    assert r.start_step == 2 and r.losses == small_runs["straight"].losses[2:]
+def test_digest_is_written_by_train_and_matches_the_saved_state(small_runs):
+    from pldr_jax.train.integrity import DIGEST_ALGORITHM, tree_digest
+    from pldr_jax.train.resume import restore_state
+    from pldr_jax.train.sharding import abstract_train_state, make_mesh
+    ck = Path(small_runs["straight"].paths["checkpoints"])
+    conf = json.loads((ck / "4" / "config" / "metadata").read_text())
+    assert conf["digest"]["algorithm"] == DIGEST_ALGORITHM
+    tx, _ = small_runs["tc"].optimizer()
+    state = restore_state(ck / "4" / "state", abstract_train_state(small_runs["cfg"], tx, make_mesh(1, 1, 1)))
+    assert tree_digest(state) == conf["digest"]["leaves"] == tree_digest(small_runs["straight"].state)
+    assert len(conf["digest"]["leaves"]) == len(jax.tree_util.tree_leaves(state))
+
+
+def test_checkpoint_without_digest_is_accepted_with_a_note(small_runs):
+    wd = _fresh_copy(small_runs, "no_digest")
+    ck = wd / "checkpoints"
+    shutil.rmtree(ck / "4")
+    meta = ck / "3" / "config" / "metadata"
+    conf = json.loads(meta.read_text())
+    conf.pop("digest")
+    meta.write_text(json.dumps(conf))
+    r = _resume(small_runs, wd)
+    _assert_exact_continuation(small_runs, r, 3)
+    assert not r.quarantined and any("no digest" in n for n in r.notes)
+
+
+def test_failures_that_are_not_corruption_move_nothing(small_runs, monkeypatch):
+    """A changed optimiser structure, or a read that times out, stops the resume with a message;
+    no checkpoint is moved and nothing starts from step 0."""
+    from pldr_jax.train import resume as resume_mod
+    from pldr_jax.train.resume import ResumeError
+    wd = _fresh_copy(small_runs, "not_corrupt")
+    ck = wd / "checkpoints"
+    before = sorted(p.name for p in ck.iterdir())
+    with pytest.raises(ResumeError, match="different model config"):
+        _resume(small_runs, wd, dtype="bfloat16")
+    for exc, match in ((TimeoutError("DEADLINE_EXCEEDED: reading took too long"), "TimeoutError"),
+                       (ValueError("restore item and on-disk metadata tree structures do not match"),
+                        "not proof of corruption")):
+        def fail(*a, exc=exc, **k):
+            raise exc
+        monkeypatch.setattr(resume_mod, "restore_state", fail)
+        with pytest.raises(ResumeError, match=match):
+            _resume(small_runs, wd)
+    assert sorted(p.name for p in ck.iterdir()) == before and not (wd / "checkpoints.corrupt").exists()
+
+
+def test_every_checkpoint_corrupt_refuses_to_start_from_zero(small_runs):
+    from pldr_jax.train.resume import ResumeError
+    wd = _fresh_copy(small_runs, "all_corrupt")
+    for step in (2, 3, 4):
+        _truncate_biggest_array_file(wd / "checkpoints" / str(step))
+    with pytest.raises(ResumeError, match="no usable checkpoint"):
+        _resume(small_runs, wd)
+    assert sorted(p.name.split("-")[0] for p in (wd / "checkpoints.corrupt").iterdir()) == ["2", "3", "4"]
+
+
+def test_is_corruption_tells_data_errors_from_the_rest():
+    from pldr_jax.train.integrity import is_corruption
+
+    def chained(outer, inner):
+        try:
+            try:
+                raise inner
+            except BaseException as e:
+                raise outer from e
+        except BaseException as e:
+            return e
+    assert is_corruption(chained(Exception("Encountered error while reading array index"),
+                                 ValueError("DATA_LOSS: Error reading ... checksum mismatch")))
+    assert is_corruption(ValueError('OUT_OF_RANGE: Error reading "w/0.0": Requested byte range'))
+    assert is_corruption(ValueError("FAILED_PRECONDITION: Truncated Zstd-compressed stream"))
+    assert is_corruption(json.JSONDecodeError("x", "{", 0))
+    for e in (AssertionError("sync_global_devices name mismatch"), ValueError("Topology mismatch"),
+              TimeoutError("DEADLINE_EXCEEDED"), ImportError("no module named tensorstore"),
+              ValueError("PERMISSION_DENIED: open failed"), ValueError("UNAVAILABLE: Connection reset"),
+              MemoryError(), ValueError("User-provided restore item and on-disk value metadata tree structures "
+                                        "do not match")):
+        assert not is_corruption(e), e
 
 
 def test_loop_skips_nonfinite_steps(small_runs):

@@ -74,7 +74,7 @@ def _flat(tree):
 
 def _worker(pid: int, port: int, workdir: str, out: str):
     from pldr_jax.train.loop import init_distributed, train
-    init_distributed(f"127.0.0.1:{port}", num_processes=2, process_id=pid, initialization_timeout=120)
+    init_distributed(f"127.0.0.1:{port}", num_processes=2, process_id=pid, initialization_timeout_s=120)
     import jax
     from jax.experimental import multihost_utils
     assert jax.process_count() == 2 and len(jax.devices()) == 2

@@ -9,9 +9,14 @@ EOS, no BOS, as the reference), then turned into rows of ``seq_len + 1`` tokens:
 * ``nopad`` — one row per document of at least ``seq_len + 1`` tokens, truncated; shorter ones dropped.
 
 Each row gives ``inputs = row[:-1]``, ``targets = row[1:]`` (both ``[seq_len]`` int32); pad (0) targets
-are ignored by the masked loss. Rows are sharded per host (``rows[shard_index::shard_count]``, disjoint,
-equal sizes), shuffled with a seed (a new permutation each epoch), repeated ``num_epochs`` times
-(None = forever) and batched to ``[batch_size, seq_len]`` arrays. Everything is a ``grain.MapDataset``,
+are ignored by the masked loss. All rows are shuffled with a seed (a new permutation each epoch),
+repeated ``num_epochs`` times (None = forever) and cut into *global* batches of
+``batch_size * shard_count`` rows; shard ``i`` (a host: ``jax.process_index()``) takes rows
+``[i * batch_size, (i + 1) * batch_size)`` of each global batch, as ``[batch_size, seq_len]`` arrays.
+So the sequence of global batches depends only on the data, ``seq_len``, mode, seed and the global
+batch size -- not on how many hosts read it: a run resumed on another number of hosts continues with
+exactly the global batches the uninterrupted run would have used (the iterator state, the index of
+the next batch, is the same on every host). Everything is a ``grain.MapDataset``,
 so iteration is deterministic and the iterator state is a tiny JSON dict (``get_state``/``set_state``).
 """
 
@@ -187,18 +192,34 @@ def _split_row(row: np.ndarray) -> dict[str, np.ndarray]:
     return {"inputs": np.asarray(row[:-1], np.int32), "targets": np.asarray(row[1:], np.int32)}
 
 
-class _PadBatch:
-    """Pads a partial final batch with all-pad rows up to ``batch_size`` (they are ignored by the loss)."""
+class _GlobalBatchSlice(grain.MapDataset):
+    """Process ``index`` of ``count``'s part of every global batch of ``local_batch * count`` rows.
 
-    def __init__(self, batch_size: int):
-        self.batch_size = batch_size
+    Element ``k`` of this dataset is element ``(k // B) * B * count + index * B + k % B`` of the
+    parent (B = local_batch): the parent's stream cut into global batches, of which this process
+    takes rows ``[index * B, (index + 1) * B)``.  With ``pad_row`` (a partial last global batch
+    kept), positions past the parent's end are that all-pad row."""
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = batch["inputs"].shape[0]
-        if n == self.batch_size:
-            return batch
-        return {k: np.concatenate([v, np.full((self.batch_size - n,) + v.shape[1:], PAD_ID, v.dtype)])
-                for k, v in batch.items()}
+    def __init__(self, parent: grain.MapDataset, index: int, count: int, local_batch: int,
+                 pad_row: np.ndarray | None):
+        super().__init__(parent)
+        self._index, self._count, self._b, self._pad_row = index, count, local_batch, pad_row
+
+    def __len__(self) -> int:
+        n, gb = len(self._parent), self._b * self._count
+        full = n // gb
+        return (full + (self._pad_row is not None and n > full * gb)) * self._b
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return self.slice(k)
+        g = (k // self._b) * self._b * self._count + self._index * self._b + k % self._b
+        if g >= len(self._parent):
+            return self._pad_row
+        return self._parent[g]
+
+    def __str__(self) -> str:
+        return f"_GlobalBatchSlice(index={self._index}, count={self._count}, local_batch={self._b})"
 
 
 class PipelineIterator(grain.DatasetIterator):
@@ -229,7 +250,7 @@ class PipelineIterator(grain.DatasetIterator):
         fp = state.get("pipeline")
         if fp is not None and fp != self._fingerprint:
             raise ValueError(f"iterator state belongs to a different pipeline (state pipeline={fp!r}, this "
-                             f"pipeline={self._fingerprint!r}): data, seq_len, mode, seed, sharding or batch "
+                             f"pipeline={self._fingerprint!r}): data, seq_len, mode, seed or global batch "
                              "size changed")
         inner = {k: v for k, v in state.items() if k != "pipeline"}
         self._parent.set_state(inner)
@@ -243,8 +264,10 @@ class PretrainDataset:
 
     ``iter(ds)`` (or ``ds.iterator(start_step)``) gives a :class:`PipelineIterator`; ``ds[i]`` is batch
     ``i``; ``len(ds)`` is the number of batches (``sys.maxsize``-ish when repeating forever).
-    Attributes: ``rows`` int32 [R, seq_len + 1] (this shard, before shuffling), ``corpus``,
-    ``batches_per_epoch``, ``tokens_per_epoch`` and the constructor settings.
+    Attributes: ``rows`` int32 [R, seq_len + 1] (all rows, every shard's, before shuffling),
+    ``corpus``, ``batches_per_epoch`` (global batches per pass over ``rows``), ``tokens_per_epoch``
+    (non-pad targets of ``rows``) and the constructor settings.  Shard ``shard_index`` of
+    ``shard_count`` yields its ``batch_size`` rows of each global batch (see the module docstring).
     """
 
     def __init__(self, corpus: TokenizedCorpus, *, seq_len: int, batch_size: int, mode: str = "pack",
@@ -265,20 +288,19 @@ class PretrainDataset:
         self.seed, self.shuffle, self.num_epochs, self.drop_remainder = int(seed), shuffle, num_epochs, drop_remainder
         self.shard_index, self.shard_count = int(shard_index), int(shard_count)
 
-        all_rows = make_rows(corpus, seq_len, mode)
-        n_total = (len(all_rows) // shard_count) * shard_count  # equal row counts on every shard
-        if n_total == 0:
+        self.rows = make_rows(corpus, seq_len, mode)
+        global_batch = self.batch_size * self.shard_count
+        if len(self.rows) == 0:
             raise ValueError(f"no training rows: {corpus.num_tokens} tokens in {corpus.num_documents} documents "
-                             f"give {len(all_rows)} rows of seq_len+1={seq_len + 1} tokens in mode={mode!r} "
-                             f"for shard_count={shard_count}; use more data, a smaller seq_len"
-                             + (" or mode='pad'" if mode == "nopad" else ""))
-        self.rows = all_rows[:n_total][shard_index::shard_count]
-        if len(self.rows) < batch_size and drop_remainder:
-            raise ValueError(f"batch_size={batch_size} exceeds the {len(self.rows)} rows of this shard "
-                             "(drop_remainder=True would give no batch); lower batch_size or seq_len")
-        self.batches_per_epoch = (len(self.rows) // batch_size if drop_remainder
-                                  else math.ceil(len(self.rows) / batch_size))
-        self.tokens_per_epoch = int(np.count_nonzero(self.rows[:, 1:]))  # non-pad targets
+                             f"give no row of seq_len+1={seq_len + 1} tokens in mode={mode!r}; use more data, a "
+                             "smaller seq_len" + (" or mode='pad'" if mode == "nopad" else ""))
+        if len(self.rows) < global_batch and drop_remainder:
+            raise ValueError(f"the global batch ({batch_size} rows x {shard_count} shards = {global_batch}) exceeds "
+                             f"the {len(self.rows)} rows of the data (drop_remainder=True would give no batch); lower "
+                             "batch_size or seq_len")
+        self.batches_per_epoch = (len(self.rows) // global_batch if drop_remainder
+                                  else math.ceil(len(self.rows) / global_batch))
+        self.tokens_per_epoch = int(np.count_nonzero(self.rows[:, 1:]))  # non-pad targets, all shards
         self.read_options = grain.ReadOptions(num_threads=prefetch_threads,
                                               prefetch_buffer_size=prefetch_buffer if prefetch_threads else 0)
 
@@ -286,14 +308,15 @@ class PretrainDataset:
         if shuffle:
             ds = ds.shuffle(seed=self.seed)
         ds = ds.repeat(num_epochs)
+        pad_row = None if drop_remainder else np.full(self.rows.shape[1], PAD_ID, np.int32)
+        ds = _GlobalBatchSlice(ds, self.shard_index, self.shard_count, self.batch_size, pad_row)
         ds = ds.map(_split_row)
         ds = ds.batch(self.batch_size, drop_remainder=drop_remainder)
-        if not drop_remainder:
-            ds = ds.map(_PadBatch(self.batch_size))
         self.map_dataset: grain.MapDataset = ds
-        cfg = dict(data=corpus.fingerprint(), seq_len=self.seq_len, batch=self.batch_size, mode=mode,
-                   seed=self.seed, shuffle=bool(shuffle), shard=[self.shard_index, self.shard_count],
-                   epochs=num_epochs, drop=bool(drop_remainder))
+        # The position (next batch index) means the same global batch for every shard count: the
+        # fingerprint names the global batch, not this shard, so a state re-shards onto any count.
+        cfg = dict(data=corpus.fingerprint(), seq_len=self.seq_len, global_batch=global_batch, mode=mode,
+                   seed=self.seed, shuffle=bool(shuffle), epochs=num_epochs, drop=bool(drop_remainder))
         self.fingerprint = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
 
     def __len__(self) -> int:

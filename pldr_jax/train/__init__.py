@@ -6,11 +6,15 @@
 Pieces: `make_optimizer` (clip + AdamW + warm-up/cosine, the reference recipe), `make_mesh` /
 `DEFAULT_RULES` / `init_train_state` (sharding), `make_train_step` / `make_eval_step` (jitted,
 sharded, donated), `CheckpointManager` / `load_params` (orbax), `train` (the loop; CLI:
-``pldr-jax train``).
+``pldr-jax train``), `resume` / `integrity` / `multihost` (collective resume, checkpoint digests,
+timed cross-process waits).
 """
 
 from .checkpoint import CheckpointManager, latest_step, load_params, read_config
-from .loop import TrainConfig, TrainResult, init_distributed, plot_history, read_metrics, train
+from .config import TrainConfig
+from .loop import CheckpointSaveError, TrainResult, plot_history, read_metrics, train
+from .multihost import CrossProcessTimeout, init_distributed
+from .resume import ResumeError
 from .optimizer import lr_schedule, make_optimizer, reference_lr_factor
 from .sharding import (BATCH_AXES, DEFAULT_RULES, MESH_AXES, abstract_train_state, batch_sharding, init_train_state,
                        logical_to_spec, make_mesh, param_partition_specs, param_shardings, shard_batch,
@@ -23,4 +27,5 @@ __all__ = ["make_optimizer", "lr_schedule", "reference_lr_factor",
            "param_shardings", "state_shardings", "abstract_train_state", "batch_sharding", "shard_batch",
            "init_train_state", "TrainState", "create_train_state", "StepOptions", "loss_terms", "make_train_step",
            "make_eval_step", "reduce_eval", "CheckpointManager", "load_params", "read_config", "latest_step",
-           "TrainConfig", "TrainResult", "train", "init_distributed", "read_metrics", "plot_history"]
+           "TrainConfig", "TrainResult", "train", "init_distributed", "read_metrics", "plot_history",
+           "CheckpointSaveError", "CrossProcessTimeout", "ResumeError"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -24,8 +25,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from ..config import PLDRConfig
+from .integrity import jsonable_digest, tree_digest
+from .multihost import DEFAULT_TIMEOUT_S
 
-__all__ = ["CheckpointManager", "read_config", "latest_step", "load_params"]
+__all__ = ["CheckpointManager", "CheckpointTimeout", "read_config", "latest_step", "load_params"]
+
+
+class CheckpointTimeout(TimeoutError):
+    """A checkpoint save (or the wait for one) did not finish in time."""
 
 
 def _grain_args():
@@ -45,8 +52,9 @@ class CheckpointManager:
     """
 
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3,
-                 save_interval_steps: int = 1, async_save: bool = True):
+                 save_interval_steps: int = 1, async_save: bool = True, timeout_s: float = DEFAULT_TIMEOUT_S):
         self.directory = Path(directory).absolute()
+        self.timeout_s = float(timeout_s)
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
                                                enable_async_checkpointing=async_save, create=True)
         self._mngr = ocp.CheckpointManager(self.directory, options=options)
@@ -60,17 +68,48 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ save
     def save(self, step: int, state: Any, *, config: Mapping[str, Any] | None = None, data_iterator: Any = None,
-             force: bool = False) -> bool:
+             force: bool = False, digest: bool = True) -> bool:
         """Save `state` (a TrainState or any pytree of arrays) as checkpoint `step`, with the JSON
         `config` and the data iterator's state (a grain `DatasetIterator`, or any object with
         `get_state()` / `set_state()` of a JSON-serialisable dict), one file per process.
-        Returns True when a save started."""
+        Returns True when a save started.
+
+        With `digest` (default), the config also records `integrity.tree_digest(state)` under
+        "digest" (computed on the devices, collective: every process calls `save`), which resuming
+        checks against the restored arrays."""
+        if not (force or self._mngr.should_save(int(step))):
+            return False
         items: dict[str, Any] = {"state": ocp.args.StandardSave(state)}
+        if digest:
+            config = {**(config or {}), "digest": jsonable_digest(tree_digest(state))}
         if config is not None:
             items["config"] = ocp.args.JsonSave(_jsonable(config))
         if data_iterator is not None:
             items["data"] = self._data_save_args(data_iterator)
-        return bool(self._mngr.save(int(step), args=ocp.args.Composite(**items), force=force))
+        def start():
+            self._mngr.check_for_errors()  # a failed asynchronous save reports here, not at the end of the run
+            return bool(self._mngr.save(int(step), args=ocp.args.Composite(**items), force=force))
+        return self._timed(f"save of step {step}", start)
+
+    def _timed(self, what: str, fn):
+        """fn() in a helper thread, waited for at most `timeout_s` (orbax's waits have no timeout: a
+        background save that failed on another process can leave this one waiting forever)."""
+        out: dict = {}
+
+        def run():
+            try:
+                out["value"] = fn()
+            except BaseException as e:  # re-raised in the caller's thread
+                out["error"] = e
+        t = threading.Thread(target=run, name=f"pldr-checkpoint-{what}", daemon=True)
+        t.start()
+        t.join(self.timeout_s)
+        if t.is_alive():
+            raise CheckpointTimeout(f"checkpoint {what} in {self.directory} did not finish within {self.timeout_s:.0f} s "
+                                    "(a save that failed on another process, or a stalled file system)")
+        if "error" in out:
+            raise out["error"]
+        return out.get("value")
 
     @staticmethod
     def _data_save_args(it):
@@ -124,11 +163,16 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ lifecycle
     def wait_until_finished(self) -> None:
-        self._mngr.wait_until_finished()
+        """Block until the pending asynchronous save is written (raises its error, or
+        `CheckpointTimeout` after `timeout_s`)."""
+        self._timed("wait for the pending save", self._mngr.wait_until_finished)
+        self._mngr.check_for_errors()
 
     def close(self) -> None:
-        self._mngr.wait_until_finished()
-        self._mngr.close()
+        """Finish the pending save (raising its error) and close orbax's manager; after an error or a
+        timeout orbax is left unclosed (its own close would wait on the stuck save forever)."""
+        self.wait_until_finished()
+        self._timed("close", self._mngr.close)
 
     def __enter__(self):
         return self
@@ -197,7 +241,7 @@ def load_params(directory: str | os.PathLike, step: int | None = None, mesh=None
     The state is restored onto `mesh` (default: the first local device) with the optimiser
     structure rebuilt from the stored training config; params come back in the stacked layout.
     """
-    from .loop import TrainConfig
+    from .config import TrainConfig
     from .sharding import abstract_train_state, make_mesh
     with CheckpointManager(directory, async_save=False, max_to_keep=None) as m:
         conf = m.restore_config(step)

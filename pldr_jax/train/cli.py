@@ -136,6 +136,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     x.add_argument("--process-id", type=int, default=None)
     x.add_argument("--distributed", action="store_true",
                    help="call jax.distributed.initialize() with auto-detection (TPU pods, SLURM, ...)")
+    x.add_argument("--heartbeat-timeout", type=int, default=None, metavar="S",
+                   help="seconds without heartbeats after which a process is declared dead and the others stop "
+                        "(default 100)")
+    x.add_argument("--sync-timeout", dest="sync_timeout_s", type=float, default=None, metavar="S",
+                   help="longest wait across processes (barriers, agreeing on the checkpoint to resume from) "
+                        "before the run stops with a message (default 900)")
     p.set_defaults(func=run)
     return p
 
@@ -171,11 +177,12 @@ def model_config(args, base: dict | None = None):
 _FLAG_FIELDS = ("workdir", "steps", "batch_size", "seq_len", "learning_rate", "warmup_steps", "total_steps", "alpha",
                 "weight_decay", "clip_norm", "grad_accum", "remat", "unroll_layers", "pad_aware_A", "g_source", "seed", "data",
                 "tokenizer", "vocab_size", "data_mode", "validation_fraction", "data_seed", "log_every",
-                "eval_every", "eval_batches", "save_every", "keep_checkpoints", "nonfinite", "max_skipped")
+                "eval_every", "eval_batches", "save_every", "keep_checkpoints", "nonfinite", "max_skipped",
+                "sync_timeout_s")
 
 
 def train_config(args, recipe: dict, cfg):
-    from .loop import TrainConfig
+    from .config import TrainConfig
     from .sharding import parse_mesh_shape
     kw = dict(recipe)
     for f in _FLAG_FIELDS:
@@ -203,13 +210,12 @@ def train_config(args, recipe: dict, cfg):
 
 
 def _init_distributed(args):
-    from .loop import init_distributed
-    if args.distributed:
-        import jax
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize()
+    from .multihost import DEFAULT_HEARTBEAT_S, init_distributed
+    hb = args.heartbeat_timeout if args.heartbeat_timeout is not None else DEFAULT_HEARTBEAT_S
+    if args.distributed:  # auto-detected cluster: JAX finds the coordinator itself
+        init_distributed(None, None, None, heartbeat_timeout_s=hb, auto_detect=True)
     elif args.coordinator_address or (args.num_processes or 1) > 1:
-        init_distributed(args.coordinator_address, args.num_processes, args.process_id)
+        init_distributed(args.coordinator_address, args.num_processes, args.process_id, heartbeat_timeout_s=hb)
 
 
 # --------------------------------------------------------------------------- commands
@@ -247,6 +253,13 @@ def _summary(res) -> str:
     if ev:
         lines.append("validation: " + ", ".join(f"step {r['step']}: loss {r['val_loss']:.3f} ppl "
                                                  f"{r['val_perplexity']:.1f}" for r in ev[-4:]))
+    if res.resumed_from is not None:
+        lines.append(f"resumed from checkpoint {res.resumed_from}")
+    for q in res.quarantined:
+        lines.append(f"quarantined: checkpoint {q['step']} (corrupt: {'; '.join(q['problems'])}) moved to "
+                     f"{q['moved_to']}")
+    for n in res.notes:
+        lines.append(f"note: {n}")
     for k in ("checkpoints", "metrics", "plot", "tokenizer"):
         if res.paths.get(k):
             lines.append(f"{k + ':':13s}{res.paths[k]}")

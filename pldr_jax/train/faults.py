@@ -1,4 +1,4 @@
-"""Training faults: non-finite steps, checkpoint-directory preflight, corrupted checkpoints.
+"""Training faults: non-finite steps and checkpoint-directory preflight.
 
 Pure helpers that the loop / step wire in with a few lines (nothing here imports the loop):
 
@@ -14,33 +14,28 @@ Pure helpers that the loop / step wire in with a few lines (nothing here imports
 * `preflight_checkpoint_dir` -- before training starts: the directory can be created, a probe
   file can be written + fsynced + deleted, and the disk has room for one more checkpoint
   (`estimate_checkpoint_bytes`); `CheckpointDirError` (a ValueError) otherwise.
-* `verify_checkpoint` / `latest_good_checkpoint` -- a step directory is complete (orbax metadata,
-  every item present and parseable) and its arrays read back (and match the digest stored with
-  the config, if any: `tree_digest`); a bad newest checkpoint is moved aside to
-  ``<dir>.corrupt/`` with a warning and the previous good one is used.
+
+Corrupted checkpoints are `integrity` (digests, telling corruption from other failures) and
+`resume` (the collective choice of the checkpoint to resume from).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import errno
-import hashlib
-import json
 import math
 import os
 import shutil
 import time
-import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["FaultPolicy", "NonFiniteError", "NonFiniteMonitor", "tree_all_finite", "apply_gradients_guarded",
-           "CheckpointDirError", "CorruptCheckpointError", "estimate_checkpoint_bytes", "preflight_checkpoint_dir",
-           "tree_digest", "verify_checkpoint", "latest_good_checkpoint"]
+           "CheckpointDirError", "estimate_checkpoint_bytes", "preflight_checkpoint_dir"]
 
 NONFINITE_POLICIES = ("skip", "stop", "off")
 
@@ -227,113 +222,3 @@ def preflight_checkpoint_dir(path: str | os.PathLike, required_bytes: int = 0, *
                 f"checkpoint needs about {_fmt_bytes(required_bytes)} (x{margin} margin = {_fmt_bytes(need)}); "
                 "free space, lower keep_checkpoints or choose another workdir")
     return p
-
-
-# =========================================================================== checkpoint verification
-class CorruptCheckpointError(ValueError):
-    """A checkpoint step directory is incomplete or unreadable (the message lists the problems)."""
-
-
-def tree_digest(tree) -> str:
-    """A sha256 over the paths, dtypes, shapes and bytes of every array of `tree` (host copy).
-    Store it with a checkpoint's config (key "digest") so that `verify_checkpoint` also detects
-    silently flipped bytes, which orbax's own reads do not."""
-    h = hashlib.sha256()
-    leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(tree))
-    for kp, v in sorted(((jax.tree_util.keystr(kp), v) for kp, v in leaves), key=lambda t: t[0]):
-        a = np.ascontiguousarray(np.asarray(v))
-        h.update(f"{kp}|{a.dtype.str}|{a.shape}|".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
-
-
-def _read_json(path: Path, problems: list[str], what: str):
-    if not path.is_file():
-        problems.append(f"{what} missing ({path.name})")
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        problems.append(f"{what} unreadable ({path.name}: {type(e).__name__}: {e})")
-        return None
-
-
-def _item_json(item_dir: Path, problems: list[str], what: str):
-    """The JSON payload of an orbax JsonSave item (file "metadata")."""
-    return _read_json(item_dir / "metadata", problems, what)
-
-
-def verify_checkpoint(directory: str | os.PathLike, step: int, *, read_arrays: bool = True,
-                      required_items: Iterable[str] = ("state",)) -> list[str]:
-    """Problems found in checkpoint `step` of `directory` (an empty list = good).
-
-    Checks the step directory and orbax's ``_CHECKPOINT_METADATA``; every item directory listed
-    in `required_items`; the state item's ``_METADATA``; the JSON items (config, JSON data-iterator
-    state) parse; with `read_arrays`, every array of the state reads back (this is what detects
-    truncated or missing array files) and, when the config holds a "digest" (`tree_digest` of
-    the saved state), the arrays match it (detects flipped bytes).
-    """
-    d = Path(directory).absolute() / str(int(step))
-    problems: list[str] = []
-    if not d.is_dir():
-        return [f"step directory {str(d)!r} missing"]
-    _read_json(d / "_CHECKPOINT_METADATA", problems, "orbax checkpoint metadata")
-    items = {p.name for p in d.iterdir() if p.is_dir()}
-    for name in required_items:
-        if name not in items:
-            problems.append(f"item {name!r} missing (have {sorted(items)})")
-    config = None
-    if "config" in items:
-        config = _item_json(d / "config", problems, "config item")
-    if "data" in items and (d / "data" / "metadata").exists():
-        _item_json(d / "data", problems, "data-iterator item")
-    if "state" in items:
-        _read_json(d / "state" / "_METADATA", problems, "state metadata")
-    if read_arrays and "state" in items and not problems:
-        try:
-            import orbax.checkpoint as ocp
-            with ocp.StandardCheckpointer() as ckptr:
-                raw = ckptr.restore(d / "state")
-            leaves = jax.tree_util.tree_leaves(raw)
-            if not leaves:
-                problems.append("state item holds no arrays")
-            want = config.get("digest") if isinstance(config, dict) else None
-            if want is not None and tree_digest(raw) != want:
-                problems.append("state arrays do not match the digest stored with the config (corrupted bytes)")
-        except Exception as e:  # any read failure means the checkpoint cannot be used
-            msg = " ".join(str(e).split(" See full TensorStore details")[0].split())[:300]
-            problems.append(f"state arrays unreadable ({type(e).__name__}: {msg})")
-    return problems
-
-
-def _steps(directory: Path) -> list[int]:
-    if not directory.is_dir():
-        return []
-    return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
-
-
-def latest_good_checkpoint(directory: str | os.PathLike, *, read_arrays: bool = True, quarantine: bool = True,
-                           log: Callable[[str], Any] | None = None) -> int | None:
-    """The newest step of `directory` that passes `verify_checkpoint` (None if there is none).
-
-    Every newer, bad step is reported (`log`, default `warnings.warn`) with its problems and, with
-    `quarantine`, moved to ``<directory>.corrupt/<step>-<unix time>`` so that orbax no longer sees
-    it and the resumed run can write that step again.  Call it before opening the orbax manager
-    (which caches the step list).  Unfinished saves (orbax's ``*.orbax-checkpoint-tmp-*``
-    directories, left by a killed process) are never counted as steps.
-    """
-    root = Path(directory).absolute()
-    say = log if log is not None else (lambda m: warnings.warn(m, RuntimeWarning, stacklevel=3))
-    for step in reversed(_steps(root)):
-        problems = verify_checkpoint(root, step, read_arrays=read_arrays)
-        if not problems:
-            return step
-        msg = f"checkpoint {root / str(step)} is corrupted or incomplete: " + "; ".join(problems)
-        if quarantine:
-            dest_root = root.parent / (root.name + ".corrupt")
-            dest_root.mkdir(parents=True, exist_ok=True)
-            dest = dest_root / f"{step}-{int(time.time())}"
-            shutil.move(str(root / str(step)), str(dest))
-            msg += f"; moved to {dest}"
-        say(msg + "; falling back to the previous checkpoint")
-    return None

@@ -32,143 +32,18 @@ import jax
 import numpy as np
 
 from ..config import PLDRConfig
+from . import multihost
 from .checkpoint import CheckpointManager
-from .faults import (FaultPolicy, NonFiniteMonitor, estimate_checkpoint_bytes, latest_good_checkpoint,
-                     preflight_checkpoint_dir)
-from .optimizer import lr_schedule, make_optimizer
+from .config import TrainConfig
+from .faults import CheckpointDirError, NonFiniteMonitor, estimate_checkpoint_bytes, preflight_checkpoint_dir
+from .multihost import init_distributed
+from .resume import ResumeError, checkpoint_steps, restore_latest_good
 from .sharding import (abstract_train_state, check_batch_size, init_train_state, make_mesh, replicated,
                        shard_batch)
-from .step import StepOptions, make_eval_step, make_train_step, reduce_eval
+from .step import make_eval_step, make_train_step, reduce_eval
 
-__all__ = ["TrainConfig", "TrainResult", "train", "init_distributed", "prepare_tokenizer", "prepare_datasets",
-           "make_g_lm", "plot_history", "read_metrics"]
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Everything about a training run except the model (a `PLDRConfig`).
-
-    Run: workdir (outputs), steps (optimiser updates in total; a resumed run continues up to it),
-      seed (parameter init and step RNG), resume (continue from the newest checkpoint in
-      workdir/checkpoints), overwrite (delete a previous run's checkpoints and logs in workdir).
-    Data: data (source spec for `pldr_jax.data.make_source`: "builtin" = the embedded corpus, a
-      path, "jsonl:PATH:FIELD", ...), tokenizer (a sentencepiece .model; None = train one with
-      `vocab_size` pieces on the training data), seq_len, batch_size (global, all processes),
-      data_mode ("pack" | "pad" | "nopad"), validation_fraction (documents held out), data_seed.
-    Optimiser (the reference recipe): learning_rate (peak), warmup_steps, total_steps (end of the
-      cosine decay; None = steps), alpha (final lr = alpha * peak), weight_decay, clip_value
-      (per-element clip, reference 1.0; None = off), clip_norm (global-norm clip; None = off).
-    Loss / compute: dag_coeffs (c_A, c_P, c_G), grad_accum (micro-batches per update), dtype
-      (override of the model's compute dtype: "float32" | "bfloat16"), remat, unroll_layers (see
-      `StepOptions`: unrolled layer loop, the default, or lax.scan for deep models), pad_aware_A,
-      g_source (predefined-G models: "identity", "random_normal[:scale]", "uniform[:lo:hi]",
-      "external:<file.npz>"; None = the config's custom_G_type default).
-    Mesh: mesh = (data, fsdp, tensor) sizes, one may be -1 (= the remaining devices).
-    Logging / eval / checkpoints: log_every, eval_every (0 = only at the end), eval_batches
-      (per evaluation, None = the whole validation split), save_every (0 = only at the end),
-      keep_checkpoints, async_checkpoint, progress (tqdm bar), plot, tensorboard (if installed).
-    Faults: nonfinite ("skip": a step with a non-finite loss / gradient is not applied, counted and
-      logged; "stop": save the last good state and raise `NonFiniteError`; "off": the reference,
-      no check), max_skipped (with "skip": stop once more than this many steps were skipped).
-    """
-    workdir: str = "runs/pldr"
-    steps: int = 1000
-    seed: int = 0
-    resume: bool = False
-    overwrite: bool = False
-    data: str = "builtin"
-    tokenizer: str | None = None
-    vocab_size: int = 4000
-    seq_len: int = 256
-    batch_size: int = 8
-    data_mode: str = "pack"
-    validation_fraction: float = 0.05
-    data_seed: int = 0
-    learning_rate: float = 1e-3
-    warmup_steps: int = 100
-    total_steps: int | None = None
-    alpha: float = 0.1
-    weight_decay: float = 0.1
-    clip_value: float | None = 1.0
-    clip_norm: float | None = None
-    dag_coeffs: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    grad_accum: int = 1
-    dtype: str | None = None
-    remat: bool = False
-    unroll_layers: bool = True
-    pad_aware_A: bool = False
-    g_source: str | None = None
-    mesh: tuple[int, int, int] = (-1, 1, 1)
-    log_every: int = 10
-    eval_every: int = 100
-    eval_batches: int | None = 20
-    save_every: int = 500
-    keep_checkpoints: int = 3
-    async_checkpoint: bool = True
-    progress: bool = True
-    plot: bool = True
-    tensorboard: bool = True
-    nonfinite: str = "skip"
-    max_skipped: int | None = None
-
-    def __post_init__(self):
-        object.__setattr__(self, "dag_coeffs", tuple(float(c) for c in self.dag_coeffs))
-        object.__setattr__(self, "mesh", tuple(int(m) for m in self.mesh))
-        for name in ("steps", "seq_len", "batch_size", "grad_accum", "log_every", "vocab_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"TrainConfig.{name} must be a positive int, got {v!r}")
-        for name in ("eval_every", "save_every", "warmup_steps", "keep_checkpoints"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"TrainConfig.{name} must be an int >= 0, got {v!r}")
-        if self.total_steps is not None and self.total_steps < 1:
-            raise ValueError(f"TrainConfig.total_steps must be >= 1 or None, got {self.total_steps!r}")
-        if self.warmup_steps > self.schedule_steps:
-            raise ValueError(f"TrainConfig.warmup_steps ({self.warmup_steps}) exceeds the schedule length "
-                             f"({self.schedule_steps} = total_steps or steps)")
-        if self.dtype not in (None, "float32", "bfloat16"):
-            raise ValueError(f"TrainConfig.dtype must be None, 'float32' or 'bfloat16', got {self.dtype!r}")
-        if len(self.mesh) != 3:
-            raise ValueError(f"TrainConfig.mesh must be (data, fsdp, tensor), got {self.mesh!r}")
-        if self.batch_size % self.grad_accum:
-            raise ValueError(f"batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})")
-        if self.eval_batches is not None and self.eval_batches < 1:
-            raise ValueError(f"TrainConfig.eval_batches must be >= 1 or None, got {self.eval_batches!r}")
-        StepOptions(dag_coeffs=self.dag_coeffs, grad_accum=self.grad_accum)  # validates
-        self.fault_policy()  # validates nonfinite / max_skipped
-
-    @property
-    def schedule_steps(self) -> int:
-        return self.total_steps if self.total_steps is not None else self.steps
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - fields)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields: {unknown}")
-        return cls(**dict(d))
-
-    def replace(self, **kw) -> "TrainConfig":
-        return dataclasses.replace(self, **kw)
-
-    def optimizer(self):
-        """(optax transformation, schedule) of this config."""
-        tx = make_optimizer(self.learning_rate, self.warmup_steps, self.schedule_steps, self.alpha,
-                            self.weight_decay, self.clip_value, clip_norm=self.clip_norm)
-        return tx, lr_schedule(self.learning_rate, self.warmup_steps, self.schedule_steps, self.alpha)
-
-    def step_options(self) -> StepOptions:
-        return StepOptions(dag_coeffs=self.dag_coeffs, grad_accum=self.grad_accum, pad_aware_A=self.pad_aware_A,
-                           remat=self.remat, unroll_layers=self.unroll_layers,
-                           nonfinite_guard=self.fault_policy().guard)
-
-    def fault_policy(self) -> FaultPolicy:
-        return FaultPolicy(nonfinite=self.nonfinite, max_skipped=self.max_skipped)
+__all__ = ["TrainConfig", "TrainResult", "CheckpointSaveError", "train", "init_distributed", "prepare_tokenizer",
+           "prepare_datasets", "make_g_lm", "plot_history", "read_metrics"]
 
 
 @dataclasses.dataclass
@@ -181,6 +56,9 @@ class TrainResult:
     paths: {"workdir", "checkpoints", "metrics", "plot", "tokenizer", "g_lm"} (str or None).
     wall_s: seconds of this call; start_step / end_step: optimiser steps before / after.
     g_lm: the predefined G_LM used (None for learned G).
+    resumed_from: the checkpoint step this call resumed from (None: started afresh).
+    quarantined: [{"step", "moved_to", "problems"}] of checkpoints proven corrupt while resuming and
+      moved aside (never deleted).  notes: what resuming had to say (no digest, data re-sharded).
     """
     state: Any
     model_cfg: PLDRConfig
@@ -193,28 +71,17 @@ class TrainResult:
     g_lm: Any = None
     tokenizer: Any = None
     first_step_s: float | None = None
+    resumed_from: int | None = None
+    quarantined: list = dataclasses.field(default_factory=list)
+    notes: list = dataclasses.field(default_factory=list)
 
     @property
     def losses(self) -> list[float]:
         return [m["loss"] for m in self.step_metrics]
 
 
-# --------------------------------------------------------------------------- distributed
-def init_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                     process_id: int | None = None, **kw) -> None:
-    """`jax.distributed.initialize` with CPU collectives over gloo (needed for multi-process CPU
-    runs, harmless on GPU/TPU).  No-op for a single process without a coordinator."""
-    if coordinator_address is None and (num_processes in (None, 1)):
-        return
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id, **kw)
-
-
-def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(name)
+def _barrier(name: str, timeout_s: float = multihost.DEFAULT_TIMEOUT_S) -> None:
+    multihost.barrier(name, timeout_s)
 
 
 # --------------------------------------------------------------------------- data
@@ -233,7 +100,7 @@ def prepare_tokenizer(tcfg: TrainConfig, workdir: Path | None = None, documents:
         docs = documents if documents is not None else list(make_source(tcfg.data))
         workdir.mkdir(parents=True, exist_ok=True)
         Tokenizer.train(docs, workdir / "tokenizer", tcfg.vocab_size, seed=tcfg.data_seed)
-    _barrier("pldr_tokenizer")
+    _barrier("pldr_tokenizer", tcfg.sync_timeout_s)
     return Tokenizer.load(path)
 
 
@@ -405,6 +272,20 @@ def _batches(source, start_step: int):
     return it, hasattr(it, "get_state") and hasattr(it, "set_state")
 
 
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written (the message names the newest complete one, left intact)."""
+
+
+def _save_failure_message(ckpt_dir: Path, step: int | None, exc: BaseException) -> str:
+    from .integrity import error_summary
+    done = checkpoint_steps(ckpt_dir)
+    kept = (f"the newest complete checkpoint, step {done[-1]}, is intact" if done else
+            "no complete checkpoint exists yet")
+    when = f"while saving step {step}" if step is not None else "while finishing the last save"
+    return (f"checkpoint save failed {when} ({error_summary(exc)}); {kept}. Free disk space or fix {ckpt_dir}, "
+            "then run again with --resume (resume=True)")
+
+
 def evaluate(eval_step, params, val_source, mesh, g_lm=None, max_batches: int | None = None) -> dict:
     """Validation loss / accuracy / perplexity over `val_source` (first `max_batches` batches)."""
     sums = []
@@ -444,27 +325,30 @@ def train(model_cfg: PLDRConfig, tcfg: TrainConfig, *, train_data: Iterable | No
     tx, schedule, train_step, eval_step = _compiled_steps(model_cfg, tcfg, mesh, compiler_options)
     abstract = abstract_train_state(model_cfg, tx, mesh)
     ckpt_dir = workdir / "checkpoints"
+    timeout = tcfg.sync_timeout_s
+    problem = None
     if _is_main():
-        if tcfg.overwrite:
-            _clear_run(workdir, keep=[tcfg.tokenizer])
-        preflight_checkpoint_dir(ckpt_dir, estimate_checkpoint_bytes(abstract))
-        workdir.mkdir(parents=True, exist_ok=True)
-    _barrier("pldr_workdir")
-    if tcfg.resume and _is_main():  # a truncated / corrupted newest checkpoint is moved aside
-        latest_good_checkpoint(ckpt_dir, log=lambda m: log("warning: " + m))
-    _barrier("pldr_verify")
-    mngr = CheckpointManager(ckpt_dir, max_to_keep=tcfg.keep_checkpoints or None, async_save=tcfg.async_checkpoint)
-    latest = mngr.latest_step()
-    if latest is not None and not tcfg.resume:
-        mngr.close()
-        raise ValueError(f"{ckpt_dir} already holds checkpoints (latest step {latest}); pass resume=True "
-                         "(--resume) to continue, overwrite=True (--overwrite) to start again, or another workdir")
-    if latest is not None:
-        saved = mngr.restore_config(latest)
-        if saved.get("model") and PLDRConfig.from_dict(saved["model"]) != model_cfg:
-            mngr.close()
-            raise ValueError(f"the checkpoint in {ckpt_dir} was trained with a different model config:\n"
-                             f"  saved:   {saved['model']}\n  current: {model_cfg.to_dict()}")
+        try:
+            if tcfg.overwrite:
+                _clear_run(workdir, keep=[tcfg.tokenizer])
+            preflight_checkpoint_dir(ckpt_dir, estimate_checkpoint_bytes(abstract))
+            workdir.mkdir(parents=True, exist_ok=True)
+        except CheckpointDirError as e:
+            problem = str(e)
+    problem = multihost.all_gather_json("pldr_workdir", problem, timeout)[0]  # every process stops on it
+    if problem:
+        raise CheckpointDirError(problem)
+    resume_point = None
+    if tcfg.resume:  # collective: every process restores, all agree on the step (or all raise ResumeError)
+        resume_point = restore_latest_good(ckpt_dir, abstract, expect_model=model_cfg.to_dict(), timeout_s=timeout,
+                                           log=log)
+    elif checkpoint_steps(ckpt_dir):
+        raise ValueError(f"{ckpt_dir} already holds checkpoints (latest step {checkpoint_steps(ckpt_dir)[-1]}); "
+                         "pass resume=True (--resume) to continue, overwrite=True (--overwrite) to start again, "
+                         "or another workdir")
+    multihost.barrier("pldr_resume_decided", timeout)  # quarantine moves are done before orbax lists the steps
+    mngr = CheckpointManager(ckpt_dir, max_to_keep=tcfg.keep_checkpoints or None, async_save=tcfg.async_checkpoint,
+                             timeout_s=timeout)
 
     # ---- data
     if train_data is None:
@@ -498,17 +382,28 @@ def train(model_cfg: PLDRConfig, tcfg: TrainConfig, *, train_data: Iterable | No
         (workdir / "run_config.json").write_text(json.dumps(config_record, indent=2))
 
     batches, checkpointable_data = _batches(train_data, 0)
-    if tcfg.resume and latest is not None:
-        state, _ = mngr.restore(abstract, latest, data_iterator=batches if checkpointable_data else None)
-        if not checkpointable_data:
+    if resume_point is not None:
+        state = resume_point.state
+        if checkpointable_data and resume_point.data_state is not None:
+            batches.set_state(resume_point.data_state)
+        elif checkpointable_data:
+            raise ResumeError(f"checkpoint {ckpt_dir / str(resume_point.step)} holds no data-iterator state but this "
+                              "run's data is checkpointable: resuming would repeat data silently; resume with the "
+                              "data the checkpoint was written with")
+        else:
             log("warning: the training data has no get_state()/set_state(); it restarts from its beginning")
-        log(f"resumed from {ckpt_dir / str(latest)} (step {int(state.step)})")
+        log(f"resumed from {ckpt_dir / str(resume_point.step)} (step {int(state.step)})")
     else:
+        if tcfg.resume:
+            log(f"no checkpoint in {ckpt_dir}: starting from step 0")
         state = init_train_state(model_cfg, tx, mesh, tcfg.seed, compiler_options=compiler_options)
     start_step = int(state.step)
 
     logger = _Logger(workdir / "metrics.jsonl" if _is_main() else None,
                      workdir / "tensorboard" if (tcfg.tensorboard and _is_main()) else None)
+    if resume_point is not None:
+        logger.write({"kind": "resume", "step": resume_point.step, "quarantined": resume_point.quarantined,
+                      "notes": resume_point.notes, "process_count": jax.process_count()})
     bar = None
     if tcfg.progress and _is_main() and start_step < tcfg.steps:
         from tqdm.auto import tqdm
@@ -574,9 +469,15 @@ def train(model_cfg: PLDRConfig, tcfg: TrainConfig, *, train_data: Iterable | No
             log(f"step {step_now}: val_loss {r['val_loss']:.4f}  val_acc {r['val_accuracy']:.4f}  "
                 f"val_ppl {r['val_perplexity']:.2f}")
 
-    def save(step_now: int, force: bool = False):
-        mngr.save(step_now, state, config=config_record, data_iterator=batches if checkpointable_data else None,
-                  force=force)
+    def save(step_now: int, force: bool = False, finish: bool = False):
+        try:
+            if step_now is not None:
+                mngr.save(step_now, state, config=config_record,
+                          data_iterator=batches if checkpointable_data else None, force=force)
+            if finish:
+                mngr.wait_until_finished()
+        except Exception as e:  # e.g. disk full; an asynchronous save reports here or at the next save
+            raise CheckpointSaveError(_save_failure_message(ckpt_dir, step_now, e)) from e
 
     step = start_step
     try:
@@ -598,8 +499,7 @@ def train(model_cfg: PLDRConfig, tcfg: TrainConfig, *, train_data: Iterable | No
                 bar.update(1)
             if per_step_check and monitor.observe(step, float(metrics["nonfinite"]) == 0.0):
                 flush(step)
-                save(step, force=True)  # the bad update was not applied: this is the last good state
-                mngr.wait_until_finished()
+                save(step, force=True, finish=True)  # the bad update was not applied: the last good state
                 monitor.raise_stop(ckpt_dir / str(step))
             last = step == tcfg.steps
             if step % tcfg.log_every == 0 or last:
@@ -613,14 +513,15 @@ def train(model_cfg: PLDRConfig, tcfg: TrainConfig, *, train_data: Iterable | No
         flush(step)
         if step > start_step or val_data is not None:
             run_eval(step)
-        if step > start_step:
-            save(step, force=True)
-        mngr.wait_until_finished()
+        save(step if step > start_step else None, force=True, finish=True)
     finally:
         if bar is not None:
             bar.close()
         logger.close()
-        mngr.close()
+        try:
+            mngr.close()
+        except Exception as e:  # already reported by save(); do not mask the error in flight
+            log(f"warning: closing the checkpoint manager: {type(e).__name__}: {e}")
 
     plot_path = None
     if tcfg.plot and _is_main():
@@ -634,4 +535,7 @@ def train(model_cfg: PLDRConfig, tcfg: TrainConfig, *, train_data: Iterable | No
              "g_lm": str(g_path) if g_path else None}
     return TrainResult(state=state, model_cfg=model_cfg, step_metrics=step_metrics, evals=evals, paths=paths,
                        wall_s=time.perf_counter() - t_start, start_step=start_step, end_step=step, g_lm=g_lm,
-                       tokenizer=tokenizer, first_step_s=first_step_s)
+                       tokenizer=tokenizer, first_step_s=first_step_s,
+                       resumed_from=resume_point.step if resume_point else None,
+                       quarantined=resume_point.quarantined if resume_point else [],
+                       notes=resume_point.notes if resume_point else [])
