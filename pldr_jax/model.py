@@ -2,8 +2,8 @@
 
 `forward` reproduces the reference's full-sequence pass (metric tensor over every position, as the
 reference) unless `pad_aware_A=True`, which masks padding out of A (what batched inference wants).
-The layer pieces (`project_qkv`, `deduce`, `attend_and_mix`) are public so that the decoder can
-compose them with its caches.
+Each layer is `layer.decoder_layer`, the one the decoder (`pldr_jax.decode`) runs too; `embed` and
+`normalize_g_lm` are shared with it as well.
 """
 
 from __future__ import annotations
@@ -17,11 +17,9 @@ import jax
 import jax.numpy as jnp
 
 from .config import PLDRConfig
-from .ops.attention import causal_padding_mask, plga_attention
-from .ops.deductive import derive_g
-from .ops.layers import glu, layer_norm, linear
-from .ops.metric import metric_learner, metric_tensor
-from .ops.rope import apply_rope
+from .layer import decoder_layer
+from .ops.attention import causal_padding_mask
+from .ops.layers import layer_norm, linear
 
 DEDUCTIVE_KEYS = ("A", "A_LM", "A_P", "G_LM")
 
@@ -44,63 +42,12 @@ class ForwardOutput:
     intermediates: Any = None
 
 
-# --------------------------------------------------------------------------- layer pieces
+# --------------------------------------------------------------------------- embedding
 def embed(cfg: PLDRConfig, params: dict, tokens: jax.Array) -> jax.Array:
     """tokens [B, L] -> LayerNorm(Embedding * sqrt(D)) [B, L, D] in the compute dtype."""
     x = jnp.take(params["embed"]["embedding"], tokens, axis=0).astype(jnp.float32)
     x = x * jnp.float32(math.sqrt(cfg.d_model))
     return layer_norm(params["embed_norm"], x, cfg.layer_norm_eps).astype(jnp.dtype(cfg.dtype))
-
-
-def project_qkv(cfg: PLDRConfig, lp: dict, x: jax.Array, positions: jax.Array):
-    """x [B, L, D], positions [B, L] -> rotated q, k and v, each [B, L, H, dk]."""
-    B, L, _ = x.shape
-    split = lambda t: t.reshape(B, L, cfg.num_heads, cfg.head_dim)
-    if "wqkv" in lp:   # fused [D, 3D] projection (decode-prepared params, pldr_jax.decode.prepare_params)
-        q, k, v = (split(t) for t in jnp.split(linear(lp["wqkv"], x), 3, axis=-1))
-    else:
-        q, k, v = (split(linear(lp[n], x)) for n in ("wq", "wk", "wv"))
-    q = apply_rope(q, positions, cfg.rope_theta, cfg.reference_rope)
-    k = apply_rope(k, positions, cfg.rope_theta, cfg.reference_rope)
-    return q, k, v
-
-
-def metric_A(cfg: PLDRConfig, lp: dict, q: jax.Array, token_mask: jax.Array | None) -> jax.Array:
-    """The learned metric tensor A [B, H, dk, dk] from rotated queries q [B, L, H, dk]."""
-    return metric_learner(lp["metric_norm"], lp["metric_res"], metric_tensor(q, token_mask),
-                          cfg.layer_norm_eps)
-
-
-def deduce(lp: dict, A: jax.Array) -> dict:
-    """A [B, H, dk, dk] -> {"A", "A_LM", "A_P", "G_LM"} (float32)."""
-    A_LM, A_P, G_LM = derive_g(lp["plga"], A)
-    return {"A": A, "A_LM": A_LM, "A_P": A_P, "G_LM": G_LM}
-
-
-def attend_and_mix(cfg: PLDRConfig, lp: dict, x: jax.Array, q, k, v, g_lm, mask) -> jax.Array:
-    """Attention with G_LM, output projection, then the post-LN residual blocks.
-
-    x [B, Lq, D]; q [B, Lq, H, dk]; k, v [B, Lk, H, dk]; g_lm [B|1, H, dk, dk]; mask
-    [B, 1, Lq, Lk] bool.  Returns the layer output [B, Lq, D].
-    """
-    B, L, D = x.shape
-    att = plga_attention(q, k, v, g_lm, mask).reshape(B, L, D)
-    h = layer_norm(lp["norm1"], x + linear(lp["dense"], att), cfg.layer_norm_eps)
-    return layer_norm(lp["norm2"], h + glu(lp["ffn"], h), cfg.layer_norm_eps)
-
-
-def decoder_layer(cfg: PLDRConfig, lp: dict, x, positions, mask, token_mask_A, g_given):
-    """One full-sequence decoder layer.
-
-    Returns (x_out [B, L, D], deductive dict, (k, v)).  With `g_given` [B|1, H, dk, dk] the
-    metric learner and the deductive derivation are skipped (the reference's G-cache path).
-    """
-    q, k, v = project_qkv(cfg, lp, x, positions)
-    if g_given is None:
-        ded = deduce(lp, metric_A(cfg, lp, q, token_mask_A))
-    else:
-        ded = {"G_LM": g_given.astype(jnp.float32)}
-    return attend_and_mix(cfg, lp, x, q, k, v, ded["G_LM"], mask), ded, (k, v)
 
 
 # --------------------------------------------------------------------------- G_LM argument
@@ -166,7 +113,7 @@ def forward(cfg: PLDRConfig, params: dict, tokens: jax.Array, g_lm: jax.Array | 
     x0 = embed(cfg, params, tokens)
 
     def body(x, lp, g):
-        x, ded, (k, v) = decoder_layer(cfg, lp, x, positions, mask, token_mask_A, g)
+        x, ded, (k, v) = decoder_layer(cfg, lp, x, positions, mask, metric_mask=token_mask_A, g_lm=g)
         extra = {"layer_out": x, "k": k, "v": v} if collect else {}
         return x, (ded, extra)
 

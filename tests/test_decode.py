@@ -12,7 +12,6 @@ Compilation is the dominant cost here, so the tests share static configurations:
 
 from __future__ import annotations
 
-import importlib
 import json
 
 import jax
@@ -22,13 +21,14 @@ import pytest
 
 import pldr_jax
 import pldr_jax.io
-from pldr_jax.decode import GenerateOutput, generate, init_cache
+from pldr_jax.decode import GenerateOutput, decode_dtype, generate, init_cache, prepare_params
 from pldr_jax.decode.cache import cache_logical_axes, cache_partition_specs
+from pldr_jax.decode.loop import compiled_counts
+from pldr_jax.decode.request import normalize_prompts
 from pldr_jax.decode.stream import stream_generate
 
 from .conftest import ref_path
 
-gm = importlib.import_module("pldr_jax.decode.generate")
 
 MODES = {"kv_g": ("kvT_gT", True, True), "kv": ("kvT_gF", True, False), "g": ("kvF_gT", False, True),
          "none": ("kvF_gF", False, False)}
@@ -47,7 +47,7 @@ def _gen(cfg, params, prompts, mode="kv_g", **kw):
 @pytest.fixture(scope="module")
 def tiny(tiny_v510):
     cfg, params = tiny_v510
-    return cfg, gm.prepare_params(cfg, params, 1)[1]
+    return cfg, prepare_params(cfg, params, 1)[1]
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +133,7 @@ def test_no_recompile_within_bucket(tiny):
     seeds: at most one compilation of prefill and of the decode loop (zero when an earlier test
     already compiled this static configuration), and none after the first call."""
     cfg, params = tiny
-    sizes = lambda: (gm._prefill_jit._cache_size(), gm._decode_jit._cache_size())
+    sizes = lambda: (compiled_counts()["prefill"], compiled_counts()["loop"])
     # prompts <= 16 tokens and 17..32 new tokens: one length bucket (P = 16, N = 32, S = 64)
     calls = [(RAGGED, 20, 0.8, 0), ([[5, 6, 7], [8, 9, 10, 11, 12], [1] * 16], 25, 1.0, 1),
              ([[13, 14, 15, 16, 17, 18, 19], [20], [99, 98]], 32, 0.5, 2),
@@ -214,8 +214,8 @@ def test_input_validation(tiny):
         generate(cfg, params, [PROMPT], max_new_tokens=2, eos_id=-3)
     with pytest.raises(ValueError, match="g_lm"):
         generate(cfg, params, [PROMPT], max_new_tokens=2, g_lm=np.zeros((3, 4, 8, 8), np.float32))
-    assert gm.normalize_prompts(cfg, np.array([[5, 6, 0, 0], [7, 0, 0, 0]])) == [[5, 6], [7]]
-    assert gm.normalize_prompts(cfg, [5, 6]) == [[5, 6]]
+    assert normalize_prompts(cfg, np.array([[5, 6, 0, 0], [7, 0, 0, 0]])) == [[5, 6], [7]]
+    assert normalize_prompts(cfg, [5, 6]) == [[5, 6]]
 
 
 # --------------------------------------------------------------------------- streaming
@@ -255,15 +255,15 @@ def test_init_cache_shapes_and_axes(tiny):
 def test_dtype_policy(tiny):
     cfg, params = tiny
     bf = cfg.replace(dtype="bfloat16", param_dtype="bfloat16")
-    assert gm.decode_dtype(bf, 1) == "float32" and gm.decode_dtype(bf, 8) == "bfloat16"
-    assert gm.decode_dtype(bf, 1, bf16_min_batch=0) == "bfloat16" and gm.decode_dtype(cfg, 1) == "float32"
+    assert decode_dtype(bf, 1) == "float32" and decode_dtype(bf, 8) == "bfloat16"
+    assert decode_dtype(bf, 1, bf16_min_batch=0) == "bfloat16" and decode_dtype(cfg, 1) == "float32"
     p16 = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params)
-    rc, rp = gm.prepare_params(bf, p16, 2)
+    rc, rp = prepare_params(bf, p16, 2)
     assert rc.dtype == "float32" and rp["layers"][0]["wqkv"]["kernel_t"].dtype == jnp.float32
-    rc, rp = gm.prepare_params(cfg.replace(dtype="bfloat16"), params, 8)
+    rc, rp = prepare_params(cfg.replace(dtype="bfloat16"), params, 8)
     assert rc.dtype == "bfloat16" and rp["layers"][0]["ffn"]["w12"]["kernel_t"].dtype == jnp.bfloat16
     assert rp["layers"][0]["plga"]["W"].dtype == jnp.float32        # deductive weights stay float32
-    rc, rp = gm.prepare_params(cfg, params, 1)
+    rc, rp = prepare_params(cfg, params, 1)
     assert rp["layers"][0]["wqkv"]["kernel_t"] is params["layers"][0]["wqkv"]["kernel_t"]   # no copy
     # the fused decode layout gives the same forward pass as the reference layout
     raw = pldr_jax.io.state_dict_to_params(cfg, dict(np.load(ref_path("tiny_v510_params.npz"))))

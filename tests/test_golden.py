@@ -44,7 +44,8 @@ def test_tiny_v510_forward_matches_reference(tiny_v510):
 
 def test_tiny_v510_metric_tensor_before_learner(tiny_v510):
     """A0 = LayerNorm(q^T q) over all positions (the reference leak included)."""
-    from pldr_jax.model import embed, project_qkv
+    from pldr_jax.layer import project_qkv
+    from pldr_jax.model import embed
     from pldr_jax.ops.layers import layer_norm
     from pldr_jax.ops.metric import metric_tensor
     cfg, params = tiny_v510

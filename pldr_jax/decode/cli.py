@@ -112,9 +112,11 @@ def run(args) -> int:
     import numpy as np
 
     from ..g_sources import make_g
-    from .generate import generate, mode_name, prepare_params
+    from .generate import generate
     from .sampling import validate_sampling
+    from .step import mode_name
     from .text import encode_prompts
+    from .weights import prepare_params
 
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")

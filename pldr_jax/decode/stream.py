@@ -9,16 +9,13 @@ arguments and seed.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import importlib
-import warnings
 from typing import Iterator
 
 import jax
 import numpy as np
 
-# `pldr_jax.decode.generate` (the module) is shadowed by the function of the same name in the package
-_gen = importlib.import_module("pldr_jax.decode.generate")
+from .loop import advance_loop, prefill_cache, start_loop
+from .request import make_request
 
 __all__ = ["stream_generate", "StreamStep"]
 
@@ -41,16 +38,6 @@ class StreamStep:
         return iter((self.step, self.tokens, self.active, self.done))
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "n_out"), donate_argnames=("cache",))
-def _start_jit(spec, cache, logits0, ded0, key, dyn, *, n_out):
-    return _gen._start(spec, cache, logits0, ded0, key, dyn, n_out)
-
-
-@functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("st",))
-def _advance_jit(spec, params, st, dyn):
-    return _gen._advance(spec, params, st, dyn)
-
-
 def stream_generate(cfg, params, prompts, *, max_new_tokens: int, kv_cache: bool = True,
                     g_cache: bool = True, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                     seed=0, eos_id: int | None = 3, g_lm=None, shared_g: bool = False,
@@ -60,24 +47,19 @@ def stream_generate(cfg, params, prompts, *, max_new_tokens: int, kv_cache: bool
 
     Arguments as `pldr_jax.generate`.  Validation happens on the first `next()`.
     """
-    s = _gen._setup(cfg, params, prompts, max_new_tokens=max_new_tokens, kv_cache=kv_cache,
-                    g_cache=g_cache, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                    eos_id=eos_id, g_lm=g_lm, shared_g=shared_g, stop_at_max_seq_len=stop_at_max_seq_len,
-                    max_len=max_len, return_logits=False, return_deductive=False,
-                    bf16_min_batch=bf16_min_batch)
-    cache, logits0, _ = _gen._prefill_jit(s.spec.cfg, s.params, s.tokens, s.lengths, s.g_all, max_len=s.S)
-    if not s.spec.kv_cache:
-        cache = cache.replace(k=None, v=None)
-    with warnings.catch_warnings():   # shared_g shrinks the G-cache: those donated buffers go unused
-        warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
-        st = _start_jit(s.spec, cache, logits0, None, s.key, s.dyn, n_out=s.N)
-    prev_done = np.asarray(s.dyn.limit) <= 0
+    req = make_request(cfg, params, prompts, max_new_tokens=max_new_tokens, kv_cache=kv_cache, g_cache=g_cache,
+                       temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, eos_id=eos_id, g_lm=g_lm,
+                       shared_g=shared_g, stop_at_max_seq_len=stop_at_max_seq_len, max_len=max_len,
+                       return_logits=False, return_deductive=False, bf16_min_batch=bf16_min_batch)
+    cache, logits0, _ = prefill_cache(req.spec, req.params, req.tokens, req.lengths, req.g_all, req.max_len)
+    st = start_loop(req.spec, cache, logits0, None, req.key, req.inputs, n_out=req.n_out)
+    prev_done = np.asarray(req.inputs.limit) <= 0
     t = 0
     while True:
         tokens, done = jax.device_get((st.token, st.done))
         yield StreamStep(step=t, tokens=np.asarray(tokens), active=~prev_done, done=np.asarray(done))
         prev_done = np.asarray(done)
         t += 1
-        if t >= s.max_new or prev_done.all():
+        if t >= req.max_new_tokens or prev_done.all():
             return
-        st = _advance_jit(s.spec, s.params, st, s.dyn)
+        st = advance_loop(req.spec, req.params, st, req.inputs)

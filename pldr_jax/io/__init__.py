@@ -4,9 +4,9 @@ Nothing here executes pickled code: `.pth`/`.bin` files are read with a restrict
 only rebuilds tensors (see `torch_pickle`).  torch itself is never needed.
 """
 
-from .hf import (HFMeta, hf_config_to_pldr, load_hf, load_hf_meta, pldr_to_hf_config, read_hf_state_dict,
-                 read_safetensors, save_hf)
+from .hf import HFMeta, hf_config_to_pldr, load_hf, load_hf_meta, pldr_to_hf_config, read_hf_state_dict, save_hf
 from .loading import detect_format, load_model, save_model
+from .safetensors_io import read_safetensors
 from .state_dict import (expected_state_dict_shapes, load_g_lm_list, load_state_dict_file,
                          load_torch_checkpoint, params_to_state_dict, save_torch_checkpoint,
                          state_dict_to_params)

@@ -23,11 +23,12 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..config import PLDRConfig
+from .safetensors_io import read_safetensors
 from .state_dict import params_to_state_dict, state_dict_to_params
 from .torch_pickle import load_torch_state_dict
 
 __all__ = ["HFMeta", "load_hf", "load_hf_meta", "save_hf", "hf_config_to_pldr", "pldr_to_hf_config",
-           "read_safetensors", "read_hf_state_dict"]
+           "read_hf_state_dict"]
 
 G_BUFFER = "decoder.past_G_values"
 G_STATUS_BUFFER = "decoder.past_G_values_status"
@@ -174,19 +175,6 @@ def pldr_to_hf_config(cfg: PLDRConfig, *, pad_token_id: int = 0, bos_token_id: i
 
 
 # --------------------------------------------------------------------------- weights
-def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """All tensors of one safetensors file as numpy arrays (bfloat16 via ml_dtypes)."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"safetensors file not found: {path}")
-    try:
-        return dict(load_file(str(path)))
-    except (SafetensorError, KeyError, ValueError, OSError) as e:
-        raise ValueError(f"{path}: not a readable safetensors file: {type(e).__name__}: {e}") from e
-
-
 def _read_index(index: Path, reader) -> dict[str, np.ndarray]:
     try:
         with open(index) as f:

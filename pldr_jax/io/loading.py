@@ -32,7 +32,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..config import PRESETS, PLDRConfig
-from .hf import hf_config_to_pldr, load_hf, read_safetensors, save_hf
+from .hf import hf_config_to_pldr, load_hf, save_hf
+from .safetensors_io import read_safetensors
 from .state_dict import (_TORCH_SUFFIXES, _open_npz, load_g_lm_list, save_torch_checkpoint,
                          state_dict_to_params)
 from .torch_pickle import load_torch_state_dict

@@ -32,6 +32,7 @@ import numpy as np
 
 from ..config import PLDRConfig
 from ..params import abstract_params
+from .safetensors_io import read_safetensors
 from .torch_pickle import load_torch_state_dict, save_torch_state_dict
 
 __all__ = ["state_dict_to_params", "params_to_state_dict", "expected_state_dict_shapes",
@@ -241,7 +242,6 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
             sd = {k[len(prefix):]: v for k, v in sd.items()}
         return sd
     if suffix == ".safetensors":
-        from .hf import read_safetensors
         return read_safetensors(path)
     if suffix in _TORCH_SUFFIXES:
         return load_torch_state_dict(path)

@@ -1,0 +1,141 @@
+"""The model over the decoding cache: the prefill that fills it and one decode step per new token.
+
+Both run `layer.decoder_layer` over per-layer weights (`weights.prepare_params`); the cache modes are
+the arguments they pass it.  The reference's four modes (`MODES`; MODEL.md "Caches at inference"):
+
+* ``kv_g`` (KV-cache + G-cache): only the new token runs; G_LM is the cached prompt G.
+* ``kv`` (KV-cache only): only the new token runs; G is re-derived each step from the cached
+  prompt-time A (A -> A_LM -> A_P -> G_LM; the same numbers, more work).
+* ``g`` (G-cache only): the whole sequence is re-run each step in the fixed buffer (positions
+  beyond the current length are padding), with the prompt's G in every layer.
+* ``none``: the whole sequence is re-run and A, G are recomputed from it each step (pad-aware A),
+  so G drifts from the prompt's: the tokens may differ from the cached modes (as in the reference).
+
+With a given G (predefined-G configs, or ``g_lm=``) G is that tensor in every step of every mode,
+and the metric learner never runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from ..config import PLDRConfig
+from ..layer import decoder_layer
+from ..model import embed
+from ..ops.attention import causal_padding_mask
+from ..ops.layers import linear
+from .cache import Cache
+
+__all__ = ["MODES", "mode_name", "StepSpec", "prefill", "decode_step"]
+
+#: mode name -> (kv_cache, g_cache)
+MODES: dict[str, tuple[bool, bool]] = {"kv_g": (True, True), "kv": (True, False), "g": (False, True),
+                                       "none": (False, False)}
+
+
+def mode_name(kv_cache: bool, g_cache: bool) -> str:
+    """The `MODES` name of a (kv_cache, g_cache) pair."""
+    return {v: k for k, v in MODES.items()}[(bool(kv_cache), bool(g_cache))]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """Static description of the decode step (hashable: a static jit argument)."""
+    cfg: PLDRConfig            # run config (decode dtype applied, `weights.decode_dtype`)
+    kv_cache: bool
+    g_cache: bool
+    given_g: bool              # G_LM is given (predefined-G config or g_lm=)
+
+    @property
+    def fixed_g(self) -> bool:
+        """G_LM stays the prompt's (or the given one) after prefill."""
+        return self.given_g or self.g_cache
+
+
+def _run_layers(cfg: PLDRConfig, params, x, positions, mask, *, metric_mask=None, g_lm=None, metric=None,
+                kv_buffers=None, last_query_rows=None):
+    """`decoder_layer` over every layer of per-layer params.
+
+    x [B, L, D]; positions, mask, metric_mask as `decoder_layer`.  Per-layer inputs, indexed by layer
+    (a tuple or a stacked array), None when unused: g_lm [L][B|1, H, dk, dk], metric (cached A)
+    [L][B|1, H, dk, dk], kv_buffers (k, v) each [L][B, S, H, dk].  last_query_rows [B]: the last layer's
+    output only at that position of each row.  Returns (x_out [B, L|1, D], keys [L][B, L|S, H, dk],
+    values, per-layer deductive dicts).
+    """
+    layers = params["layers"]
+    if not isinstance(layers, (tuple, list)):
+        raise ValueError("decoding needs per-layer weights: pass params through unstack_layers / prepare_params")
+    pick = lambda per_layer, i: None if per_layer is None else per_layer[i]
+    ks, vs, deds = [], [], []
+    for i, lp in enumerate(layers):
+        kv = None if kv_buffers is None else (kv_buffers[0][i], kv_buffers[1][i])
+        x, ded, (k, v) = decoder_layer(cfg, lp, x, positions, mask, metric_mask=metric_mask, g_lm=pick(g_lm, i),
+                                       metric=pick(metric, i), kv_buffers=kv,
+                                       query_rows=last_query_rows if i == len(layers) - 1 else None)
+        ks.append(k)
+        vs.append(v)
+        deds.append(ded)
+    return x, ks, vs, deds
+
+
+def _pad_to(x, S):
+    """[B, L, ...] -> [B, S, ...] zero-padded on axis 1."""
+    return jnp.pad(x, ((0, 0), (0, S - x.shape[1])) + ((0, 0),) * (x.ndim - 2))
+
+
+def prefill(cfg: PLDRConfig, params, tokens, lengths, g_all, max_len: int):
+    """Run right-padded prompts tokens [B, P] (lengths [B]) once; the same for every mode.
+
+    Each row's A sums over its own tokens only; padding is masked out of A and of the keys.
+    g_all: None (derive G) or a given G_LM [L, B|1, H, dk, dk].  Returns (cache with k/v in
+    buffers of max_len positions, logits [B, V] float32 of each row's last prompt token, the prompt's
+    deductive outputs {"A", "A_LM", "G_LM"} stacked [L, B, H, dk, dk] (only "G_LM" with a given G)).
+    """
+    B, P = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
+    valid = positions < lengths[:, None]
+    x, ks, vs, deds = _run_layers(cfg, params, embed(cfg, params, tokens), positions,
+                                  causal_padding_mask(valid, P), metric_mask=valid, g_lm=g_all)
+    logits = linear(params["final"], x[jnp.arange(B), lengths - 1]).astype(jnp.float32)
+    names = ("G_LM",) if g_all is not None else ("A", "A_LM", "G_LM")
+    per_layer = lambda name: tuple(d[name] for d in deds) if name in names else None
+    cache = Cache(k=tuple(_pad_to(k, max_len) for k in ks), v=tuple(_pad_to(v, max_len) for v in vs),
+                  A=per_layer("A"), A_LM=per_layer("A_LM"), G_LM=per_layer("G_LM"),
+                  tokens=_pad_to(tokens.astype(jnp.int32), max_len), lengths=lengths.astype(jnp.int32))
+    return cache, logits, {name: jnp.stack(per_layer(name)) for name in names}
+
+
+def decode_step(spec: StepSpec, params, cache: Cache, token, active):
+    """One model step: token [B] goes to position lengths[b] of row b (its length grows where
+    active [B] is True).
+
+    With the KV-cache only the new token runs, over the cached keys and values; without it the whole
+    buffer [B, S] runs again (beyond each row's length = padding), its last layer only at the new
+    token.  Returns (logits [B, V] float32, the new cache, per-layer deductive outputs: {"G_LM"}
+    (+ the cached "A_LM") with a fixed G, else {"A", "A_LM", "A_P", "G_LM"}, each [B|1, H, dk, dk]).
+    """
+    cfg = spec.cfg
+    B, S = cache.tokens.shape
+    pos = jnp.minimum(cache.lengths, S - 1)
+    tokens = cache.tokens.at[jnp.arange(B), pos].set(token)
+    lengths = jnp.where(active, pos + 1, cache.lengths)
+    g_lm = cache.G_LM if spec.fixed_g else None
+    if spec.kv_cache:               # the new token only; without a G-cache G comes from the cached A
+        mask = (jnp.arange(S)[None, :] <= pos[:, None])[:, None, None, :]          # [B, 1, 1, S]
+        x, ks, vs, deds = _run_layers(cfg, params, embed(cfg, params, token[:, None]), pos[:, None], mask,
+                                      g_lm=g_lm, metric=None if spec.fixed_g else cache.A,
+                                      kv_buffers=(cache.k, cache.v))
+        cache = cache.replace(k=tuple(ks), v=tuple(vs))
+    else:                           # the whole sequence; without a G-cache A and G come from it
+        positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+        valid = positions < lengths[:, None]
+        x, _, _, deds = _run_layers(cfg, params, embed(cfg, params, tokens), positions,
+                                    causal_padding_mask(valid, S), metric_mask=valid, g_lm=g_lm,
+                                    last_query_rows=lengths - 1)
+    if spec.fixed_g and cache.A_LM is not None:
+        deds = [dict(ded, A_LM=a_lm) for ded, a_lm in zip(deds, cache.A_LM)]
+    logits = linear(params["final"], x[:, 0]).astype(jnp.float32)
+    return logits, cache.replace(tokens=tokens, lengths=lengths), deds

@@ -1,0 +1,104 @@
+"""The PLDR-LLM decoder layer: its pieces and the one `decoder_layer` every caller runs.
+
+`decoder_layer` serves the full-sequence forward pass (training, evaluation, `model.forward`), the
+decoder's prefill and each of the reference's four decode modes (KV-cache on/off x G-cache on/off);
+where the modes differ, they pass different arguments:
+
+* where G_LM comes from: given (`g_lm`: a predefined G, an override, the G-cache), re-derived from a
+  cached prompt-time metric tensor (`metric`: the KV-only mode), or derived from this layer's
+  queries (neither; `metric_mask` masks tokens out of A);
+* `kv_buffers`: the KV-cache buffers a one-token step writes its keys and values into and attends
+  over (None: attend over this call's own keys and values);
+* `query_rows`: compute the output at one position per row only (the last layer of a no-KV-cache
+  step, whose other positions nobody reads).
+
+The pieces (`project_qkv`, `metric_A`, `deduce`, `attend_and_mix`) are public for tests and analyses
+that inspect one stage.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from .config import PLDRConfig
+from .ops.attention import plga_attention
+from .ops.deductive import derive_g
+from .ops.layers import glu, layer_norm, linear
+from .ops.metric import metric_learner, metric_tensor
+from .ops.rope import apply_rope
+
+__all__ = ["project_qkv", "metric_A", "deduce", "attend_and_mix", "decoder_layer"]
+
+
+def project_qkv(cfg: PLDRConfig, lp: dict, x: jax.Array, positions: jax.Array):
+    """x [B, L, D], positions [B, L] -> rotated q, k and v, each [B, L, H, dk]."""
+    B, L, _ = x.shape
+    split = lambda t: t.reshape(B, L, cfg.num_heads, cfg.head_dim)
+    if "wqkv" in lp:   # fused [D, 3D] projection (`params.fuse_projections`)
+        q, k, v = (split(t) for t in jnp.split(linear(lp["wqkv"], x), 3, axis=-1))
+    else:
+        q, k, v = (split(linear(lp[n], x)) for n in ("wq", "wk", "wv"))
+    q = apply_rope(q, positions, cfg.rope_theta, cfg.reference_rope)
+    k = apply_rope(k, positions, cfg.rope_theta, cfg.reference_rope)
+    return q, k, v
+
+
+def metric_A(cfg: PLDRConfig, lp: dict, q: jax.Array, token_mask: jax.Array | None) -> jax.Array:
+    """The learned metric tensor A [B, H, dk, dk] from rotated queries q [B, L, H, dk]; token_mask
+    [B, L] (False = left out of A) or None (every position, as the reference)."""
+    return metric_learner(lp["metric_norm"], lp["metric_res"], metric_tensor(q, token_mask),
+                          cfg.layer_norm_eps)
+
+
+def deduce(lp: dict, A: jax.Array) -> dict:
+    """A [B, H, dk, dk] -> {"A", "A_LM", "A_P", "G_LM"} (float32)."""
+    A_LM, A_P, G_LM = derive_g(lp["plga"], A)
+    return {"A": A, "A_LM": A_LM, "A_P": A_P, "G_LM": G_LM}
+
+
+def attend_and_mix(cfg: PLDRConfig, lp: dict, x: jax.Array, q, k, v, g_lm, mask) -> jax.Array:
+    """Attention with G_LM, output projection, then the post-LN residual blocks.
+
+    x [B, Lq, D]; q [B, Lq, H, dk]; k, v [B, Lk, H, dk]; g_lm [B|1, H, dk, dk]; mask
+    [B, 1, Lq, Lk] bool.  Returns the layer output [B, Lq, D].
+    """
+    B, L, D = x.shape
+    att = plga_attention(q, k, v, g_lm, mask).reshape(B, L, D)
+    h = layer_norm(lp["norm1"], x + linear(lp["dense"], att), cfg.layer_norm_eps)
+    return layer_norm(lp["norm2"], h + glu(lp["ffn"], h), cfg.layer_norm_eps)
+
+
+def decoder_layer(cfg: PLDRConfig, lp: dict, x: jax.Array, positions: jax.Array, mask: jax.Array, *,
+                  metric_mask: jax.Array | None = None, g_lm: jax.Array | None = None,
+                  metric: jax.Array | None = None, kv_buffers: tuple[jax.Array, jax.Array] | None = None,
+                  query_rows: jax.Array | None = None):
+    """One decoder layer (see the module docstring for which caller passes what).
+
+    x [B, L, D] the layer input; positions [B, L] int (RoPE positions); mask [B, 1, L, Lk] bool
+    (True = may attend; Lk = L, or S with `kv_buffers`).
+    G_LM source: `g_lm` [B|1, H, dk, dk] used as given (the metric learner is skipped); else
+    `metric` [B, H, dk, dk], a cached A that A_LM, A_P, G_LM are re-derived from; else A from this
+    layer's queries, with `metric_mask` [B, L] bool (False = left out of A) or None (all positions).
+    kv_buffers: (k, v) [B, S, H, dk] KV-cache buffers of a one-token step (L == 1): this step's key
+      and value are written at position positions[b, 0] of row b and attention runs over the buffers.
+    query_rows: [B] int, compute the output only at position query_rows[b] of row b.
+
+    Returns (x_out [B, L, D] ([B, 1, D] with `query_rows`), deductive outputs: {"A", "A_LM", "A_P",
+    "G_LM"} float32 [B, H, dk, dk], or {"G_LM"} with a given `g_lm`, (k, v) the keys and values
+    attended over: [B, L, H, dk], or the updated buffers [B, S, H, dk]).
+    """
+    q, k, v = project_qkv(cfg, lp, x, positions)
+    rows = jnp.arange(x.shape[0])
+    if kv_buffers is not None:
+        at = positions[:, 0]
+        k = kv_buffers[0].at[rows, at].set(k[:, 0])
+        v = kv_buffers[1].at[rows, at].set(v[:, 0])
+    if g_lm is not None:
+        ded = {"G_LM": g_lm.astype(jnp.float32)}
+    else:
+        ded = deduce(lp, metric_A(cfg, lp, q, metric_mask) if metric is None else metric)
+    if query_rows is not None:
+        x, q = x[rows, query_rows][:, None], q[rows, query_rows][:, None]
+        mask = mask[rows, :, query_rows][:, :, None]
+    return attend_and_mix(cfg, lp, x, q, k, v, ded["G_LM"], mask), ded, (k, v)
