@@ -10,6 +10,7 @@ import argparse
 import importlib
 import os
 import sys
+import traceback
 
 COMMANDS = {
     "train": "pldr_jax.train.cli",
@@ -41,27 +42,46 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as e:  # bad input: configs, prompts, files, checkpoints
         print(f"pldr-jax {args.command}: error: {e}", file=sys.stderr)
+        _exit_now_if_multiprocess(2)
         return 2
     except FloatingPointError as e:  # training stopped on non-finite values (last good state saved)
         print(f"pldr-jax {args.command}: error: {e}", file=sys.stderr)
+        _exit_now_if_multiprocess(3)
         return 3
     except (RuntimeError, TimeoutError) as e:  # resume impossible, a save failed, a cross-process wait timed out
         if not isinstance(e, _run_failures()):
+            if _distributed_started():
+                traceback.print_exc()
+                _exit_now_if_multiprocess(1)
             raise
         print(f"pldr-jax {args.command}: error: {e}", file=sys.stderr)
         _exit_now_if_multiprocess(4)
         return 4
+    except Exception:  # a bug or an unforeseen failure: the traceback, and no hang of the other processes
+        if _distributed_started():
+            traceback.print_exc()
+            _exit_now_if_multiprocess(1)
+        raise
 
 
 def _exit_now_if_multiprocess(code: int) -> None:
     """In a multi-process run, exit at once: orbax threads stuck on a failed collective save would
     keep the interpreter from exiting, and the other processes learn of this one's end from the
     coordination service's heartbeat (they stop with "another task died")."""
-    import jax
-    if jax.process_count() > 1:
+    if _distributed_started():
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+def _distributed_started() -> bool:
+    """Whether this process joined a multi-process run (`jax.distributed.initialize` was called); never
+    initialises a backend itself."""
+    jax = sys.modules.get("jax")
+    if jax is None:
+        return False
+    from jax._src import distributed
+    return distributed.global_state.client is not None and jax.process_count() > 1
 
 
 def _run_failures() -> tuple:

@@ -10,10 +10,14 @@ one CPU device per process, mesh fsdp = process count):
 | kill -9 of every process (seeded random moment)    | resume is exact (bitwise losses, same final step)     |
 | kill -9 of one process                             | the other stops within the heartbeat timeout, with a  |
 |                                                    | message; resume (4 processes) continues               |
+| disk full while saving step 8 (2 procs, tmpfs)     | both exit non-zero naming the failed save; step 4     |
+|                                                    | intact; resume after freeing space is exact           |
 
 Every subprocess has a hard timeout.  Run as a script (``python tests/test_multihost_faults.py
 CLI-ARGS...``) it is one `pldr-jax` process; with ``PLDR_SLOW_STEP=<s>`` every step sleeps that long
-(host side) so that a kill lands mid-run.
+(host side) so that a kill lands mid-run.  ``python tests/test_multihost_faults.py --full-disk SPEC``
+runs the processes of one run inside a mount namespace whose workdir is a small tmpfs (``unshare``:
+no privileges needed where unprivileged user namespaces are enabled) and copies the workdir out.
 """
 
 from __future__ import annotations
@@ -33,6 +37,11 @@ import numpy as np
 import pytest
 
 HERE = Path(__file__).resolve()
+
+try:
+    from .process_faults import complete_checkpoint_steps, slow_steps_from_env, train_losses, wait_for_first_checkpoint
+except ImportError:  # run as a worker script
+    from process_faults import complete_checkpoint_steps, slow_steps_from_env, train_losses, wait_for_first_checkpoint
 HEARTBEAT_S = 8
 # reading a deliberately damaged checkpoint leaves orbax read coroutines that report on teardown
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -102,28 +111,12 @@ def _run(data, wd: Path, nproc: int, steps: int, extra=(), ok: bool = True):
 
 
 def _losses(wd: Path) -> dict[int, float]:
-    """step -> loss of the train records of metrics.jsonl (the last record of a step wins: a resumed run
-    logs the steps after its checkpoint again)."""
-    out = {}
-    for line in (wd / "metrics.jsonl").read_text().splitlines():
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:  # a line torn by a kill
-            continue
-        if r.get("kind") == "train":
-            out[r["step"]] = r["loss"]
-    return out
+    return train_losses(wd / "metrics.jsonl")
 
 
 def _resume_records(wd: Path) -> list[dict]:
-    recs = [json.loads(x) for x in (wd / "metrics.jsonl").read_text().splitlines() if x.strip().startswith("{")]
-    return [r for r in recs if r.get("kind") == "resume"]
-
-
-def _complete_steps(ckpt: Path) -> list[int]:
-    if not ckpt.is_dir():
-        return []
-    return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit() and (p / "_CHECKPOINT_METADATA").exists())
+    from pldr_jax.train import read_metrics  # skips lines torn by a kill or a full disk
+    return [r for r in read_metrics(wd / "metrics.jsonl") if r.get("kind") == "resume"]
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +138,7 @@ def runs(data):
     _run(data, stopped, 2, 8)
     ref = _losses(straight)
     assert sorted(ref) == list(range(1, 13)) and all(np.isfinite(list(ref.values())))
-    assert _complete_steps(stopped / "checkpoints") == [4, 8]
+    assert complete_checkpoint_steps(stopped / "checkpoints") == [4, 8]
     return {"straight": straight, "stopped": stopped, "ref": ref}
 
 
@@ -175,7 +168,7 @@ def test_resume_with_one_process_continues(runs, data):
     rec = _resume_records(wd)[-1]
     assert rec["step"] == 8 and rec["quarantined"] == [] and rec["process_count"] == 1
     assert any("re-sharded" in n for n in rec["notes"])
-    assert not (wd / "checkpoints.corrupt").exists() and _complete_steps(wd / "checkpoints")[-1] == 12
+    assert not (wd / "checkpoints.corrupt").exists() and complete_checkpoint_steps(wd / "checkpoints")[-1] == 12
 
 
 def test_corrupt_newest_checkpoint_in_one_hosts_files_all_agree_on_fallback(runs, data):
@@ -199,18 +192,14 @@ def test_kill_all_processes_at_a_random_moment_then_resume_exact(runs, data):
     wd = data["root"] / "killed_all"
     procs = _start(data, wd, 2, 12, slow=0.4)
     delay = random.Random(11).uniform(0.0, 2.0)  # seeded: the same moment relative to checkpoint 4 every run
-    t0 = time.monotonic()
     try:
-        while not _complete_steps(wd / "checkpoints"):
-            assert all(p.poll() is None for p in procs), _log(wd)[-3000:]
-            assert time.monotonic() - t0 < 150, "no checkpoint within 150 s"
-            time.sleep(0.05)
+        wait_for_first_checkpoint(wd / "checkpoints", procs, lambda: _log(wd)[-3000:])
         time.sleep(delay)
         for p in procs:
             p.send_signal(signal.SIGKILL)
     finally:
         _wait(procs, 30)
-    at_kill = _complete_steps(wd / "checkpoints")
+    at_kill = complete_checkpoint_steps(wd / "checkpoints")
     assert at_kill and max(at_kill) < 12
     _run(data, wd, 2, 12, ["--resume"])
     got = _losses(wd)
@@ -221,12 +210,8 @@ def test_kill_all_processes_at_a_random_moment_then_resume_exact(runs, data):
 def test_kill_one_process_stops_the_other_then_resume_on_four(runs, data):
     wd = data["root"] / "killed_one"
     procs = _start(data, wd, 2, 12, slow=0.4)
-    t0 = time.monotonic()
     try:
-        while not _complete_steps(wd / "checkpoints"):
-            assert all(p.poll() is None for p in procs), _log(wd)[-3000:]
-            assert time.monotonic() - t0 < 150, "no checkpoint within 150 s"
-            time.sleep(0.05)
+        wait_for_first_checkpoint(wd / "checkpoints", procs, lambda: _log(wd)[-3000:])
         time.sleep(0.5)
         procs[1].send_signal(signal.SIGKILL)
         t_kill = time.monotonic()
@@ -237,7 +222,7 @@ def test_kill_one_process_stops_the_other_then_resume_on_four(runs, data):
     assert procs[0].returncode != 0 and stopped_after < HEARTBEAT_S + 60
     out = _log(wd, 0)
     assert "another task died" in out or "Gloo" in out or "heartbeat" in out, out[-3000:]
-    ck = _complete_steps(wd / "checkpoints")
+    ck = complete_checkpoint_steps(wd / "checkpoints")
     assert ck and max(ck) < 12
     _run(data, wd, 4, 12, ["--resume"])
     got = _losses(wd)
@@ -246,19 +231,70 @@ def test_kill_one_process_stops_the_other_then_resume_on_four(runs, data):
     assert _resume_records(wd)[-1]["process_count"] == 4 and not (wd / "checkpoints.corrupt").exists()
 
 
-def _worker(argv: list[str]) -> int:
-    slow = float(os.environ.get("PLDR_SLOW_STEP", "0"))
-    if slow:
-        import pldr_jax.train.loop as loop
-        orig = loop.shard_batch
+def _unshare_tmpfs_reason(probe_dir: Path) -> str | None:
+    """None when a tmpfs can be mounted in a fresh user + mount namespace here, else why not."""
+    if shutil.which("unshare") is None:
+        return "`unshare` (util-linux) is not installed"
+    probe_dir.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["unshare", "-Urm", "sh", "-c", 'mount -t tmpfs -o size=1m tmpfs "$0"', str(probe_dir)],
+                       capture_output=True, text=True, timeout=60)
+    return None if r.returncode == 0 else f"cannot mount a tmpfs in a user namespace: {r.stderr.strip()[:200]}"
 
-        def slow_shard(batch, mesh):
-            time.sleep(slow)
-            return orig(batch, mesh)
-        loop.shard_batch = slow_shard
+
+def _du_bytes(path: Path) -> int:
+    """Bytes the files under `path` occupy in whole 4 KiB pages (as a tmpfs counts them)."""
+    return sum(-(-f.stat().st_size // 4096) * 4096 + 4096 for f in path.rglob("*") if f.is_file())
+
+
+def test_disk_full_while_saving_errors_and_keeps_the_previous_checkpoint(runs, data):
+    reason = _unshare_tmpfs_reason(data["root"] / "probe")
+    if reason:
+        pytest.skip(reason)
+    stopped = runs["stopped"]
+    # room for the whole run's files with one checkpoint (step 4) and half of a second: the save of step 8
+    # runs out of space on both processes (every process writes its shards into the same tmpfs)
+    size = _du_bytes(stopped) - _du_bytes(stopped / "checkpoints" / "8") // 2
+    wd, out = data["root"] / "diskfull", data["root"] / "diskfull.out"
+    wd.mkdir()
+    spec = {"size_kib": size // 1024, "wd": str(wd), "out": str(out), "nproc": 2, "steps": 12,
+            "data": {k: str(v) for k, v in data.items()}}
+    launcher = subprocess.run(["unshare", "-Urm", "sh", "-c", 'mount -t tmpfs -o size="$1"k tmpfs "$2" && exec "$0" "$3" --full-disk "$4"',
+                               sys.executable, str(spec["size_kib"]), str(wd), str(HERE), json.dumps(spec)],
+                              capture_output=True, text=True, timeout=400)
+    logs = "\n".join(_log(wd, i)[-3000:] for i in range(2) if _log_path(wd, i).exists())
+    assert launcher.returncode == 0, launcher.stdout[-2000:] + launcher.stderr[-2000:] + logs
+    rcs = json.loads(Path(str(out) + ".rcs.json").read_text())
+    assert all(rc not in (0, None) for rc in rcs), (rcs, logs)  # neither process hung or claimed success
+    for i in range(2):
+        err = [ln for ln in _log(wd, i).splitlines() if ln.startswith("pldr-jax train: error:")]
+        assert err and "the save of step 8" in err[0] and "the disk is full" in err[0], _log(wd, i)[-3000:]
+        assert "step 4, is intact" in err[0] and "--resume" in err[0]
+    assert complete_checkpoint_steps(out / "checkpoints") == [4]
+    assert not (out / "checkpoints.corrupt").exists()
+    # space freed (the copy lives on the real disk): resume continues from step 4, exactly
+    _run(data, out, 2, 12, ["--resume"])
+    got = _losses(out)
+    assert [got[s] for s in range(1, 13)] == [runs["ref"][s] for s in range(1, 13)]
+    assert _resume_records(out)[-1]["step"] == 4
+
+
+def _full_disk_launch(spec: dict) -> int:
+    """Inside the mount namespace (the workdir is the small tmpfs): run the processes, copy the workdir out."""
+    data = {k: Path(v) for k, v in spec["data"].items()}
+    wd, out = Path(spec["wd"]), Path(spec["out"])
+    rcs = _wait(_start(data, wd, spec["nproc"], spec["steps"]), timeout=240)
+    shutil.copytree(wd, out)
+    Path(str(out) + ".rcs.json").write_text(json.dumps(rcs))
+    return 0
+
+
+def _worker(argv: list[str]) -> int:
+    slow_steps_from_env()
     from pldr_jax.cli import main
     return main(argv)
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--full-disk"]:
+        sys.exit(_full_disk_launch(json.loads(sys.argv[2])))
     sys.exit(_worker(sys.argv[1:]))

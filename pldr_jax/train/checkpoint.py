@@ -58,6 +58,7 @@ class CheckpointManager:
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
                                                enable_async_checkpointing=async_save, create=True)
         self._mngr = ocp.CheckpointManager(self.directory, options=options)
+        self._waiter = None  # (thread, result box) of `poll_pending_save`
 
     # ------------------------------------------------------------------ queries
     def latest_step(self) -> int | None:
@@ -160,6 +161,30 @@ class CheckpointManager:
             raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory} "
                                     f"(available: {self.all_steps()})")
         return int(step)
+
+    def poll_pending_save(self, wait_s: float) -> tuple[bool, BaseException | None]:
+        """(finished, error) of the pending asynchronous save after waiting at most `wait_s` seconds:
+        (False, None) while it is still being written; (True, None) once written (or when none was
+        pending); (True, error) when it failed.  Never blocks longer than `wait_s`, so processes can
+        tell each other about a failure while another one's save still waits for them."""
+        if self._waiter is None:
+            box: dict = {}
+
+            def wait():
+                try:
+                    self._mngr.wait_until_finished()
+                    self._mngr.check_for_errors()
+                except BaseException as e:
+                    box["error"] = e
+            thread = threading.Thread(target=wait, name="pldr-checkpoint-wait", daemon=True)
+            thread.start()
+            self._waiter = (thread, box)
+        thread, box = self._waiter
+        thread.join(max(0.0, wait_s))
+        if thread.is_alive():
+            return False, None
+        self._waiter = None
+        return True, box.get("error")
 
     # ------------------------------------------------------------------ lifecycle
     def wait_until_finished(self) -> None:

@@ -19,6 +19,7 @@ Only process 0 writes logs, plots and the tokenizer; every process takes part in
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -33,7 +34,7 @@ import numpy as np
 
 from ..config import PLDRConfig
 from . import multihost
-from .checkpoint import CheckpointManager
+from .checkpoint import CheckpointManager, CheckpointTimeout
 from .config import TrainConfig
 from .faults import CheckpointDirError, NonFiniteMonitor, estimate_checkpoint_bytes, preflight_checkpoint_dir
 from .multihost import init_distributed
@@ -146,6 +147,7 @@ class _Logger:
     def __init__(self, path: Path | None, tensorboard_dir: Path | None):
         self.path = path
         self._f = None
+        self._warned = False
         if path is not None:
             # a run killed mid-write leaves a partial last line: start on a fresh line after it
             torn = path.exists() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
@@ -166,16 +168,29 @@ class _Logger:
 
     def write(self, record: dict) -> None:
         if self._f is not None:
-            self._f.write(json.dumps(record) + "\n")
-            self._f.flush()
+            try:
+                self._f.write(json.dumps(record) + "\n")
+                self._f.flush()
+            except OSError as e:  # e.g. disk full: only process 0 logs, so raising here would split the processes
+                self._warn(e)
         if self._tb is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
                     self._tb.add_scalar(k, v, record["step"])
 
+    def _warn(self, e: OSError) -> None:
+        """Report a failed metrics write once; training goes on (checkpoints decide whether the run stops)."""
+        if not self._warned:
+            self._warned = True
+            print(f"warning: cannot write {self.path} ({e}); training continues, further metrics lines may be "
+                  "missing", file=sys.stderr, flush=True)
+
     def close(self):
         if self._f is not None:
-            self._f.close()
+            try:
+                self._f.close()
+            except OSError as e:
+                self._warn(e)
         if self._tb is not None:
             self._tb.close()
 
@@ -276,14 +291,38 @@ class CheckpointSaveError(RuntimeError):
     """A checkpoint could not be written (the message names the newest complete one, left intact)."""
 
 
-def _save_failure_message(ckpt_dir: Path, step: int | None, exc: BaseException) -> str:
-    from .integrity import error_summary
+def _save_failure_message(ckpt_dir: Path, failed_step: int | None, step_now: int,
+                          failed: Mapping[int, dict]) -> str:
+    """failed_step: the checkpoint whose save failed; step_now: the step training reached;
+    failed: process index -> {"error": summary of the error that process saw, "disk_full": bool}."""
     done = checkpoint_steps(ckpt_dir)
     kept = (f"the newest complete checkpoint, step {done[-1]}, is intact" if done else
             "no complete checkpoint exists yet")
-    when = f"while saving step {step}" if step is not None else "while finishing the last save"
-    return (f"checkpoint save failed {when} ({error_summary(exc)}); {kept}. Free disk space or fix {ckpt_dir}, "
-            "then run again with --resume (resume=True)")
+    what = f"the save of step {failed_step}" if failed_step is not None else "the last save"
+    if failed_step is not None and failed_step != step_now:
+        what += f" (written in the background; reported at step {step_now})"
+    if jax.process_count() > 1:
+        seen = "; ".join(f"process {i}: {r['error']}" for i, r in sorted(failed.items()))
+    else:
+        seen = next(iter(failed.values()))["error"]
+    full = any(r["disk_full"] for r in failed.values())
+    cause = "the disk is full: " if full else ""
+    return (f"checkpoint save failed: {what}: {cause}{seen}. {kept[0].upper() + kept[1:]}. "
+            f"{'Free disk space' if full else 'Fix the problem'} in {ckpt_dir}, then run again with --resume "
+            "(resume=True)")
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    """Whether `exc` or one of its causes is ENOSPC (Python's OSError, or tensorstore's message)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(exc) or f"os_error_code='{errno.ENOSPC}'" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def evaluate(eval_step, params, val_source, mesh, g_lm=None, max_batches: int | None = None) -> dict:
@@ -469,15 +508,50 @@ def train(model_cfg: PLDRConfig, tcfg: TrainConfig, *, train_data: Iterable | No
             log(f"step {step_now}: val_loss {r['val_loss']:.4f}  val_acc {r['val_accuracy']:.4f}  "
                 f"val_ppl {r['val_perplexity']:.2f}")
 
+    saving = [None]  # the step of the newest save started (its asynchronous write may still be running)
+
+    def settle(step_now, error: BaseException | None, failed_step):
+        """Collective: wait until every process's pending save is written, or stop every process as
+        soon as one reports a failure (one process's failed save can leave another's waiting for it).
+        `error`: this process's failure so far (then nothing is waited for)."""
+        from .integrity import error_summary
+        t_end = time.monotonic() + mngr.timeout_s
+        while True:
+            done = True
+            if error is None:
+                done, error = mngr.poll_pending_save(1.0)
+            report = ({"error": error_summary(error), "disk_full": _is_disk_full(error)} if error is not None
+                      else "done" if done else "writing")
+            seen = multihost.all_gather_json("pldr_save", report, timeout)
+            failed = {i: r for i, r in enumerate(seen) if isinstance(r, dict)}
+            if failed:
+                raise CheckpointSaveError(_save_failure_message(ckpt_dir, failed_step, step_now, failed)) from error
+            if all(r == "done" for r in seen):
+                return
+            if time.monotonic() > t_end:
+                writing = [i for i, r in enumerate(seen) if r == "writing"]
+                raise CheckpointTimeout(f"the save of step {failed_step} in {ckpt_dir} was still being written on "
+                                        f"process(es) {writing} after {mngr.timeout_s:.0f} s (a stalled file system?)")
+
     def save(step_now: int, force: bool = False, finish: bool = False):
-        try:
-            if step_now is not None:
+        # A failed save (disk full, permissions) may show on some processes only, and an asynchronous one
+        # only later: every process reports what it saw and all stop together, or none does.
+        if saving[0] is not None:
+            settle(step if step_now is None else step_now, None, saving[0])  # the previous background write
+            saving[0] = None
+        if step_now is not None:
+            error = None
+            try:
                 mngr.save(step_now, state, config=config_record,
                           data_iterator=batches if checkpointable_data else None, force=force)
-            if finish:
-                mngr.wait_until_finished()
-        except Exception as e:  # e.g. disk full; an asynchronous save reports here or at the next save
-            raise CheckpointSaveError(_save_failure_message(ckpt_dir, step_now, e)) from e
+                saving[0] = step_now
+            except CheckpointTimeout:
+                raise
+            except Exception as e:
+                error = e
+            if error is not None or finish:
+                settle(step_now, error, step_now)
+                saving[0] = None
 
     step = start_step
     try:

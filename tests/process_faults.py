@@ -1,0 +1,58 @@
+"""Helpers of the tests that run training in real subprocesses and kill, slow down or starve them
+(`test_kill_resume.py`, `test_multihost_faults.py`).  Importable from a test module and from those
+modules run as worker scripts; nothing here imports JAX at import time."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+
+def slow_steps_from_env() -> None:
+    """With ``PLDR_SLOW_STEP=<seconds>``, make every training step of this process sleep that long
+    (host side, outside the compiled step) so that a kill lands mid-run."""
+    slow = float(os.environ.get("PLDR_SLOW_STEP", "0"))
+    if not slow:
+        return
+    import pldr_jax.train.loop as loop
+    orig = loop.shard_batch
+
+    def slow_shard(batch, mesh):
+        time.sleep(slow)
+        return orig(batch, mesh)
+    loop.shard_batch = slow_shard
+
+
+def complete_checkpoint_steps(ckpt: Path) -> list[int]:
+    """Steps of `ckpt` whose orbax save finished (unfinished saves lack _CHECKPOINT_METADATA)."""
+    if not ckpt.is_dir():
+        return []
+    return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit() and (p / "_CHECKPOINT_METADATA").exists())
+
+
+def train_losses(metrics: Path) -> dict[int, float]:
+    """step -> loss of the train records of a metrics.jsonl whose writer may have been killed mid-line
+    (the last record of a step wins: a resumed run logs the steps after its checkpoint again)."""
+    out = {}
+    for line in metrics.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if r.get("kind") == "train":
+            out[r["step"]] = r["loss"]
+    return out
+
+
+def wait_for_first_checkpoint(ckpt: Path, procs: Sequence, describe: Callable[[], str],
+                              timeout_s: float = 150.0) -> None:
+    """Poll until `ckpt` holds a complete checkpoint; fail (with `describe()`, e.g. a log tail) if a
+    process of `procs` (subprocess.Popen) ends first or none appears within `timeout_s`."""
+    t0 = time.monotonic()
+    while not complete_checkpoint_steps(ckpt):
+        assert all(p.poll() is None for p in procs), f"training ended before its first checkpoint: {describe()}"
+        assert time.monotonic() - t0 < timeout_s, f"no checkpoint appeared within {timeout_s:.0f} s"
+        time.sleep(0.02)
