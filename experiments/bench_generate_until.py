@@ -6,8 +6,9 @@ for a generation task.  Each batch size is warmed up once (compilations), then t
 times (median); the ratio one-at-a-time / batched is measured in the same run.  Every batch size
 must return exactly the one-at-a-time strings (checked).
 
-    python experiments/bench_generate_until.py                 # preset small, 32 requests, B = 1, 8, 32
-    python experiments/bench_generate_until.py --quick         # preset tiny, 8 requests, B = 1, 4
+    python experiments/bench_generate_until.py                 # preset:small, 32 requests, B = 1, 8, 32
+    python experiments/bench_generate_until.py --quick         # preset:tiny, 8 short requests, B = 1, 4
+    python experiments/bench_generate_until.py --model runs/small
     python experiments/bench_generate_until.py --json
 """
 
@@ -23,16 +24,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def run(preset: str, n_requests: int, batches: list[int], min_prompt: int, max_prompt: int, max_gen_toks: int,
+def run(model: str, n_requests: int, batches: list[int], min_prompt: int, max_prompt: int, max_gen_toks: int,
         reps: int, seed: int = 0) -> dict:
     import jax
     import numpy as np
 
-    from pldr_jax import PLDRConfig, init_params
     from pldr_jax.eval.harness import PLDRLM
+    from pldr_jax.g_sources import load_model_spec
 
-    cfg = PLDRConfig.preset(preset)
-    params = init_params(cfg, jax.random.key(seed))
+    cfg, params, _ = load_model_spec(model)
     rng = np.random.default_rng(seed)
     lens = np.linspace(min_prompt, max_prompt, n_requests).astype(int)
     rng.shuffle(lens)
@@ -57,30 +57,32 @@ def run(preset: str, n_requests: int, batches: list[int], min_prompt: int, max_p
     base = rows[0]["median_s"]
     for r in rows:
         r["speedup_vs_first"] = base / r["median_s"]
-    return {"preset": preset, "requests": n_requests, "prompt_lengths": [int(min_prompt), int(max_prompt)],
+    return {"model": model, "requests": n_requests, "prompt_lengths": [int(min_prompt), int(max_prompt)],
             "max_gen_toks": max_gen_toks, "reps": reps, "backend": jax.default_backend(), "results": rows}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="small")
+    ap.add_argument("--model", default="preset:small", help="'preset:<name>[:seed]' (random init) or a checkpoint")
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--batches", default="1,8,32", help="batch sizes, the first is the baseline")
     ap.add_argument("--min-prompt", type=int, default=8)
     ap.add_argument("--max-prompt", type=int, default=96)
     ap.add_argument("--max-gen-toks", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--quick", action="store_true", help="preset tiny, 8 requests, batches 1,4, 1 rep")
+    ap.add_argument("--quick", action="store_true", help="8 requests of 4-14 tokens, 6 new tokens, batches 1,4, "
+                                                         "1 rep (model: preset:tiny unless --model is given)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     if a.quick:
-        a.preset, a.requests, a.batches, a.max_prompt, a.max_gen_toks, a.reps = "tiny", 8, "1,4", 24, 8, 1
-    res = run(a.preset, a.requests, [int(b) for b in a.batches.split(",")], a.min_prompt, a.max_prompt,
+        a.requests, a.batches, a.min_prompt, a.max_prompt, a.max_gen_toks, a.reps = 8, "1,4", 4, 14, 6, 1
+        a.model = "preset:tiny" if a.model == ap.get_default("model") else a.model
+    res = run(a.model, a.requests, [int(b) for b in a.batches.split(",")], a.min_prompt, a.max_prompt,
               a.max_gen_toks, a.reps)
     if a.json:
         print(json.dumps(res))
     else:
-        print(f"generate_until, preset {res['preset']}, {res['requests']} requests, prompts "
+        print(f"generate_until, {res['model']}, {res['requests']} requests, prompts "
               f"{res['prompt_lengths'][0]}-{res['prompt_lengths'][1]} tokens, {res['max_gen_toks']} new tokens, "
               f"greedy, {res['backend']}")
         print("| batch_size | median s | first call s | tok/s | speed-up vs batch 1 | same strings |")

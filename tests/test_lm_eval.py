@@ -124,6 +124,21 @@ def test_batched_generate_until_equals_one_at_a_time(run_dir, lm):
     assert "e" not in batched[4]
 
 
+def test_generate_until_benchmark_quick(run_dir, capsys):
+    """experiments/bench_generate_until.py at its smallest, on the run's model (the decode shapes of
+    the test above, compiled already): every batch size returns the one-at-a-time strings (the
+    speed itself is reported by the script, never asserted)."""
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / "experiments" / "bench_generate_until.py"
+    spec = importlib.util.spec_from_file_location("bench_generate_until", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--quick", "--json", "--model", str(run_dir)]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert [r["batch_size"] for r in res["results"]] == [1, 4]
+    assert all(r["same_as_first"] and r["new_tokens"] > 0 and r["median_s"] > 0 for r in res["results"])
+
+
 # --------------------------------------------------------------------------- batch sizes
 def test_batch_size_from_the_run_and_auto(run_dir, lm):
     from pldr_jax.eval.batch_size import auto_batch_size, parse_batch_size, run_batch_size, scoring_peak_bytes

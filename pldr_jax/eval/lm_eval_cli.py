@@ -55,8 +55,8 @@ def add_harness_parser(sub) -> argparse.ArgumentParser:
     own = _own_parser()
     h = sub.add_parser("harness", help="lm-evaluation-harness tasks (lm-eval's CLI with this model)",
                        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog=__doc__.split("\n\n", 1)[1] + "\nthis command's options:\n" + own.format_help()
-                       .split("\n", 2)[-1], allow_abbrev=False)
+                       epilog=__doc__.split("\n\n", 1)[1] + "\nthis command's options" + own.format_help()
+                       .split("\noptions", 1)[-1], allow_abbrev=False)
     h.add_argument("model", metavar="RUN", help="training run directory, checkpoint or HF folder ('preset:<name>' "
                                                 "for a random model)")
     h.add_argument("lm_eval_args", nargs=argparse.REMAINDER,
