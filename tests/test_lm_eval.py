@@ -158,7 +158,7 @@ def test_batch_size_from_the_run_and_auto(run_dir, lm):
     with pytest.raises(ValueError, match="one row"):
         auto_batch_size(cfg, p, budget_bytes=p1 // 2)
     auto = harness.PLDRLM(pretrained=str(run_dir), batch_size="auto", memory_budget_gb=budget / 2 ** 30)
-    assert auto.batch_size == b
+    assert auto.batch_size == b and auto.batch_sizes == {"auto": b}
 
 
 # --------------------------------------------------------------------------- lm-eval itself

@@ -173,6 +173,7 @@ class PLDRLM(_Base):
             budget = None if memory_budget_gb is None else int(float(memory_budget_gb) * 2 ** 30)
             bs = auto_batch_size(cfg, params, mode=mode, g_lm=g_lm, budget_bytes=budget,
                                  max_batch_size=int(max_batch_size or 512))
+            self.batch_sizes = {"auto": int(bs)}   # lm-eval prints these beside "batch_size: auto"
         self._batch_size = int(bs)
         self._decode_params = None
 
