@@ -77,6 +77,10 @@ def test_every_command_finds_the_runs_tokenizer(run_dir, lm, tmp_path, capsys):
     shutil.copyfile(own, other)
     assert Path(resolve_tokenizer(run_dir, str(other)).path) == other
     assert resolve_tokenizer(run_dir, lm.tokenizer) is lm.tokenizer
+    # an HF folder exported with the run's tokenizer: its own tokenizer.model
+    from pldr_jax.io import save_model
+    save_model(lm.cfg, lm.params, tmp_path / "hf", "hf", tokenizer_model=own)
+    assert find_tokenizer_file(tmp_path / "hf") == tmp_path / "hf" / "tokenizer.model"
     # a state-dict file: tokenizer.model beside it, else the only *.model there
     ck = tmp_path / "sd" / "model.pth"
     ck.parent.mkdir()
