@@ -37,7 +37,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     src.add_argument("--prompts-file", default=None, help="file with one text prompt per line ('-' = stdin)")
     src.add_argument("--ids", action="append", default=[], help="a prompt as token ids, e.g. '70 48 9' (repeatable)")
     p.add_argument("--tokenizer", default=None,
-                   help="sentencepiece .model (default: the only *.model beside the checkpoint)")
+                   help="sentencepiece .model (default: the checkpoint's own: a run's or HF folder's "
+                        "tokenizer.model, else the only *.model beside it)")
     s = p.add_argument_group("sampling (the reference's order: temperature, top-p, top-k)")
     s.add_argument("--max-new-tokens", type=int, default=64)
     s.add_argument("--temperature", type=float, default=1.0)
@@ -78,15 +79,9 @@ def _load(args):
 
 
 def _find_tokenizer(args):
-    from ..data.tokenizer import Tokenizer
-    if args.tokenizer:
-        return Tokenizer.load(args.tokenizer)
-    ck = Path(args.checkpoint)
-    if args.checkpoint.startswith("preset:") or not ck.exists():
-        return None
-    folder = ck if ck.is_dir() else ck.parent
-    models = sorted(folder.glob("*.model"))
-    return Tokenizer.load(models[0]) if len(models) == 1 else None
+    """--tokenizer, else the checkpoint's own (`pldr_jax.io.run_tokenizer.resolve_tokenizer`)."""
+    from ..io.run_tokenizer import resolve_tokenizer
+    return resolve_tokenizer(args.checkpoint, args.tokenizer)
 
 
 def _parse_ids(s: str) -> list[int]:

@@ -1,11 +1,15 @@
-"""pldr-jax eval: perplexity and multiple-choice accuracy of a checkpoint.
+"""pldr-jax eval: perplexity, multiple-choice accuracy and lm-evaluation-harness tasks of a checkpoint.
 
 Examples::
 
-    pldr-jax eval perplexity ckpt --data valid.txt --tokenizer tok.model
-    pldr-jax eval mc ckpt --data arc_easy.jsonl --tokenizer tok.model --mode full
+    pldr-jax eval perplexity runs/pldr --data valid.txt
+    pldr-jax eval mc runs/pldr --data arc_easy.jsonl --mode full
+    pldr-jax eval harness runs/pldr --tasks pldrllm_zeroshot --output_path results/
 
-Results are printed as JSON (and written to ``--output`` when given).
+The tokenizer is the checkpoint's own (a training run's or HF folder's ``tokenizer.model``) unless
+``--tokenizer`` is given.  ``harness`` runs lm-evaluation-harness (see `pldr_jax.eval.lm_eval_cli`).
+
+``perplexity`` / ``mc`` print their results as JSON (and write them to ``--output`` when given).
 """
 
 from __future__ import annotations
@@ -25,10 +29,8 @@ def _load(args):
     cfg, params, g_lm = load_model_spec(args.model, args.config)
     if args.g_source:
         g_lm = make_g(cfg, args.g_source, jax.random.key(args.seed))
-    tok = None
-    if args.tokenizer:
-        from ..data import Tokenizer
-        tok = Tokenizer.load(args.tokenizer)
+    from ..io.run_tokenizer import resolve_tokenizer
+    tok = resolve_tokenizer(args.model, args.tokenizer)
     return cfg, params, g_lm, tok
 
 
@@ -72,7 +74,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="checkpoint path (pldr_jax.io.load_model) or 'preset:<name>[:seed]' (random init)")
     p.add_argument("--data", required=True, help="data file")
     p.add_argument("--config", default=None, help="PLDRConfig JSON file when the checkpoint lacks one")
-    p.add_argument("--tokenizer", default=None, help="sentencepiece .model (needed for text)")
+    p.add_argument("--tokenizer", default=None, help="sentencepiece .model (default: the checkpoint's own, "
+                                                     "e.g. a run's tokenizer.model; needed for text)")
     p.add_argument("--mode", choices=MODES, default="full",
                    help="full: one pass over context+continuation (as lm-eval with the authors' HF model); "
                         "cached: G_LM from the context only (KV+G-cache decoding); causal: one pass per "
@@ -85,7 +88,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("eval", help="perplexity and multiple-choice evaluation",
+    p = subparsers.add_parser("eval", help="perplexity, multiple-choice and lm-evaluation-harness evaluation",
                               description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="eval_task", required=True)
     pp = sub.add_parser("perplexity", help="token-level perplexity of a text/JSONL file",
@@ -101,4 +104,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     _common(mc)
     mc.add_argument("--delimiter", default=" ", help="text between context and a text choice (default ' ')")
     mc.set_defaults(func=_run_mc)
+    from .lm_eval_cli import add_harness_parser
+    add_harness_parser(sub)
     return p

@@ -91,9 +91,11 @@ def _units_for(req_index: int, inp: list, tgt: list, n_score: int, mode: str) ->
 
 
 def score_units(cfg: PLDRConfig, params, units: Sequence[_Unit], n_requests: int, *, mode: str = "full",
-                g_lm=None, batch_size: int = 8) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                g_lm=None, batch_size: int = 8, progress: Callable | None = None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Score work units; returns per request (sum log p over scored targets [float64], number of scored
-    targets, all scored targets greedy [bool])."""
+    targets, all scored targets greedy [bool]).  progress: a factory ``progress(total=rows)`` of an
+    object with ``update(n)`` and ``close()`` (e.g. ``tqdm``), advanced after every batch."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if batch_size < 1:
@@ -110,6 +112,7 @@ def score_units(cfg: PLDRConfig, params, units: Sequence[_Unit], n_requests: int
     greedy = np.ones(n_requests, bool)
     order = sorted(range(len(units)), key=lambda i: -len(units[i].inp))
     W = cfg.max_seq_len
+    bar = progress(total=len(order)) if progress is not None else None
     for start in range(0, len(order), batch_size):
         idx = order[start: start + batch_size]
         L = bucket_length(max(len(units[i].inp) for i in idx), W)
@@ -135,18 +138,23 @@ def score_units(cfg: PLDRConfig, params, units: Sequence[_Unit], n_requests: int
             sums[u.owner] += lp[r, sl].sum()
             counts[u.owner] += u.n_score
             greedy[u.owner] &= bool(gr[r, sl].all())
+        if bar is not None:
+            bar.update(len(idx))
+    if bar is not None:
+        bar.close()
     return sums, counts, greedy
 
 
 def loglikelihood_tokens(cfg: PLDRConfig, params, requests: Sequence[tuple[Sequence[int], Sequence[int]]], *,
                          mode: str = "full", g_lm=None, batch_size: int = 8,
-                         prefix_id: int = EOS_ID) -> list[tuple[float, bool]]:
+                         prefix_id: int = EOS_ID, progress: Callable | None = None) -> list[tuple[float, bool]]:
     """``log p(continuation | context)`` for token-id pairs, as lm-eval's ``loglikelihood``.
 
     requests: (context_ids, continuation_ids); an empty context becomes ``[prefix_id]`` (EOS: the
     paper packs documents with an EOS after each, so EOS is what precedes a document).  Inputs longer
     than max_seq_len + 1 lose context tokens from the left (as lm-eval).  Returns (log-likelihood,
     is_greedy) per request: is_greedy = every continuation token is the argmax of its logits.
+    progress: see `score_units`.
     """
     units: list[_Unit] = []
     W = cfg.max_seq_len
@@ -162,7 +170,8 @@ def loglikelihood_tokens(cfg: PLDRConfig, params, requests: Sequence[tuple[Seque
         if any(t <= 0 or t >= cfg.vocab_size for t in full):
             raise ValueError(f"request {i}: ids must be in [1, vocab_size={cfg.vocab_size}) (0 is padding)")
         units += _units_for(i, full[:-1], full[1:], len(cont), mode)
-    sums, _, greedy = score_units(cfg, params, units, len(requests), mode=mode, g_lm=g_lm, batch_size=batch_size)
+    sums, _, greedy = score_units(cfg, params, units, len(requests), mode=mode, g_lm=g_lm, batch_size=batch_size,
+                                  progress=progress)
     return [(float(s), bool(g)) for s, g in zip(sums, greedy)]
 
 

@@ -56,8 +56,9 @@ def rolling_windows(n_tokens: int, window: int, stride: int | None = None) -> li
 
 def doc_loglikelihoods(cfg: PLDRConfig, params, docs: Sequence[Sequence[int]], *, mode: str = "full", g_lm=None,
                        batch_size: int = 8, window: int | None = None, stride: int | None = None,
-                       prefix_id: int = EOS_ID) -> tuple[np.ndarray, np.ndarray]:
-    """Sum of log p over every token of each document, and the number of tokens (float64, int64)."""
+                       prefix_id: int = EOS_ID, progress=None) -> tuple[np.ndarray, np.ndarray]:
+    """Sum of log p over every token of each document, and the number of tokens (float64, int64).
+    progress: see `pldr_jax.eval.multiple_choice.score_units`."""
     W = cfg.max_seq_len if window is None else int(window)
     if W > cfg.max_seq_len:
         raise ValueError(f"window {W} exceeds max_seq_len={cfg.max_seq_len}")
@@ -69,7 +70,8 @@ def doc_loglikelihoods(cfg: PLDRConfig, params, docs: Sequence[Sequence[int]], *
         S = [int(prefix_id)] + doc
         for start, end, n in rolling_windows(len(doc), W, stride):
             units += _units_for(i, S[start:end], S[start + 1:end + 1], n, mode)
-    sums, counts, _ = score_units(cfg, params, units, len(docs), mode=mode, g_lm=g_lm, batch_size=batch_size)
+    sums, counts, _ = score_units(cfg, params, units, len(docs), mode=mode, g_lm=g_lm, batch_size=batch_size,
+                                  progress=progress)
     return sums, counts
 
 
