@@ -329,7 +329,7 @@ class PretrainDataset:
         if shuffle:
             ds = ds.shuffle(seed=self.seed)
         ds = ds.repeat(num_epochs)
-        pad_row = None if drop_remainder else np.full(self.rows.shape[1], PAD_ID, np.int32)
+        pad_row = None if drop_remainder else np.full(self.seq_len + 1, PAD_ID, np.int32)
         ds = _GlobalBatchSlice(ds, self.shard_index, self.shard_count, self.batch_size, pad_row)
         ds = ds.map(_split_row)
         ds = ds.batch(self.batch_size, drop_remainder=drop_remainder)

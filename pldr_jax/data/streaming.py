@@ -154,6 +154,17 @@ def _split(row) -> dict[str, np.ndarray]:
     return {"inputs": np.asarray(row[:-1], np.int32), "targets": np.asarray(row[1:], np.int32)}
 
 
+def _tuples_back(state):
+    """grain's packing state after a JSON round trip: its ``remainder_slices`` are compared with the
+    tuple ``(-1, -1)``, so the lists JSON made of them become tuples again."""
+    if isinstance(state, dict):
+        return {k: ({f: tuple(v) for f, v in x.items()} if k == "remainder_slices" and isinstance(x, dict)
+                    else _tuples_back(x)) for k, x in state.items()}
+    if isinstance(state, list):
+        return [_tuples_back(x) for x in state]
+    return state
+
+
 class StreamIterator(grain.DatasetIterator):
     """Checkpointable batch iterator of a :class:`StreamingDataset`; ``get_state()`` is a
     JSON-serialisable dict ``{"stream", "pipeline", "shard", "batches"}``; ``set_state`` refuses a
@@ -189,7 +200,7 @@ class StreamIterator(grain.DatasetIterator):
             raise ValueError(f"streaming iterator state of process {state.get('shard')} (index, count) restored on "
                              f"process {self._shard}: a streaming position is per process and cannot be re-sharded; "
                              "resume with the same process count, or use a prepared directory (tokens:DIR)")
-        self._parent.set_state(state["stream"])
+        self._parent.set_state(_tuples_back(state["stream"]))
         self._batches = int(state.get("batches", 0))
 
     def __str__(self) -> str:
