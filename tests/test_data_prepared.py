@@ -227,6 +227,12 @@ def test_streaming_position_restores_exactly_and_shares_are_disjoint(docs, numbe
         allr = {tuple(_rows(b)[0]) for b in StreamingDataset(spec, tok, seq_len=16, batch_size=1, mode="pad",
                                                              shuffle_window=0, num_epochs=1)}
         assert not seen[0] & seen[1] and seen[0] | seen[1] == allr
+    datasets = pytest.importorskip("datasets")  # optional: a Hugging Face IterableDataset, split by its shards
+    hf = datasets.Dataset.from_dict({"text": numbered}).to_iterable_dataset(num_shards=4)
+    shares = [StreamingDataset(hf, tok, seq_len=16, batch_size=1, mode="pad", shuffle_window=0, num_epochs=1,
+                               shard_index=i, shard_count=2) for i in (0, 1)]
+    seen = [{tuple(_rows(b)[0]) for b in s} for s in shares]
+    assert not seen[0] & seen[1] and seen[0] | seen[1] == allr
     s0 = iter(StreamingDataset(docs, tok, shard_index=0, shard_count=2, **kw))
     next(s0)
     s1 = iter(StreamingDataset(docs, tok, shard_index=1, shard_count=2, **kw))

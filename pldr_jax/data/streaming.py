@@ -13,7 +13,8 @@ For runs that should not wait for ``pldr-jax data prepare`` (``--data stream:SPE
       -> ``{"inputs", "targets"}`` int32 [batch_size, seq_len] batches.
 
 Per-process sharding: a file source with at least as many files as processes is split by file
-(process ``i`` reads files ``i, i + n, ...`` only); any other source by record (process ``i`` keeps
+(process ``i`` reads files ``i, i + n, ...`` only), a Hugging Face ``IterableDataset`` with at least
+as many shards by its ``shard()``; any other source by record (process ``i`` keeps
 records ``i, i + n, ...``, reading but not tokenizing the others).  Validation holds out every
 ``round(1 / validation_fraction)``-th record of the process's share.
 
@@ -38,7 +39,7 @@ import grain.experimental as gx
 import numpy as np
 
 from .shards import tokenizer_sha256
-from .sources import DocumentSource, make_source
+from .sources import DocumentSource, HFDatasetSource, make_source
 from .tokenizer import Tokenizer
 
 __all__ = ["StreamingDataset", "StreamIterator", "shard_source"]
@@ -49,14 +50,22 @@ PAD_ID = 0
 def shard_source(spec, shard_index: int, shard_count: int) -> tuple[DocumentSource, bool]:
     """(source of this process's share, whether records still need a ``k % n == i`` filter).
 
-    A source with a ``files`` list of at least ``shard_count`` files is split by file."""
+    A source with a ``files`` list of at least ``shard_count`` files is split by file; a Hugging
+    Face ``IterableDataset`` with at least ``shard_count`` shards by its own ``shard()``."""
     src = make_source(spec) if not isinstance(spec, DocumentSource) else spec
-    files = getattr(src, "files", None)
     if shard_count == 1:
         return src, False
+    files = getattr(src, "files", None)
     if files is not None and len(files) >= shard_count:
         src = copy.copy(src)
         src.files = list(files)[shard_index::shard_count]
+        return src, False
+    hf = getattr(src, "dataset", None)
+    n_hf = getattr(hf, "num_shards", None) or getattr(hf, "n_shards", None)
+    if isinstance(src, HFDatasetSource) and hasattr(hf, "shard") and isinstance(n_hf, int) and n_hf >= shard_count \
+            and not hasattr(hf, "__getitem__"):  # an IterableDataset: split by its files / shards
+        src = copy.copy(src)
+        src.dataset = hf.shard(num_shards=shard_count, index=shard_index)
         return src, False
     return src, True
 
