@@ -12,12 +12,13 @@ after: the 200 MB corpus is the first 8 files of the 800 MB one), then for each 
 measures, in a fresh subprocess per run (so each peak RSS is that run's own): ``first_batch_s``
 (building the pipeline -- opening and validating the directory, or starting the stream -- until
 the first ``[batch, seq_len]`` batch), ``tokens_per_s`` over the next ``--batches`` batches, and
-``peak_rss_mb`` (``ru_maxrss`` of the subprocess, mapped shard pages it touched included).  The
+``peak_rss_mb`` (the subprocess's own peak resident set, ``VmHWM``, imports and the mapped shard
+pages it touched included).  The
 tokenizer is the paper's 32k sentencepiece model when ../shared/reference has it, else one of
 8000 pieces trained on the embedded corpus.
 
 ``--formats`` also compares the storage formats on the smallest corpus: random packed rows read
-from the memory-mapped ``.npy`` shards vs ArrayRecord with one record per document (rows packed
+from the ``.npy`` shards (with ``pread``, as training does, and through a memory map) vs ArrayRecord with one record per document (rows packed
 on the fly, as here) and with one record per pre-packed row (seq_len fixed at prepare time).
 
     python experiments/bench_data.py --json                 # {"results": [{"path", "corpus_mb", ...}]}
@@ -92,6 +93,7 @@ def child(path: str, data: str, tok: str, seq_len: int, batch: int, n_batches: i
     from pldr_jax.data import Tokenizer, make_dataset
     from pldr_jax.data.streaming import StreamingDataset
     t_import = time.perf_counter()
+    rss_import_kb = _vm_kb("VmRSS")
     if path == "prepared":
         it = iter(make_dataset(None, data, seq_len, batch, seed=0, split="all"))
     else:
@@ -105,7 +107,18 @@ def child(path: str, data: str, tok: str, seq_len: int, batch: int, n_batches: i
     t2 = time.perf_counter()
     assert first["inputs"].shape == (batch, seq_len)
     return {"first_batch_s": t1 - t_import, "tokens_per_s": n / (t2 - t1), "import_s": t_import - t0,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": _vm_kb("VmHWM") / 1024, "rss_after_import_mb": rss_import_kb / 1024}
+
+
+def _vm_kb(field: str) -> int:
+    """A /proc/self/status field in kB.  VmHWM (peak RSS) belongs to the address space, which exec
+    replaces: unlike ``getrusage().ru_maxrss`` (kept across exec on Linux, so a child would report
+    its parent's peak), it is this process's own."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # not Linux
 
 
 def measure(path: str, data: str, tok: str, args) -> dict:
@@ -132,6 +145,11 @@ def compare_formats(prep_dir: Path, seq_len: int, n_rows: int = 4000) -> dict:
     t = time.perf_counter()
     for r in rows:
         st.read(int(r) * W, int(r) * W + W)
+    out["npy_pread_rows_per_s"] = n_rows / (time.perf_counter() - t)
+    mm = st.shard_tokens(0)
+    t = time.perf_counter()
+    for r in rows % (len(mm) // W):
+        np.asarray(mm[int(r) * W:int(r) * W + W], np.int32)
     out["npy_memmap_rows_per_s"] = n_rows / (time.perf_counter() - t)
     tmp = Path(tempfile.mkdtemp(dir=prep_dir.parent))
     try:

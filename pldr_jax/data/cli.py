@@ -6,7 +6,7 @@ Examples::
     pldr-jax data prepare --data builtin --tokenizer runs/main-job/tokenizer.model --out data/builtin
     pldr-jax data info data/web                     # counts, dtype, tokenizer hash, source
     pldr-jax data verify data/web                   # re-hash every shard (reads all tokens)
-    pldr-jax train --data tokens:data/web ...       # train from it (memory-mapped)
+    pldr-jax train --data tokens:data/web ...       # train from it (rows read in place)
 
 An interrupted ``prepare`` resumes where it stopped when run again with the same arguments.
 """

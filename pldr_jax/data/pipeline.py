@@ -275,8 +275,8 @@ class PretrainDataset:
     ``iter(ds)`` (or ``ds.iterator(start_step)``) gives a :class:`PipelineIterator`; ``ds[i]`` is batch
     ``i``; ``len(ds)`` is the number of batches (``sys.maxsize``-ish when repeating forever).
     ``corpus``: a :class:`TokenizedCorpus` (rows built in memory by :func:`make_rows`) or the rows
-    of a prepared directory (:func:`pldr_jax.data.rows.token_rows`: built on the fly from memory-mapped
-    shards, nothing loaded).  Attributes: ``rows`` (int32 [R, seq_len + 1] array, or the lazy row
+    of a prepared directory (:func:`pldr_jax.data.rows.token_rows`: built on the fly from the shards,
+    nothing loaded).  Attributes: ``rows`` (int32 [R, seq_len + 1] array, or the lazy row
     source: all rows, every shard's, before shuffling), ``corpus`` (the TokenizedCorpus or the
     :class:`~pldr_jax.data.shards.PreparedTokens`), ``batches_per_epoch`` (global batches per pass over ``rows``), ``tokens_per_epoch``
     (non-pad targets of ``rows``) and the constructor settings.  Shard ``shard_index`` of
@@ -375,7 +375,7 @@ def make_dataset(tokenizer: Tokenizer | None, source, seq_len: int, batch_size: 
     source: a :class:`TokenizedCorpus`, a ``DocumentSource``, a list of str, a spec for
         :func:`make_source` ("builtin", a path, "jsonl:PATH:FIELD", "parquet:PATH:COLUMN", ...), or a
         prepared directory: ``"tokens:DIR"`` or a :class:`~pldr_jax.data.shards.PreparedTokens`
-        (rows built on the fly from memory-mapped shards; the validation split is then the *last*
+        (rows built on the fly, read from the shards; the validation split is then the *last*
         ``validation_fraction`` of the documents in prepare order, contiguous, so that no document
         list is needed -- prepare from a shuffled source, or a separate validation directory).
     seq_len: model input length L; rows hold L + 1 tokens. batch_size: per-host batch B.

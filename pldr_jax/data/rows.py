@@ -8,9 +8,9 @@ with the same meaning as :func:`pldr_jax.data.pipeline.make_rows` on the same do
   row is dropped.  Only the token range is kept: O(1) memory.
 * :class:`DocumentRows` -- one row per document, truncated or right-padded with 0 ("pad"), or only
   documents of at least ``width`` tokens, truncated ("nopad"; the kept document ids are one int64
-  each, found in one pass over the memory-mapped offsets).
+  each, found in one pass over the offsets, read in chunks).
 
-Each holds a :class:`~pldr_jax.data.shards.PreparedTokens` (memory-mapped lazily, picklable), a
+Each holds a :class:`~pldr_jax.data.shards.PreparedTokens` (files opened lazily, picklable), a
 ``fingerprint`` naming the data and range, and ``tokens_per_epoch`` (non-pad targets of all rows).
 """
 

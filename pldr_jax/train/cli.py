@@ -104,7 +104,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     d = p.add_argument_group("data")
     d.add_argument("--data", default=None, help="documents: builtin (embedded corpus), a path, jsonl:PATH:FIELD, "
                                                 "parquet:PATH:COLUMN, hf:NAME[:FIELD[:SPLIT]] (tokenized in memory); "
-                                                "tokens:DIR (made by pldr-jax data prepare; memory-mapped); "
+                                                "tokens:DIR (made by pldr-jax data prepare; rows read in place); "
                                                 "stream:SPEC (tokenized on the fly; needs --tokenizer)")
     d.add_argument("--tokenizer", default=None, help="sentencepiece .model (default: tokens:DIR's own, else train one "
                                                      "on the data)")

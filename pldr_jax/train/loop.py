@@ -118,7 +118,7 @@ def prepare_datasets(tcfg: TrainConfig, tokenizer, documents=None):
     """(train dataset, validation dataset or None) for this process's shard.
 
     `tcfg.data`: a source spec (tokenized here, in memory: the embedded corpus, small files),
-    ``tokens:DIR`` (a prepared directory: memory-mapped, rows built on the fly, refused before any
+    ``tokens:DIR`` (a prepared directory: rows read in place and built on the fly, refused before any
     training work when incomplete, damaged or made with another tokenizer) or ``stream:SPEC``
     (raw text tokenized inside the grain pipeline; see `pldr_jax.data.streaming`)."""
     from ..data import make_dataset, make_source, tokenize_documents
