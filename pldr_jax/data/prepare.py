@@ -85,6 +85,12 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+def _differences(path: Path, header: dict) -> tuple[dict, list[str]]:
+    """(the JSON record at ``path``, the keys of ``header`` whose values it does not share)."""
+    rec = json.loads(path.read_text())
+    return rec, [k for k in header if rec.get(k) != header[k]]
+
+
 def _spec_str(source) -> str:
     if isinstance(source, (str, os.PathLike)):
         return os.fspath(source)
@@ -121,16 +127,14 @@ def prepare_tokens(source, tokenizer, out: str | os.PathLike, *, shard_tokens: i
         shutil.rmtree(out)
     shards: list[dict] = []
     if (out / INDEX).is_file():
-        done = json.loads((out / INDEX).read_text())
-        diff = [k for k in header if done.get(k) != header[k]]
+        done, diff = _differences(out / INDEX, header)
         if diff:
             raise PreparedDataError(f"{str(out)!r} already holds prepared data that differs in {diff}; pass "
                                     "overwrite=True (--overwrite) or another --out")
         log(f"{out}: already prepared ({done['num_tokens']} tokens); nothing to do")
         return PreparedTokens(out, tok)
     if (out / PROGRESS).is_file():
-        prog = json.loads((out / PROGRESS).read_text())
-        diff = [k for k in header if prog.get(k) != header[k]]
+        prog, diff = _differences(out / PROGRESS, header)
         if diff:
             raise PreparedDataError(f"{str(out)!r} holds an unfinished preparation with other settings ({diff}); "
                                     "rerun it with the same ones, or pass overwrite=True (--overwrite)")

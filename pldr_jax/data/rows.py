@@ -27,7 +27,25 @@ __all__ = ["PackedRows", "DocumentRows", "token_rows"]
 PAD_ID = 0
 
 
-class PackedRows:
+class _Rows:
+    """Common part: ``len``, index checks and the fingerprint of (kind, data, range, width)."""
+    _n = 0
+
+    def __len__(self) -> int:
+        return self._n
+
+    def _index(self, i) -> int:
+        i = int(i)
+        if not 0 <= i < self._n:
+            raise IndexError(f"row {i} outside [0, {self._n})")
+        return i
+
+    @staticmethod
+    def _fingerprint(kind: str, store: PreparedTokens, lo: int, hi: int, width: int) -> str:
+        return hashlib.sha256(f"{kind}:{store.fingerprint()}:{lo}:{hi}:{width}".encode()).hexdigest()[:16]
+
+
+class PackedRows(_Rows):
     """Packed rows of the token range ``[token_start, token_stop)`` of ``store`` (see module doc)."""
 
     def __init__(self, store: PreparedTokens, width: int, token_start: int = 0, token_stop: int | None = None):
@@ -36,24 +54,17 @@ class PackedRows:
         self.token_stop = store.num_tokens if token_stop is None else int(token_stop)
         self._n = max(self.token_stop - self.token_start, 0) // self.width
         self.tokens_per_epoch = self._n * (self.width - 1)
-        self.fingerprint = hashlib.sha256(f"pack:{store.fingerprint()}:{self.token_start}:{self.token_stop}:"
-                                          f"{self.width}".encode()).hexdigest()[:16]
-
-    def __len__(self) -> int:
-        return self._n
+        self.fingerprint = self._fingerprint("pack", store, self.token_start, self.token_stop, self.width)
 
     def __getitem__(self, i: int) -> np.ndarray:
-        i = int(i)
-        if not 0 <= i < self._n:
-            raise IndexError(f"row {i} outside [0, {self._n})")
-        a = self.token_start + i * self.width
+        a = self.token_start + self._index(i) * self.width
         return self.store.read(a, a + self.width)
 
     def __repr__(self) -> str:
         return f"PackedRows({self._n} rows x {self.width}, tokens [{self.token_start}, {self.token_stop}))"
 
 
-class DocumentRows:
+class DocumentRows(_Rows):
     """One row per document of ``[doc_start, doc_stop)``: mode "pad" or "nopad" (see module doc)."""
 
     def __init__(self, store: PreparedTokens, width: int, mode: str, doc_start: int = 0, doc_stop: int | None = None):
@@ -81,16 +92,10 @@ class DocumentRows:
             self._docs = np.concatenate(ids) if ids else np.zeros(0, np.int64)
         self._n = kept
         self.tokens_per_epoch = tokens
-        self.fingerprint = hashlib.sha256(f"{mode}:{store.fingerprint()}:{self.doc_start}:{self.doc_stop}:"
-                                          f"{self.width}".encode()).hexdigest()[:16]
-
-    def __len__(self) -> int:
-        return self._n
+        self.fingerprint = self._fingerprint(mode, store, self.doc_start, self.doc_stop, self.width)
 
     def __getitem__(self, i: int) -> np.ndarray:
-        i = int(i)
-        if not 0 <= i < self._n:
-            raise IndexError(f"row {i} outside [0, {self._n})")
+        i = self._index(i)
         d = self.doc_start + i if self._docs is None else int(self._docs[i])
         a, b = self.store.document_bounds(d)
         t = self.store.read(a, min(b, a + self.width))

@@ -29,8 +29,10 @@ place with positional reads (``os.preadv`` into the row's buffer): a process rea
 the rows it uses, nothing is loaded, and -- unlike a memory map -- the pages read do not count
 towards the process's resident memory (measured on this machine's kernel: every row touched through
 ``np.memmap`` mapped a whole large page-cache folio, +351 MB peak RSS for 2048 random rows of a 390 MB
-shard, still +32 MB with ``MADV_DONTNEED`` every 16 rows; ``pread``: +0.3 MB, and 6 vs 10 us per
-row).  :meth:`PreparedTokens.shard_tokens` still memory-maps a whole shard for inspection.
+shard, still +32 MB with ``MADV_DONTNEED`` every 16 rows; ``pread``: +0.3 MB).  A read costs a
+system call (6-32 us per 1025-token row on this shared machine, i.e. 30-150M tokens/s, far above
+what training consumes).  :meth:`PreparedTokens.shard_tokens` still memory-maps a whole shard for
+inspection.
 """
 
 from __future__ import annotations
