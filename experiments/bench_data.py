@@ -18,7 +18,8 @@ tokenizer is the paper's 32k sentencepiece model when ../shared/reference has it
 8000 pieces trained on the embedded corpus.
 
 ``--formats`` also compares the storage formats on the smallest corpus: random packed rows read
-from the ``.npy`` shards (with ``pread``, as training does, and through a memory map) vs ArrayRecord with one record per document (rows packed
+from the ``.npy`` shards (with ``pread``, as training does, and through a memory map) vs ArrayRecord
+with one record per document (rows packed
 on the fly, as here) and with one record per pre-packed row (seq_len fixed at prepare time).
 
     python experiments/bench_data.py --json                 # {"results": [{"path", "corpus_mb", ...}]}
@@ -42,6 +43,7 @@ from pathlib import Path
 PAPER_TOKENIZER = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / \
     "refinedweb-tokenizer-model-pldrllm-kvg-cache-paper.model"
 FILE_MB = 25
+KEYS = ("tokens_per_s", "first_batch_s", "peak_rss_mb")
 
 
 def log(msg: str) -> None:
@@ -226,8 +228,7 @@ def main(argv=None) -> int:
                 extra["prepare"].append({"corpus_mb": mb, "seconds": dt, "tokens": st.num_tokens,
                                          "tokens_per_s": st.num_tokens / dt, "shards": st.num_shards})
                 r = measure("prepared", f"tokens:{out}", tok, args)
-                results.append({"path": "prepared", "corpus_mb": mb, **{k: r[k] for k in
-                                                                         ("tokens_per_s", "first_batch_s", "peak_rss_mb")}})
+                results.append({"path": "prepared", "corpus_mb": mb, **{k: r[k] for k in KEYS}})
                 log(f"prepared  {mb:4d} MB: {r}")
                 if args.formats and mb == min(args.sizes):
                     extra["formats"] = compare_formats(out, args.seq_len)
@@ -236,8 +237,7 @@ def main(argv=None) -> int:
                     shutil.rmtree(out)
             if "streaming" in args.paths:
                 r = measure("streaming", f"jsonl:{src}:text", tok, args)
-                results.append({"path": "streaming", "corpus_mb": mb, **{k: r[k] for k in
-                                                                          ("tokens_per_s", "first_batch_s", "peak_rss_mb")}})
+                results.append({"path": "streaming", "corpus_mb": mb, **{k: r[k] for k in KEYS}})
                 log(f"streaming {mb:4d} MB: {r}")
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -255,7 +255,7 @@ def _jsonl_dir(docs, tmp_path) -> str:
 def test_training_on_prepared_and_streamed_data_resumes_exactly(kind, prepared, docs, tok, tmp_path):
     import pldr_jax
     from pldr_jax.train.loop import TrainConfig, train
-    spec = f"tokens:{prepared.path}" if kind == "tokens" else _jsonl_dir(docs, tmp_path).replace("jsonl:", "stream:jsonl:", 1)
+    spec = f"tokens:{prepared.path}" if kind == "tokens" else "stream:" + _jsonl_dir(docs, tmp_path)
     cfg = pldr_jax.PLDRConfig(num_layers=1, d_model=32, num_heads=4, dff=48, vocab_size=tok.vocab_size,
                               max_seq_len=32, A_dff=8, num_reslayerA=1, num_denseA=1)
     tc = TrainConfig(data=spec, tokenizer=tok.path, steps=4, total_steps=10, seq_len=16, batch_size=8,

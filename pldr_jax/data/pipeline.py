@@ -1,5 +1,8 @@
 """Grain pipeline: documents → token rows → shuffled, sharded, batched ``{"inputs", "targets"}``.
 
+(A prepared token directory, ``make_dataset(..., "tokens:DIR")``, skips the tokenizing: its rows are
+read from the shards on demand by :mod:`pldr_jax.data.rows`, and everything below holds the same.)
+
 Documents are tokenized **once, up front** into a flat int32 token stream (each document followed by
 EOS, no BOS, as the reference), then turned into rows of ``seq_len + 1`` tokens:
 
@@ -278,12 +281,14 @@ class PretrainDataset:
     of a prepared directory (:func:`pldr_jax.data.rows.token_rows`: built on the fly from the shards,
     nothing loaded).  Attributes: ``rows`` (int32 [R, seq_len + 1] array, or the lazy row
     source: all rows, every shard's, before shuffling), ``corpus`` (the TokenizedCorpus or the
-    :class:`~pldr_jax.data.shards.PreparedTokens`), ``batches_per_epoch`` (global batches per pass over ``rows``), ``tokens_per_epoch``
-    (non-pad targets of ``rows``) and the constructor settings.  Shard ``shard_index`` of
-    ``shard_count`` yields its ``batch_size`` rows of each global batch (see the module docstring).
+    :class:`~pldr_jax.data.shards.PreparedTokens`), ``batches_per_epoch`` (global batches per pass
+    over ``rows``), ``tokens_per_epoch`` (non-pad targets of ``rows``) and the constructor settings.
+    Shard ``shard_index`` of ``shard_count`` yields its ``batch_size`` rows of each global batch (see
+    the module docstring).
     """
 
-    def __init__(self, corpus: TokenizedCorpus | PackedRows | DocumentRows, *, seq_len: int, batch_size: int, mode: str = "pack",
+    def __init__(self, corpus: TokenizedCorpus | PackedRows | DocumentRows, *, seq_len: int, batch_size: int,
+                 mode: str = "pack",
                  seed: int = 0, shuffle: bool = True, shard_index: int = 0, shard_count: int = 1,
                  num_epochs: int | None = None, drop_remainder: bool = True,
                  prefetch_threads: int = 0, prefetch_buffer: int = 16):
@@ -310,9 +315,9 @@ class PretrainDataset:
             self.rows, self.corpus, data_id = make_rows(corpus, seq_len, mode), corpus, corpus.fingerprint()
         global_batch = self.batch_size * self.shard_count
         if len(self.rows) == 0:
-            raise ValueError(f"no training rows: {self.corpus.num_tokens} tokens in {self.corpus.num_documents} documents "
-                             f"give no row of seq_len+1={seq_len + 1} tokens in mode={mode!r}; use more data, a "
-                             "smaller seq_len" + (" or mode='pad'" if mode == "nopad" else ""))
+            raise ValueError(f"no training rows: {self.corpus.num_tokens} tokens in {self.corpus.num_documents} "
+                             f"documents give no row of seq_len+1={seq_len + 1} tokens in mode={mode!r}; use more "
+                             "data, a smaller seq_len" + (" or mode='pad'" if mode == "nopad" else ""))
         if len(self.rows) < global_batch and drop_remainder:
             raise ValueError(f"the global batch ({batch_size} rows x {shard_count} shards = {global_batch}) exceeds "
                              f"the {len(self.rows)} rows of the data (drop_remainder=True would give no batch); lower "

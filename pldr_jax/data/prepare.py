@@ -151,8 +151,9 @@ def prepare_tokens(source, tokenizer, out: str | os.PathLike, *, shard_tokens: i
     for f in out.glob("shard-*"):  # files of a shard the interruption left unfinished
         if f.name not in {s[k] for s in shards for k in ("tokens", "offsets")}:
             f.unlink()
-    if not (out / TOKENIZER).is_file() or tokenizer_sha256(Tokenizer.load(out / TOKENIZER)) != header["tokenizer_sha256"]:
-        (out / TOKENIZER).write_bytes(tok.model_proto)
+    own = out / TOKENIZER
+    if not own.is_file() or tokenizer_sha256(Tokenizer.load(own)) != header["tokenizer_sha256"]:
+        own.write_bytes(tok.model_proto)
 
     skip = sum(s["num_documents"] for s in shards)
     if skip:

@@ -106,7 +106,8 @@ class DocumentRows(_Rows):
         return row
 
     def __repr__(self) -> str:
-        return f"DocumentRows({self.mode}, {self._n} rows x {self.width}, documents [{self.doc_start}, {self.doc_stop}))"
+        return (f"DocumentRows({self.mode}, {self._n} rows x {self.width}, "
+                f"documents [{self.doc_start}, {self.doc_stop}))")
 
 
 def token_rows(store: PreparedTokens, seq_len: int, mode: str, doc_start: int = 0,
