@@ -268,3 +268,24 @@ def test_training_on_prepared_and_streamed_data_resumes_exactly(kind, prepared, 
     assert len(straight.losses) == 4 and all(np.isfinite(straight.losses))
     assert first.losses + second.losses == straight.losses  # bitwise: the next batch exactly
     assert straight.evals and np.isfinite(straight.evals[-1]["val_loss"])
+
+
+def test_bench_data_script_output(tmp_path):
+    """experiments/bench_data.py at a tiny size: the issue's JSON shape, one entry per path and size,
+    and its temporary directory removed."""
+    import os
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    p = subprocess.run([sys.executable, str(root / "experiments" / "bench_data.py"), "--sizes", "1", "2",
+                        "--batches", "3", "--seq-len", "32", "--batch", "2", "--workers", "1", "--tmp", str(tmp_path),
+                        "--json"], capture_output=True, text=True, timeout=600, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert [(r["path"], r["corpus_mb"]) for r in out["results"]] == [("prepared", 1), ("streaming", 1),
+                                                                      ("prepared", 2), ("streaming", 2)]
+    for r in out["results"]:
+        assert set(r) == {"path", "corpus_mb", "tokens_per_s", "first_batch_s", "peak_rss_mb"}
+        assert r["tokens_per_s"] > 0 and r["first_batch_s"] > 0 and r["peak_rss_mb"] > 50
+    assert not list(tmp_path.iterdir())
