@@ -46,11 +46,9 @@ def _init_worker(proto: bytes) -> None:
     _WORKER_TOK = Tokenizer.from_bytes(proto)
 
 
-def _encode(tok: Tokenizer, docs: list[str], dtype: np.dtype, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def _encode(tok: Tokenizer, docs: list[str], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
     """(tokens [n] ``dtype``, lengths int64 [len(docs)]) of ``docs``, each followed by EOS."""
-    ids = tok._sp.encode(docs, add_eos=True, num_threads=threads)  # noqa: SLF001 - the batched C++ encoder
-    lengths = np.fromiter(map(len, ids), np.int64, len(ids))
-    return np.array(list(itertools.chain.from_iterable(ids)), dtype=dtype), lengths
+    return tok.encode_flat(docs, add_eos=True, dtype=dtype)
 
 
 def _encode_in_worker(docs: list[str], dtype: str) -> tuple[np.ndarray, np.ndarray]:

@@ -88,8 +88,8 @@ class _DocumentTokensIterator(grain.DatasetIterator):
             chunk = list(itertools.islice(self._docs, ds.chunk_docs))
             if chunk:
                 self._seen_in_epoch = True
-                ids = ds.tokenizer._sp.encode(chunk, add_eos=True, num_threads=ds.num_threads)  # noqa: SLF001
-                self._queue.extend(np.asarray(x, np.int32) for x in ids)
+                toks, lengths = ds.tokenizer.encode_flat(chunk, add_eos=True, num_threads=ds.num_threads)
+                self._queue.extend(np.split(toks, np.cumsum(lengths)[:-1]))
                 return True
             if not self._seen_in_epoch:
                 raise ValueError(f"streaming source {ds.spec!r} gives process {ds.shard_index} of {ds.shard_count} no "

@@ -98,7 +98,8 @@ def prepare_tokenizer(tcfg: TrainConfig, workdir: Path | None = None, documents:
         return Tokenizer.load(tcfg.tokenizer)
     data = tcfg.data if documents is None else None
     if isinstance(data, str) and data.startswith("tokens:"):
-        return Tokenizer.load(Path(data[len("tokens:"):]) / TOKENIZER)
+        from ..data.shards import PreparedTokens
+        return Tokenizer.load(PreparedTokens(data[len("tokens:"):]).path / TOKENIZER)  # refuses a bad directory
     workdir = Path(tcfg.workdir if workdir is None else workdir)
     path = workdir / "tokenizer.model"
     if path.exists() and not tcfg.overwrite:
