@@ -18,6 +18,7 @@ COMMANDS = {
     "convert": "pldr_jax.io.cli",
     "eval": "pldr_jax.eval.cli",
     "analyze": "pldr_jax.analysis.cli",
+    "data": "pldr_jax.data.cli",
 }
 
 

@@ -1,5 +1,8 @@
 """Grain pipeline: documents → token rows → shuffled, sharded, batched ``{"inputs", "targets"}``.
 
+(A prepared token directory, ``make_dataset(..., "tokens:DIR")``, skips the tokenizing: its rows are
+read from the shards on demand by :mod:`pldr_jax.data.rows`, and everything below holds the same.)
+
 Documents are tokenized **once, up front** into a flat int32 token stream (each document followed by
 EOS, no BOS, as the reference), then turned into rows of ``seq_len + 1`` tokens:
 
@@ -34,6 +37,8 @@ from typing import Any
 import grain
 import numpy as np
 
+from .rows import DocumentRows, PackedRows, token_rows
+from .shards import PreparedTokens
 from .sources import DocumentSource, make_source
 from .tokenizer import Tokenizer
 
@@ -136,19 +141,27 @@ def tokenize_documents(tokenizer: Tokenizer, documents: Iterable[str], *, add_eo
     return TokenizedCorpus(np.concatenate(parts), np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]))
 
 
+def num_validation_documents(num_documents: int, validation_fraction: float) -> int:
+    """Documents held out for validation: 0 for a fraction of 0, else ``ceil(fraction * D)`` clipped
+    to [1, D - 1]."""
+    if not 0.0 <= validation_fraction < 1.0:
+        raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction!r}")
+    if validation_fraction == 0.0:
+        return 0
+    if num_documents < 2:
+        raise ValueError(f"need at least 2 documents for a validation split, got {num_documents}")
+    return min(max(1, math.ceil(validation_fraction * num_documents)), num_documents - 1)
+
+
 def split_documents(num_documents: int, validation_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic document-level split: (train_indices, validation_indices), each sorted, int64.
 
     ``ceil(validation_fraction * num_documents)`` documents (at least 1 when the fraction is > 0, and
     at most ``num_documents - 1``) are drawn with ``np.random.default_rng(seed)``.
     """
-    if not 0.0 <= validation_fraction < 1.0:
-        raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction!r}")
-    if validation_fraction == 0.0:
+    n_val = num_validation_documents(num_documents, validation_fraction)
+    if n_val == 0:
         return np.arange(num_documents, dtype=np.int64), np.zeros(0, np.int64)
-    if num_documents < 2:
-        raise ValueError(f"need at least 2 documents for a validation split, got {num_documents}")
-    n_val = min(max(1, math.ceil(validation_fraction * num_documents)), num_documents - 1)
     perm = np.random.default_rng(seed).permutation(num_documents)
     return np.sort(perm[n_val:]).astype(np.int64), np.sort(perm[:n_val]).astype(np.int64)
 
@@ -264,13 +277,18 @@ class PretrainDataset:
 
     ``iter(ds)`` (or ``ds.iterator(start_step)``) gives a :class:`PipelineIterator`; ``ds[i]`` is batch
     ``i``; ``len(ds)`` is the number of batches (``sys.maxsize``-ish when repeating forever).
-    Attributes: ``rows`` int32 [R, seq_len + 1] (all rows, every shard's, before shuffling),
-    ``corpus``, ``batches_per_epoch`` (global batches per pass over ``rows``), ``tokens_per_epoch``
-    (non-pad targets of ``rows``) and the constructor settings.  Shard ``shard_index`` of
-    ``shard_count`` yields its ``batch_size`` rows of each global batch (see the module docstring).
+    ``corpus``: a :class:`TokenizedCorpus` (rows built in memory by :func:`make_rows`) or the rows
+    of a prepared directory (:func:`pldr_jax.data.rows.token_rows`: built on the fly from the shards,
+    nothing loaded).  Attributes: ``rows`` (int32 [R, seq_len + 1] array, or the lazy row
+    source: all rows, every shard's, before shuffling), ``corpus`` (the TokenizedCorpus or the
+    :class:`~pldr_jax.data.shards.PreparedTokens`), ``batches_per_epoch`` (global batches per pass
+    over ``rows``), ``tokens_per_epoch`` (non-pad targets of ``rows``) and the constructor settings.
+    Shard ``shard_index`` of ``shard_count`` yields its ``batch_size`` rows of each global batch (see
+    the module docstring).
     """
 
-    def __init__(self, corpus: TokenizedCorpus, *, seq_len: int, batch_size: int, mode: str = "pack",
+    def __init__(self, corpus: TokenizedCorpus | PackedRows | DocumentRows, *, seq_len: int, batch_size: int,
+                 mode: str = "pack",
                  seed: int = 0, shuffle: bool = True, shard_index: int = 0, shard_count: int = 1,
                  num_epochs: int | None = None, drop_remainder: bool = True,
                  prefetch_threads: int = 0, prefetch_buffer: int = 16):
@@ -284,38 +302,46 @@ class PretrainDataset:
             raise ValueError(f"num_epochs must be a positive int or None (forever), got {num_epochs!r}")
         if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
             raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
-        self.corpus, self.seq_len, self.batch_size, self.mode = corpus, int(seq_len), int(batch_size), mode
+        self.seq_len, self.batch_size, self.mode = int(seq_len), int(batch_size), mode
         self.seed, self.shuffle, self.num_epochs, self.drop_remainder = int(seed), shuffle, num_epochs, drop_remainder
         self.shard_index, self.shard_count = int(shard_index), int(shard_count)
 
-        self.rows = make_rows(corpus, seq_len, mode)
+        if isinstance(corpus, (PackedRows, DocumentRows)):
+            want = "pack" if isinstance(corpus, PackedRows) else corpus.mode
+            if corpus.width != self.seq_len + 1 or want != mode:
+                raise ValueError(f"row source {corpus!r} does not give mode={mode!r} rows of seq_len+1={seq_len + 1}")
+            self.rows, self.corpus, data_id = corpus, corpus.store, corpus.fingerprint
+        else:
+            self.rows, self.corpus, data_id = make_rows(corpus, seq_len, mode), corpus, corpus.fingerprint()
         global_batch = self.batch_size * self.shard_count
         if len(self.rows) == 0:
-            raise ValueError(f"no training rows: {corpus.num_tokens} tokens in {corpus.num_documents} documents "
-                             f"give no row of seq_len+1={seq_len + 1} tokens in mode={mode!r}; use more data, a "
-                             "smaller seq_len" + (" or mode='pad'" if mode == "nopad" else ""))
+            raise ValueError(f"no training rows: {self.corpus.num_tokens} tokens in {self.corpus.num_documents} "
+                             f"documents give no row of seq_len+1={seq_len + 1} tokens in mode={mode!r}; use more "
+                             "data, a smaller seq_len" + (" or mode='pad'" if mode == "nopad" else ""))
         if len(self.rows) < global_batch and drop_remainder:
             raise ValueError(f"the global batch ({batch_size} rows x {shard_count} shards = {global_batch}) exceeds "
                              f"the {len(self.rows)} rows of the data (drop_remainder=True would give no batch); lower "
                              "batch_size or seq_len")
         self.batches_per_epoch = (len(self.rows) // global_batch if drop_remainder
                                   else math.ceil(len(self.rows) / global_batch))
-        self.tokens_per_epoch = int(np.count_nonzero(self.rows[:, 1:]))  # non-pad targets, all shards
+        self.tokens_per_epoch = (int(np.count_nonzero(self.rows[:, 1:])) if isinstance(self.rows, np.ndarray)
+                                 else self.rows.tokens_per_epoch)  # non-pad targets, all shards
         self.read_options = grain.ReadOptions(num_threads=prefetch_threads,
                                               prefetch_buffer_size=prefetch_buffer if prefetch_threads else 0)
 
-        ds = grain.MapDataset.source(_RowSource(self.rows))
+        ds = grain.MapDataset.source(self.rows if isinstance(self.rows, (PackedRows, DocumentRows))
+                                     else _RowSource(self.rows))
         if shuffle:
             ds = ds.shuffle(seed=self.seed)
         ds = ds.repeat(num_epochs)
-        pad_row = None if drop_remainder else np.full(self.rows.shape[1], PAD_ID, np.int32)
+        pad_row = None if drop_remainder else np.full(self.seq_len + 1, PAD_ID, np.int32)
         ds = _GlobalBatchSlice(ds, self.shard_index, self.shard_count, self.batch_size, pad_row)
         ds = ds.map(_split_row)
         ds = ds.batch(self.batch_size, drop_remainder=drop_remainder)
         self.map_dataset: grain.MapDataset = ds
         # The position (next batch index) means the same global batch for every shard count: the
         # fingerprint names the global batch, not this shard, so a state re-shards onto any count.
-        cfg = dict(data=corpus.fingerprint(), seq_len=self.seq_len, global_batch=global_batch, mode=mode,
+        cfg = dict(data=data_id, seq_len=self.seq_len, global_batch=global_batch, mode=mode,
                    seed=self.seed, shuffle=bool(shuffle), epochs=num_epochs, drop=bool(drop_remainder))
         self.fingerprint = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -348,9 +374,15 @@ def make_dataset(tokenizer: Tokenizer | None, source, seq_len: int, batch_size: 
                  prefetch_threads: int = 0) -> PretrainDataset:
     """Build the training (or validation) batch pipeline.
 
-    tokenizer: used to tokenize ``source`` (may be None when ``source`` is a :class:`TokenizedCorpus`).
-    source: a :class:`TokenizedCorpus`, a ``DocumentSource``, a list of str, or a spec for
-        :func:`make_source` ("builtin", a path, "jsonl:PATH:FIELD", "parquet:PATH:COLUMN", ...).
+    tokenizer: used to tokenize ``source`` (may be None when ``source`` is a :class:`TokenizedCorpus`);
+        with a prepared directory it is optional and, when given, must be the one the shards were
+        made with (refused otherwise).
+    source: a :class:`TokenizedCorpus`, a ``DocumentSource``, a list of str, a spec for
+        :func:`make_source` ("builtin", a path, "jsonl:PATH:FIELD", "parquet:PATH:COLUMN", ...), or a
+        prepared directory: ``"tokens:DIR"`` or a :class:`~pldr_jax.data.shards.PreparedTokens`
+        (rows built on the fly, read from the shards; the validation split is then the *last*
+        ``validation_fraction`` of the documents in prepare order, contiguous, so that no document
+        list is needed -- prepare from a shuffled source, or a separate validation directory).
     seq_len: model input length L; rows hold L + 1 tokens. batch_size: per-host batch B.
     mode: "pack" | "pad" | "nopad". seed: shuffle seed (each epoch reshuffled).
     shard_index / shard_count: this host's part (e.g. ``jax.process_index()``, ``jax.process_count()``).
@@ -366,14 +398,23 @@ def make_dataset(tokenizer: Tokenizer | None, source, seq_len: int, batch_size: 
         raise ValueError(f"split must be 'train', 'validation' or 'all', got {split!r}")
     if split == "validation" and validation_fraction <= 0:
         raise ValueError("split='validation' needs validation_fraction > 0")
-    if isinstance(source, TokenizedCorpus):
+    if isinstance(source, str) and source.startswith("tokens:"):
+        source = PreparedTokens(source[len("tokens:"):], tokenizer)
+    if isinstance(source, PreparedTokens):
+        if tokenizer is not None:
+            source.check_tokenizer(tokenizer)
+        n_docs = source.num_documents
+        n_val = num_validation_documents(n_docs, validation_fraction) if split != "all" else 0
+        lo, hi = {"train": (0, n_docs - n_val), "validation": (n_docs - n_val, n_docs), "all": (0, n_docs)}[split]
+        corpus = token_rows(source, seq_len, mode, lo, hi)
+    elif isinstance(source, TokenizedCorpus):
         corpus = source
     else:
         if tokenizer is None:
             raise ValueError("tokenizer is required unless source is a TokenizedCorpus")
         src = source if isinstance(source, DocumentSource) else make_source(source)
         corpus = tokenize_documents(tokenizer, src, add_eos=True, num_threads=num_threads)
-    if split != "all":
+    if split != "all" and isinstance(corpus, TokenizedCorpus):
         train_idx, val_idx = split_documents(corpus.num_documents, validation_fraction, split_seed)
         if validation_fraction > 0:
             corpus = corpus.select(val_idx if split == "validation" else train_idx)

@@ -8,10 +8,12 @@ pieces ``[SEP]`` (4) and ``[CLS]`` (5) and byte-fallback pieces from 6. The refe
 from __future__ import annotations
 
 import io
+import itertools
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import sentencepiece as spm
 
 __all__ = ["Tokenizer", "PAPER_TRAINER_SETTINGS"]
@@ -197,6 +199,14 @@ class Tokenizer:
             return []
         return [list(x) for x in self._sp.encode(texts, add_bos=add_bos, add_eos=add_eos,
                                                  num_threads=num_threads)]
+
+    def encode_flat(self, texts: Sequence[str], add_eos: bool = True, num_threads: int = 1,
+                    dtype=np.int32) -> tuple[np.ndarray, np.ndarray]:
+        """Documents → (tokens ``dtype`` [n], lengths int64 [len(texts)]): all ids back to back, as
+        :meth:`encode_batch` gives them (EOS appended by default), without a Python list per document."""
+        ids = self._sp.encode(list(texts), add_eos=add_eos, num_threads=num_threads) if texts else []
+        lengths = np.fromiter(map(len, ids), np.int64, len(ids))
+        return np.fromiter(itertools.chain.from_iterable(ids), dtype, int(lengths.sum())), lengths
 
     def decode(self, ids: Iterable[int]) -> str:
         """Ids → text, stopping at the first eos_id and dropping pad ids (and bos)."""

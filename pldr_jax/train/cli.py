@@ -103,8 +103,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=None)
     d = p.add_argument_group("data")
     d.add_argument("--data", default=None, help="documents: builtin (embedded corpus), a path, jsonl:PATH:FIELD, "
-                                                "parquet:PATH:COLUMN, hf:NAME[:FIELD[:SPLIT]]")
-    d.add_argument("--tokenizer", default=None, help="sentencepiece .model (default: train one on the data)")
+                                                "parquet:PATH:COLUMN, hf:NAME[:FIELD[:SPLIT]] (tokenized in memory); "
+                                                "tokens:DIR (made by pldr-jax data prepare; rows read in place); "
+                                                "stream:SPEC (tokenized on the fly; needs --tokenizer)")
+    d.add_argument("--tokenizer", default=None, help="sentencepiece .model (default: tokens:DIR's own, else train one "
+                                                     "on the data)")
     d.add_argument("--vocab-size", type=int, default=None, help="size of a trained tokenizer")
     d.add_argument("--data-mode", choices=("pack", "pad", "nopad"), default=None)
     d.add_argument("--validation-fraction", type=float, default=None)

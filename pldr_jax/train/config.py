@@ -24,7 +24,9 @@ class TrainConfig:
       seed (parameter init and step RNG), resume (continue from the newest checkpoint in
       workdir/checkpoints), overwrite (delete a previous run's checkpoints and logs in workdir).
     Data: data (source spec for `pldr_jax.data.make_source`: "builtin" = the embedded corpus, a
-      path, "jsonl:PATH:FIELD", ...), tokenizer (a sentencepiece .model; None = train one with
+      path, "jsonl:PATH:FIELD", ..., tokenized in memory; "tokens:DIR" = a directory made by
+      `pldr-jax data prepare`; "stream:SPEC" = SPEC streamed, tokenized on the fly), tokenizer (a
+      sentencepiece .model; None = the prepared directory's, or one trained with
       `vocab_size` pieces on the training data), seq_len, batch_size (global, all processes),
       data_mode ("pack" | "pad" | "nopad"), validation_fraction (documents held out), data_seed.
     Optimiser (the reference recipe): learning_rate (peak), warmup_steps, total_steps (end of the

@@ -89,14 +89,25 @@ def _barrier(name: str, timeout_s: float = multihost.DEFAULT_TIMEOUT_S) -> None:
 def prepare_tokenizer(tcfg: TrainConfig, workdir: Path | None = None, documents: Sequence[str] | None = None):
     """The run's tokenizer: `tcfg.tokenizer` if given, else ``workdir/tokenizer.model`` if present
     (resume), else one trained with `tcfg.vocab_size` pieces on the data (process 0 trains and
-    saves; the others load it after a barrier)."""
+    saves; the others load it after a barrier).  ``tokens:DIR`` data: the tokenizer the directory
+    was prepared with (``DIR/tokenizer.model``) unless `tcfg.tokenizer` is given (then its hash
+    must match: checked in `prepare_datasets`).  ``stream:SPEC`` data needs `tcfg.tokenizer` (a
+    streamed corpus is never loaded whole to train one)."""
     from ..data import Tokenizer, make_source
+    from ..data.shards import TOKENIZER
     if tcfg.tokenizer:
         return Tokenizer.load(tcfg.tokenizer)
+    data = tcfg.data if documents is None else None
+    if isinstance(data, str) and data.startswith("tokens:"):
+        from ..data.shards import PreparedTokens
+        return Tokenizer.load(PreparedTokens(data[len("tokens:"):]).path / TOKENIZER)  # refuses a bad directory
     workdir = Path(tcfg.workdir if workdir is None else workdir)
     path = workdir / "tokenizer.model"
     if path.exists() and not tcfg.overwrite:
         return Tokenizer.load(path)
+    if isinstance(data, str) and data.startswith("stream:"):
+        raise ValueError(f"--data {data} needs --tokenizer MODEL: a streamed corpus is never loaded whole to train "
+                         "a tokenizer on (train one on a sample, or prepare the data with pldr-jax data prepare)")
     if jax.process_index() == 0:
         docs = documents if documents is not None else list(make_source(tcfg.data))
         workdir.mkdir(parents=True, exist_ok=True)
@@ -106,12 +117,39 @@ def prepare_tokenizer(tcfg: TrainConfig, workdir: Path | None = None, documents:
 
 
 def prepare_datasets(tcfg: TrainConfig, tokenizer, documents=None):
-    """(train PretrainDataset, validation PretrainDataset or None) for this process's shard."""
+    """(train dataset, validation dataset or None) for this process's shard.
+
+    `tcfg.data`: a source spec (tokenized here, in memory: the embedded corpus, small files),
+    ``tokens:DIR`` (a prepared directory: rows read in place and built on the fly, refused before any
+    training work when incomplete, damaged or made with another tokenizer) or ``stream:SPEC``
+    (raw text tokenized inside the grain pipeline; see `pldr_jax.data.streaming`)."""
     from ..data import make_dataset, make_source, tokenize_documents
     pc, pi = jax.process_count(), jax.process_index()
     if tcfg.batch_size % pc:
         raise ValueError(f"batch_size ({tcfg.batch_size}) must be divisible by the {pc} processes")
     local_bs = tcfg.batch_size // pc
+    data = tcfg.data if documents is None else None
+    if isinstance(data, str) and data.startswith("tokens:"):
+        from ..data.shards import PreparedTokens
+        store = PreparedTokens(data[len("tokens:"):], tokenizer)
+        common = dict(seq_len=tcfg.seq_len, mode=tcfg.data_mode, shard_index=pi, shard_count=pc,
+                      validation_fraction=tcfg.validation_fraction)
+        train_ds = make_dataset(None, store, batch_size=local_bs, seed=tcfg.data_seed, split="train", **common)
+        val_ds = (make_dataset(None, store, batch_size=local_bs, split="validation", **common)
+                  if tcfg.validation_fraction > 0 else None)
+        return train_ds, val_ds
+    if isinstance(data, str) and data.startswith("stream:"):
+        from ..data.streaming import StreamingDataset
+        common = dict(seq_len=tcfg.seq_len, batch_size=local_bs, mode=tcfg.data_mode, seed=tcfg.data_seed,
+                      shard_index=pi, shard_count=pc, validation_fraction=tcfg.validation_fraction)
+        spec = data[len("stream:"):]
+        train_ds = StreamingDataset(spec, tokenizer, split="train", **common)
+        val_ds = None
+        if tcfg.validation_fraction > 0:
+            if tcfg.eval_batches is None:
+                raise ValueError("--data stream:... validates on a repeating stream: set eval_batches (--eval-batches)")
+            val_ds = StreamingDataset(spec, tokenizer, split="validation", shuffle_window=0, **common)
+        return train_ds, val_ds
     src = documents if documents is not None else make_source(tcfg.data)
     corpus = tokenize_documents(tokenizer, src)
     common = dict(seq_len=tcfg.seq_len, mode=tcfg.data_mode, shard_index=pi, shard_count=pc,

@@ -112,7 +112,8 @@ def data_state_for(step_dir: str | Path, process_index: int, process_count: int)
         raise ResumeError(
             f"checkpoint {Path(step_dir).name} was written by {saved} processes whose data-iterator states differ "
             f"({states[:4]}{' ...' if saved > 4 else ''}); this iterator cannot be re-sharded onto {process_count} "
-            f"processes. Resume with {saved} processes, or use a pldr_jax.data pipeline (its position is global)")
+            f"processes. Resume with {saved} processes, or use in-memory or tokens:DIR data (their position is "
+            "global; a stream: position is per process)")
     return states[0], (f"data position re-sharded: checkpoint written by {saved} process(es), resumed on "
                        f"{process_count}; every process continues at the same global batch ({states[0]})")
 
