@@ -24,6 +24,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import pldr_jax
@@ -112,6 +113,55 @@ def test_lr_schedule_is_the_reference_formula(warmup, total, alpha):
         got = float(sched(jnp.int32(s)))
         assert got == pytest.approx(want, rel=2e-6, abs=1e-12), (s, got, want)
     assert float(sched(0)) == 0.0  # the reference's first update has learning rate 0
+
+
+@pytest.mark.parametrize("warmup,total,alpha", [(2, 10, 0.1), (2000, 250_000, 0.1), (0, 50, 0.2), (5, 7, 0.0)])
+def test_lr_schedule_is_optax_warmup_cosine(warmup, total, alpha):
+    """Our schedule is optax's warm-up + cosine (to 1e-7 x lr: optax's warm-up form loses relative
+    precision at small counts, not the value) and at every count within float32 rounding of the
+    reference (previous test); counts past a boundary included."""
+    import optax
+    peak = 1e-3
+    ours = lr_schedule(peak, warmup, total, alpha)
+    theirs = optax.warmup_cosine_decay_schedule(0.0, peak, warmup, total, end_value=alpha * peak)
+    counts = jnp.asarray(sorted({0, 1, 2, 3, max(warmup - 1, 0), warmup, warmup + 1, total // 3, total - 1,
+                                 total, total + 1, 3 * total}), jnp.int32)
+    np.testing.assert_allclose(np.asarray(jax.vmap(ours)(counts)), np.asarray(jax.vmap(theirs)(counts)),
+                               rtol=0, atol=1e-7 * peak)
+    for c in np.asarray(counts):
+        assert float(ours(jnp.int32(c))) == pytest.approx(peak * ref_factor(c, warmup, total, alpha) if warmup
+                                                          else peak * ((1 - alpha) * 0.5 * (1 + math.cos(
+                                                              math.pi * min(c, total) / total)) + alpha),
+                                                          rel=2e-6, abs=1e-12), c
+
+
+def test_logged_lr_is_the_applied_lr_after_a_skipped_step():
+    """A non-finite step advances `state.step` but not optax's count: the next update applies
+    schedule(count), and that is the lr the step logs (not schedule(state.step))."""
+    from pldr_jax.train.optimizer import schedule_count
+    cfg = pldr_jax.PLDRConfig.preset("tiny-g", num_layers=1)
+    hp = dict(learning_rate=1e-2, warmup_steps=4, total_steps=10, alpha=0.1)
+    tx, sched = make_optimizer(**hp), lr_schedule(**hp)
+    step = make_train_step(cfg, tx, sched, donate=False, compiler_options=FAST_COMPILE)
+    batch = micro_batch(V=cfg.vocab_size)
+    g = pldr_jax.random_normal_g(cfg, jax.random.key(1))
+    g_nan = g.at[0, 0, 0, 0].set(jnp.nan)  # a NaN in the (constant) G_LM: non-finite loss
+    s0 = create_train_state(cfg, tx, 0)
+
+    a, ma1 = step(s0, batch, g)
+    a, ma2 = step(a, batch, g_nan)
+    a, ma3 = step(a, batch, g)
+    b, mb1 = step(s0, batch, g)
+    b, mb2 = step(b, batch, g)
+    assert [float(m["nonfinite"]) for m in (ma1, ma2, ma3)] == [0.0, 1.0, 0.0]
+    assert int(a.step) == 3 and int(schedule_count(a.opt_state)) == 2 == int(schedule_count(b.opt_state))
+    # the run with the skipped step applied exactly the updates of the run without it ...
+    for x, y in zip(jax.tree_util.tree_leaves((a.params, a.opt_state)), jax.tree_util.tree_leaves((b.params, b.opt_state))):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # ... so its third step applied schedule(1), and logs it
+    assert float(ma3["lr"]) == float(mb2["lr"]) == pytest.approx(hp["learning_rate"] * 1 / 4, rel=1e-6)
+    assert float(ma3["lr"]) != float(sched(2))
+    assert schedule_count(optax.sgd(0.1).init({"w": jnp.zeros(2)}), "none") == "none"
 
 
 def test_make_optimizer_equals_torch_adamw_with_value_clipping():
