@@ -9,9 +9,9 @@
   learning rate is 0, the parameters after update 0 equal the initial ones, so updates 0 and 1
   both use the *golden* loss and gradients; the expected parameters after them come from the
   numpy AdamW below.  Update 2 starts from those (numpy) parameters; its gradient is the model's
-  own (validated against the golden one at update 0).  Bounds: loss and parameters within 1e-3
-  relative (per tensor, relative to the tensor's largest magnitude), as the issue asks; the
-  learning rate to float32 rounding.
+  own (validated against the golden one at update 0).  Bounds: loss within 1e-3 relative; the
+  parameters' movement from the start (p_k - p_0) within 5e-3 of the reference movement's norm
+  (2e-2 per tensor); the learning rate to float32 rounding.
 * Gradient accumulation equals the full batch; the DAG option, bfloat16 compute and
   predefined-G training behave as specified.
 """
@@ -200,12 +200,14 @@ def test_golden_three_step_trajectory(tiny_v510):
 
     The expected trajectory `ref` is numpy torch-AdamW driven by the reference's golden loss and
     gradients for updates 0 and 1 (the parameters are still the reference weights then: lr_0 = 0)
-    and by the model's gradient at the `ref` parameters for update 2.  pldr_jax's
-    parameters must match `ref` within 1e-3 relative, globally (norm) and per tensor.  Exception:
-    zero-initialised biases whose gradient is rounding noise (it vanishes analytically, e.g. wk's
-    bias under the softmax's shift invariance) -- Adam's normalisation turns noise into +-lr -- are
-    held to the size of the updates instead.  (The optimiser alone is checked exactly against
-    torch's AdamW in `test_make_optimizer_equals_torch_adamw_with_value_clipping`.)
+    and by the model's gradient at the `ref` parameters for update 2.  The parameters' movement
+    from the start, p_k - p_0, must match the reference's: within 5e-3 of its norm over the whole
+    model and 2e-2 of its norm per tensor (measured: 4e-4 / 1.7e-3 globally after updates 1 / 2,
+    per tensor at most 8.7e-3).  Why not tighter: Adam's first updates are ~lr x sign(grad), so
+    gradient elements near zero, whose sign the model and the reference (agreeing to ~2e-4 x
+    max|grad|) may round differently, move by +-lr in opposite directions.  (The optimiser alone is
+    checked exactly against torch's AdamW in
+    `test_make_optimizer_equals_torch_adamw_with_value_clipping`.)
     """
     cfg, params0 = tiny_v510
     t = np.load(ref_path("tiny_v510_train.npz"))
@@ -233,10 +235,8 @@ def test_golden_three_step_trajectory(tiny_v510):
     p0 = flat(params0)
     ref = dict(p0)
     ref_opt = TorchAdamW(p0)
-    lr_sum = 0.0
     for k in range(3):
         lr_want = peak * ref_factor(k, warmup, total, alpha)
-        lr_sum += lr_want
         if k < 2:  # parameters are still the reference weights: the golden loss and gradients
             loss_ref, grads_ref = golden_loss, golden_grads
         else:
@@ -254,17 +254,18 @@ def test_golden_three_step_trajectory(tiny_v510):
 
         ref = ref_opt.step(ref, grads_ref, lr_want)
         got = {n: np.asarray(v, np.float64) for n, v in flat(state.params).items()}
-        # the reference trajectory: 1e-3 relative, globally and per tensor
-        num = sum(float(np.sum((got[n] - ref[n]) ** 2)) for n in keys)
-        den = sum(float(np.sum(ref[n] ** 2)) for n in keys)
-        assert math.sqrt(num / den) <= 1e-3, k
-        for n in keys:
-            scale = float(np.abs(ref[n]).max())
-            err = float(np.abs(got[n] - ref[n]).max())
-            if scale >= 10 * lr_sum:
-                assert err <= 1e-3 * scale, (k, n, err, scale)
-            else:  # zero-initialised tensors moved by noise-level gradients: within the updates' size
-                assert err <= 2 * lr_sum, (k, n, err, lr_sum)
+        if k > 0:
+            # the reference trajectory, by movement from the start: d = p_k - p_0 (the parameters
+            # themselves are ~1000x larger than 3 updates of lr 1e-3 and would hide any error)
+            d_got = {n: got[n] - p0[n] for n in keys}
+            d_ref = {n: ref[n] - p0[n] for n in keys}
+            num = sum(float(np.sum((d_got[n] - d_ref[n]) ** 2)) for n in keys)
+            den = sum(float(np.sum(d_ref[n] ** 2)) for n in keys)
+            assert math.sqrt(num / den) <= 5e-3, (k, math.sqrt(num / den))
+            for n in keys:
+                err = float(np.linalg.norm(d_got[n] - d_ref[n]))
+                moved = float(np.linalg.norm(d_ref[n]))
+                assert moved > 0 and err <= 2e-2 * moved, (k, n, err, moved)
         if k == 0:  # lr 0: nothing moved
             assert all(np.array_equal(got[n], p0[n]) for n in keys)
     assert int(state.step) == 3
