@@ -149,10 +149,10 @@ def test_paper_learned_g_list_loads_into_v51g_preset():
 def test_golden_copies_are_the_reference_files():
     """tests/data holds byte-identical copies of ../shared/reference's files (checked when both are
     present), and every golden file the model tests read is among them."""
-    names = sorted(p.name for p in DATA.iterdir() if p.is_file())
+    names = sorted(str(p.relative_to(DATA)) for p in DATA.rglob("*") if p.is_file())
     assert {"tiny_v510.json", "tiny_v510_params.npz", "tiny_v510_outputs.npz", "tiny_v510_train.npz",
             "tiny_v510_generate.npz", "tiny_v510G_identity_outputs.npz"} <= set(names)
-    assert sum((DATA / n).stat().st_size for n in names) < 3_500_000  # small enough to live in the repo
+    assert sum((DATA / n).stat().st_size for n in names) < 4_000_000  # small enough to live in the repo
     if not SHARED_REF.is_dir():  # a clean clone: nothing to compare the copies with
         return
     for n in names:
