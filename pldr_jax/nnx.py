@@ -3,10 +3,10 @@
 `PLDRLLM(cfg, rngs=nnx.Rngs(0))` holds one `nnx.Param` per array of `pldr_jax.params` (the
 per-layer layout: `model.layers[i]` is layer i, its leaves without the leading [num_layers] axis).
 Every Param carries its logical sharding axes as metadata (`param.out_sharding`, the names of
-`params.logical_axes`: "embed", "heads", "mlp", ...), which `partition_specs` maps to a mesh with the
-training rule table (`train.sharding.DEFAULT_RULES`).  Metadata only: a Param is never sharded
-eagerly (`eager_sharding=False`); place the state with `jax.device_put(nnx.state(model),
-partition_specs(...))`-derived shardings.
+`params.logical_axes`: "embed", "heads", "mlp", ...).  Metadata only: a Param is never sharded
+eagerly (`eager_sharding=False`, so building a model needs no mesh); `partition_specs(model, mesh)`
+maps the names to PartitionSpecs with the training rule table (`train.sharding.DEFAULT_RULES`, its
+divisibility fallback included), one per Param, for placing the state on a mesh.
 
 The maths is not here: `__call__` builds the functional params tree from the Params and calls
 `pldr_jax.model.forward` (the Python loop over per-layer params), so the NNX model computes exactly

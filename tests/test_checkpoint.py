@@ -142,7 +142,9 @@ def test_params_only_restore_ignores_training_config(runs, tmp_path):
         raw = m.restore_raw_state()
     assert sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(raw["opt_state"])) >= 2 * n_params
     # the loaders built on it: io.load_model (format "orbax") and train.checkpoint.load_params
-    for loaded in (pldr_jax.load_model(work)[1], load_params(ck)[1]):
+    from pldr_jax.train.sharding import make_mesh
+    mesh = make_mesh(1, 1, 1, devices=jax.local_devices()[:1])
+    for loaded in (pldr_jax.load_model(work)[1], load_params(ck)[1], load_params(ck, mesh=mesh)[1]):
         for k, v in want.items():
             np.testing.assert_array_equal(_flat(loaded)[k], v)
 
