@@ -3,7 +3,8 @@
 The public API is re-exported here; the subpackages hold the rest:
 `ops` (pure math), `io` (checkpoint formats), `decode` (generation with KV- and G-cache),
 `data` (sentencepiece + grain), `train` (sharded optax training, orbax checkpoints),
-`analysis` (invariance of deductive outputs), `eval` (perplexity, multiple choice, lm-eval adapter).
+`analysis` (invariance of deductive outputs), `eval` (perplexity, multiple choice, lm-eval adapter),
+`nnx` (the model as a Flax NNX module over the same functions: `pldr_jax.nnx.PLDRLLM`).
 """
 
 from .config import PRESETS, PLDRConfig

@@ -1,14 +1,24 @@
-"""Shared fixtures: the golden reference folder (../shared/reference) and tiny models."""
+"""Shared fixtures: the golden reference folder and tiny models.
+
+The golden files come from `../shared/reference` (the authors' PyTorch outputs, next to the
+repository) when it is there, else from `tests/data/` (a copy of the small files the golden tests
+need: the tiny models, their outputs, gradients, generations, and the paper's learned G list), so a
+clean clone runs every golden test.  `PLDR_JAX_REFERENCE=<dir>` picks a folder explicitly.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-REF = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+SHARED_REF = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+DATA = Path(__file__).resolve().parent / "data"
+REF = Path(os.environ["PLDR_JAX_REFERENCE"]) if os.environ.get("PLDR_JAX_REFERENCE") else (
+    SHARED_REF if SHARED_REF.is_dir() else DATA)
 
 
 def ref_path(name: str) -> Path:
@@ -20,9 +30,9 @@ def ref_path(name: str) -> Path:
 
 @pytest.fixture(scope="session")
 def ref():
-    """Path to ../shared/reference (skips when absent)."""
+    """Path to the golden folder (../shared/reference or tests/data; skips when absent)."""
     if not REF.exists():
-        pytest.skip("../shared/reference not available")
+        pytest.skip(f"golden folder {REF} not available")
     return REF
 
 

@@ -106,6 +106,64 @@ def test_keep_last_n_and_saved_items(runs):
         m.restore_config(step=123)
 
 
+def test_params_only_restore_ignores_training_config(runs, tmp_path):
+    """`pldr_jax.io` restores only the params of a `train()` checkpoint: a saved TrainConfig with
+    an unknown field (and an optimiser this code cannot build) still loads, and nothing but the
+    params subtree is read (no optimiser moments: the restored tree is the params, 1/3 of the
+    saved state's floats)."""
+
+    import jax
+
+    import pldr_jax
+    from pldr_jax.io.orbax_params import read_run_config, restore_params
+    from pldr_jax.train.checkpoint import CheckpointManager, load_params
+    s = runs["straight"]
+    work = tmp_path / "old_run"
+    shutil.copytree(Path(s.paths["workdir"]), work)
+    ck = work / "checkpoints"
+    for step_dir in (p for p in ck.iterdir() if p.name.isdigit()):
+        f = step_dir / "config" / "metadata"
+        conf = json.loads(f.read_text())
+        conf["train"]["a_field_from_another_version"] = 1
+        conf["train"]["learning_rate"] = "no longer a number"
+        f.write_text(json.dumps(conf))
+    with pytest.raises((TypeError, ValueError)):  # the training config itself no longer parses
+        pldr_jax.TrainConfig.from_dict(read_run_config(ck)["train"])
+
+    cfg, params, conf = restore_params(ck)
+    assert cfg == runs["cfg"] and conf["train"]["a_field_from_another_version"] == 1
+    want = _flat(s.state.params)
+    assert _flat(params).keys() == want.keys()
+    for k, v in want.items():
+        np.testing.assert_array_equal(_flat(params)[k], v)
+    n_params = pldr_jax.count_params(cfg)
+    assert sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params)) == n_params
+    with CheckpointManager(ck, async_save=False) as m:  # what the full state would have held
+        raw = m.restore_raw_state()
+    assert sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(raw["opt_state"])) >= 2 * n_params
+    # the loaders built on it: io.load_model (format "orbax") and train.checkpoint.load_params
+    from pldr_jax.train.sharding import make_mesh
+    mesh = make_mesh(1, 1, 1, devices=jax.local_devices()[:1])
+    for loaded in (pldr_jax.load_model(work)[1], load_params(ck)[1], load_params(ck, mesh=mesh)[1]):
+        for k, v in want.items():
+            np.testing.assert_array_equal(_flat(loaded)[k], v)
+
+
+def test_io_never_imports_train():
+    """`pldr_jax.io` sits below `pldr_jax.train`: no import of it anywhere in io, functions included."""
+    import ast
+
+    import pldr_jax.io
+    io_dir = Path(pldr_jax.io.__file__).parent
+    for f in io_dir.glob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                mod = ("." * node.level) + (node.module or "")
+                assert not (mod.startswith("..train") or mod.startswith("pldr_jax.train")), (f.name, mod)
+            elif isinstance(node, ast.Import):
+                assert not any(a.name.startswith("pldr_jax.train") for a in node.names), f.name
+
+
 def test_existing_run_needs_resume_or_overwrite(runs):
     from pldr_jax.train.loop import train
     cfg, tc = runs["cfg"], runs["tc"]

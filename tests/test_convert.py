@@ -20,7 +20,8 @@ from pldr_jax.io import detect_format, load_g_lm_list, load_hf, load_hf_meta, lo
 from pldr_jax.io.cli import compare_params
 from pldr_jax.params import abstract_params, unstack_layers
 
-REF = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+from .conftest import REF
+
 TOKENIZER = REF / "refinedweb-tokenizer-model-pldrllm-kvg-cache-paper.model"
 
 CFG_LEARNED = PLDRConfig.preset("tiny")

@@ -17,7 +17,8 @@ from pldr_jax.data import (BuiltinSource, HFDatasetSource, JsonlSource, ListSour
                            tokenize_documents)
 from pldr_jax.data.pipeline import PretrainDataset
 
-REF = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+from .conftest import REF
+
 PAPER_MODEL = REF / "refinedweb-tokenizer-model-pldrllm-kvg-cache-paper.model"
 
 

@@ -1,8 +1,10 @@
 """The experiments (``experiments/*.py --quick``) and the notebooks run end to end and write sane files.
 
 Each experiment runs as a subprocess (as a user would run it) with XLA's backend optimisations off to
-keep compile times short; the notebooks are executed top to bottom with nbclient (kernel "python3",
-installed for the user when missing) from ``notebooks/``, writing only into temporary directories.
+keep compile times short; the notebooks are committed executed (outputs and plots visible) and are
+re-executed here top to bottom with nbclient (kernel "python3", installed for the user when missing)
+from ``notebooks/``, in memory (the committed files are not rewritten), writing only into temporary
+directories.
 """
 
 from __future__ import annotations
@@ -168,8 +170,14 @@ def test_notebook_runs(name, monkeypatch):
     nb = nbformat.read(path, as_version=4)
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert code, "notebook has no code cells"
-    assert all(not c.get("outputs") and c.get("execution_count") is None for c in code), \
-        f"{path.name} must be stored without outputs"
+    # committed executed, top to bottom, without errors and with its plots (what a reader sees online)
+    assert [c.get("execution_count") for c in code] == list(range(1, len(code) + 1)), \
+        f"{path.name} must be committed executed in order (run it top to bottom and save)"
+    committed = [o for c in code for o in c.get("outputs", [])]
+    assert not [o for o in committed if o.get("output_type") == "error"], f"{path.name} has error outputs"
+    assert [o for o in committed if "image/png" in o.get("data", {})], f"{path.name} is committed without plots"
+    for c in code:  # re-executed here from scratch, in memory: the committed file is never rewritten
+        c.outputs, c.execution_count = [], None
     for k, v in _env().items():   # the kernel inherits the environment: fast compiles, short training
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("PLDR_QUICKSTART_STEPS", "20")

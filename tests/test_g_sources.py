@@ -9,6 +9,7 @@ import pytest
 
 from pldr_jax import PLDRConfig, count_params, forward, masked_loss
 from pldr_jax import g_sources as gs
+from .conftest import ref_path
 from .helpers import fast_params
 
 TINY = PLDRConfig.preset("tiny")
@@ -58,13 +59,13 @@ def test_make_g_specs(tmp_path):
         gs.make_g(TINY, np.zeros((3, 4, 8, 8)))
 
 
-def test_external_g_files(tmp_path, ref):
-    paper = ref / "predefined_G_LM_cache_list_RANDOM_NORMAL_5layer_14head_64x64_paper.npz"
+def test_external_g_files(tmp_path):
+    paper = ref_path("predefined_G_LM_cache_list_RANDOM_NORMAL_5layer_14head_64x64_paper.npz")
     cfg = PLDRConfig.preset("v51g-106m")
     g = gs.external_g(paper, cfg)
     assert g.shape == (5, 14, 64, 64) and g.dtype == jnp.float32
     assert 0 <= float(g.min()) and float(g.max()) < 1  # the "RANDOM_NORMAL" file is uniform [0, 1)
-    np.testing.assert_array_equal(gs.external_g(ref / "predefined_G_LM_cache_list_IDENTITY_5layer_14head_64x64_paper.npz",
+    np.testing.assert_array_equal(gs.external_g(ref_path("predefined_G_LM_cache_list_IDENTITY_5layer_14head_64x64_paper.npz"),
                                                 cfg), gs.identity_g(cfg))
     with pytest.raises(ValueError, match="layers"):
         gs.external_g(paper, TINY)

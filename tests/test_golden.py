@@ -1,7 +1,8 @@
 """The model against the authors' PyTorch golden outputs (../shared/reference, float32 CPU).
 
 Bounds (issue #2): logits 5e-5 abs; deductive outputs 1e-4 x max(1, max|ref|) per tensor; DAG
-1e-4 rel; masked loss 1e-5 rel; gradients 5e-3 x max|ref grad| per tensor.
+1e-4 rel; masked loss 1e-5 rel; gradients 5e-4 x max|ref grad| per tensor (the reference's own
+float32 agreement is ~2e-4: measured worst tensor 1.8e-4, a metric-learner GLU kernel).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pytest
 import pldr_jax
 from pldr_jax.io.state_dict import params_to_state_dict
 
-from .conftest import ref_path
+from .conftest import DATA, SHARED_REF, ref_path
 
 
 def _close_rel_max(got, want, rel):
@@ -95,7 +96,7 @@ def test_tiny_v510_masked_loss_and_gradients(tiny_v510):
     for name in names:
         want = t[f"grad/{name}"]
         err = np.abs(gsd[name] - want).max()
-        assert err <= 5e-3 * max(np.abs(want).max(), 1e-12), (name, err, np.abs(want).max())
+        assert err <= 5e-4 * max(np.abs(want).max(), 1e-12), (name, err, np.abs(want).max())
 
 
 def test_masked_loss_counts_only_real_targets():
@@ -143,3 +144,16 @@ def test_paper_learned_g_list_loads_into_v51g_preset():
     out = jax.eval_shape(lambda p, t, g: pldr_jax.forward(cfg, p, t, g_lm=g),
                          pldr_jax.abstract_params(cfg), jax.ShapeDtypeStruct((1, 16), jnp.int32), g_lm)
     assert out.logits.shape == (1, 16, 32000)
+
+
+def test_golden_copies_are_the_reference_files():
+    """tests/data holds byte-identical copies of ../shared/reference's files (checked when both are
+    present), and every golden file the model tests read is among them."""
+    names = sorted(str(p.relative_to(DATA)) for p in DATA.rglob("*") if p.is_file())
+    assert {"tiny_v510.json", "tiny_v510_params.npz", "tiny_v510_outputs.npz", "tiny_v510_train.npz",
+            "tiny_v510_generate.npz", "tiny_v510G_identity_outputs.npz"} <= set(names)
+    assert sum((DATA / n).stat().st_size for n in names) < 4_000_000  # small enough to live in the repo
+    if not SHARED_REF.is_dir():  # a clean clone: nothing to compare the copies with
+        return
+    for n in names:
+        assert (DATA / n).read_bytes() == (SHARED_REF / n).read_bytes(), n

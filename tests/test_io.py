@@ -25,7 +25,8 @@ from pldr_jax.io import (UnsafePickleError, expected_state_dict_shapes, load_g_l
 from pldr_jax.io.hf import G_BUFFER, G_STATUS_BUFFER
 from pldr_jax.params import abstract_params, stack_layers, unstack_layers
 
-REF = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+from .conftest import REF
+
 HF_REF = REF / "hf" / "hf_v51_ref_rope"
 PAPER_G = REF / "predefined_G_LM_cache_list_PLDRv51_110M_1_5layer_14head_64x64_paper.npz"
 

@@ -9,9 +9,9 @@
   learning rate is 0, the parameters after update 0 equal the initial ones, so updates 0 and 1
   both use the *golden* loss and gradients; the expected parameters after them come from the
   numpy AdamW below.  Update 2 starts from those (numpy) parameters; its gradient is the model's
-  own (validated against the golden one at update 0).  Bounds: loss and parameters within 1e-3
-  relative (per tensor, relative to the tensor's largest magnitude), as the issue asks; the
-  learning rate to float32 rounding.
+  own (validated against the golden one at update 0).  Bounds: loss within 1e-3 relative; the
+  parameters' movement from the start (p_k - p_0) within 5e-3 of the reference movement's norm
+  (2e-2 per tensor); the learning rate to float32 rounding.
 * Gradient accumulation equals the full batch; the DAG option, bfloat16 compute and
   predefined-G training behave as specified.
 """
@@ -24,6 +24,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import pldr_jax
@@ -114,6 +115,55 @@ def test_lr_schedule_is_the_reference_formula(warmup, total, alpha):
     assert float(sched(0)) == 0.0  # the reference's first update has learning rate 0
 
 
+@pytest.mark.parametrize("warmup,total,alpha", [(2, 10, 0.1), (2000, 250_000, 0.1), (0, 50, 0.2), (5, 7, 0.0)])
+def test_lr_schedule_is_optax_warmup_cosine(warmup, total, alpha):
+    """Our schedule is optax's warm-up + cosine (to 1e-7 x lr: optax's warm-up form loses relative
+    precision at small counts, not the value) and at every count within float32 rounding of the
+    reference (previous test); counts past a boundary included."""
+    import optax
+    peak = 1e-3
+    ours = lr_schedule(peak, warmup, total, alpha)
+    theirs = optax.warmup_cosine_decay_schedule(0.0, peak, warmup, total, end_value=alpha * peak)
+    counts = jnp.asarray(sorted({0, 1, 2, 3, max(warmup - 1, 0), warmup, warmup + 1, total // 3, total - 1,
+                                 total, total + 1, 3 * total}), jnp.int32)
+    np.testing.assert_allclose(np.asarray(jax.vmap(ours)(counts)), np.asarray(jax.vmap(theirs)(counts)),
+                               rtol=0, atol=1e-7 * peak)
+    for c in np.asarray(counts):
+        assert float(ours(jnp.int32(c))) == pytest.approx(peak * ref_factor(c, warmup, total, alpha) if warmup
+                                                          else peak * ((1 - alpha) * 0.5 * (1 + math.cos(
+                                                              math.pi * min(c, total) / total)) + alpha),
+                                                          rel=2e-6, abs=1e-12), c
+
+
+def test_logged_lr_is_the_applied_lr_after_a_skipped_step():
+    """A non-finite step advances `state.step` but not optax's count: the next update applies
+    schedule(count), and that is the lr the step logs (not schedule(state.step))."""
+    from pldr_jax.train.optimizer import schedule_count
+    cfg = pldr_jax.PLDRConfig.preset("tiny-g", num_layers=1)
+    hp = dict(learning_rate=1e-2, warmup_steps=4, total_steps=10, alpha=0.1)
+    tx, sched = make_optimizer(**hp), lr_schedule(**hp)
+    step = make_train_step(cfg, tx, sched, donate=False, compiler_options=FAST_COMPILE)
+    batch = micro_batch(V=cfg.vocab_size)
+    g = pldr_jax.random_normal_g(cfg, jax.random.key(1))
+    g_nan = g.at[0, 0, 0, 0].set(jnp.nan)  # a NaN in the (constant) G_LM: non-finite loss
+    s0 = create_train_state(cfg, tx, 0)
+
+    a, ma1 = step(s0, batch, g)
+    a, ma2 = step(a, batch, g_nan)
+    a, ma3 = step(a, batch, g)
+    b, mb1 = step(s0, batch, g)
+    b, mb2 = step(b, batch, g)
+    assert [float(m["nonfinite"]) for m in (ma1, ma2, ma3)] == [0.0, 1.0, 0.0]
+    assert int(a.step) == 3 and int(schedule_count(a.opt_state)) == 2 == int(schedule_count(b.opt_state))
+    # the run with the skipped step applied exactly the updates of the run without it ...
+    for x, y in zip(jax.tree_util.tree_leaves((a.params, a.opt_state)), jax.tree_util.tree_leaves((b.params, b.opt_state))):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # ... so its third step applied schedule(1), and logs it
+    assert float(ma3["lr"]) == float(mb2["lr"]) == pytest.approx(hp["learning_rate"] * 1 / 4, rel=1e-6)
+    assert float(ma3["lr"]) != float(sched(2))
+    assert schedule_count(optax.sgd(0.1).init({"w": jnp.zeros(2)}), "none") == "none"
+
+
 def test_make_optimizer_equals_torch_adamw_with_value_clipping():
     rng = np.random.default_rng(1)
     params = {"a": rng.normal(size=(5, 3)).astype(np.float32), "b": rng.normal(size=(7,)).astype(np.float32)}
@@ -150,12 +200,14 @@ def test_golden_three_step_trajectory(tiny_v510):
 
     The expected trajectory `ref` is numpy torch-AdamW driven by the reference's golden loss and
     gradients for updates 0 and 1 (the parameters are still the reference weights then: lr_0 = 0)
-    and by the model's gradient at the `ref` parameters for update 2.  pldr_jax's
-    parameters must match `ref` within 1e-3 relative, globally (norm) and per tensor.  Exception:
-    zero-initialised biases whose gradient is rounding noise (it vanishes analytically, e.g. wk's
-    bias under the softmax's shift invariance) -- Adam's normalisation turns noise into +-lr -- are
-    held to the size of the updates instead.  (The optimiser alone is checked exactly against
-    torch's AdamW in `test_make_optimizer_equals_torch_adamw_with_value_clipping`.)
+    and by the model's gradient at the `ref` parameters for update 2.  The parameters' movement
+    from the start, p_k - p_0, must match the reference's: within 5e-3 of its norm over the whole
+    model and 2e-2 of its norm per tensor (measured: 4e-4 / 1.7e-3 globally after updates 1 / 2,
+    per tensor at most 8.7e-3).  Why not tighter: Adam's first updates are ~lr x sign(grad), so
+    gradient elements near zero, whose sign the model and the reference (agreeing to ~2e-4 x
+    max|grad|) may round differently, move by +-lr in opposite directions.  (The optimiser alone is
+    checked exactly against torch's AdamW in
+    `test_make_optimizer_equals_torch_adamw_with_value_clipping`.)
     """
     cfg, params0 = tiny_v510
     t = np.load(ref_path("tiny_v510_train.npz"))
@@ -183,10 +235,8 @@ def test_golden_three_step_trajectory(tiny_v510):
     p0 = flat(params0)
     ref = dict(p0)
     ref_opt = TorchAdamW(p0)
-    lr_sum = 0.0
     for k in range(3):
         lr_want = peak * ref_factor(k, warmup, total, alpha)
-        lr_sum += lr_want
         if k < 2:  # parameters are still the reference weights: the golden loss and gradients
             loss_ref, grads_ref = golden_loss, golden_grads
         else:
@@ -204,17 +254,18 @@ def test_golden_three_step_trajectory(tiny_v510):
 
         ref = ref_opt.step(ref, grads_ref, lr_want)
         got = {n: np.asarray(v, np.float64) for n, v in flat(state.params).items()}
-        # the reference trajectory: 1e-3 relative, globally and per tensor
-        num = sum(float(np.sum((got[n] - ref[n]) ** 2)) for n in keys)
-        den = sum(float(np.sum(ref[n] ** 2)) for n in keys)
-        assert math.sqrt(num / den) <= 1e-3, k
-        for n in keys:
-            scale = float(np.abs(ref[n]).max())
-            err = float(np.abs(got[n] - ref[n]).max())
-            if scale >= 10 * lr_sum:
-                assert err <= 1e-3 * scale, (k, n, err, scale)
-            else:  # zero-initialised tensors moved by noise-level gradients: within the updates' size
-                assert err <= 2 * lr_sum, (k, n, err, lr_sum)
+        if k > 0:
+            # the reference trajectory, by movement from the start: d = p_k - p_0 (the parameters
+            # themselves are ~1000x larger than 3 updates of lr 1e-3 and would hide any error)
+            d_got = {n: got[n] - p0[n] for n in keys}
+            d_ref = {n: ref[n] - p0[n] for n in keys}
+            num = sum(float(np.sum((d_got[n] - d_ref[n]) ** 2)) for n in keys)
+            den = sum(float(np.sum(d_ref[n] ** 2)) for n in keys)
+            assert math.sqrt(num / den) <= 5e-3, (k, math.sqrt(num / den))
+            for n in keys:
+                err = float(np.linalg.norm(d_got[n] - d_ref[n]))
+                moved = float(np.linalg.norm(d_ref[n]))
+                assert moved > 0 and err <= 2e-2 * moved, (k, n, err, moved)
         if k == 0:  # lr 0: nothing moved
             assert all(np.array_equal(got[n], p0[n]) for n in keys)
     assert int(state.step) == 3

@@ -9,7 +9,8 @@ Formats (`detect_format`):
 * ``"npz"``: a reference state dict saved with `np.savez` (one array per state-dict name).
 * ``"orbax"``: a training run of `pldr_jax.train` (its workdir, its `checkpoints/` CheckpointManager
   directory, or one `<step>/` folder): params, optimizer state, step, rng, data-iterator state and
-  the config saved together; only the params are restored here (`train.checkpoint.load_params`),
+  the config saved together; only the params are restored here (`orbax_params.restore_params`:
+  no optimiser state is built or read, the stored training config is not parsed),
   plus the run's predefined G_LM (`g_lm.npy`) and tokenizer when it recorded them.
 
 A bare state dict ("torch"/"npz") carries no config.  `load_model` takes it from its `config`
@@ -33,6 +34,7 @@ import numpy as np
 
 from ..config import PRESETS, PLDRConfig
 from .hf import hf_config_to_pldr, load_hf, save_hf
+from .orbax_params import read_run_config, restore_params
 from .safetensors_io import read_safetensors
 from .state_dict import (_TORCH_SUFFIXES, _open_npz, load_g_lm_list, save_torch_checkpoint,
                          state_dict_to_params)
@@ -270,16 +272,8 @@ def _run_file(root: Path, stored: str | None, default_name: str) -> Path | None:
 
 def _load_orbax(path: Path, step: int | None):
     """(cfg, params, g_lm, tokenizer path) of a `pldr-jax train` checkpoint (params only)."""
-    try:
-        from ..train.checkpoint import load_params
-    except ImportError as e:
-        raise ValueError(f"{path}: looks like an orbax training directory, but pldr_jax.train.checkpoint "
-                         f"is not available in this build ({e})") from e
     root, step = _orbax_root(path, step)
-    try:
-        cfg, params, conf = load_params(root, step)
-    except KeyError as e:
-        raise ValueError(f"{root}: the checkpoint lacks {e} (not written by pldr_jax.train?)") from e
+    cfg, params, conf = restore_params(root, step)
     g_lm = None
     if not cfg.learned_g:
         g_file = _run_file(root, conf.get("g_lm"), "g_lm.npy")
@@ -301,9 +295,8 @@ def source_tokenizer(path: str | os.PathLike, step: int | None = None) -> Path |
         tok = _hf_folder(path) / "tokenizer.model"
         return tok if tok.is_file() else None
     if fmt == "orbax":
-        from ..train.checkpoint import read_config
         root, step = _orbax_root(path, step)
-        conf = read_config(root, step)
+        conf = read_run_config(root, step)
         return _run_file(root, conf.get("tokenizer"), "tokenizer.model")
     return None
 

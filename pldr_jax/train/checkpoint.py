@@ -263,18 +263,15 @@ def read_config(directory: str | os.PathLike, step: int | None = None) -> dict:
 def load_params(directory: str | os.PathLike, step: int | None = None, mesh=None) -> tuple[PLDRConfig, dict, dict]:
     """(model config, params, full config dict) of a checkpoint written by `train`, for inference.
 
-    The state is restored onto `mesh` (default: the first local device) with the optimiser
-    structure rebuilt from the stored training config; params come back in the stacked layout.
+    Only the params are restored (`pldr_jax.io.orbax_params.restore_params`: no optimiser state is
+    built or read, and the stored training config is not parsed, so checkpoints of other
+    TrainConfig versions load), onto `mesh` with the params' sharding rules (default: the first
+    local device); params come back in the stacked layout.
     """
-    from .config import TrainConfig
-    from .sharding import abstract_train_state, make_mesh
-    with CheckpointManager(directory, async_save=False, max_to_keep=None) as m:
-        conf = m.restore_config(step)
-        cfg = PLDRConfig.from_dict(conf["model"])
-        if not conf.get("train"):
-            raw = m.restore_raw_state(step)
-            return cfg, jax.tree_util.tree_map(jax.numpy.asarray, raw["params"]), conf
-        tx, _ = TrainConfig.from_dict(conf["train"]).optimizer()
-        mesh = mesh if mesh is not None else make_mesh(1, 1, 1, devices=jax.local_devices()[:1])
-        state, _ = m.restore(abstract_train_state(cfg, tx, mesh), step)
-    return cfg, state.params, conf
+    from ..io.orbax_params import restore_params
+    shardings = None
+    if mesh is not None:
+        from .sharding import param_shardings
+        conf = read_config(directory, step)
+        shardings = param_shardings(PLDRConfig.from_dict(conf["model"]), mesh)
+    return restore_params(directory, step, shardings=shardings)

@@ -17,7 +17,8 @@ __all__ = ["TrainState", "create_train_state"]
 
 @flax.struct.dataclass
 class TrainState:
-    """step: int32 scalar, the number of optimiser updates applied so far (the schedule's count);
+    """step: int32 scalar, the number of training steps run so far (batches consumed; a skipped
+    non-finite step counts here but not in optax's count, see `optimizer.schedule_count`);
     params: the parameter pytree (float32 master weights); opt_state: the optax state; rng: raw
     uint32 PRNG key data [2] (`jax.random.key_data`), split once per step for step-level
     randomness (stored raw so that checkpoints and shardings treat it as a plain array)."""

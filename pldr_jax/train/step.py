@@ -31,6 +31,7 @@ from ..model import forward
 from ..ops.cross_entropy import head_cross_entropy
 from ..params import fuse_params, unstack_layers
 from .faults import apply_gradients_guarded
+from .optimizer import schedule_count
 from .sharding import batch_sharding, replicated, state_shardings
 from .state import TrainState
 
@@ -110,7 +111,8 @@ def make_train_step(cfg: PLDRConfig, tx: optax.GradientTransformation, schedule:
     g_lm: the predefined G_LM [num_layers, H, dk, dk] for a predefined-G config (None for
     learned G; an "identity" config defaults to the identity).  It is a constant, not trained.
     metrics (float32 scalars): loss (masked CE), accuracy, total_loss (CE + DAG terms), tokens
-    (real targets), lr (the learning rate this update used), grad_norm (global norm before
+    (real targets), lr (the learning rate optax applies in this update: `schedule` at optax's count of
+    applied updates, which skipped steps do not advance), grad_norm (global norm before
     clipping), nonfinite (1.0 when the update was skipped as non-finite, see
     `StepOptions.nonfinite_guard`) and, with DAG, dag_A / dag_P / dag_G.
     With `mesh`, the step is jitted with in/out shardings (state by the rules, batch over
@@ -156,7 +158,8 @@ def make_train_step(cfg: PLDRConfig, tx: optax.GradientTransformation, schedule:
             (grads, terms), _ = jax.lax.scan(body, (zeros, t0), xs)
             terms = {k: (v / K if k in DAG_NAMES else v) for k, v in terms.items()}
 
-        lr = schedule(state.step) if schedule is not None else jnp.float32(jnp.nan)
+        # the lr optax applies: its own count (skipped non-finite steps advance state.step, not it)
+        lr = schedule(schedule_count(state.opt_state, state.step)) if schedule is not None else jnp.float32(jnp.nan)
         grad_norm = optax.tree.norm(grads)
         loss = terms["ce_sum"] / n_total
         metrics = {"loss": loss, "accuracy": terms["correct"] / n_total, "tokens": terms["count"],
