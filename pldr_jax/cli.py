@@ -17,6 +17,7 @@ COMMANDS = {
     "convert": "pldr_jax.io.cli",
     "eval": "pldr_jax.eval.cli",
     "analyze": "pldr_jax.analysis.cli",
+    "compile": "pldr_jax.aot_cli",
 }
 
 

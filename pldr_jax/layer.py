@@ -28,6 +28,7 @@ from .ops.deductive import derive_g
 from .ops.layers import glu, layer_norm, linear
 from .ops.metric import metric_learner, metric_tensor
 from .ops.rope import apply_rope
+from .partitioning import constrain
 
 __all__ = ["project_qkv", "metric_A", "deduce", "attend_and_mix", "decoder_layer"]
 
@@ -42,15 +43,17 @@ def project_qkv(cfg: PLDRConfig, lp: dict, x: jax.Array, positions: jax.Array, k
         q, k, v = (split(linear(lp[n], x, kernels)) for n in ("wq", "wk", "wv"))
     q = apply_rope(q, positions, cfg.rope_theta, cfg.reference_rope)
     k = apply_rope(k, positions, cfg.rope_theta, cfg.reference_rope)
-    return q, k, v
+    names = ("batch", "length", "heads", None)
+    return constrain(q, names), constrain(k, names), constrain(v, names)
 
 
 def metric_A(cfg: PLDRConfig, lp: dict, q: jax.Array, token_mask: jax.Array | None,
              kernels: str = "xla") -> jax.Array:
     """The learned metric tensor A [B, H, dk, dk] from rotated queries q [B, L, H, dk]; token_mask
     [B, L] (False = left out of A) or None (every position, as the reference)."""
-    return metric_learner(lp["metric_norm"], lp["metric_res"], metric_tensor(q, token_mask),
-                          cfg.layer_norm_eps, kernels)
+    A = constrain(metric_tensor(q, token_mask), ("batch", "heads", None, None))
+    return constrain(metric_learner(lp["metric_norm"], lp["metric_res"], A, cfg.layer_norm_eps, kernels),
+                     ("batch", "heads", None, None))
 
 
 def deduce(lp: dict, A: jax.Array) -> dict:
@@ -66,9 +69,11 @@ def attend_and_mix(cfg: PLDRConfig, lp: dict, x: jax.Array, q, k, v, g_lm, mask,
     [B, 1, Lq, Lk] bool.  Returns the layer output [B, Lq, D].
     """
     B, L, D = x.shape
-    att = plga_attention(q, k, v, g_lm, mask).reshape(B, L, D)
-    h = layer_norm(lp["norm1"], x + linear(lp["dense"], att, kernels), cfg.layer_norm_eps)
-    return layer_norm(lp["norm2"], h + glu(lp["ffn"], h, kernels), cfg.layer_norm_eps)
+    act = ("batch", "length", "embed")
+    att = plga_attention(q, k, v, g_lm, mask)
+    att = constrain(att, ("batch", "length", "heads", None)).reshape(B, L, D)
+    h = constrain(layer_norm(lp["norm1"], x + linear(lp["dense"], att, kernels), cfg.layer_norm_eps), act)
+    return constrain(layer_norm(lp["norm2"], h + glu(lp["ffn"], h, kernels), cfg.layer_norm_eps), act)
 
 
 def decoder_layer(cfg: PLDRConfig, lp: dict, x: jax.Array, positions: jax.Array, mask: jax.Array, *,

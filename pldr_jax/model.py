@@ -20,6 +20,7 @@ from .config import PLDRConfig
 from .layer import decoder_layer
 from .ops.attention import causal_padding_mask
 from .ops.layers import layer_norm, linear
+from .partitioning import constrain
 
 DEDUCTIVE_KEYS = ("A", "A_LM", "A_P", "G_LM")
 
@@ -45,7 +46,10 @@ class ForwardOutput:
 # --------------------------------------------------------------------------- embedding
 def embed(cfg: PLDRConfig, params: dict, tokens: jax.Array) -> jax.Array:
     """tokens [B, L] -> LayerNorm(Embedding * sqrt(D)) [B, L, D] in the compute dtype."""
-    x = jnp.take(params["embed"]["embedding"], tokens, axis=0).astype(jnp.float32)
+    # under a mesh: gather the (FSDP-sharded) table whole first, so the lookup's result is sharded
+    # like the tokens (batch), not like the table (no all-to-all to reshard it)
+    table = constrain(params["embed"]["embedding"], (None, None))
+    x = jnp.take(table, tokens, axis=0).astype(jnp.float32)
     x = x * jnp.float32(math.sqrt(cfg.d_model))
     return layer_norm(params["embed_norm"], x, cfg.layer_norm_eps).astype(jnp.dtype(cfg.dtype))
 
@@ -138,7 +142,7 @@ def forward(cfg: PLDRConfig, params: dict, tokens: jax.Array, g_lm: jax.Array | 
     positions = jnp.broadcast_to(jnp.arange(L), (B, L))
     mask = causal_padding_mask(valid, L)
     token_mask_A = valid if pad_aware_A else None
-    x0 = embed(cfg, params, tokens)
+    x0 = constrain(embed(cfg, params, tokens), ("batch", "length", "embed"))
 
     def body(x, lp, g):
         x, ded, (k, v) = decoder_layer(cfg, lp, x, positions, mask, metric_mask=token_mask_A, g_lm=g,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ..partitioning import constrain
 from .layers import affine_f32, input_grad_then_weight_grad
 
 __all__ = ["head_cross_entropy"]
@@ -51,8 +52,9 @@ _head_ce_2d.defvjp(_head_ce_fwd, _head_ce_bwd)
 
 
 def _head_ce_plain(x2, kernel, bias, targets):
-    """Per-token (nll, correct) of x2 [T, D] by plain JAX (differentiable, forward mode too)."""
-    logits = affine_f32(x2, kernel, bias)
+    """Per-token (nll, correct) of x2 [T, D] by plain JAX (differentiable, forward mode too).
+    Under a mesh the tokens (batch-major) stay sharded like the batch, the vocabulary over "tensor"."""
+    logits = constrain(affine_f32(x2, kernel, bias), ("batch", "vocab"))
     top = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
     lse = top + jnp.log(jnp.sum(jnp.exp(logits - top[:, None]), axis=-1))
     tgt = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]

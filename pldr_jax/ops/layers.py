@@ -10,6 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ..partitioning import constrain
+
 
 def _rows_transposed(a: jax.Array) -> jax.Array:
     """a [M, K] -> a.T [K, M] as a real row-major copy (M divisible by 16).
@@ -110,4 +112,7 @@ def glu(p: dict, x: jax.Array, kernels: str = "xla") -> jax.Array:
         h1, h2 = jnp.split(linear(p["w12"], x, kernels), 2, axis=-1)
     else:
         h1, h2 = linear(p["w1"], x, kernels), linear(p["w2"], x, kernels)
-    return linear(p["w3"], jax.nn.silu(h1) * h2, kernels)
+    hidden = jax.nn.silu(h1) * h2
+    if hidden.ndim == 3:     # [B, L, F] activations (not the metric learner's [rows, A_dff])
+        hidden = constrain(hidden, ("batch", "length", "mlp"))
+    return linear(p["w3"], hidden, kernels)

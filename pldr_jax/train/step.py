@@ -153,6 +153,12 @@ def make_train_step(cfg: PLDRConfig, tx: optax.GradientTransformation, schedule:
     K = opts.grad_accum
 
     def step(state: TrainState, batch, g_lm=None):
+        if mesh is None:
+            return _step(state, batch, g_lm)
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):   # activations' logical sharding constraints (`partitioning`)
+            return _step(state, batch, g_lm)
+
+    def _step(state: TrainState, batch, g_lm=None):
         inputs, targets = batch["inputs"], batch["targets"]
         n_total = jnp.maximum(jnp.sum(targets != 0).astype(jnp.float32), 1.0)
 
@@ -232,7 +238,11 @@ def make_eval_step(cfg: PLDRConfig, *, opts: StepOptions = StepOptions(), mesh: 
     eval_opts = dataclasses.replace(opts, remat=False, dag_coeffs=(0.0, 0.0, 0.0)).resolved(platform_of(mesh))
 
     def step(params, batch, g_lm=None):
-        t = loss_terms(cfg, params, batch["inputs"], batch["targets"], g_lm, eval_opts)
+        if mesh is None:
+            t = loss_terms(cfg, params, batch["inputs"], batch["targets"], g_lm, eval_opts)
+        else:
+            with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+                t = loss_terms(cfg, params, batch["inputs"], batch["targets"], g_lm, eval_opts)
         return {k: t[k] for k in ("ce_sum", "correct", "count")}
 
     copts = dict(compiler_options) if compiler_options else None
