@@ -172,3 +172,18 @@ def test_decode_dtype_follows_the_platform(monkeypatch):
     cfg = pldr_jax.PLDRConfig.preset("tiny", dtype="bfloat16")
     assert decode_dtype(cfg, 1) == ("float32" if jax.default_backend() == "cpu" else "bfloat16")
     assert decode_dtype(cfg, 1, bf16_min_batch=0) == "bfloat16"
+
+
+@pytest.mark.parametrize("name, n, layers, d_model", [("v51-1b", 1_058_903_156, 18, 2048),
+                                                      ("v51-8b", 7_984_456_184, 38, 4096)])
+def test_scale_up_presets_parameter_counts(name, n, layers, d_model):
+    """The planning presets keep the family's shape rules (head_dim 64, paper FFN width, the 110M
+    metric learner); parameter counts by jax.eval_shape (nothing allocated)."""
+    from pldr_jax.config import paper_dff
+    from pldr_jax.params import abstract_params
+    cfg = pldr_jax.PLDRConfig.preset(name)
+    small = pldr_jax.PLDRConfig.preset("v51-110m")
+    assert (cfg.num_layers, cfg.d_model, cfg.head_dim, cfg.dff) == (layers, d_model, 64, paper_dff(d_model))
+    assert (cfg.A_dff, cfg.num_reslayerA, cfg.num_denseA) == (small.A_dff, small.num_reslayerA, small.num_denseA)
+    shapes = jax.eval_shape(lambda: abstract_params(cfg))
+    assert sum(x.size for x in jax.tree_util.tree_leaves(shapes)) == n
