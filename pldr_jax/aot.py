@@ -28,7 +28,7 @@ import time
 from typing import Any
 
 __all__ = ["CHIPS", "ChipSpec", "LIBTPU_INSTALL", "topology_devices", "collectives_per_step", "compile_report",
-           "format_report"]
+           "largest_fitting", "max_batch", "format_report"]
 
 LIBTPU_INSTALL = 'pip install "jax[tpu]==<your jax version>"  (or: pip install -e ".[tpu]")'
 
@@ -298,6 +298,49 @@ def compile_report(*, topology: str = "v5e:2x2", preset: str | None = "tiny", co
     if keep_hlo:
         rep["hlo"] = hlo
     return rep
+
+
+def largest_fitting(fits, unit: int, start: int, limit: int = 1 << 20) -> int:
+    """The largest multiple of `unit` (<= limit) for which `fits(batch)` is True, assuming fitting is
+    monotone in the batch: doubling from `start` (rounded to a multiple of unit), then bisection.
+    0 when not even `unit` fits."""
+    b = max(unit, start - start % unit)
+    if not fits(b):
+        lo, hi = 0, b
+    else:
+        lo = b
+        while lo * 2 <= limit and fits(lo * 2):
+            lo *= 2
+        hi = lo * 2
+        if hi > limit:
+            return lo
+    while hi - lo > unit:           # invariant: lo fits (or is 0), hi does not
+        mid = (lo + hi) // 2
+        mid -= mid % unit
+        if mid <= lo:
+            break
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo if lo else (unit if hi > unit and fits(unit) else 0)
+
+
+def max_batch(**kw) -> tuple[int, dict | None]:
+    """(largest global batch that fits the chip, its report) for `compile_report(**kw)`'s other
+    arguments: batches are multiples of the mesh's batch shards (data x fsdp); each try compiles."""
+    reports: dict[int, dict] = {}
+
+    def fits(b):
+        reports[b] = compile_report(**{**kw, "batch": b})
+        return bool(reports[b].get("fits"))
+
+    mesh = kw.get("mesh", (1, -1, 1))
+    chips = len(topology_devices(kw.get("topology", "v5e:2x2")))
+    tensor = mesh[2] if mesh[2] > 0 else 1
+    unit = chips // tensor
+    best = largest_fitting(fits, unit, kw.get("batch", unit))
+    return best, reports.get(best)
 
 
 def format_report(rep: dict) -> str:

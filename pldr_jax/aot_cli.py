@@ -33,6 +33,9 @@ def add_parser(subparsers):
     p.add_argument("--remat", choices=("none", "dots", "full"), default=None,
                    help="rematerialisation policy (default: the platform's, 'dots' on TPU)")
     p.add_argument("--recipe", default=None, help="training recipe (default: the preset's, as pldr-jax train)")
+    p.add_argument("--max-batch", action="store_true",
+                   help="search the largest global batch that fits the chip's HBM (compiles several times; "
+                        "--batch is the starting point) and report it as max_batch")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
     return p
@@ -50,9 +53,17 @@ def run(args) -> int:
             raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
         k, v = item.split("=", 1)
         overrides[k.strip()] = _parse_value(v.strip())
-    rep = compile_report(topology=args.topology, preset=args.preset if not args.config else None,
-                         config=args.config, overrides=overrides, mesh=parse_mesh_shape(args.mesh), batch=args.batch,
-                         seq_len=args.seq_len, dtype=args.dtype, what=args.what, remat=args.remat,
-                         recipe=args.recipe)
-    print(json.dumps(rep) if args.json else format_report(rep))
+    kw = dict(topology=args.topology, preset=args.preset if not args.config else None,
+              config=args.config, overrides=overrides, mesh=parse_mesh_shape(args.mesh), batch=args.batch,
+              seq_len=args.seq_len, dtype=args.dtype, what=args.what, remat=args.remat, recipe=args.recipe)
+    if args.max_batch:
+        from .aot import max_batch
+        best, rep = max_batch(**kw)
+        if rep is None:
+            raise ValueError(f"not even the smallest batch fits {args.topology}'s HBM")
+        rep = dict(rep, max_batch=best)
+    else:
+        rep = compile_report(**kw)
+    print(json.dumps(rep) if args.json else format_report(rep) + (f"\n  max batch          {rep['max_batch']}"
+                                                                     if "max_batch" in rep else ""))
     return 0

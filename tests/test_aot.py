@@ -117,3 +117,16 @@ def test_missing_libtpu_is_one_line_naming_the_install(monkeypatch, capsys):
 def test_unknown_topology_generation():
     with pytest.raises(ValueError, match="known generations"):
         aot.chip_of("v2:2x2")
+
+
+@pytest.mark.parametrize("limit", [1, 4, 12, 40, 1000])
+def test_largest_fitting_batch_search(limit):
+    tried = []
+
+    def fits(b):
+        tried.append(b)
+        return b <= limit
+
+    got = aot.largest_fitting(fits, 4, 8)
+    assert got == (limit // 4) * 4
+    assert all(b % 4 == 0 for b in tried) and len(tried) < 20
