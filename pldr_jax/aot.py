@@ -221,10 +221,12 @@ def _lower_decode(cfg, batch, seq_len, mesh):
 def compile_report(*, topology: str = "v5e:2x2", preset: str | None = "tiny", config: str | None = None,
                    overrides: dict | None = None, mesh: tuple[int, int, int] = (1, -1, 1), batch: int = 8,
                    seq_len: int = 64, dtype: str | None = None, what: str = "train", remat: Any = None,
-                   unroll_layers: bool | None = None, recipe: str | None = None, keep_hlo: bool = False) -> dict:
+                   unroll_layers: bool | None = None, recipe: str | None = None, keep_hlo: bool = False,
+                   cfg=None) -> dict:
     """Compile the training step (or decode loop) for `topology` and report it (see the module
     docstring; keys as `pldr-jax compile --json`; with keep_hlo also "hlo": the compiled HLO text).
-    ValueError for bad arguments or a missing libtpu."""
+    The model: `cfg` (a PLDRConfig; `preset` is then only its label), else `config` (a JSON file)
+    or `preset`, with `overrides` and `dtype`.  ValueError for bad arguments or a missing libtpu."""
     from .config import PLDRConfig
     from .params import count_params
     from .train.cli import RECIPES, _PRESET_RECIPE
@@ -237,7 +239,9 @@ def compile_report(*, topology: str = "v5e:2x2", preset: str | None = "tiny", co
     ov = dict(overrides or {})
     if dtype:
         ov["dtype"] = dtype
-    if config:
+    if cfg is not None:
+        cfg = cfg.replace(**ov) if ov else cfg
+    elif config:
         cfg = PLDRConfig.from_json_file(config, **ov)
     else:
         cfg = PLDRConfig.preset(preset or "small", **ov)

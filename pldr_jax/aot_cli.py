@@ -43,19 +43,12 @@ def add_parser(subparsers):
 
 def run(args) -> int:
     from .aot import compile_report, format_report
-    from .train.cli import _parse_value
+    from .train.cli import model_config
     from .train.sharding import parse_mesh_shape
-    if args.preset and args.config:
-        raise ValueError("give --preset or --config, not both")
-    overrides = {}
-    for item in args.set:
-        if "=" not in item:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        overrides[k.strip()] = _parse_value(v.strip())
-    kw = dict(topology=args.topology, preset=args.preset if not args.config else None,
-              config=args.config, overrides=overrides, mesh=parse_mesh_shape(args.mesh), batch=args.batch,
-              seq_len=args.seq_len, dtype=args.dtype, what=args.what, remat=args.remat, recipe=args.recipe)
+    cfg = model_config(args)      # --preset / --config, --set, --dtype: as `pldr-jax train` reads them
+    kw = dict(topology=args.topology, cfg=cfg, preset=args.config or args.preset or "small",
+              mesh=parse_mesh_shape(args.mesh), batch=args.batch, seq_len=args.seq_len, what=args.what,
+              remat=args.remat, recipe=args.recipe)
     if args.max_batch:
         from .aot import max_batch
         best, rep = max_batch(**kw)
