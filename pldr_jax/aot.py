@@ -10,10 +10,13 @@ no TPU needed, only the `libtpu` wheel: ``pip install "jax[tpu]==<jax version>"`
 * ``what="decode"``: prefill + the `lax.while_loop` of `decode.generate` (greedy, KV- and G-cache),
   for `batch` prompts of `seq_len // 2` tokens and `seq_len // 2` new tokens,
 
-and reports per-chip memory (`memory_analysis`), FLOPs and bytes (`cost_analysis`), the
-collectives per step *as executed* (from the compiled HLO; an op in a while/scan body counts once
-per iteration, by the loop's known trip count) and a roofline estimate of the step time from the
-chip's published peak bf16 FLOP/s, HBM and ICI bandwidth (`CHIPS`).  `pldr-jax compile` prints it.
+and reports per-chip memory (`memory_analysis`), FLOPs (`model_flops`: the step's matmul FLOPs over the chips;
+XLA's `cost_analysis` counts a while/scan body once, its figure is kept as xla_flops_per_chip),
+bytes accessed (`cost_analysis`: loop bodies once, so a lower bound), the collectives per step *as
+executed* (from the compiled HLO; an op in a while/scan body counts once per iteration) and a
+roofline estimate of the step time, the largest of FLOPs / peak bf16 FLOP/s, bytes / HBM bandwidth
+and collective bytes / ICI bandwidth from the chip's published figures (`CHIPS`).  `pldr-jax
+compile` prints it.
 
 Collective bytes are the result-shape bytes of each collective (as ../shared/tpu/fsdp_anchor.py
 counts them, so the two compare), per chip.
@@ -70,7 +73,11 @@ def topology_devices(topology: str) -> list:
     try:
         return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
     except Exception as e:  # libtpu's errors are RuntimeError / XlaRuntimeError with long traces
-        raise ValueError(f"cannot describe TPU topology {topology!r}: {str(e).splitlines()[0]}") from None
+        msg = str(e).splitlines()[0]
+        if "lockfile" in msg:
+            msg += (" (another process has libtpu loaded; compiling for a topology uses no TPU, so "
+                    "ALLOW_MULTIPLE_LIBTPU_LOAD=1 lets both run)")
+        raise ValueError(f"cannot describe TPU topology {topology!r}: {msg}") from None
 
 
 # --------------------------------------------------------------------------- HLO collectives
@@ -83,6 +90,17 @@ _COMP = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 _CALLS = re.compile(r"\b(body|condition|calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_COND = re.compile(r"condition=%?([\w.\-]+)")
+_S32_CONST = re.compile(r"s32\[\]\S*\s+constant\((\d+)\)")
+
+
+def _trip_from_condition(lines: list[str]) -> int | None:
+    """The trip count of a counted loop (`lax.scan` / `fori_loop`: i from 0, i < N) read from its
+    condition computation: one s32 constant N compared with direction=LT; None otherwise."""
+    consts = {int(c) for line in lines for c in _S32_CONST.findall(line)}
+    if len(consts) == 1 and any("compare(" in line and "direction=LT" in line for line in lines):
+        return consts.pop()
+    return None
 
 
 def _shape_bytes(text: str) -> int:
@@ -99,9 +117,10 @@ def _shape_bytes(text: str) -> int:
 def collectives_per_step(hlo_text: str, unknown_trip: int = 1) -> tuple[dict, int]:
     """({op: {"count", "bytes", "max_bytes"}}, unknown_trip_loops) of a compiled HLO module, per
     execution of its entry computation: every computation's collectives are multiplied by how many
-    times it runs (a while body / condition by the loop's known trip count; a loop without one --
-    the decode loop's early-exit while -- counts `unknown_trip` times and is reported in
-    unknown_trip_loops).  Async collectives count at their start."""
+    times it runs (a while body / condition by the loop's trip count: the compiler's
+    known_trip_count, else read from a counted loop's condition, `_trip_from_condition`; a loop
+    with neither -- the decode loop's early-exit while -- counts `unknown_trip` times and is
+    reported in unknown_trip_loops).  Async collectives count at their start."""
     comps: dict[str, list[str]] = {}
     entry = None
     cur = None
@@ -127,8 +146,12 @@ def collectives_per_step(hlo_text: str, unknown_trip: int = 1) -> tuple[dict, in
             trip = 1
             if " while(" in line:
                 t = _TRIP.search(line)
+                cond = _COND.search(line)
+                from_cond = _trip_from_condition(comps.get(cond.group(1), [])) if cond else None
                 if t:
                     trip = int(t.group(1))
+                elif from_cond is not None:
+                    trip = from_cond
                 else:
                     unknown += 1
                     trip = unknown_trip
@@ -162,6 +185,28 @@ def collectives_per_step(hlo_text: str, unknown_trip: int = 1) -> tuple[dict, in
                 o["bytes"] += b * mult[c]
                 o["max_bytes"] = max(o["max_bytes"], b)
     return {k: out[k] for k in _COLL_OPS if k in out}, unknown
+
+
+def model_flops(cfg, batch: int, seq_len: int, what: str = "train") -> float:
+    """Matmul FLOPs of one step, all chips (the MFU numerator): projections, FFN, attention scores
+    and mixing, A = q^T q and q @ G, the metric learner and PLGA, the output head; a training step
+    is 3x the forward (no remat recompute counted); decode: prefill of seq_len // 2 tokens plus one
+    token per new position (attention over the whole buffer)."""
+    D, F, H, dk, V = cfg.d_model, cfg.dff, cfg.num_heads, cfg.head_dim, cfg.vocab_size
+
+    def fwd(rows, q_len, k_len):
+        T = rows * q_len
+        per = 2 * T * D * D * 4 + 2 * T * D * F * 3 + 2 * 2 * rows * H * q_len * k_len * dk
+        per += 2 * T * H * dk * dk * 2
+        if cfg.learned_g:
+            r = rows * H * dk
+            per += cfg.num_reslayerA * cfg.num_denseA * 3 * 2 * r * dk * cfg.A_dff + 2 * 2 * rows * H * dk ** 3
+        return cfg.num_layers * per + 2 * T * D * V
+
+    if what == "train":
+        return 3.0 * fwd(batch, seq_len, seq_len)
+    P = max(seq_len // 2, 1)
+    return float(fwd(batch, P, P) + (seq_len - P) * fwd(batch, 1, seq_len))
 
 
 # --------------------------------------------------------------------------- lowering
@@ -280,7 +325,8 @@ def compile_report(*, topology: str = "v5e:2x2", preset: str | None = "tiny", co
     total = args + temps + outs - alias
     ca = compiled.cost_analysis()
     ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-    flops = float(ca.get("flops", 0.0))
+    xla_flops = float(ca.get("flops", 0.0))      # XLA's count: a while/scan body counted once
+    flops = model_flops(cfg, batch, seq_len, what) / len(devices)
     bytes_acc = float(ca.get("bytes accessed", 0.0))
     n_new = max(seq_len - max(seq_len // 2, 1), 1)
     # decode: the while loop runs once per new token (at most); the step is the whole generate call
@@ -293,7 +339,8 @@ def compile_report(*, topology: str = "v5e:2x2", preset: str | None = "tiny", co
     rep.update({
         "per_chip_bytes": {"arguments": args, "temporaries": temps, "outputs": outs, "aliased": alias,
                            "total": total},
-        "fits": total <= chip.hbm_bytes, "flops_per_chip": flops, "bytes_accessed_per_chip": bytes_acc,
+        "fits": total <= chip.hbm_bytes, "flops_per_chip": flops, "xla_flops_per_chip": xla_flops,
+        "bytes_accessed_per_chip": bytes_acc,
         "collectives": coll, "collective_bytes": coll_bytes, "loops_without_trip_count": unknown,
         "est_step_s": est, "est_terms_s": {"flops": t_flops, "hbm": t_hbm, "ici": t_ici},
         "est_mfu": (t_flops / est) if est > 0 else 0.0,

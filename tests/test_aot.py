@@ -89,6 +89,11 @@ ENTRY %main (a: f32[8]) -> f32[8] {
     no_trip = hlo.replace(', backend_config={"known_trip_count":{"n":"5"}}', "")
     coll, unknown = aot.collectives_per_step(no_trip, unknown_trip=3)
     assert unknown == 1 and coll["all-gather"]["count"] == 3
+    # a counted loop's trip count read from its condition (i < 7), as TPU HLO leaves scans
+    counted = no_trip.replace("%c = pred[] compare(s32[] %i, s32[] %n), direction=LT",
+                              "%n = s32[] constant(7)\n  %c = pred[] compare(s32[] %i, s32[] %n), direction=LT")
+    coll, unknown = aot.collectives_per_step(counted)
+    assert unknown == 0 and coll["all-gather"]["count"] == 7
 
 
 @needs_libtpu
