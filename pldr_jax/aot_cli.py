@@ -31,7 +31,7 @@ def add_parser(subparsers):
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
     p.add_argument("--what", choices=("train", "decode"), default="train")
     p.add_argument("--remat", choices=("none", "dots", "full"), default=None,
-                   help="rematerialisation policy (default: the platform's, 'dots' on TPU)")
+                   help="rematerialisation policy (default: the platform's, 'full' on TPU)")
     p.add_argument("--recipe", default=None, help="training recipe (default: the preset's, as pldr-jax train)")
     p.add_argument("--max-batch", action="store_true",
                    help="search the largest global batch that fits the chip's HBM (compiles several times; "

@@ -137,7 +137,7 @@ def test_choices_by_platform_and_override(monkeypatch):
     cpu, tpu = backend.choices("cpu"), backend.choices("tpu")
     assert (cpu.kernels, cpu.unroll_layers, cpu.bf16_min_batch, cpu.decode_transposed) == ("cpu", True, 8, True)
     assert (tpu.kernels, tpu.unroll_layers, tpu.bf16_min_batch, tpu.decode_transposed) == ("xla", False, 0, False)
-    assert tpu.remat == "dots" and cpu.remat == "none" and tpu.head_chunk_bytes > 0 == cpu.head_chunk_bytes
+    assert tpu.remat == "full" and cpu.remat == "none" and tpu.head_chunk_bytes > 0 == cpu.head_chunk_bytes
     monkeypatch.setenv(backend.KERNELS_ENV, "xla")
     assert backend.choices("cpu").kernels == "xla"
     monkeypatch.setenv(backend.KERNELS_ENV, "bogus")

@@ -67,6 +67,8 @@ def _head_ce_chunked(x3, kernel, bias, targets, chunk):
     whole) whose body is rematerialised, so the backward pass too holds one [B, chunk, V] block."""
     B, S, D = x3.shape
     n = S // chunk
+    # the weights in the compute dtype, gathered whole once (under a mesh), not once per chunk
+    kernel = constrain(kernel.astype(x3.dtype), (None, None))
 
     def one(xt):
         nll, correct = _head_ce_plain(xt[0].reshape(B * chunk, D), kernel, bias, xt[1].reshape(B * chunk))

@@ -49,7 +49,7 @@ class StepOptions:
     pad_aware_A: mask padding out of the metric tensor A (False = the reference).
     remat: rematerialisation of each decoder layer in the backward pass: False / "none", "dots"
       (keep the weight matmuls' outputs), True / "full" (less memory, ~30% more compute); None =
-      the platform's default (`pldr_jax.backend`: "none" on CPU, "dots" on accelerators).
+      the platform's default (`pldr_jax.backend`: "none" on CPU, "full" on accelerators).
     unroll_layers: run the decoder layers as an unrolled Python loop over per-layer slices of the
       stacked parameters (True) or as a `lax.scan` (False: compile time flat in depth); None = the
       platform's default (unrolled on CPU: v51 110M bf16 step ~15% faster, experiments/README.md;
@@ -57,7 +57,7 @@ class StepOptions:
     kernels: the matmul implementation, "cpu" | "xla" (`pldr_jax.backend`); None = the platform's.
     head_chunk_bytes: with "xla" kernels, compute the output head + cross-entropy over sequence
       chunks whose float32 logits block is at most this many bytes (`ops.cross_entropy`); None = the
-      platform's default (whole on CPU, 256 MiB blocks on accelerators); 0 = whole.
+      platform's default (whole on CPU, 1 GiB blocks on accelerators); 0 = whole.
     nonfinite_guard: do not apply an update whose loss or gradients are not finite (params and
       optimiser state keep their values; metrics["nonfinite"] = 1). See `faults`.
     """
