@@ -19,6 +19,7 @@ COMMANDS = {
     "eval": "pldr_jax.eval.cli",
     "analyze": "pldr_jax.analysis.cli",
     "data": "pldr_jax.data.cli",
+    "compile": "pldr_jax.aot_cli",
 }
 
 

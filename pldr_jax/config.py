@@ -230,6 +230,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "v51-dag-110m": dict(_PAPER),
     # v51G 106M: predefined G_LM (identity by default), 105,606,482 parameters.
     "v51g-106m": dict(_PAPER, custom_G_type="identity", **_NO_LEARNER),
+    # Scale-up presets of the same family for planning pods: head_dim 64, FFN width paper_dff(D), the
+    # 110M preset's metric learner (A_dff 170, 8 residual units of 2 GLUs); parameters counted in
+    # tests/test_backend.py by jax.eval_shape.
+    "v51-1b": dict(_PAPER, num_layers=18, d_model=2048, num_heads=32, dff=paper_dff(2048), max_seq_len=2048),
+    "v51-8b": dict(_PAPER, num_layers=38, d_model=4096, num_heads=64, dff=paper_dff(4096), max_seq_len=2048),
     # Small configs for tests, notebooks and the CPU main job.
     "tiny": dict(num_layers=2, d_model=32, num_heads=4, dff=85, vocab_size=101, max_seq_len=64,
                  A_dff=16, num_reslayerA=2, num_denseA=2),

@@ -13,7 +13,8 @@ where the modes differ, they pass different arguments:
   step, whose other positions nobody reads).
 
 The pieces (`project_qkv`, `metric_A`, `deduce`, `attend_and_mix`) are public for tests and analyses
-that inspect one stage.
+that inspect one stage.  ``kernels`` selects the matmul implementation (`pldr_jax.backend`; "xla"
+by default, "cpu" in a CPU training step); the values are the same.
 """
 
 from __future__ import annotations
@@ -27,28 +28,32 @@ from .ops.deductive import derive_g
 from .ops.layers import glu, layer_norm, linear
 from .ops.metric import metric_learner, metric_tensor
 from .ops.rope import apply_rope
+from .partitioning import constrain
 
 __all__ = ["project_qkv", "metric_A", "deduce", "attend_and_mix", "decoder_layer"]
 
 
-def project_qkv(cfg: PLDRConfig, lp: dict, x: jax.Array, positions: jax.Array):
+def project_qkv(cfg: PLDRConfig, lp: dict, x: jax.Array, positions: jax.Array, kernels: str = "xla"):
     """x [B, L, D], positions [B, L] -> rotated q, k and v, each [B, L, H, dk]."""
     B, L, _ = x.shape
     split = lambda t: t.reshape(B, L, cfg.num_heads, cfg.head_dim)
     if "wqkv" in lp:   # fused [D, 3D] projection (`params.fuse_projections`)
-        q, k, v = (split(t) for t in jnp.split(linear(lp["wqkv"], x), 3, axis=-1))
+        q, k, v = (split(t) for t in jnp.split(linear(lp["wqkv"], x, kernels), 3, axis=-1))
     else:
-        q, k, v = (split(linear(lp[n], x)) for n in ("wq", "wk", "wv"))
+        q, k, v = (split(linear(lp[n], x, kernels)) for n in ("wq", "wk", "wv"))
     q = apply_rope(q, positions, cfg.rope_theta, cfg.reference_rope)
     k = apply_rope(k, positions, cfg.rope_theta, cfg.reference_rope)
-    return q, k, v
+    names = ("batch", "length", "heads", None)
+    return constrain(q, names), constrain(k, names), constrain(v, names)
 
 
-def metric_A(cfg: PLDRConfig, lp: dict, q: jax.Array, token_mask: jax.Array | None) -> jax.Array:
+def metric_A(cfg: PLDRConfig, lp: dict, q: jax.Array, token_mask: jax.Array | None,
+             kernels: str = "xla") -> jax.Array:
     """The learned metric tensor A [B, H, dk, dk] from rotated queries q [B, L, H, dk]; token_mask
     [B, L] (False = left out of A) or None (every position, as the reference)."""
-    return metric_learner(lp["metric_norm"], lp["metric_res"], metric_tensor(q, token_mask),
-                          cfg.layer_norm_eps)
+    A = constrain(metric_tensor(q, token_mask), ("batch", "heads", None, None))
+    return constrain(metric_learner(lp["metric_norm"], lp["metric_res"], A, cfg.layer_norm_eps, kernels),
+                     ("batch", "heads", None, None))
 
 
 def deduce(lp: dict, A: jax.Array) -> dict:
@@ -57,22 +62,24 @@ def deduce(lp: dict, A: jax.Array) -> dict:
     return {"A": A, "A_LM": A_LM, "A_P": A_P, "G_LM": G_LM}
 
 
-def attend_and_mix(cfg: PLDRConfig, lp: dict, x: jax.Array, q, k, v, g_lm, mask) -> jax.Array:
+def attend_and_mix(cfg: PLDRConfig, lp: dict, x: jax.Array, q, k, v, g_lm, mask, kernels: str = "xla") -> jax.Array:
     """Attention with G_LM, output projection, then the post-LN residual blocks.
 
     x [B, Lq, D]; q [B, Lq, H, dk]; k, v [B, Lk, H, dk]; g_lm [B|1, H, dk, dk]; mask
     [B, 1, Lq, Lk] bool.  Returns the layer output [B, Lq, D].
     """
     B, L, D = x.shape
-    att = plga_attention(q, k, v, g_lm, mask).reshape(B, L, D)
-    h = layer_norm(lp["norm1"], x + linear(lp["dense"], att), cfg.layer_norm_eps)
-    return layer_norm(lp["norm2"], h + glu(lp["ffn"], h), cfg.layer_norm_eps)
+    act = ("batch", "length", "embed")
+    att = plga_attention(q, k, v, g_lm, mask)
+    att = constrain(att, ("batch", "length", "heads", None)).reshape(B, L, D)
+    h = constrain(layer_norm(lp["norm1"], x + linear(lp["dense"], att, kernels), cfg.layer_norm_eps), act)
+    return constrain(layer_norm(lp["norm2"], h + glu(lp["ffn"], h, kernels), cfg.layer_norm_eps), act)
 
 
 def decoder_layer(cfg: PLDRConfig, lp: dict, x: jax.Array, positions: jax.Array, mask: jax.Array, *,
                   metric_mask: jax.Array | None = None, g_lm: jax.Array | None = None,
                   metric: jax.Array | None = None, kv_buffers: tuple[jax.Array, jax.Array] | None = None,
-                  query_rows: jax.Array | None = None):
+                  query_rows: jax.Array | None = None, kernels: str = "xla"):
     """One decoder layer (see the module docstring for which caller passes what).
 
     x [B, L, D] the layer input; positions [B, L] int (RoPE positions); mask [B, 1, L, Lk] bool
@@ -83,12 +90,13 @@ def decoder_layer(cfg: PLDRConfig, lp: dict, x: jax.Array, positions: jax.Array,
     kv_buffers: (k, v) [B, S, H, dk] KV-cache buffers of a one-token step (L == 1): this step's key
       and value are written at position positions[b, 0] of row b and attention runs over the buffers.
     query_rows: [B] int, compute the output only at position query_rows[b] of row b.
+    kernels: the matmul implementation ("xla" | "cpu", `pldr_jax.backend`).
 
     Returns (x_out [B, L, D] ([B, 1, D] with `query_rows`), deductive outputs: {"A", "A_LM", "A_P",
     "G_LM"} float32 [B, H, dk, dk], or {"G_LM"} with a given `g_lm`, (k, v) the keys and values
     attended over: [B, L, H, dk], or the updated buffers [B, S, H, dk]).
     """
-    q, k, v = project_qkv(cfg, lp, x, positions)
+    q, k, v = project_qkv(cfg, lp, x, positions, kernels)
     rows = jnp.arange(x.shape[0])
     if kv_buffers is not None:
         at = positions[:, 0]
@@ -97,8 +105,8 @@ def decoder_layer(cfg: PLDRConfig, lp: dict, x: jax.Array, positions: jax.Array,
     if g_lm is not None:
         ded = {"G_LM": g_lm.astype(jnp.float32)}
     else:
-        ded = deduce(lp, metric_A(cfg, lp, q, metric_mask) if metric is None else metric)
+        ded = deduce(lp, metric_A(cfg, lp, q, metric_mask, kernels) if metric is None else metric)
     if query_rows is not None:
         x, q = x[rows, query_rows][:, None], q[rows, query_rows][:, None]
         mask = mask[rows, :, query_rows][:, :, None]
-    return attend_and_mix(cfg, lp, x, q, k, v, ded["G_LM"], mask), ded, (k, v)
+    return attend_and_mix(cfg, lp, x, q, k, v, ded["G_LM"], mask, kernels), ded, (k, v)

@@ -20,6 +20,7 @@ from .config import PLDRConfig
 from .layer import decoder_layer
 from .ops.attention import causal_padding_mask
 from .ops.layers import layer_norm, linear
+from .partitioning import constrain
 
 DEDUCTIVE_KEYS = ("A", "A_LM", "A_P", "G_LM")
 
@@ -45,7 +46,10 @@ class ForwardOutput:
 # --------------------------------------------------------------------------- embedding
 def embed(cfg: PLDRConfig, params: dict, tokens: jax.Array) -> jax.Array:
     """tokens [B, L] -> LayerNorm(Embedding * sqrt(D)) [B, L, D] in the compute dtype."""
-    x = jnp.take(params["embed"]["embedding"], tokens, axis=0).astype(jnp.float32)
+    # under a mesh: gather the (FSDP-sharded) table whole first, so the lookup's result is sharded
+    # like the tokens (batch), not like the table (no all-to-all to reshard it)
+    table = constrain(params["embed"]["embedding"], (None, None))
+    x = jnp.take(table, tokens, axis=0).astype(jnp.float32)
     x = x * jnp.float32(math.sqrt(cfg.d_model))
     return layer_norm(params["embed_norm"], x, cfg.layer_norm_eps).astype(jnp.dtype(cfg.dtype))
 
@@ -89,16 +93,44 @@ def check_tokens(cfg: PLDRConfig, tokens) -> None:
 
 
 # --------------------------------------------------------------------------- forward
-@functools.partial(jax.jit, static_argnames=("cfg", "pad_aware_A", "collect", "remat"))
+REMAT_POLICIES = ("none", "dots", "full")
+
+
+def remat_policy(remat: bool | str) -> str:
+    """False / True / "none" / "dots" / "full" -> one of `REMAT_POLICIES` (True = "full")."""
+    if isinstance(remat, bool):
+        return "full" if remat else "none"
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat must be one of {REMAT_POLICIES} (or a bool), got {remat!r}")
+    return remat
+
+
+def checkpoint_layer(fn, remat: bool | str):
+    """`fn` wrapped for the backward pass by the remat policy: "none" keeps every activation,
+    "dots" keeps the matmul outputs that have no batch dimension (weights x activations) and
+    recomputes the rest, "full" keeps only the layer's inputs."""
+    policy = remat_policy(remat)
+    if policy == "none":
+        return fn
+    if policy == "dots":
+        return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    return jax.checkpoint(fn)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "pad_aware_A", "collect", "remat", "kernels"))
 def forward(cfg: PLDRConfig, params: dict, tokens: jax.Array, g_lm: jax.Array | None = None, *,
-            pad_aware_A: bool = False, collect: bool = False, remat: bool = False) -> ForwardOutput:
+            pad_aware_A: bool = False, collect: bool = False, remat: bool | str = False,
+            kernels: str = "xla") -> ForwardOutput:
     """Full-sequence forward pass.
 
     tokens [B, L] int (0 = pad).  g_lm: None (derive G_LM, learned models) or a G_LM override
     [num_layers, (B|1,) H, dk, dk] used in every layer (predefined-G models need one).
     pad_aware_A: mask padding out of the metric tensor (False = the reference, which sums over all
     positions, padding included).  collect: also return per-layer outputs and k/v.  remat:
-    rematerialise each layer in the backward pass (saves memory in training).
+    rematerialise each layer in the backward pass (saves memory in training): False / "none",
+    "dots", True / "full" (`checkpoint_layer`).  kernels: the matmul implementation
+    (`pldr_jax.backend`): "xla" (default; plain dot_general, so `jax.jvp` / `jax.hessian` work) or
+    "cpu" (XLA:CPU's fast backward; reverse mode only).  Same values either way.
 
     Layer iteration follows the params layout: stacked layers -> `lax.scan` (flat compile time);
     a tuple of per-layer dicts (`unstack_layers`) -> a Python loop (no weight-slice copies).
@@ -110,15 +142,15 @@ def forward(cfg: PLDRConfig, params: dict, tokens: jax.Array, g_lm: jax.Array | 
     positions = jnp.broadcast_to(jnp.arange(L), (B, L))
     mask = causal_padding_mask(valid, L)
     token_mask_A = valid if pad_aware_A else None
-    x0 = embed(cfg, params, tokens)
+    x0 = constrain(embed(cfg, params, tokens), ("batch", "length", "embed"))
 
     def body(x, lp, g):
-        x, ded, (k, v) = decoder_layer(cfg, lp, x, positions, mask, metric_mask=token_mask_A, g_lm=g)
+        x, ded, (k, v) = decoder_layer(cfg, lp, x, positions, mask, metric_mask=token_mask_A, g_lm=g,
+                                       kernels=kernels)
         extra = {"layer_out": x, "k": k, "v": v} if collect else {}
         return x, (ded, extra)
 
-    if remat:
-        body = jax.checkpoint(body)
+    body = checkpoint_layer(body, remat)
     layers = params["layers"]
     if isinstance(layers, (tuple, list)):
         x, outs = x0, []
@@ -128,6 +160,6 @@ def forward(cfg: PLDRConfig, params: dict, tokens: jax.Array, g_lm: jax.Array | 
         ded, extra = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *outs)
     else:
         x, (ded, extra) = jax.lax.scan(lambda c, xs: body(c, *xs), x0, (layers, g_all))
-    logits = linear(params["final"], x).astype(jnp.float32)
+    logits = linear(params["final"], x, kernels).astype(jnp.float32)
     inter = {"embed": x0, **extra} if collect else None
     return ForwardOutput(logits=logits, deductive=ded, hidden=x, intermediates=inter)

@@ -15,6 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# the suite runs on XLA:CPU: with libtpu installed (the test extra), JAX would otherwise probe for TPU
+# hardware first; subprocesses inherit this too.  Tests that need TPU devices compile for a TPU
+# topology ahead of time (tests/test_aot.py), which works under JAX_PLATFORMS=cpu.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 SHARED_REF = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 DATA = Path(__file__).resolve().parent / "data"
 REF = Path(os.environ["PLDR_JAX_REFERENCE"]) if os.environ.get("PLDR_JAX_REFERENCE") else (

@@ -421,7 +421,7 @@ def test_cli_resolves_presets_recipes_and_overrides(capsys):
     assert out["recipe"] == "paper" and m["num_layers"] == 2 and m["d_model"] == 896
     assert (t["learning_rate"], t["warmup_steps"], t["total_steps"], t["alpha"], t["weight_decay"], t["clip_value"],
             t["batch_size"], t["seq_len"]) == (1e-3, 2000, 250_000, 0.1, 0.1, 1.0, 32, 1024)
-    assert t["mesh"] == [-1, 4, 1] and t["dag_coeffs"] == [0.1, 0.0, 0.0] and t["unroll_layers"] is True
+    assert t["mesh"] == [-1, 4, 1] and t["dag_coeffs"] == [0.1, 0.0, 0.0] and t["unroll_layers"] is None
     assert main(["train", "--preset", "v51-dag-110m", "--print-config"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["recipe"] == "paper-dag" and out["train"]["dag_coeffs"] == [0.05, 0.05, 0.05]
@@ -434,7 +434,9 @@ def test_cli_resolves_presets_recipes_and_overrides(capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["train"]["unroll_layers"] is False
     assert TrainConfig(unroll_layers=False).step_options().unroll_layers is False
-    assert TrainConfig().step_options().unroll_layers is True
+    assert TrainConfig().step_options().unroll_layers is None      # the platform's default
+    assert TrainConfig().step_options().resolved("cpu").unroll_layers is True
+    assert TrainConfig().step_options().resolved("tpu").unroll_layers is False
     assert main(["train", "--main-job", "--print-config"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert {k: out["model"][k] for k in MAIN_JOB_MODEL} == MAIN_JOB_MODEL

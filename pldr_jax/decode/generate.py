@@ -68,7 +68,7 @@ def generate(cfg: PLDRConfig, params: dict, prompts, *, max_new_tokens: int, kv_
              g_cache: bool = True, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed=0,
              eos_id: int | None = 3, g_lm=None, shared_g: bool = False, stop_at_max_seq_len: bool = False,
              max_len: int | None = None, return_logits: bool = False, return_deductive: bool = False,
-             bf16_min_batch: int = 8) -> GenerateOutput:
+             bf16_min_batch: int | None = None) -> GenerateOutput:
     """Generate up to `max_new_tokens` new tokens for each prompt.
 
     prompts: list of token-id lists (ragged; right-padded internally to a length bucket).

@@ -42,7 +42,7 @@ def stream_generate(cfg, params, prompts, *, max_new_tokens: int, kv_cache: bool
                     g_cache: bool = True, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                     seed=0, eos_id: int | None = 3, g_lm=None, shared_g: bool = False,
                     stop_at_max_seq_len: bool = False, max_len: int | None = None,
-                    bf16_min_batch: int = 8) -> Iterator[StreamStep]:
+                    bf16_min_batch: int | None = None) -> Iterator[StreamStep]:
     """Yield a `StreamStep` per new token position until every row stops or max_new_tokens.
 
     Arguments as `pldr_jax.generate`.  Validation happens on the first `next()`.

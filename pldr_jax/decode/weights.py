@@ -1,10 +1,11 @@
 """Weights for decoding: the compute-dtype policy and the decode weight layout.
 
-Dtype policy (`decode_dtype`): XLA:CPU's bfloat16 matrix-vector products are slow, so a bfloat16
-config decodes in float32 when the batch is below ``bf16_min_batch`` (default 8); bfloat16 weights
-are then up-cast once, before the loop (`prepare_params`).  From batch 8 on, a bfloat16 config
-decodes in bfloat16 (the deductive path, softmax and logits stay float32).  Pass
-``bf16_min_batch=0`` (or 1) to force the configured dtype.
+Dtype policy (`decode_dtype`): XLA:CPU's bfloat16 matrix-vector products are slow, so on CPU a
+bfloat16 config decodes in float32 when the batch is below ``bf16_min_batch`` (None = the
+platform's, `pldr_jax.backend`: 8 on CPU, 0 on accelerators); bfloat16 weights are then up-cast
+once, before the loop (`prepare_params`).  Otherwise a bfloat16 config decodes in bfloat16 (the
+deductive path, softmax and logits stay float32).  Pass ``bf16_min_batch=0`` (or 1) to force the
+configured dtype.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ..backend import choices
 from ..config import PLDRConfig
 from ..params import fuse_projections, unstack_layers
 
@@ -20,9 +22,12 @@ __all__ = ["decode_dtype", "prepare_params"]
 _MATMUL_LAYER_KEYS = ("wq", "wk", "wv", "wqkv", "dense", "ffn")
 
 
-def decode_dtype(cfg: PLDRConfig, batch: int, bf16_min_batch: int = 8) -> str:
+def decode_dtype(cfg: PLDRConfig, batch: int, bf16_min_batch: int | None = None) -> str:
     """Compute dtype used to decode `batch` rows: a 16-bit config runs in float32 below
-    `bf16_min_batch` rows (XLA:CPU's 16-bit matrix-vector path is slow), else cfg.dtype."""
+    `bf16_min_batch` rows (None = the platform's; XLA:CPU's 16-bit matrix-vector path is slow),
+    else cfg.dtype."""
+    if bf16_min_batch is None:
+        bf16_min_batch = choices().bf16_min_batch
     if cfg.dtype in ("bfloat16", "float16") and batch < bf16_min_batch:
         return "float32"
     return cfg.dtype
@@ -47,18 +52,21 @@ def _transpose_layer(lp: dict) -> dict:
     return lp
 
 
-def prepare_params(cfg: PLDRConfig, params: dict, batch: int, *, bf16_min_batch: int = 8, fuse: bool = True,
-                   transpose: bool = True):
+def prepare_params(cfg: PLDRConfig, params: dict, batch: int, *, bf16_min_batch: int | None = None,
+                   fuse: bool = True, transpose: bool | None = None):
     """(run_cfg, run_params) for decoding `batch` rows.
 
     Per-layer weight arrays (`unstack_layers`: no weight-slice copies inside the decode loop), the
     q/k/v projections and the FFN's w1/w2 fused into one matrix each (`fuse`), kernels stored
-    transposed as [out, in] (`transpose`: XLA:CPU's matrix-vector product is ~1.3-1.6x faster so), cast to the decode
+    transposed as [out, in] (`transpose`; None = on CPU only, `pldr_jax.backend`: XLA:CPU's
+    matrix-vector product is ~1.3-1.6x faster so), cast to the decode
     dtype (`decode_dtype`; the deductive-path weights stay as stored).  The result is a decode
     layout (`forward` accepts it too).  A no-op, no copy, when already prepared: call it once and
     pass the result to `generate` to keep the conversion out of every call.
     """
     run = decode_dtype(cfg, batch, bf16_min_batch)
+    if transpose is None:
+        transpose = choices().decode_transposed
     run_cfg = cfg if run == cfg.dtype else cfg.replace(dtype=run)
     params = unstack_layers(params)
     dt = jnp.dtype(run)

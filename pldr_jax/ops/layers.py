@@ -1,9 +1,16 @@
-"""Linear, LayerNorm and SwiGLU as pure functions over parameter dicts."""
+"""Linear, LayerNorm and SwiGLU as pure functions over parameter dicts.
+
+`linear` and `glu` take ``kernels`` (`pldr_jax.backend`): "xla" = plain `dot_general` accumulating
+in float32, differentiated by JAX (every backend; forward-mode autodiff works); "cpu" = `dense`, the
+`custom_vjp` whose backward runs in XLA:CPU's fast forms.  The forward values are the same.
+"""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from ..partitioning import constrain
 
 
 def _rows_transposed(a: jax.Array) -> jax.Array:
@@ -67,8 +74,9 @@ def _dense_bwd(res, g):
 dense.defvjp(_dense_fwd, _dense_bwd)
 
 
-def linear(p: dict, x: jax.Array) -> jax.Array:
-    """`x @ kernel + bias`; x [..., in] -> [..., out], computed in x's dtype.
+def linear(p: dict, x: jax.Array, kernels: str = "xla") -> jax.Array:
+    """`x @ kernel + bias`; x [..., in] -> [..., out], computed in x's dtype (accumulated in
+    float32 for 16-bit x).  kernels: "xla" (plain dot_general) or "cpu" (`dense`).
 
     p may hold "kernel_t" [out, in] (the transposed kernel, as decode-prepared params do: XLA:CPU's
     matrix-vector product is faster contracting the weight's last axis) instead of "kernel".
@@ -80,7 +88,9 @@ def linear(p: dict, x: jax.Array) -> jax.Array:
         return y + p["bias"].astype(x.dtype)
     # 16-bit inputs accumulate in float32 (as TPU/GPU matmul units do); on XLA:CPU this also selects
     # its fast bf16 kernels, ~2x faster than a bf16-output matmul and than float32 (see experiments/)
-    return dense(x, p["kernel"], p["bias"])
+    if kernels == "cpu":
+        return dense(x, p["kernel"], p["bias"])
+    return affine_f32(x, p["kernel"], p["bias"]).astype(x.dtype)
 
 
 def layer_norm(p: dict, x: jax.Array, eps: float) -> jax.Array:
@@ -92,13 +102,17 @@ def layer_norm(p: dict, x: jax.Array, eps: float) -> jax.Array:
     return (y * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)).astype(x.dtype)
 
 
-def glu(p: dict, x: jax.Array) -> jax.Array:
+def glu(p: dict, x: jax.Array, kernels: str = "xla") -> jax.Array:
     """SwiGLU with biases: `w3(silu(w1 x) * w2 x)`; [..., n] -> [..., n].
 
     p may hold a fused "w12" (w1 and w2 concatenated on the output axis) instead of "w1", "w2".
+    kernels: see `linear`.
     """
     if "w12" in p:
-        h1, h2 = jnp.split(linear(p["w12"], x), 2, axis=-1)
+        h1, h2 = jnp.split(linear(p["w12"], x, kernels), 2, axis=-1)
     else:
-        h1, h2 = linear(p["w1"], x), linear(p["w2"], x)
-    return linear(p["w3"], jax.nn.silu(h1) * h2)
+        h1, h2 = linear(p["w1"], x, kernels), linear(p["w2"], x, kernels)
+    hidden = jax.nn.silu(h1) * h2
+    if hidden.ndim == 3:     # [B, L, F] activations (not the metric learner's [rows, A_dff])
+        hidden = constrain(hidden, ("batch", "length", "mlp"))
+    return linear(p["w3"], hidden, kernels)

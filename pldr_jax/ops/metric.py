@@ -20,10 +20,11 @@ def metric_tensor(q: jax.Array, token_mask: jax.Array | None = None) -> jax.Arra
     return jnp.einsum("blhd,blhe->bhde", qf, qf)
 
 
-def metric_learner(p_norm: dict, p_res: dict, A: jax.Array, eps: float) -> jax.Array:
+def metric_learner(p_norm: dict, p_res: dict, A: jax.Array, eps: float, kernels: str = "xla") -> jax.Array:
     """A [B, H, dk, dk] -> LayerNorm, then R residual units `A = LN_r(A + GLU_N(..GLU_1(A)))`.
 
     p_res leaves carry leading [R, N] (GLUs) or [R] (norms) axes.  Float32 throughout.
+    kernels: see `ops.layers.linear`.
     """
     shape = A.shape
     # every op acts on the last axis: run on [rows, dk] (2-D matmuls; their backward is ~20% faster
@@ -35,6 +36,7 @@ def metric_learner(p_norm: dict, p_res: dict, A: jax.Array, eps: float) -> jax.A
     for r in range(R):
         y = A
         for j in range(N):
-            y = glu(f32(jax.tree_util.tree_map(lambda a: a[r, j], {k: p_res[k] for k in ("w1", "w2", "w3")})), y)
+            y = glu(f32(jax.tree_util.tree_map(lambda a: a[r, j], {k: p_res[k] for k in ("w1", "w2", "w3")})), y,
+                    kernels)
         A = layer_norm(jax.tree_util.tree_map(lambda a: a[r], p_res["norm"]), A + y, eps)
     return A.reshape(shape)

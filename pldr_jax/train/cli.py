@@ -95,8 +95,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--dag", default=None, metavar="cA,cP,cG", help="DAG regulariser coefficients")
     t.add_argument("--grad-accum", type=int, default=None, help="micro-batches per update")
     _bool_or_none(t, "remat", "rematerialise layers in the backward pass (less memory)")
-    _bool_or_none(t, "unroll-layers", "unrolled layer loop (default; faster on CPU) or, with --no-unroll-layers, "
-                                      "lax.scan (compile time flat in depth)")
+    _bool_or_none(t, "unroll-layers", "unrolled layer loop (default on CPU, faster there) or, with --no-unroll-layers, "
+                                      "lax.scan (compile time flat in depth; default on accelerators)")
     _bool_or_none(t, "pad-aware-A", "mask padding out of the metric tensor A (the reference does not)")
     t.add_argument("--g-source", default=None,
                    help="predefined-G models: identity | random_normal[:scale] | uniform[:lo:hi] | external:FILE.npz")

@@ -34,7 +34,7 @@ class TrainConfig:
       (per-element clip, reference 1.0; None = off), clip_norm (global-norm clip; None = off).
     Loss / compute: dag_coeffs (c_A, c_P, c_G), grad_accum (micro-batches per update), dtype
       (override of the model's compute dtype: "float32" | "bfloat16"), remat, unroll_layers (see
-      `StepOptions`: unrolled layer loop, the default, or lax.scan for deep models), pad_aware_A,
+      `StepOptions`; None = the platform's default, `pldr_jax.backend`), pad_aware_A,
       g_source (predefined-G models: "identity", "random_normal[:scale]", "uniform[:lo:hi]",
       "external:<file.npz>"; None = the config's custom_G_type default).
     Mesh: mesh = (data, fsdp, tensor) sizes, one may be -1 (= the remaining devices).
@@ -70,8 +70,8 @@ class TrainConfig:
     dag_coeffs: tuple[float, float, float] = (0.0, 0.0, 0.0)
     grad_accum: int = 1
     dtype: str | None = None
-    remat: bool = False
-    unroll_layers: bool = True
+    remat: bool | str | None = None
+    unroll_layers: bool | None = None
     pad_aware_A: bool = False
     g_source: str | None = None
     mesh: tuple[int, int, int] = (-1, 1, 1)

@@ -10,7 +10,8 @@ faults too but fragmented the heap: peak memory doubled in half of the runs.)
 
 glibc reads tunables once, at process start, so the setting is an environment variable:
 `pldr-jax` re-executes itself once with it (`reexec_with_huge_pages`, skipped when the variable
-``PLDR_JAX_NO_HUGE_PAGES=1`` is set or off Linux), and `huge_page_env` gives the environment for
+``PLDR_JAX_NO_HUGE_PAGES=1`` is set, off Linux, or when the process will not run XLA:CPU:
+`pldr_jax.backend.huge_pages_wanted`), and `huge_page_env` gives the environment for
 subprocesses (the benchmarks use it).
 """
 
@@ -44,8 +45,10 @@ def huge_page_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
 def reexec_with_huge_pages(argv: Sequence[str]) -> None:
     """Replace this process by ``python <argv...>`` with the huge-page tunable set, unless it is set
     already, opted out (PLDR_JAX_NO_HUGE_PAGES=1) or not on Linux.  Returns only when it does not
-    re-execute.  Call it first thing in a console entry point, never in library code."""
-    if not sys.platform.startswith("linux") or huge_pages_active() or os.environ.get(_OPT_OUT) == "1":
+    re-execute.  Call it first thing in a console entry point, never in library code.  A process
+    that will run on an accelerator (`backend.huge_pages_wanted` is False) is not re-executed."""
+    from ..backend import huge_pages_wanted
+    if huge_pages_active() or os.environ.get(_OPT_OUT) == "1" or not huge_pages_wanted():
         return
     env = huge_page_env()
     env[_OPT_OUT] = "1"            # never twice, even if glibc drops the tunable

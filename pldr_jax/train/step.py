@@ -25,9 +25,10 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from ..backend import check_kernels, choices, platform_of
 from ..config import PLDRConfig
 from ..losses import dag_loss
-from ..model import forward
+from ..model import forward, remat_policy
 from ..ops.cross_entropy import head_cross_entropy
 from ..params import fuse_params, unstack_layers
 from .faults import apply_gradients_guarded
@@ -47,25 +48,38 @@ class StepOptions:
     dag_coeffs: (c_A, c_P, c_G) of the DAG regulariser on (A_LM, A_P, G_LM); zeros skip it.
     grad_accum: micro-batches per optimiser update.
     pad_aware_A: mask padding out of the metric tensor A (False = the reference).
-    remat: rematerialise each decoder layer in the backward pass (less memory, ~30% more compute).
+    remat: rematerialisation of each decoder layer in the backward pass: False / "none", "dots"
+      (keep the weight matmuls' outputs), True / "full" (less memory, ~30% more compute); None =
+      the platform's default (`pldr_jax.backend`: "none" on CPU, "full" on accelerators).
     unroll_layers: run the decoder layers as an unrolled Python loop over per-layer slices of the
-      stacked parameters (True) or as a `lax.scan` (False: compile time flat in depth).  Unrolled
-      is faster on CPU (v51 110M bf16 step ~15%, see experiments/README.md); same numbers.
+      stacked parameters (True) or as a `lax.scan` (False: compile time flat in depth); None = the
+      platform's default (unrolled on CPU: v51 110M bf16 step ~15% faster, experiments/README.md;
+      scanned on accelerators).  Same numbers.
+    kernels: the matmul implementation, "cpu" | "xla" (`pldr_jax.backend`); None = the platform's.
+    head_chunk_bytes: with "xla" kernels, compute the output head + cross-entropy over sequence
+      chunks whose float32 logits block is at most this many bytes (`ops.cross_entropy`); None = the
+      platform's default (whole on CPU, 1 GiB blocks on accelerators); 0 = whole.
     nonfinite_guard: do not apply an update whose loss or gradients are not finite (params and
       optimiser state keep their values; metrics["nonfinite"] = 1). See `faults`.
     """
     dag_coeffs: tuple[float, float, float] = (0.0, 0.0, 0.0)
     grad_accum: int = 1
     pad_aware_A: bool = False
-    remat: bool = False
-    unroll_layers: bool = True
+    remat: bool | str | None = None
+    unroll_layers: bool | None = None
     nonfinite_guard: bool = True
+    kernels: str | None = None
+    head_chunk_bytes: int | None = None
 
     def __post_init__(self):
         c = tuple(float(x) for x in self.dag_coeffs)
         if len(c) != 3 or any(x < 0 for x in c):
             raise ValueError(f"dag_coeffs must be three non-negative numbers (c_A, c_P, c_G), got {self.dag_coeffs!r}")
         object.__setattr__(self, "dag_coeffs", c)
+        if self.remat is not None:
+            remat_policy(self.remat)
+        if self.kernels is not None:
+            check_kernels(self.kernels)
         if isinstance(self.grad_accum, bool) or not isinstance(self.grad_accum, int) or self.grad_accum < 1:
             raise ValueError(f"grad_accum must be an int >= 1, got {self.grad_accum!r}")
 
@@ -73,17 +87,31 @@ class StepOptions:
     def use_dag(self) -> bool:
         return any(self.dag_coeffs)
 
+    def resolved(self, platform: str | None = None) -> "StepOptions":
+        """These options with every None replaced by `pldr_jax.backend.choices(platform)`'s value
+        (platform None = `jax.default_backend()`)."""
+        if None not in (self.remat, self.unroll_layers, self.kernels, self.head_chunk_bytes):
+            return self
+        b = choices(platform)
+        return dataclasses.replace(
+            self, remat=b.remat if self.remat is None else self.remat,
+            unroll_layers=b.unroll_layers if self.unroll_layers is None else self.unroll_layers,
+            kernels=b.kernels if self.kernels is None else self.kernels,
+            head_chunk_bytes=b.head_chunk_bytes if self.head_chunk_bytes is None else self.head_chunk_bytes)
+
 
 def loss_terms(cfg: PLDRConfig, params: Any, inputs: jax.Array, targets: jax.Array, g_lm=None,
                opts: StepOptions = StepOptions()) -> dict[str, jax.Array]:
     """Sums over one (micro-)batch: {"ce_sum", "correct", "count"} and, with DAG, the DAG values
     {"dag_A", "dag_P", "dag_G"} (means over layers, batch, heads; 0 where the coefficient is 0)."""
+    opts = opts.resolved()
     # fused projections (one matmul where the layer has two or three reading the same input); the
     # gradients flow back through the concatenation to the stored (unfused) parameters
     run = fuse_params(unstack_layers(params) if opts.unroll_layers else params)
-    out = forward(cfg, run, inputs, g_lm, pad_aware_A=opts.pad_aware_A, remat=opts.remat)
+    out = forward(cfg, run, inputs, g_lm, pad_aware_A=opts.pad_aware_A, remat=opts.remat, kernels=opts.kernels)
     # the output head again, fused with the loss (out.logits is then unused and compiled away)
-    nll, correct = head_cross_entropy(out.hidden, params["final"]["kernel"], params["final"]["bias"], targets)
+    nll, correct = head_cross_entropy(out.hidden, params["final"]["kernel"], params["final"]["bias"], targets,
+                                      kernels=opts.kernels, max_chunk_bytes=opts.head_chunk_bytes or None)
     real = (targets != 0).astype(jnp.float32)
     terms = {"ce_sum": jnp.sum(nll * real), "correct": jnp.sum(correct * real), "count": jnp.sum(real)}
     if opts.use_dag:
@@ -123,9 +151,16 @@ def make_train_step(cfg: PLDRConfig, tx: optax.GradientTransformation, schedule:
     if opts.use_dag and not cfg.learned_g:
         raise ValueError("DAG regularisation needs a learned-G model (custom_G_type=None): a predefined "
                          "G_LM is a constant and has no A_LM / A_P")
+    opts = opts.resolved(platform_of(mesh))   # the backend choices of the devices the step runs on
     K = opts.grad_accum
 
     def step(state: TrainState, batch, g_lm=None):
+        if mesh is None:
+            return _step(state, batch, g_lm)
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):   # activations' logical sharding constraints (`partitioning`)
+            return _step(state, batch, g_lm)
+
+    def _step(state: TrainState, batch, g_lm=None):
         inputs, targets = batch["inputs"], batch["targets"]
         n_total = jnp.maximum(jnp.sum(targets != 0).astype(jnp.float32), 1.0)
 
@@ -203,10 +238,14 @@ def make_eval_step(cfg: PLDRConfig, *, opts: StepOptions = StepOptions(), mesh: 
                    compiler_options: Mapping[str, Any] | None = None) -> Callable:
     """A jitted `eval_step(params, batch, g_lm=None) -> {"ce_sum", "correct", "count"}` (sums over
     the batch; combine batches with `reduce_eval`)."""
-    eval_opts = dataclasses.replace(opts, remat=False, dag_coeffs=(0.0, 0.0, 0.0))
+    eval_opts = dataclasses.replace(opts, remat=False, dag_coeffs=(0.0, 0.0, 0.0)).resolved(platform_of(mesh))
 
     def step(params, batch, g_lm=None):
-        t = loss_terms(cfg, params, batch["inputs"], batch["targets"], g_lm, eval_opts)
+        if mesh is None:
+            t = loss_terms(cfg, params, batch["inputs"], batch["targets"], g_lm, eval_opts)
+        else:
+            with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+                t = loss_terms(cfg, params, batch["inputs"], batch["targets"], g_lm, eval_opts)
         return {k: t[k] for k in ("ce_sum", "correct", "count")}
 
     copts = dict(compiler_options) if compiler_options else None

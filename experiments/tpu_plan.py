@@ -1,0 +1,106 @@
+"""TPU pod plan: `pldr-jax compile` (pldr_jax.aot) over models x topologies x meshes, on this host.
+
+For each of v51-110m, v51-1b, v51-8b (learned G) and the same model with a predefined identity G_LM
+(plain attention through G = I, no metric learner: the price of the power-law path is the ratio of
+the two), each TPU topology and mesh: does the training step fit, per-chip GB, roofline step time,
+MFU and tokens/s/chip (bf16, global batch = 8 sequences of 1024 tokens per batch shard).  Writes one
+JSON per row to experiments/results/tpu/ and prints a Markdown table (for experiments/README.md).
+Needs libtpu.  Each compile is CPU-heavy (minutes for the larger models): filter with --models,
+--topologies.
+
+    JAX_PLATFORMS=cpu python experiments/tpu_plan.py [--models v51-110m] [--topologies v5e:2x2] [--anchor]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parent / "results" / "tpu"
+MODELS = ("v51-110m", "v51-1b", "v51-8b")
+TOPOLOGIES = {"v5e:2x2": 4, "v5e:4x4": 16, "v5e:16x16": 256, "v5p:2x2x1": 4, "v5p:4x4x4": 64, "v6e:2x2": 4}
+IDENTITY = {"custom_G_type": "identity", "A_dff": 0, "num_reslayerA": 0, "num_denseA": 0}
+
+
+def meshes(chips: int) -> list[tuple[int, int, int]]:
+    """FSDP over every chip; with 16+ chips also FSDP x tensor 4."""
+    out = [(1, chips, 1)]
+    if chips >= 16:
+        out.append((1, chips // 4, 4))
+    return out
+
+
+def run_row(model: str, identity: bool, topology: str, mesh, seq_len: int, per_shard: int) -> dict:
+    from pldr_jax.aot import compile_report
+    batch = per_shard * mesh[0] * mesh[1]
+    try:
+        rep = compile_report(topology=topology, preset=model, overrides=IDENTITY if identity else None,
+                             mesh=mesh, batch=batch, seq_len=seq_len, dtype="bfloat16", recipe="paper")
+    except Exception as e:  # a row that cannot compile is reported, not fatal
+        rep = {"topology": topology, "preset": model, "mesh": list(mesh), "error": str(e).splitlines()[0][:300],
+               "fits": False}
+    rep["identity_g"] = identity
+    return rep
+
+
+def anchor(topology: str = "v5e:2x2") -> dict:
+    """../shared/tpu/fsdp_anchor.py with its defaults (the 110M shape, plain attention)."""
+    path = Path(__file__).resolve().parents[2] / "shared" / "tpu" / "fsdp_anchor.py"
+    out = subprocess.run([sys.executable, str(path), "--topology", topology, "--json"], capture_output=True,
+                         text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| model | G | topology | mesh | batch | fits | GB/chip | temp GB | coll. GB/step | est. step s | "
+            "est. MFU | tok/s/chip | compile s |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for r in rows:
+        if "per_chip_bytes" not in r:
+            lines.append(f"| {r['preset']} | {'I' if r.get('identity_g') else 'learned'} | {r['topology']} | "
+                         f"{r['mesh']} | {r.get('global_batch', '')} | no | | | | | | | {r.get('compile_s', '')} |")
+            continue
+        pc = r["per_chip_bytes"]
+        lines.append(f"| {r['preset']} | {'I' if r.get('identity_g') else 'learned'} | {r['topology']} | "
+                     f"{','.join(map(str, r['mesh']))} | {r['global_batch']} | {'yes' if r['fits'] else 'no'} | "
+                     f"{pc['total'] / 1e9:.2f} | {pc['temporaries'] / 1e9:.2f} | {r['collective_bytes'] / 1e9:.2f} | "
+                     f"{r['est_step_s']:.3f} | {r['est_mfu'] * 100:.0f}% | {r['est_tokens_per_s_per_chip']:,.0f} | "
+                     f"{r['compile_s']} |")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--topologies", default=",".join(TOPOLOGIES))
+    ap.add_argument("--seq-len", type=int, default=1024)
+    ap.add_argument("--per-shard", type=int, default=8, help="sequences per batch shard (data x fsdp)")
+    ap.add_argument("--no-identity", action="store_true", help="skip the identity-G rows")
+    ap.add_argument("--anchor", action="store_true", help="also run ../shared/tpu/fsdp_anchor.py (v5e:2x2)")
+    a = ap.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for model in a.models.split(","):
+        for topo in a.topologies.split(","):
+            for mesh in meshes(TOPOLOGIES[topo]):
+                for identity in ((False,) if a.no_identity else (False, True)):
+                    r = run_row(model, identity, topo, mesh, a.seq_len, a.per_shard)
+                    name = f"{model}{'-identity' if identity else ''}_{topo.replace(':', '-')}_{'x'.join(map(str, mesh))}"
+                    (OUT / f"{name}.json").write_text(json.dumps(r, indent=1))
+                    rows.append(r)
+                    print(table([r]).splitlines()[-1], flush=True)
+    print()
+    print(table(rows))
+    if a.anchor:
+        an = anchor()
+        (OUT / "fsdp_anchor_v5e-2x2.json").write_text(json.dumps(an, indent=1))
+        print(f"\nanchor (plain FSDP transformer, 110M shape, v5e:2x2, batch {an['global_batch']} x {an['seq_len']}): "
+              f"temporaries {an['per_chip_bytes']['temporaries'] / 1e9:.2f} GB/chip, collectives "
+              f"{an['collective_bytes'] / 1e9:.2f} GB/step, compile {an['compile_s']} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,424 @@
+"""Ahead-of-time compilation of the real training step or decode loop for a TPU topology.
+
+`compile_report(...)` compiles, for the devices of a TPU topology given by name (e.g. "v5e:2x2";
+no TPU needed, only the `libtpu` wheel: ``pip install "jax[tpu]==<jax version>"`` or
+``pip install -e .[tpu]``):
+
+* ``what="train"``: the step `pldr-jax train` runs (`train.step.make_train_step`: the recipe's
+  optimizer and schedule, the non-finite guard, the mesh and the sharding rules, the platform's
+  backend choices, `pldr_jax.backend`), over the abstract sharded train state (nothing allocated);
+* ``what="decode"``: prefill + the `lax.while_loop` of `decode.generate` (greedy, KV- and G-cache),
+  for `batch` prompts of `seq_len // 2` tokens and `seq_len // 2` new tokens,
+
+and reports per-chip memory (`memory_analysis`), FLOPs (`model_flops`: the step's matmul FLOPs over the chips;
+XLA's `cost_analysis` counts a while/scan body once, its figure is kept as xla_flops_per_chip),
+bytes accessed (`cost_analysis`: loop bodies once, so a lower bound), the collectives per step *as
+executed* (from the compiled HLO; an op in a while/scan body counts once per iteration) and a
+roofline estimate of the step time, the largest of FLOPs / peak bf16 FLOP/s, bytes / HBM bandwidth
+and collective bytes / ICI bandwidth from the chip's published figures (`CHIPS`).  `pldr-jax
+compile` prints it.
+
+Collective bytes are the result-shape bytes of each collective (as ../shared/tpu/fsdp_anchor.py
+counts them, so the two compare), per chip.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import re
+import time
+from typing import Any
+
+__all__ = ["CHIPS", "ChipSpec", "LIBTPU_INSTALL", "topology_devices", "collectives_per_step", "compile_report",
+           "largest_fitting", "max_batch", "format_report"]
+
+LIBTPU_INSTALL = 'pip install "jax[tpu]==<your jax version>"  (or: pip install -e ".[tpu]")'
+
+
+@dataclasses.dataclass(frozen=True)
+class ChipSpec:
+    """Published per-chip figures: peak bf16 FLOP/s, HBM bytes, HBM bytes/s, ICI bytes/s
+    (bidirectional, all links), and where they come from."""
+    name: str
+    peak_bf16_flops: float
+    hbm_bytes: int
+    hbm_bw: float
+    ici_bw: float
+    source: str
+
+
+CHIPS: dict[str, ChipSpec] = {
+    "v5e": ChipSpec("v5e", 197e12, 16 * 10 ** 9, 819e9, 400e9, "https://cloud.google.com/tpu/docs/v5e"),
+    "v5p": ChipSpec("v5p", 459e12, 95 * 2 ** 30, 2765e9, 1200e9, "https://cloud.google.com/tpu/docs/v5p"),
+    "v6e": ChipSpec("v6e", 918e12, 32 * 10 ** 9, 1638e9, 800e9, "https://cloud.google.com/tpu/docs/v6e"),
+}
+
+
+def chip_of(topology: str) -> ChipSpec:
+    gen = topology.split(":")[0].lower().replace("litepod", "").replace("-", "")
+    if gen not in CHIPS:
+        raise ValueError(f"no chip figures for topology {topology!r}; known generations: {sorted(CHIPS)} "
+                         f"(e.g. v5e:2x2, v5p:2x2x1, v6e:2x2)")
+    return CHIPS[gen]
+
+
+def topology_devices(topology: str) -> list:
+    """The TPU devices of `topology` (e.g. "v5e:2x2"), for compiling on any host.  ValueError with
+    the install command when libtpu is absent."""
+    import importlib.util
+    if importlib.util.find_spec("libtpu") is None:
+        raise ValueError(f"compiling for a TPU topology needs the libtpu wheel: {LIBTPU_INSTALL}")
+    from jax.experimental import topologies
+    try:
+        return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
+    except Exception as e:  # libtpu's errors are RuntimeError / XlaRuntimeError with long traces
+        msg = str(e).splitlines()[0]
+        if "lockfile" in msg:
+            msg += (" (another process has libtpu loaded; compiling for a topology uses no TPU, so "
+                    "ALLOW_MULTIPLE_LIBTPU_LOAD=1 lets both run)")
+        raise ValueError(f"cannot describe TPU topology {topology!r}: {msg}") from None
+
+
+# --------------------------------------------------------------------------- HLO collectives
+_DT = {"f32": 4, "bf16": 2, "s32": 4, "u32": 4, "f16": 2, "pred": 1, "s8": 1, "u8": 1, "f64": 8, "s64": 8,
+       "u64": 8, "s16": 2, "u16": 2, "f8e4m3fn": 1, "f8e5m2": 1}
+_COLL_OPS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+_COLL = re.compile(r"=\s*(.+?)\s+(all-gather|reduce-scatter|all-reduce|all-to-all|collective-permute)(-start)?\(")
+_SHAPE = re.compile(r"\b(" + "|".join(_DT) + r")\[([0-9,]*)\]")
+_COMP = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+_CALLS = re.compile(r"\b(body|condition|calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_COND = re.compile(r"condition=%?([\w.\-]+)")
+_S32_CONST = re.compile(r"s32\[\]\S*\s+constant\((\d+)\)")
+
+
+def _trip_from_condition(lines: list[str]) -> int | None:
+    """The trip count of a counted loop (`lax.scan` / `fori_loop`: i from 0, i < N) read from its
+    condition computation: one s32 constant N compared with direction=LT; None otherwise."""
+    consts = {int(c) for line in lines for c in _S32_CONST.findall(line)}
+    if len(consts) == 1 and any("compare(" in line and "direction=LT" in line for line in lines):
+        return consts.pop()
+    return None
+
+
+def _shape_bytes(text: str) -> int:
+    total = 0
+    for dt, dims in _SHAPE.findall(text):
+        n = 1
+        for d in dims.split(","):
+            if d:
+                n *= int(d)
+        total += n * _DT[dt]
+    return total
+
+
+def collectives_per_step(hlo_text: str, unknown_trip: int = 1) -> tuple[dict, int]:
+    """({op: {"count", "bytes", "max_bytes"}}, unknown_trip_loops) of a compiled HLO module, per
+    execution of its entry computation: every computation's collectives are multiplied by how many
+    times it runs (a while body / condition by the loop's trip count: the compiler's
+    known_trip_count, else read from a counted loop's condition, `_trip_from_condition`; a loop
+    with neither -- the decode loop's early-exit while -- counts `unknown_trip` times and is
+    reported in unknown_trip_loops).  Async collectives count at their start."""
+    comps: dict[str, list[str]] = {}
+    entry = None
+    cur = None
+    for line in hlo_text.splitlines():
+        if cur is None:
+            m = _COMP.match(line)
+            if m:
+                cur = m.group(1)
+                comps[cur] = []
+                if line.startswith("ENTRY"):
+                    entry = cur
+            continue
+        if line.startswith("}"):
+            cur = None
+            continue
+        comps[cur].append(line)
+    if entry is None:
+        raise ValueError("no ENTRY computation in the HLO text")
+    calls: dict[str, list[tuple[str, int]]] = {c: [] for c in comps}
+    unknown = 0
+    for c, lines in comps.items():
+        for line in lines:
+            trip = 1
+            if " while(" in line:
+                t = _TRIP.search(line)
+                cond = _COND.search(line)
+                from_cond = _trip_from_condition(comps.get(cond.group(1), [])) if cond else None
+                if t:
+                    trip = int(t.group(1))
+                elif from_cond is not None:
+                    trip = from_cond
+                else:
+                    unknown += 1
+                    trip = unknown_trip
+            for kind, callee in _CALLS.findall(line):
+                if callee in comps:
+                    calls[c].append((callee, trip if kind in ("body", "condition") else 1))
+            for group in _BRANCHES.findall(line):
+                for callee in group.split(","):
+                    callee = callee.strip().lstrip("%")
+                    if callee in comps:
+                        calls[c].append((callee, 1))
+    mult: dict[str, int] = collections.Counter()
+
+    def visit(c, m, depth=0):
+        mult[c] += m
+        if depth < 64:
+            for callee, f in calls[c]:
+                visit(callee, m * f, depth + 1)
+
+    visit(entry, 1)
+    out = {}
+    for c, lines in comps.items():
+        if not mult[c]:
+            continue
+        for line in lines:
+            m = _COLL.search(line)
+            if m:
+                b = _shape_bytes(m.group(1))
+                o = out.setdefault(m.group(2), {"count": 0, "bytes": 0, "max_bytes": 0})
+                o["count"] += mult[c]
+                o["bytes"] += b * mult[c]
+                o["max_bytes"] = max(o["max_bytes"], b)
+    return {k: out[k] for k in _COLL_OPS if k in out}, unknown
+
+
+def model_flops(cfg, batch: int, seq_len: int, what: str = "train") -> float:
+    """Matmul FLOPs of one step, all chips (the MFU numerator): projections, FFN, attention scores
+    and mixing, A = q^T q and q @ G, the metric learner and PLGA, the output head; a training step
+    is 3x the forward (no remat recompute counted); decode: prefill of seq_len // 2 tokens plus one
+    token per new position (attention over the whole buffer)."""
+    D, F, H, dk, V = cfg.d_model, cfg.dff, cfg.num_heads, cfg.head_dim, cfg.vocab_size
+
+    def fwd(rows, q_len, k_len):
+        T = rows * q_len
+        per = 2 * T * D * D * 4 + 2 * T * D * F * 3 + 2 * 2 * rows * H * q_len * k_len * dk
+        per += 2 * T * H * dk * dk * 2
+        if cfg.learned_g:
+            r = rows * H * dk
+            per += cfg.num_reslayerA * cfg.num_denseA * 3 * 2 * r * dk * cfg.A_dff + 2 * 2 * rows * H * dk ** 3
+        return cfg.num_layers * per + 2 * T * D * V
+
+    if what == "train":
+        return 3.0 * fwd(batch, seq_len, seq_len)
+    P = max(seq_len // 2, 1)
+    return float(fwd(batch, P, P) + (seq_len - P) * fwd(batch, 1, seq_len))
+
+
+# --------------------------------------------------------------------------- lowering
+def _lower_train(cfg, tcfg, mesh):
+    import jax
+    import jax.numpy as jnp
+    from .train.loop import make_g_lm
+    from .train.sharding import abstract_train_state, check_batch_size
+    from .train.step import make_train_step
+    check_batch_size(tcfg.batch_size, mesh, tcfg.grad_accum)
+    tx, schedule = tcfg.optimizer()
+    step = make_train_step(cfg, tx, schedule, opts=tcfg.step_options(), mesh=mesh)
+    state = abstract_train_state(cfg, tx, mesh)
+    tok = jax.ShapeDtypeStruct((tcfg.batch_size, tcfg.seq_len), jnp.int32)
+    g = make_g_lm(cfg, tcfg)
+    g = None if g is None else jax.ShapeDtypeStruct(g.shape, jnp.float32)
+    return step.lower(state, {"inputs": tok, "targets": tok}, g)
+
+
+def _lower_decode(cfg, batch, seq_len, mesh):
+    import jax
+    import jax.numpy as jnp
+    from .decode.loop import LoopInputs, LoopSpec, prefill_cache, run_loop
+    from .decode.sampling import make_sampler
+    from .decode.step import StepSpec
+    from .decode.weights import prepare_params
+    from .model import normalize_g_lm
+    from .params import abstract_params
+    from .train.sharding import batch_sharding, replicated
+    P = max(seq_len // 2, 1)
+    N = max(seq_len - P, 1)
+    run_cfg = cfg          # bf16_min_batch=0: the configured dtype
+    params = jax.eval_shape(lambda p: prepare_params(cfg, p, batch, bf16_min_batch=0, transpose=False)[1],
+                            abstract_params(cfg))
+    g_all = normalize_g_lm(cfg, None)
+    given = g_all is not None
+    spec = LoopSpec(step=StepSpec(cfg=run_cfg, kv_cache=True, g_cache=True, given_g=given), shared_g=False,
+                    sampler_kind=make_sampler(1.0, 1, 1.0).kind)
+
+    def decode(params, tokens, lengths, key, inputs):
+        cache, logits0, ded0 = prefill_cache(spec, params, tokens, lengths, g_all, seq_len)
+        st = run_loop(spec, params, cache, logits0, None, key, inputs, n_out=N)
+        return st.out, st.count
+
+    rep = replicated(mesh)
+    p_sh = jax.tree_util.tree_map(lambda _: rep, params)
+    b2, b1 = batch_sharding(mesh, 2), batch_sharding(mesh, 1)
+    i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)
+    inputs = LoopInputs(max_new=i32(), limit=i32(batch), eos_id=i32(), temperature=jax.ShapeDtypeStruct((), jnp.float32),
+                        top_k=i32(), top_p=jax.ShapeDtypeStruct((), jnp.float32))
+    in_sh = LoopInputs(max_new=rep, limit=b1, eos_id=rep, temperature=rep, top_k=rep, top_p=rep)
+    key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
+    f = jax.jit(decode, in_shardings=(p_sh, b2, b1, rep, in_sh), out_shardings=(b2, b1))
+    return f.lower(params, i32(batch, P), i32(batch), key, inputs)
+
+
+def compile_report(*, topology: str = "v5e:2x2", preset: str | None = "tiny", config: str | None = None,
+                   overrides: dict | None = None, mesh: tuple[int, int, int] = (1, -1, 1), batch: int = 8,
+                   seq_len: int = 64, dtype: str | None = None, what: str = "train", remat: Any = None,
+                   unroll_layers: bool | None = None, recipe: str | None = None, keep_hlo: bool = False,
+                   cfg=None) -> dict:
+    """Compile the training step (or decode loop) for `topology` and report it (see the module
+    docstring; keys as `pldr-jax compile --json`; with keep_hlo also "hlo": the compiled HLO text).
+    The model: `cfg` (a PLDRConfig; `preset` is then only its label), else `config` (a JSON file)
+    or `preset`, with `overrides` and `dtype`.  ValueError for bad arguments or a missing libtpu."""
+    from .config import PLDRConfig
+    from .params import count_params
+    from .train.cli import RECIPES, _PRESET_RECIPE
+    from .train.config import TrainConfig
+    from .train.sharding import make_mesh
+    if what not in ("train", "decode"):
+        raise ValueError(f"what must be 'train' or 'decode', got {what!r}")
+    chip = chip_of(topology)
+    devices = topology_devices(topology)
+    ov = dict(overrides or {})
+    if dtype:
+        ov["dtype"] = dtype
+    if cfg is not None:
+        cfg = cfg.replace(**ov) if ov else cfg
+    elif config:
+        cfg = PLDRConfig.from_json_file(config, **ov)
+    else:
+        cfg = PLDRConfig.preset(preset or "small", **ov)
+    if seq_len > cfg.max_seq_len:
+        raise ValueError(f"seq_len {seq_len} exceeds the model's max_seq_len {cfg.max_seq_len}")
+    m = make_mesh(*mesh, devices=devices)
+    t0 = time.perf_counter()
+    if what == "train":
+        rname = recipe or _PRESET_RECIPE.get(preset or "", "cpu")
+        kw = {k: v for k, v in RECIPES[rname].items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
+        kw.update(batch_size=batch, seq_len=seq_len, remat=remat, unroll_layers=unroll_layers,
+                  mesh=tuple(m.shape[a] for a in m.axis_names), vocab_size=cfg.vocab_size)
+        lowered = _lower_train(cfg, TrainConfig(**kw), m)
+    else:
+        lowered = _lower_decode(cfg, batch, seq_len, m)
+    fits, oom = True, None
+    try:
+        compiled = lowered.compile()
+    except Exception as e:  # the TPU compiler refuses programs that do not fit HBM
+        msg = str(e)
+        if "RESOURCE_EXHAUSTED" not in msg and "Ran out of memory" not in msg:
+            raise
+        fits, oom, compiled = False, msg.splitlines()[0][:500], None
+    compile_s = time.perf_counter() - t0
+    rep = {"what": what, "topology": topology, "chips": len(devices), "device_kind": devices[0].device_kind,
+           "preset": preset if not config else config, "params": int(count_params(cfg)), "dtype": cfg.dtype,
+           "mesh": [int(m.shape[a]) for a in m.axis_names], "global_batch": batch, "seq_len": seq_len,
+           "remat": remat, "chip": dataclasses.asdict(chip), "hbm_bytes": chip.hbm_bytes,
+           "compile_s": round(compile_s, 1)}
+    if compiled is None:
+        rep.update(fits=False, error=oom)
+        return rep
+    ma = compiled.memory_analysis()
+    args, temps, outs = ma.argument_size_in_bytes, ma.temp_size_in_bytes, ma.output_size_in_bytes
+    alias = getattr(ma, "alias_size_in_bytes", 0)
+    total = args + temps + outs - alias
+    ca = compiled.cost_analysis()
+    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+    xla_flops = float(ca.get("flops", 0.0))      # XLA's count: a while/scan body counted once
+    flops = model_flops(cfg, batch, seq_len, what) / len(devices)
+    bytes_acc = float(ca.get("bytes accessed", 0.0))
+    n_new = max(seq_len - max(seq_len // 2, 1), 1)
+    # decode: the while loop runs once per new token (at most); the step is the whole generate call
+    hlo = compiled.as_text()
+    coll, unknown = collectives_per_step(hlo, unknown_trip=n_new if what == "decode" else 1)
+    coll_bytes = sum(v["bytes"] for v in coll.values())
+    t_flops, t_hbm, t_ici = flops / chip.peak_bf16_flops, bytes_acc / chip.hbm_bw, coll_bytes / chip.ici_bw
+    est = max(t_flops, t_hbm, t_ici)
+    tokens = batch * seq_len if what == "train" else batch * n_new
+    rep.update({
+        "per_chip_bytes": {"arguments": args, "temporaries": temps, "outputs": outs, "aliased": alias,
+                           "total": total},
+        "fits": total <= chip.hbm_bytes, "flops_per_chip": flops, "xla_flops_per_chip": xla_flops,
+        "bytes_accessed_per_chip": bytes_acc,
+        "collectives": coll, "collective_bytes": coll_bytes, "loops_without_trip_count": unknown,
+        "est_step_s": est, "est_terms_s": {"flops": t_flops, "hbm": t_hbm, "ici": t_ici},
+        "est_mfu": (t_flops / est) if est > 0 else 0.0,
+        "est_tokens_per_s_per_chip": tokens / est / len(devices) if est > 0 else 0.0,
+    })
+    if keep_hlo:
+        rep["hlo"] = hlo
+    return rep
+
+
+def largest_fitting(fits, unit: int, start: int, limit: int = 1 << 20) -> int:
+    """The largest multiple of `unit` (<= limit) for which `fits(batch)` is True, assuming fitting is
+    monotone in the batch: doubling from `start` (rounded to a multiple of unit), then bisection.
+    0 when not even `unit` fits."""
+    b = max(unit, start - start % unit)
+    if not fits(b):
+        lo, hi = 0, b
+    else:
+        lo = b
+        while lo * 2 <= limit and fits(lo * 2):
+            lo *= 2
+        hi = lo * 2
+        if hi > limit:
+            return lo
+    while hi - lo > unit:           # invariant: lo fits (or is 0), hi does not
+        mid = (lo + hi) // 2
+        mid -= mid % unit
+        if mid <= lo:
+            break
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo if lo else (unit if hi > unit and fits(unit) else 0)
+
+
+def max_batch(**kw) -> tuple[int, dict | None]:
+    """(largest global batch that fits the chip, its report) for `compile_report(**kw)`'s other
+    arguments: batches are multiples of the mesh's batch shards (data x fsdp); each try compiles."""
+    reports: dict[int, dict] = {}
+
+    def fits(b):
+        reports[b] = compile_report(**{**kw, "batch": b})
+        return bool(reports[b].get("fits"))
+
+    mesh = kw.get("mesh", (1, -1, 1))
+    chips = len(topology_devices(kw.get("topology", "v5e:2x2")))
+    tensor = mesh[2] if mesh[2] > 0 else 1
+    unit = chips // tensor
+    best = largest_fitting(fits, unit, kw.get("batch", unit))
+    return best, reports.get(best)
+
+
+def format_report(rep: dict) -> str:
+    """A human-readable table of `compile_report`'s result."""
+    gb = lambda b: f"{b / 1e9:.3f} GB"
+    lines = [f"{rep['what']} step of {rep['preset']} ({rep['params']:,} params, {rep['dtype']}) on {rep['topology']} "
+             f"({rep['chips']} x {rep['device_kind']}), mesh data,fsdp,tensor = {rep['mesh']}, "
+             f"global batch {rep['global_batch']} x {rep['seq_len']}",
+             f"  compile            {rep['compile_s']} s"]
+    if "per_chip_bytes" not in rep:
+        lines.append(f"  fits               NO: {rep.get('error')}")
+        return "\n".join(lines)
+    pc = rep["per_chip_bytes"]
+    lines += [f"  per chip           arguments {gb(pc['arguments'])}, temporaries {gb(pc['temporaries'])}, "
+              f"outputs {gb(pc['outputs'])}, total {gb(pc['total'])} of {gb(rep['hbm_bytes'])} HBM -> "
+              f"{'fits' if rep['fits'] else 'DOES NOT FIT'}",
+              f"  FLOPs per chip     {rep['flops_per_chip']:.4g}   bytes accessed {rep['bytes_accessed_per_chip']:.4g}",
+              "  collectives per step (as executed):"]
+    lines.append(f"    {'op':<20}{'count':>8}{'bytes':>16}{'largest':>16}")
+    for op, v in rep["collectives"].items():
+        lines.append(f"    {op:<20}{v['count']:>8}{gb(v['bytes']):>16}{gb(v['max_bytes']):>16}")
+    lines.append(f"    {'total':<20}{'':>8}{gb(rep['collective_bytes']):>16}")
+    t = rep["est_terms_s"]
+    c = rep["chip"]
+    lines += [f"  roofline step      {rep['est_step_s'] * 1e3:.2f} ms  (FLOPs {t['flops'] * 1e3:.2f}, HBM "
+              f"{t['hbm'] * 1e3:.2f}, ICI {t['ici'] * 1e3:.2f} ms; {c['name']}: {c['peak_bf16_flops'] / 1e12:.0f} "
+              f"TFLOP/s bf16, HBM {c['hbm_bw'] / 1e9:.0f} GB/s, ICI {c['ici_bw'] / 1e9:.0f} GB/s, {c['source']})",
+              f"  est. MFU           {rep['est_mfu'] * 100:.1f} %   est. tokens/s/chip "
+              f"{rep['est_tokens_per_s_per_chip']:,.0f}"]
+    return "\n".join(lines)

@@ -1,0 +1,119 @@
+"""Every backend-specific choice of pldr_jax, in one place.
+
+The model's maths is backend-neutral: matmuls are plain ``jax.lax.dot_general`` accumulating in
+float32 (``preferred_element_type``), differentiated by JAX and scheduled by XLA.  A few choices
+were measured to be faster on XLA:CPU (the 2-core machine pldr_jax is developed on) and would hurt,
+or block, elsewhere; they are made here, from the platform the computation runs on, and nowhere
+else:
+
+* ``kernels``: "cpu" = `ops.layers.dense` / `ops.cross_entropy`'s hand-written backward passes
+  (a `custom_vjp` whose two gradient matmuls are ordered by an optimization barrier, weight
+  gradients over a forced transposed copy, the head's bias gradient as a ones-vector matmul);
+  "xla" = plain `dot_general` and JAX autodiff (forward-mode autodiff works: `jax.jvp`,
+  `jax.linearize`, `jax.hessian`).  `model.forward` defaults to "xla" (the analysis path; its
+  forward values are the same either way), the training step to `choices(platform).kernels`.
+* ``unroll_layers``: a Python loop over the layers (CPU: ~15% faster steps) or `lax.scan`
+  (accelerators: compile time flat in depth).
+* ``bf16_min_batch``: a bfloat16 model decodes in float32 below this batch (CPU: its 16-bit
+  matrix-vector path is slow; accelerators: 0, never).
+* ``decode_transposed``: decode weights stored as [out, in] (CPU matrix-vector products).
+* ``huge_pages``: the `pldr-jax` console script re-executes itself with a glibc huge-page tunable
+  (`train.host_memory`; only for an XLA:CPU process).
+* ``head_chunk_bytes``: the training loss computes the output head + cross-entropy over sequence
+  chunks of at most this many bytes of float32 logits, whole batch (accelerators: 1 GiB, a few
+  chunks: each chunk's head-weight gradient is all-reduced on its own; CPU: 0 = whole).
+* ``remat``: the default rematerialisation policy of the training step ("none" on CPU, "full" on
+  accelerators, where memory, not FLOPs, bounds the batch: v51 110M bf16 on v5e:2x2, batch 32 x
+  1024, needs 1.7 GB of temporaries per chip with "full", 5.4 GB with "dots").
+
+Override: the environment variable ``PLDR_JAX_KERNELS`` = "cpu" | "xla" forces the kernels (e.g.
+to run the accelerator maths on CPU); `choices(platform)` takes the platform explicitly (AOT
+compilation for a TPU topology asks for "tpu"); `StepOptions` fields override per step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import sys
+
+__all__ = ["KERNELS", "KERNELS_ENV", "BackendChoices", "choices", "platform_of", "default_kernels",
+           "check_kernels", "huge_pages_wanted"]
+
+KERNELS = ("xla", "cpu")
+KERNELS_ENV = "PLDR_JAX_KERNELS"
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendChoices:
+    """The backend-specific settings for one platform (see the module docstring)."""
+    platform: str
+    kernels: str
+    unroll_layers: bool
+    bf16_min_batch: int
+    decode_transposed: bool
+    remat: str
+    head_chunk_bytes: int
+
+
+def _kernels_override() -> str | None:
+    v = os.environ.get(KERNELS_ENV, "").strip().lower()
+    if not v:
+        return None
+    if v not in KERNELS:
+        raise ValueError(f"{KERNELS_ENV}={v!r}: expected one of {KERNELS}")
+    return v
+
+
+def choices(platform: str | None = None) -> BackendChoices:
+    """The settings for `platform` ("cpu", "tpu", "gpu", "cuda", "rocm"; None = `jax.default_backend()`).
+    The kernels follow ``PLDR_JAX_KERNELS`` when it is set."""
+    if platform is None:
+        import jax
+        platform = jax.default_backend()
+    platform = platform.lower()
+    cpu = platform == "cpu"
+    kernels = _kernels_override() or ("cpu" if cpu else "xla")
+    return BackendChoices(platform=platform, kernels=kernels, unroll_layers=cpu, bf16_min_batch=8 if cpu else 0,
+                          decode_transposed=cpu, remat="none" if cpu else "full",
+                          head_chunk_bytes=0 if cpu else 2 ** 30)
+
+
+def platform_of(mesh=None) -> str:
+    """The platform a computation over `mesh` runs on (its devices'; None = `jax.default_backend()`)."""
+    if mesh is not None:
+        return str(next(iter(mesh.devices.flat)).platform).lower()
+    import jax
+    return jax.default_backend()
+
+
+def default_kernels(mesh=None) -> str:
+    """`choices(...).kernels` for the platform of `mesh` (None = the default backend)."""
+    return choices(platform_of(mesh)).kernels
+
+
+def check_kernels(kernels: str) -> str:
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+    return kernels
+
+
+def huge_pages_wanted(env=None) -> bool:
+    """Whether this process will run XLA:CPU (so the huge-page re-exec helps), decided without
+    starting JAX: Linux, and either JAX_PLATFORMS names cpu first or no accelerator plugin (libtpu,
+    CUDA / ROCm plugins) is installed."""
+    env = os.environ if env is None else env
+    if not sys.platform.startswith("linux"):
+        return False
+    plats = env.get("JAX_PLATFORMS", "").strip().lower()
+    if plats:
+        return plats.split(",")[0] == "cpu"
+    for mod in ("libtpu", "jax_plugins.xla_cuda12", "jax_plugins.xla_cuda13", "jax_plugins.xla_rocm7",
+                "jax_cuda12_plugin", "jax_cuda13_plugin"):
+        try:
+            if importlib.util.find_spec(mod) is not None:
+                return False
+        except (ImportError, ValueError):
+            continue
+    return True

@@ -1,0 +1,137 @@
+"""`pldr_jax.aot` / `pldr-jax compile`: the real training step and decode loop compiled ahead of time
+for a TPU topology (v5e:2x2) on this CPU-only host.  Needs the libtpu wheel (the test extra
+installs it: ``pip install -e .[test]``); skipped with the reason when it is absent."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+
+import jax
+import pytest
+
+from pldr_jax import aot
+
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason='libtpu not installed (pip install "jax[tpu]==<jax version>")')
+
+# a tiny model whose weights are large enough that TPU tile padding does not dominate (and a small
+# metric learner and few heads: their [heads, dk, dk] weights are replicated by the default rules), and whose
+# sequence length (48) is no weight dimension: an activation-sized collective has a 48 / 96 / 384
+SMALL = dict(d_model=512, num_heads=8, dff=1024, vocab_size=512, A_dff=16, num_reslayerA=1, num_denseA=1)
+B, S = 8, 48
+
+
+@pytest.fixture(scope="module")
+def train_report():
+    return aot.compile_report(topology="v5e:2x2", preset="tiny", overrides=SMALL, mesh=(1, 4, 1), batch=B,
+                              seq_len=S, remat="none", keep_hlo=True)
+
+
+@needs_libtpu
+def test_fsdp_train_step_shards_the_state_and_keeps_activations_local(train_report):
+    import pldr_jax
+    from pldr_jax.train.config import TrainConfig
+    from pldr_jax.train.state import create_train_state
+    r = train_report
+    assert r["chips"] == 4 and r["mesh"] == [1, 4, 1] and r["fits"] and r["what"] == "train"
+    cfg = pldr_jax.PLDRConfig.preset("tiny", **SMALL)
+    tx, _ = TrainConfig().optimizer()
+    state = jax.eval_shape(lambda: create_train_state(cfg, tx, 0))
+    full = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(state))
+    ratio = r["per_chip_bytes"]["arguments"] / full
+    assert 0.2 < ratio < 0.35, ratio            # ~ a quarter: params and AdamW moments split over fsdp=4
+    assert "all-to-all" not in r["collectives"]
+    assert r["collectives"]["all-gather"]["count"] > 0          # FSDP gathers the weights
+    assert r["est_step_s"] > 0 and 0 < r["est_mfu"] <= 1 and r["compile_s"] > 0
+
+
+@needs_libtpu
+def test_no_activation_sized_all_reduce_or_all_to_all(train_report):
+    """No all-reduce / all-to-all result has a sequence or token dimension (the activations stay
+    sharded over the batch; only weight-shaped gradients are reduced)."""
+    act_dims = {S, B * S, B * S // 4}
+    for line in train_report["hlo"].splitlines():
+        m = re.search(r"=\s*(.+?)\s+(all-reduce|all-to-all)(-start)?\(", line)
+        if m:
+            dims = {int(d) for _, ds in re.findall(r"(f32|bf16|s32)\[([0-9,]*)\]", m.group(1))
+                    for d in ds.split(",") if d}
+            assert not dims & act_dims, line[:200]
+
+
+def test_collectives_per_step_multiplies_loop_bodies():
+    hlo = """HloModule m
+
+%body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %ag = f32[8]{0} all-gather(f32[2]{0} %x), dimensions={0}
+  %ar = f32[4]{0} all-reduce-start(f32[4]{0} %y), to_apply=%add
+}
+
+%cond (p: (s32[], f32[8])) -> pred[] {
+  %c = pred[] compare(s32[] %i, s32[] %n), direction=LT
+}
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %s = f32[] add(f32[] %a, f32[] %b)
+}
+
+ENTRY %main (a: f32[8]) -> f32[8] {
+  %w = (s32[], f32[8]) while((s32[], f32[8]) %t), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"5"}}
+  %p = bf16[16]{0} collective-permute(bf16[16]{0} %z), source_target_pairs={{0,1}}
+}
+"""
+    coll, unknown = aot.collectives_per_step(hlo)
+    assert unknown == 0
+    assert coll["all-gather"] == {"count": 5, "bytes": 5 * 32, "max_bytes": 32}
+    assert coll["all-reduce"] == {"count": 5, "bytes": 5 * 16, "max_bytes": 16}
+    assert coll["collective-permute"] == {"count": 1, "bytes": 32, "max_bytes": 32}
+    no_trip = hlo.replace(', backend_config={"known_trip_count":{"n":"5"}}', "")
+    coll, unknown = aot.collectives_per_step(no_trip, unknown_trip=3)
+    assert unknown == 1 and coll["all-gather"]["count"] == 3
+    # a counted loop's trip count read from its condition (i < 7), as TPU HLO leaves scans
+    counted = no_trip.replace("%c = pred[] compare(s32[] %i, s32[] %n), direction=LT",
+                              "%n = s32[] constant(7)\n  %c = pred[] compare(s32[] %i, s32[] %n), direction=LT")
+    coll, unknown = aot.collectives_per_step(counted)
+    assert unknown == 0 and coll["all-gather"]["count"] == 7
+
+
+@needs_libtpu
+def test_cli_train_and_decode_json(capsys):
+    from pldr_jax.cli import main
+    base = ["compile", "--topology", "v5e:2x2", "--preset", "tiny", "--mesh", "1,4,1", "--batch", "8",
+            "--seq-len", "64", "--json"]
+    assert main(base + ["--what", "decode"]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    keys = {"what", "topology", "chips", "device_kind", "preset", "params", "dtype", "mesh", "global_batch", "seq_len",
+            "per_chip_bytes", "hbm_bytes", "fits", "flops_per_chip", "bytes_accessed_per_chip", "collectives",
+            "collective_bytes", "est_step_s", "est_mfu", "est_tokens_per_s_per_chip", "compile_s"}
+    assert keys <= set(r) and r["what"] == "decode" and r["fits"]
+    assert set(r["per_chip_bytes"]) >= {"arguments", "temporaries", "outputs", "total"}
+
+
+def test_missing_libtpu_is_one_line_naming_the_install(monkeypatch, capsys):
+    from pldr_jax.cli import main
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else real(name, *a))
+    assert main(["compile", "--preset", "tiny"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and 'pip install "jax[tpu]' in err
+
+
+def test_unknown_topology_generation():
+    with pytest.raises(ValueError, match="known generations"):
+        aot.chip_of("v2:2x2")
+
+
+@pytest.mark.parametrize("limit", [1, 4, 12, 40, 1000])
+def test_largest_fitting_batch_search(limit):
+    tried = []
+
+    def fits(b):
+        tried.append(b)
+        return b <= limit
+
+    got = aot.largest_fitting(fits, 4, 8)
+    assert got == (limit // 4) * 4
+    assert all(b % 4 == 0 for b in tried) and len(tried) < 20
