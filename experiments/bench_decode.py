@@ -2,8 +2,9 @@
 
 For each (batch, mode, dtype) it reports tokens/s (all new tokens of the batch / wall time of the
 whole `generate` call, prefill included, median over timed runs after a warm-up, as the
-reference's figures), prefill time, per-step decode time, compile time (first call minus a warm
-call) and the peak RSS of the process that ran that configuration (each configuration runs in its
+reference's figures), prefill time, per-step decode time, the per-step matmul floor measured in the
+same process (`matmul_floor_ms`: the same prepared weights' products at that batch, nothing else)
+and step_over_floor = step_ms / floor_ms, compile time (first call minus a warm call) and the peak RSS of the process that ran that configuration (each configuration runs in its
 own subprocess unless --in-process).
 
     python experiments/bench_decode.py                  # batch 1, 8, 32; all modes at batch 1,
@@ -70,6 +71,41 @@ def timed(fn, reps: int, max_tries: int, max_others: float, budget_s: float = 1e
     return clean, all_t, shares, out
 
 
+def matmul_floor_ms(run_cfg, run_params, batch: int, steps: int, reps: int = 3) -> float:
+    """The per-step floor of a decode step at `batch` rows: a jitted `fori_loop` of `steps` steps,
+    each a chain of the same prepared weights' products -- every layer's fused q/k/v, output
+    projection, fused w1/w2 and w3 (through `ops.layers.linear`, the decode step's own kernels)
+    plus the vocabulary head -- and nothing else (no attention, norms, cache, sampling).  Median ms
+    per step over `reps` timed runs after a warm-up."""
+    import jax
+    import jax.numpy as jnp
+
+    from pldr_jax.ops.layers import linear
+
+    D, dff = run_cfg.d_model, run_cfg.dff
+    dt = jnp.dtype(run_cfg.dtype)
+
+    def step(_, x):
+        for lp in run_params["layers"]:
+            qkv = linear(lp["wqkv"], x)
+            h = linear(lp["dense"], qkv[:, :D])
+            f = lp["ffn"]
+            h12 = linear(f["w12"], h) if "w12" in f else linear(f["w1"], h)
+            x = linear(f["w3"], h12[:, :dff])
+        logits = linear(run_params["final"], x)
+        return x + logits[:, :1].astype(dt) * 1e-30      # the next step depends on the head
+
+    fn = jax.jit(lambda x: jax.lax.fori_loop(0, steps, step, x))
+    x0 = jnp.ones((batch, D), dt)
+    fn(x0).block_until_ready()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn(x0).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times) / steps
+
+
 def run_one(batch: int, mode: str, dtype: str, prompt_len: int, new_tokens: int, reps: int, preset: str,
             bf16_min_batch: int, max_tries: int = 12, max_others: float = 0.15, budget_s: float = 120.0) -> dict:
     import jax
@@ -77,7 +113,7 @@ def run_one(batch: int, mode: str, dtype: str, prompt_len: int, new_tokens: int,
 
     import pldr_jax
     from pldr_jax.decode import MODES as MODE_FLAGS
-    from pldr_jax.decode import generate, prepare_params
+    from pldr_jax.decode import Sampler, prepare_params
 
     cfg = pldr_jax.PLDRConfig.preset(preset, dtype=dtype, param_dtype=dtype)
     params = jax.jit(pldr_jax.init_params, static_argnums=0)(cfg, jax.random.key(0))
@@ -90,13 +126,15 @@ def run_one(batch: int, mode: str, dtype: str, prompt_len: int, new_tokens: int,
     kw = dict(max_new_tokens=new_tokens, kv_cache=kv, g_cache=g, top_k=1, eos_id=None,
               bf16_min_batch=bf16_min_batch)
 
+    sampler = Sampler(cfg, run_params, bf16_min_batch=bf16_min_batch)   # built once, called per run
+    kw.pop("bf16_min_batch")
     t0 = time.perf_counter()
-    first = generate(cfg, run_params, prompts, **kw)
+    first = sampler(prompts, **kw)
     first_total = time.perf_counter() - t0
     timings = []
 
     def call():
-        out = generate(cfg, run_params, prompts, **kw)
+        out = sampler(prompts, **kw)
         assert all(len(t) == new_tokens for t in out.tokens)
         timings.append(out.timings)
         return out
@@ -106,11 +144,13 @@ def run_one(batch: int, mode: str, dtype: str, prompt_len: int, new_tokens: int,
     idx = [all_t.index(t) for t in use]
     total = statistics.median(use)
     steps = max(new_tokens - 1, 1)
+    step_ms = 1e3 * statistics.median(timings[i]["decode_s"] for i in idx) / steps
+    floor_ms = matmul_floor_ms(run_cfg, run_params, batch, steps)
     return {
         "batch": batch, "mode": mode, "dtype": dtype, "compute_dtype": out.compute_dtype,
         "tokens_per_s": batch * new_tokens / total,
         "prefill_s": statistics.median(timings[i]["prefill_s"] for i in idx),
-        "step_ms": 1e3 * statistics.median(timings[i]["decode_s"] for i in idx) / steps,
+        "step_ms": step_ms, "floor_ms": floor_ms, "step_over_floor": step_ms / floor_ms,
         "compile_s": max(first_total - total, 0.0),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
         "total_s": total, "best_tokens_per_s": batch * new_tokens / min(use), "clean_runs": len(clean),
@@ -180,10 +220,12 @@ def main(argv=None) -> int:
             ref = res["reference_tokens_per_s"]
             x = f"  ({res['tokens_per_s'] / ref:.1f}x ref {ref})" if ref else ""
             print(f"batch {b:3d} {m:5s} {d:9s} [{res['compute_dtype']:8s}] {res['tokens_per_s']:8.1f} tok/s  "
-                  f"prefill {res['prefill_s'] * 1e3:7.1f} ms  step {res['step_ms']:7.2f} ms  "
+                  f"prefill {res['prefill_s'] * 1e3:7.1f} ms  step {res['step_ms']:7.2f} ms  floor {res['floor_ms']:6.2f} ms "
+                  f"({res['step_over_floor']:.2f}x)  "
                   f"compile {res['compile_s']:5.1f} s  peak {res['peak_rss_mb']:6.0f} MB{x}", flush=True)
     if args.json:
-        keys = ("batch", "mode", "dtype", "tokens_per_s", "prefill_s", "step_ms", "compile_s", "peak_rss_mb")
+        keys = ("batch", "mode", "dtype", "tokens_per_s", "prefill_s", "step_ms", "floor_ms", "step_over_floor",
+                "compile_s", "peak_rss_mb")
         print(json.dumps({"results": [{k: r[k] for k in keys} for r in results],
                           "details": results,
                           "skipped": [{"batch": b, "mode": m, "dtype": d} for b, m, d in skipped],

@@ -8,7 +8,7 @@ The public API is re-exported here; the subpackages hold the rest:
 """
 
 from .config import PRESETS, PLDRConfig
-from .decode import GenerateOutput, generate, init_cache
+from .decode import GenerateOutput, Sampler, generate, init_cache
 from .decode.stream import stream_generate
 from .decode.text import generate_text
 from .g_sources import (drop_deep_net, external_g, identity_g, make_g, random_normal_g, random_uniform_g,
@@ -27,7 +27,7 @@ __all__ = [
     "forward", "ForwardOutput", "masked_loss", "dag_loss", "dag_total",
     "load_torch_checkpoint", "save_torch_checkpoint", "load_g_lm_list", "load_hf", "save_hf",
     "load_model", "save_model",
-    "generate", "GenerateOutput", "init_cache", "stream_generate", "generate_text",
+    "Sampler", "generate", "GenerateOutput", "init_cache", "stream_generate", "generate_text",
     "identity_g", "random_normal_g", "random_uniform_g", "transferred_g", "external_g", "make_g",
     "sweep_forward", "drop_deep_net",
     "make_optimizer", "lr_schedule", "TrainConfig", "TrainResult",

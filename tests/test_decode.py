@@ -320,7 +320,7 @@ def test_cli_generate_json(tiny, tmp_path, capsys):
     out_npz = tmp_path / "ded.npz"
     args = [a for p in RAGGED for a in ("--ids", " ".join(map(str, p)))]
     rc = main(["generate", str(ck), *args, "--greedy", "--max-new-tokens", "20", "--eos-id", "3", "--json",
-               "--save-deductive", str(out_npz)])
+               "--save-deductive", str(out_npz), "--no-compile-cache"])
     assert rc == 0
     res = json.loads(capsys.readouterr().out)
     want = generate(cfg, params, RAGGED, max_new_tokens=20, top_k=1, eos_id=3)
@@ -329,7 +329,82 @@ def test_cli_generate_json(tiny, tmp_path, capsys):
     assert z["layer0_G_LM"].shape == (3, cfg.num_heads, cfg.head_dim, cfg.head_dim)
     np.testing.assert_allclose(z["layer1_G_LM"], np.asarray(want.prompt_deductive["G_LM"][1]), atol=1e-6)
     assert z["prompt_lengths"].tolist() == [len(p) for p in RAGGED]
-    assert main(["generate", str(ck), "--prompt", "hi"]) == 2      # no tokenizer: a clear error
+    assert main(["generate", str(ck), "--prompt", "hi", "--no-compile-cache"]) == 2      # no tokenizer: a clear error
     assert "tokenizer" in capsys.readouterr().err
-    assert main(["generate", str(ck), "--ids", "5 6", "--max-new-tokens", "100"]) == 2
+    assert main(["generate", str(ck), "--ids", "5 6", "--max-new-tokens", "100", "--no-compile-cache"]) == 2
     assert "max_seq_len" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- Sampler
+def test_sampler_prepares_weights_once_and_equals_generate(tiny_v510, monkeypatch):
+    import pldr_jax.decode.sampler as sampler_mod
+    cfg, raw = tiny_v510                      # stacked, unprepared params
+    want = _gen(cfg, raw, RAGGED, "kv_g")
+    calls = []
+    real = sampler_mod.prepare_params
+    monkeypatch.setattr(sampler_mod, "prepare_params", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    sampler = pldr_jax.Sampler(cfg, raw)
+    a = sampler(RAGGED, max_new_tokens=20, top_k=1, eos_id=None, return_logits=True, return_deductive=True)
+    b = sampler([PROMPT], max_new_tokens=20, top_k=1, eos_id=None, return_logits=True, return_deductive=True)
+    assert len(calls) == 1                    # one decode dtype: prepared once, on the first call
+    assert sampler.weights(3) is sampler.weights(1)
+    assert a.tokens == want.tokens and b.tokens[0] == want.tokens[0]
+    np.testing.assert_array_equal(a.logits, want.logits)
+    assert set(a.timings) == {"prefill_s", "decode_s", "compile_s"} and a.timings["compile_s"] >= 0
+    got = [[] for _ in RAGGED]
+    for step in sampler.stream(RAGGED, max_new_tokens=20, top_k=1, eos_id=None):
+        for r in np.flatnonzero(step.active):
+            got[r].append(int(step.tokens[r]))
+    assert got == want.tokens and len(calls) == 1
+    bf = cfg.replace(dtype="bfloat16")        # a 16-bit config: one layout per decode dtype, each made once
+    s16 = pldr_jax.Sampler(bf, raw)
+    assert s16.weights(1)[0].dtype == "float32" and s16.weights(8)[0].dtype == "bfloat16"
+    assert s16.weights(2) is s16.weights(1) and s16.weights(32) is s16.weights(8)
+    with pytest.raises(ValueError, match="mesh"):
+        pldr_jax.Sampler(cfg, raw, mesh="data")
+
+
+def test_cli_persistent_compile_cache(tmp_path):
+    """Two `pldr-jax generate` processes on one cache directory: the second finds every program in
+    the cache (no XLA compilation) and reports its compile time apart from the decode rate."""
+    import os
+    import subprocess
+    import sys
+    ck = ref_path("tiny_v510.pth")
+    ref_path("tiny_v510.json")
+    env = dict(os.environ, PLDR_JAX_COMPILE_CACHE=str(tmp_path / "off-by-flag-not-used"))
+    cmd = [sys.executable, "-c", "import sys; from pldr_jax.cli import main; sys.exit(main(sys.argv[1:]))",
+           "generate", str(ck), "--ids", "70 48 9 8", "--greedy", "--max-new-tokens", "4", "--json",
+           "--compile-cache", str(tmp_path / "cache")]
+    runs = []
+    for _ in range(2):
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert p.returncode == 0, p.stderr
+        runs.append(json.loads(p.stdout))
+    first, second = runs
+    assert first["results"][0]["ids"] == second["results"][0]["ids"]
+    assert first["compile_cache_dir"] == str(tmp_path / "cache") and any((tmp_path / "cache").iterdir())
+    assert first["compile_cache_hits"] == 0 and first["compiles"] > 0
+    assert second["compile_cache_hits"] == second["compiles"] > 0        # nothing compiled again
+    assert second["compile_s"] < first["compile_s"]
+    assert first["tokens_per_s"] > 0 and first["run_s"] + first["compile_s"] == pytest.approx(first["seconds"])
+    p = subprocess.run(cmd[:-2] + ["--no-compile-cache"], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0 and json.loads(p.stdout)["compile_cache_dir"] is None
+    assert not (tmp_path / "off-by-flag-not-used").exists()
+
+
+def test_compile_cache_directory_resolution(monkeypatch, tmp_path):
+    from pldr_jax.compile_cache import ENV_VAR, default_cache_dir, resolve_cache_dir
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "pldr_jax" / "jax_cache" == resolve_cache_dir()
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert resolve_cache_dir() == tmp_path / "home" / ".cache" / "pldr_jax" / "jax_cache"
+    assert resolve_cache_dir(tmp_path / "mine") == tmp_path / "mine"
+    assert resolve_cache_dir(tmp_path / "mine", enabled=False) is None
+    for off in ("0", "off", "False", ""):
+        monkeypatch.setenv(ENV_VAR, off)
+        assert resolve_cache_dir() is None
+    monkeypatch.setenv(ENV_VAR, str(tmp_path / "env"))
+    assert resolve_cache_dir() == tmp_path / "env"

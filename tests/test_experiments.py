@@ -153,6 +153,16 @@ def test_decode_speed_quick(tmp_path):
     assert "kv_g / none" in (out / "speed.md").read_text()
 
 
+def test_bench_eval_quick():
+    """Batched scoring gives one-at-a-time's scores (float32 rounding of other batch shapes aside)."""
+    p = run_script("bench_eval.py", "--json", "--modes", "full")
+    rows = json.loads(p.stdout.strip().splitlines()[-1])["results"]
+    assert [r["mode"] for r in rows] == ["full"]
+    for r in rows:
+        assert r["requests"] == 16 and r["same_is_greedy"] and r["max_rel_score_diff"] < 1e-4
+        assert finite(r["batched_req_per_s"]) and finite(r["one_at_a_time_req_per_s"]) and r["speedup"] > 0
+
+
 # --------------------------------------------------------------------------- notebooks
 def _ensure_kernel() -> str:
     from jupyter_client.kernelspec import KernelSpecManager

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pldr_jax.decode.sampling import (NEG_LOGIT, Greedy, Sampler, filter_logits, make_sampler,
+from pldr_jax.decode.sampling import (NEG_LOGIT, Greedy, SamplingParams, filter_logits, make_sampler,
                                       sample_logits, validate_sampling)
 
 
@@ -119,13 +119,13 @@ def test_validation_errors(kw, match):
     with pytest.raises(ValueError, match=match):
         validate_sampling(**kw)
     with pytest.raises(ValueError, match=match):
-        Sampler(**kw)
+        SamplingParams(**kw)
 
 
 def test_sampler_objects():
-    s = Sampler(temperature=0.7, top_k=5, top_p=0.9)
+    s = SamplingParams(temperature=0.7, top_k=5, top_p=0.9)
     assert s.filtered and s.kind == ("sample", True)
-    assert Sampler().kind == ("sample", False)
-    assert hash(s) == hash(Sampler(0.7, 5, 0.9))
+    assert SamplingParams().kind == ("sample", False)
+    assert hash(s) == hash(SamplingParams(0.7, 5, 0.9))
     with pytest.raises(Exception):
         s.top_k = 3  # frozen

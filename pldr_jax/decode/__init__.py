@@ -1,13 +1,16 @@
-"""Decoding: jitted batched generation with the KV-cache and the G-cache (see `generate`)."""
+"""Decoding: jitted batched generation with the KV-cache and the G-cache (`Sampler`, `generate`)."""
 
 from .buckets import bucket_length, plan_lengths
 from .cache import Cache, cache_logical_axes, cache_partition_specs, init_cache
+from .compile_time import CompileWatch
 from .generate import GenerateOutput, generate
-from .sampling import Greedy, Sampler, make_sampler, sample_logits, validate_sampling
+from .output import StreamStep
+from .sampler import Sampler
+from .sampling import Greedy, SamplingParams, make_sampler, sample_logits, validate_sampling
 from .step import MODES, decode_step, mode_name, prefill
 from .weights import decode_dtype, prepare_params
 
-__all__ = ["Cache", "init_cache", "cache_logical_axes", "cache_partition_specs", "generate",
-           "GenerateOutput", "MODES", "mode_name", "decode_dtype", "prepare_params", "plan_lengths",
-           "bucket_length", "prefill", "decode_step",
-           "Greedy", "Sampler", "make_sampler", "sample_logits", "validate_sampling"]
+__all__ = ["Sampler", "Cache", "init_cache", "cache_logical_axes", "cache_partition_specs", "generate",
+           "GenerateOutput", "StreamStep", "MODES", "mode_name", "decode_dtype", "prepare_params", "plan_lengths",
+           "bucket_length", "prefill", "decode_step", "CompileWatch",
+           "Greedy", "SamplingParams", "make_sampler", "sample_logits", "validate_sampling"]

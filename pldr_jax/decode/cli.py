@@ -64,6 +64,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     o.add_argument("--stream", action="store_true", help="print tokens as they come (one prompt at a time)")
     o.add_argument("--save-deductive", default=None, metavar="OUT.npz",
                    help="save the prompts' deductive outputs (A, A_LM, G_LM per layer)")
+    cc = p.add_argument_group("compilation cache (compiled programs kept on disk across runs)")
+    cc.add_argument("--compile-cache", default=None, metavar="DIR",
+                    help="cache directory (default: $PLDR_JAX_COMPILE_CACHE, else "
+                         "$XDG_CACHE_HOME/pldr_jax/jax_cache or ~/.cache/pldr_jax/jax_cache)")
+    cc.add_argument("--no-compile-cache", action="store_true",
+                    help="do not read or write the persistent compilation cache")
     p.set_defaults(func=run)
     return p
 
@@ -106,12 +112,14 @@ def run(args) -> int:
     import jax
     import numpy as np
 
+    from ..compile_cache import enable_compile_cache
+
     from ..g_sources import make_g
-    from .generate import generate
+    from .compile_time import CompileWatch
+    from .sampler import Sampler
     from .sampling import validate_sampling
     from .step import mode_name
     from .text import encode_prompts
-    from .weights import prepare_params
 
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
@@ -119,6 +127,8 @@ def run(args) -> int:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     top_k = 1 if args.greedy else args.top_k
     validate_sampling(args.temperature, top_k, args.top_p)
+    cache_dir = enable_compile_cache(args.compile_cache, enabled=not args.no_compile_cache)
+    cache_dir = None if cache_dir is None else str(cache_dir)
     items = _collect_prompts(args)
     cfg, params, g_lm = _load(args)
     if args.dtype:
@@ -139,17 +149,16 @@ def run(args) -> int:
               shared_g=args.shared_g, stop_at_max_seq_len=args.stop_at_max_seq_len)
     decode = (lambda ids: tok.decode([t for t in ids if t != eos])) if tok is not None else None
     mode = mode_name(not args.no_kv_cache, not args.no_g_cache)
+    sampler = Sampler(cfg, params)          # decode weights prepared once, for every batch below
 
     if args.stream and not args.json:
-        from .stream import stream_generate
-        run_cfg, run_params = prepare_params(cfg, params, 1)
         for i, it in enumerate(items):
             if i:
                 print()
             head = it.get("prompt", " ".join(map(str, it["prompt_ids"])))
             print(head if (args.include_prompt or "prompt" not in it) else "", end="" if decode else "\n", flush=True)
             new, shown = [], ""
-            for step in stream_generate(cfg, run_params, [it["prompt_ids"]], seed=args.seed + i, **kw):
+            for step in sampler.stream([it["prompt_ids"]], seed=args.seed + i, **kw):
                 if not step.active[0]:
                     break
                 new.append(int(step.tokens[0]))
@@ -164,13 +173,13 @@ def run(args) -> int:
         return 0
 
     results, ded_rows, t_all = [], [], time.perf_counter()
-    run_cache = {}
-    for start in range(0, len(items), args.batch_size):
-        chunk = items[start:start + args.batch_size]
-        B = len(chunk)
-        if B not in run_cache:
-            run_cache[B] = prepare_params(cfg, params, B)
-        out = generate(cfg, run_cache[B][1], [it["prompt_ids"] for it in chunk], seed=args.seed + start, **kw)
+    outs = []
+    with CompileWatch() as watch:           # compile time reported apart from the decode rate
+        for start in range(0, len(items), args.batch_size):
+            chunk = items[start:start + args.batch_size]
+            outs.append((chunk, sampler([it["prompt_ids"] for it in chunk], seed=args.seed + start, **kw)))
+    elapsed = time.perf_counter() - t_all
+    for chunk, out in outs:
         for b, it in enumerate(chunk):
             ids = out.tokens[b]
             r = {"prompt": it.get("prompt"), "prompt_ids": it["prompt_ids"], "ids": ids,
@@ -182,7 +191,6 @@ def run(args) -> int:
             results.append(r)
         if args.save_deductive:
             ded_rows.append({k: np.asarray(v) for k, v in out.prompt_deductive.items()})
-    elapsed = time.perf_counter() - t_all
 
     if args.save_deductive:
         arrays = {}
@@ -196,12 +204,17 @@ def run(args) -> int:
         np.savez(out_path, **arrays)
 
     n_new = sum(r["num_tokens"] for r in results)
+    compile_s = min(watch.seconds, elapsed)
+    run_s = elapsed - compile_s
+    rate = n_new / run_s if run_s > 0 else None
     if args.json:
         print(json.dumps({"checkpoint": args.checkpoint, "mode": mode,
                           "sampling": {"temperature": args.temperature, "top_k": top_k, "top_p": args.top_p,
                                        "seed": args.seed, "eos_id": eos, "max_new_tokens": args.max_new_tokens},
                           "results": results, "new_tokens": n_new, "seconds": elapsed,
-                          "tokens_per_s": n_new / elapsed if elapsed > 0 else None,
+                          "compile_s": compile_s, "run_s": run_s, "tokens_per_s": rate,
+                          "compiles": watch.compiles, "compile_cache_hits": watch.cache_hits,
+                          "compile_cache_dir": cache_dir,
                           "saved_deductive": args.save_deductive}))
         return 0
     for i, r in enumerate(results):
@@ -217,7 +230,10 @@ def run(args) -> int:
         else:
             print(f"prompt ids: {' '.join(map(str, r['prompt_ids']))}")
             print(f"ids: {' '.join(map(str, r['ids']))}")
-    print(f"[{mode}] {n_new} new tokens in {elapsed:.2f} s ({n_new / max(elapsed, 1e-9):.1f} tok/s)"
+    hits = f", {watch.cache_hits} from the compilation cache" if watch.cache_hits else ""
+    speed = f"{rate:.1f} tok/s" if rate else "n/a tok/s"
+    print(f"[{mode}] {n_new} new tokens in {elapsed:.2f} s: compile {compile_s:.2f} s ({watch.compiles} programs"
+          f"{hits}), decode {run_s:.2f} s ({speed})"
           + (f"; deductive outputs saved to {args.save_deductive}" if args.save_deductive else ""),
           file=sys.stderr)
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -15,9 +15,8 @@ from ..config import PLDRConfig
 from ..model import normalize_g_lm
 from .buckets import plan_lengths
 from .loop import LoopInputs, LoopSpec
-from .sampling import Sampler, make_sampler
+from .sampling import SamplingParams, make_sampler
 from .step import StepSpec
-from .weights import prepare_params
 
 __all__ = ["DecodeRequest", "make_request", "normalize_prompts"]
 
@@ -97,10 +96,13 @@ class DecodeRequest:
     max_new_tokens: int
 
 
-def make_request(cfg, params, prompts, *, max_new_tokens, kv_cache, g_cache, temperature, top_k, top_p, seed,
-                 eos_id, g_lm, shared_g, stop_at_max_seq_len, max_len, return_logits, return_deductive,
-                 bf16_min_batch) -> DecodeRequest:
-    """Validate `generate`'s arguments (see there) and build the `DecodeRequest`; ValueError if invalid."""
+def make_request(cfg, weights: Callable[[int], tuple], prompts, *, max_new_tokens, kv_cache, g_cache, temperature,
+                 top_k, top_p, seed, eos_id, g_lm, shared_g, stop_at_max_seq_len, max_len, return_logits,
+                 return_deductive) -> DecodeRequest:
+    """Validate `generate`'s arguments (see there) and build the `DecodeRequest`; ValueError if invalid.
+
+    weights: batch size -> (run_cfg, run_params), the decode weights for that many rows
+    (`Sampler.weights`: prepared once per decode dtype, not per call)."""
     if not isinstance(cfg, PLDRConfig):
         raise ValueError(f"cfg must be a PLDRConfig, got {type(cfg).__name__}")
     max_new = _check_int("max_new_tokens", max_new_tokens, 1)
@@ -122,13 +124,13 @@ def make_request(cfg, params, prompts, *, max_new_tokens, kv_cache, g_cache, tem
             raise ValueError(f"g_lm has batch axis {g_all.shape[1]}; expected 1 or the number of prompts ({B})")
         if shared_g:
             g_all = g_all[:, :1]
-    run_cfg, run_params = prepare_params(cfg, params, B, bf16_min_batch=bf16_min_batch)
+    run_cfg, run_params = weights(B)
     given = g_all is not None
     # with a given G the G-cache flag changes nothing (G is fixed anyway): one compilation for both
     step = StepSpec(cfg=run_cfg, kv_cache=bool(kv_cache), g_cache=bool(g_cache) or given, given_g=given)
     spec = LoopSpec(step=step, shared_g=bool(shared_g), sampler_kind=sampler.kind,
                     collect_logits=bool(return_logits), collect_deductive=bool(return_deductive))
-    t, k, p = (sampler.temperature, sampler.top_k, sampler.top_p) if isinstance(sampler, Sampler) else (1.0, 1, 1.0)
+    t, k, p = (sampler.temperature, sampler.top_k, sampler.top_p) if isinstance(sampler, SamplingParams) else (1.0, 1, 1.0)
     inputs = LoopInputs(max_new=np.int32(max_new), limit=limit, eos_id=np.int32(-1 if eos_id is None else eos_id),
                         temperature=np.float32(t), top_k=np.int32(k), top_p=np.float32(p))
     return DecodeRequest(spec=spec, params=run_params, tokens=tokens, lengths=lens, g_all=g_all, inputs=inputs,

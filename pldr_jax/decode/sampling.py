@@ -23,7 +23,7 @@ import numbers
 import jax
 import jax.numpy as jnp
 
-__all__ = ["Greedy", "Sampler", "make_sampler", "validate_sampling", "sample_logits", "filter_logits",
+__all__ = ["Greedy", "SamplingParams", "make_sampler", "validate_sampling", "sample_logits", "filter_logits",
            "NEG_LOGIT"]
 
 #: The value removed logits get (the reference's -1e10).
@@ -59,7 +59,7 @@ class Greedy:
 
 
 @dataclasses.dataclass(frozen=True)
-class Sampler:
+class SamplingParams:
     """Stochastic decoding: temperature, then top-p, then top-k (the reference's order).
 
     Validated on construction (ValueError naming the field).  ``kind`` is the static part a jitted
@@ -84,10 +84,10 @@ class Sampler:
         return ("sample", self.filtered)
 
 
-def make_sampler(temperature=1.0, top_k=0, top_p=1.0) -> Greedy | Sampler:
-    """Validated sampler: ``Greedy()`` when top_k == 1, else ``Sampler(...)``."""
+def make_sampler(temperature=1.0, top_k=0, top_p=1.0) -> Greedy | SamplingParams:
+    """Validated sampling parameters: ``Greedy()`` when top_k == 1, else ``SamplingParams(...)``."""
     t, k, p = validate_sampling(temperature, top_k, top_p)
-    return Greedy() if k == 1 else Sampler(t, k, p)
+    return Greedy() if k == 1 else SamplingParams(t, k, p)
 
 
 # --------------------------------------------------------------------------- the math

@@ -19,8 +19,11 @@ logits depend on later tokens of the same pass -- see MODEL.md):
 
 A given ``g_lm`` (predefined-G models, or a G source from ``pldr_jax.g_sources``) fixes G in every
 mode, which then all coincide.  Batches are right-padded with pad-aware A, so every row scores as it
-would alone; lengths are padded to power-of-two buckets and the batch to a fixed size, so the number
-of compilations is at most ``log2(max_seq_len)`` per mode.
+would alone; input lengths and scored-position counts are padded to power-of-two buckets and the
+batch to a fixed size (one compilation per (length, scored) bucket pair and mode).  Requests are
+sorted by length, so a batch holds similar lengths; only the scored positions go through the
+vocabulary head; every batch is dispatched before any result is read back
+(`experiments/bench_eval.py`: requests/s batched vs one at a time).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import numpy as np
 
 from ..config import PLDRConfig
 from ..model import forward
+from ..ops.layers import linear
 from .jsonl import iter_jsonl
 
 __all__ = ["MODES", "loglikelihood_tokens", "score_units", "bucket_length", "encode_pair", "make_encoder",
@@ -53,26 +57,32 @@ def bucket_length(n: int, maximum: int, minimum: int = 8) -> int:
 
 
 # --------------------------------------------------------------------------- jitted scorers
-def _gather(logits, targets):
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+def _gather(cfg: PLDRConfig, params, hidden, pos, targets):
+    """hidden [B, L, D], pos / targets [B, K] -> log p(target) at those positions [B, K] and greedy
+    hits [B, K].  Only the K scored positions go through the vocabulary head and its softmax (a
+    multiple-choice continuation is a few tokens of a long context)."""
+    h = jnp.take_along_axis(hidden, pos[..., None], axis=1)                    # [B, K, D]
+    logits = linear(params["final"], h).astype(jnp.float32)
+    logp = jax.nn.log_softmax(logits, axis=-1)
     lp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     greedy = jnp.argmax(logits, axis=-1) == targets
     return lp, greedy
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def _score_full(cfg: PLDRConfig, params, inputs, targets, g_lm):
-    """inputs/targets [B, L] (0 = pad) -> per-position log p(target) [B, L], greedy hit [B, L]."""
-    return _gather(forward(cfg, params, inputs, g_lm, pad_aware_A=True).logits, targets)
+def _score_full(cfg: PLDRConfig, params, inputs, pos, targets, g_lm):
+    """inputs [B, L] (0 = pad); pos, targets [B, K]: log p(targets) at positions pos [B, K], greedy [B, K]."""
+    hidden = forward(cfg, params, inputs, g_lm, pad_aware_A=True).hidden
+    return _gather(cfg, params, hidden, pos, targets)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def _score_cached(cfg: PLDRConfig, params, inputs, targets, ctx_len):
+def _score_cached(cfg: PLDRConfig, params, inputs, pos, targets, ctx_len):
     """G_LM from each row's first ctx_len tokens (its G-cache), then the whole row with that G."""
-    pos = jnp.arange(inputs.shape[1])[None, :]
-    ctx = jnp.where(pos < ctx_len[:, None], inputs, 0)
+    col = jnp.arange(inputs.shape[1])[None, :]
+    ctx = jnp.where(col < ctx_len[:, None], inputs, 0)
     g = forward(cfg, params, ctx, pad_aware_A=True).deductive["G_LM"]        # [layers, B, H, dk, dk]
-    return _gather(forward(cfg, params, inputs, g, pad_aware_A=True).logits, targets)
+    return _gather(cfg, params, forward(cfg, params, inputs, g, pad_aware_A=True).hidden, pos, targets)
 
 
 @dataclasses.dataclass
@@ -113,31 +123,35 @@ def score_units(cfg: PLDRConfig, params, units: Sequence[_Unit], n_requests: int
     order = sorted(range(len(units)), key=lambda i: -len(units[i].inp))
     W = cfg.max_seq_len
     bar = progress(total=len(order)) if progress is not None else None
-    for start in range(0, len(order), batch_size):
+    pending = []
+    for start in range(0, len(order), batch_size):     # dispatch every batch, then read them back
         idx = order[start: start + batch_size]
         L = bucket_length(max(len(units[i].inp) for i in idx), W)
+        K = bucket_length(max(units[i].n_score for i in idx), L, minimum=1)
         inp = np.zeros((batch_size, L), np.int32)
-        tgt = np.zeros((batch_size, L), np.int32)
+        pos = np.zeros((batch_size, K), np.int32)
+        tgt = np.zeros((batch_size, K), np.int32)
         ctx = np.ones(batch_size, np.int32)
         inp[:, 0] = EOS_ID  # filler rows: one real token, never read
         for r, i in enumerate(idx):
             u = units[i]
             n = len(u.inp)
             inp[r, :n] = u.inp
-            tgt[r, :n] = u.tgt
+            pos[r, :u.n_score] = np.arange(n - u.n_score, n)
+            tgt[r, :u.n_score] = u.tgt[n - u.n_score:]
             ctx[r] = n - u.n_score + 1
         if mode == "cached" and not fixed_g:
-            lp, gr = _score_cached(cfg, params, jnp.asarray(inp), jnp.asarray(tgt), jnp.asarray(ctx))
+            res = _score_cached(cfg, params, jnp.asarray(inp), jnp.asarray(pos), jnp.asarray(tgt), jnp.asarray(ctx))
         else:
-            lp, gr = _score_full(cfg, params, jnp.asarray(inp), jnp.asarray(tgt), g_lm)
+            res = _score_full(cfg, params, jnp.asarray(inp), jnp.asarray(pos), jnp.asarray(tgt), g_lm)
+        pending.append((idx, res))
+    for idx, (lp, gr) in pending:
         lp, gr = np.asarray(lp, np.float64), np.asarray(gr)
         for r, i in enumerate(idx):
             u = units[i]
-            n = len(u.inp)
-            sl = slice(n - u.n_score, n)
-            sums[u.owner] += lp[r, sl].sum()
+            sums[u.owner] += lp[r, :u.n_score].sum()
             counts[u.owner] += u.n_score
-            greedy[u.owner] &= bool(gr[r, sl].all())
+            greedy[u.owner] &= bool(gr[r, :u.n_score].all())
         if bar is not None:
             bar.update(len(idx))
     if bar is not None:

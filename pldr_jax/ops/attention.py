@@ -6,6 +6,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 
 def causal_padding_mask(key_valid: jax.Array, q_len: int, q_offset: jax.Array | int = 0) -> jax.Array:
@@ -20,14 +21,44 @@ def causal_padding_mask(key_valid: jax.Array, q_len: int, q_offset: jax.Array | 
     return (causal & key_valid[:, None, :].astype(bool))[:, None]
 
 
+def _heads_first(t: jax.Array) -> jax.Array:
+    """[B, L, H, dk] -> [B * H, L, dk]."""
+    B, L, H, dk = t.shape
+    return jnp.transpose(t, (0, 2, 1, 3)).reshape(B * H, L, dk)
+
+
+def _bmm(a: jax.Array, b: jax.Array, contract_b: int, out_dtype) -> jax.Array:
+    """Batched matmul over a leading axis: a [N, m, k] with b [N, k, n] (contract_b=1) or [N, n, k]
+    (contract_b=2) -> [N, m, n] accumulated in out_dtype (bf16 inputs: f32 accumulation)."""
+    precision = lax.DotAlgorithmPreset.BF16_BF16_F32 if a.dtype == jnp.bfloat16 else None
+    dims = (((2,), (contract_b,)), ((0,), (0,)))
+    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=out_dtype)
+
+
 def plga_attention(q: jax.Array, k: jax.Array, v: jax.Array, g_lm: jax.Array | None,
                    mask: jax.Array | None) -> jax.Array:
     """softmax((q G_LM) k^T / sqrt(dk) + mask) v.
 
     q [B, Lq, H, dk], k/v [B, Lk, H, dk], g_lm [B|1, H, dk, dk] or None (identity = SDPA),
     mask [B, 1, Lq, Lk] bool or None.  Returns [B, Lq, H, dk] in q's dtype.
+
+    The math of ``jax.nn.dot_product_attention``'s XLA path (logits and softmax in float32, masked
+    logits at -0.7 x the float32 maximum, probabilities cast to v's dtype), written as batched matmuls over
+    one leading [B * H] axis: XLA:CPU runs ``dot_general`` with two batch axes ([B, H]) as many
+    small products, which made attention (and the q @ G_LM product) cost 5-50x more than its flops
+    from batch 8 up -- half of a batched decode step (experiments/README.md, "Decode speed").
     """
-    dk = q.shape[-1]
+    B, Lq, H, dk = q.shape
+    Lk = k.shape[1]
+    qh = _heads_first(q)                                                       # [BH, Lq, dk]
     if g_lm is not None:
-        q = jnp.einsum("blhd,bhde->blhe", q.astype(jnp.float32), g_lm.astype(jnp.float32)).astype(q.dtype)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0 / math.sqrt(dk))
+        g = jnp.broadcast_to(g_lm.astype(jnp.float32), (B, H, dk, dk)).reshape(B * H, dk, dk)
+        qh = _bmm(qh.astype(jnp.float32), g, 1, jnp.float32).astype(q.dtype)
+    logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
+    logits = _bmm(qh, _heads_first(k), 2, logits_dtype) * jnp.array(1.0 / math.sqrt(dk), logits_dtype)
+    if mask is not None:
+        m = jnp.broadcast_to(mask, (B, H, Lq, Lk)).reshape(B * H, Lq, Lk)
+        logits = jnp.where(m, logits, jnp.asarray(-0.7 * float(jnp.finfo(jnp.float32).max), logits_dtype))
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(k.dtype)
+    out = _bmm(probs, _heads_first(v), 1, v.dtype)                             # [BH, Lq, dk]
+    return jnp.transpose(out.reshape(B, H, Lq, dk), (0, 2, 1, 3)).astype(q.dtype)

@@ -1,0 +1,66 @@
+"""Compile-time accounting: how much of a call was tracing, lowering and XLA compilation.
+
+`CompileWatch` is a context manager that listens to JAX's monitoring events while it is open
+(``/jax/core/compile/*`` durations and the persistent compilation cache's hit events), so a caller
+can report compile time apart from run time (the CLI prints both; `GenerateOutput.timings` carries
+``compile_s``).  On a persistent-cache hit the backend-compile event measures the cache read only.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from jax import monitoring
+
+__all__ = ["CompileWatch"]
+
+_TRACE = "/jax/core/compile/jaxpr_trace_duration"
+_LOWER = "/jax/core/compile/jaxpr_to_mlir_module_duration"
+_BACKEND = "/jax/core/compile/backend_compile_duration"
+_HIT = "/jax/compilation_cache/cache_hits"
+_MISS = "/jax/compilation_cache/cache_misses"
+
+
+class CompileWatch:
+    """Accumulates compile durations (seconds) seen while open.
+
+    Attributes: ``trace_s``, ``lower_s``, ``backend_s`` (XLA compile or persistent-cache read),
+    ``compiles`` (backend compile events), ``cache_hits`` / ``cache_misses`` (persistent cache).
+    ``seconds`` = trace + lower + backend.  Listeners are process-wide: calls running in other
+    threads at the same time are counted too.
+    """
+
+    def __init__(self) -> None:
+        self.trace_s = self.lower_s = self.backend_s = 0.0
+        self.compiles = self.cache_hits = self.cache_misses = 0
+        self._lock = threading.Lock()
+
+    @property
+    def seconds(self) -> float:
+        return self.trace_s + self.lower_s + self.backend_s
+
+    def _on_duration(self, event: str, duration: float, **_kw) -> None:
+        with self._lock:
+            if event == _TRACE:
+                self.trace_s += duration
+            elif event == _LOWER:
+                self.lower_s += duration
+            elif event == _BACKEND:
+                self.backend_s += duration
+                self.compiles += 1
+
+    def _on_event(self, event: str, **_kw) -> None:
+        with self._lock:
+            if event == _HIT:
+                self.cache_hits += 1
+            elif event == _MISS:
+                self.cache_misses += 1
+
+    def __enter__(self) -> "CompileWatch":
+        monitoring.register_event_duration_secs_listener(self._on_duration)
+        monitoring.register_event_listener(self._on_event)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        monitoring.unregister_event_duration_listener(self._on_duration)
+        monitoring.unregister_event_listener(self._on_event)
