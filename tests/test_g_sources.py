@@ -60,11 +60,14 @@ def test_make_g_specs(tmp_path):
 
 
 def test_external_g_files(tmp_path):
-    paper = ref_path("predefined_G_LM_cache_list_RANDOM_NORMAL_5layer_14head_64x64_paper.npz")
+    # the authors' G-cache list format (one "layer{i}_G_LM" [1, H, dk, dk] per layer); the paper's learned
+    # G of PLDRv51-110M (copied into tests/data, so this runs without ../shared)
+    paper = ref_path("predefined_G_LM_cache_list_PLDRv51_110M_1_5layer_14head_64x64_paper.npz")
     cfg = PLDRConfig.preset("v51g-106m")
     g = gs.external_g(paper, cfg)
     assert g.shape == (5, 14, 64, 64) and g.dtype == jnp.float32
-    assert 0 <= float(g.min()) and float(g.max()) < 1  # the "RANDOM_NORMAL" file is uniform [0, 1)
+    with np.load(paper) as raw:  # exactly the file's arrays, in layer order
+        np.testing.assert_array_equal(np.asarray(g), np.stack([raw[f"layer{i}_G_LM"][0] for i in range(5)]))
     np.testing.assert_array_equal(gs.external_g(ref_path("predefined_G_LM_cache_list_IDENTITY_5layer_14head_64x64_paper.npz"),
                                                 cfg), gs.identity_g(cfg))
     with pytest.raises(ValueError, match="layers"):
