@@ -91,6 +91,8 @@ _CALLS = re.compile(r"\b(body|condition|calls|to_apply|true_computation|false_co
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _COND = re.compile(r"condition=%?([\w.\-]+)")
+_CHANNEL = re.compile(r"channel_id=(\d+)")
+_LAYOUT = re.compile(r"\{[^}]*\}")
 _S32_CONST = re.compile(r"s32\[\]\S*\s+constant\((\d+)\)")
 
 
@@ -172,18 +174,28 @@ def collectives_per_step(hlo_text: str, unknown_trip: int = 1) -> tuple[dict, in
                 visit(callee, m * f, depth + 1)
 
     visit(entry, 1)
-    out = {}
+    # One collective can be printed many times: the TPU compiler spreads an async collective over
+    # several "async_collective_fusion" computations (each shows the op with its full result shape,
+    # same channel_id).  Such copies are one transfer: ops are keyed by (kind, channel_id, shape) and
+    # counted once, as often as the computation that runs them most often.
+    ops: dict = {}
     for c, lines in comps.items():
         if not mult[c]:
             continue
-        for line in lines:
+        for i, line in enumerate(lines):
             m = _COLL.search(line)
             if m:
-                b = _shape_bytes(m.group(1))
-                o = out.setdefault(m.group(2), {"count": 0, "bytes": 0, "max_bytes": 0})
-                o["count"] += mult[c]
-                o["bytes"] += b * mult[c]
-                o["max_bytes"] = max(o["max_bytes"], b)
+                chan = _CHANNEL.search(line)
+                shape = _LAYOUT.sub("", m.group(1))
+                key = (m.group(2), chan.group(1), shape) if chan else (m.group(2), c, i)
+                b, n = ops.get(key, (_shape_bytes(m.group(1)), 0))
+                ops[key] = (b, max(n, mult[c]))
+    out = {}
+    for (kind, *_), (b, n) in ops.items():
+        o = out.setdefault(kind, {"count": 0, "bytes": 0, "max_bytes": 0})
+        o["count"] += n
+        o["bytes"] += b * n
+        o["max_bytes"] = max(o["max_bytes"], b)
     return {k: out[k] for k in _COLL_OPS if k in out}, unknown
 
 

@@ -47,8 +47,10 @@ class ForwardOutput:
 def embed(cfg: PLDRConfig, params: dict, tokens: jax.Array) -> jax.Array:
     """tokens [B, L] -> LayerNorm(Embedding * sqrt(D)) [B, L, D] in the compute dtype."""
     # under a mesh: gather the (FSDP-sharded) table whole first, so the lookup's result is sharded
-    # like the tokens (batch), not like the table (no all-to-all to reshard it)
-    table = constrain(params["embed"]["embedding"], (None, None))
+    # like the tokens (batch), not like the table (no all-to-all to reshard it); cast to the compute
+    # dtype before that, so a 16-bit model moves 16-bit rows (and its gradient is reduce-scattered
+    # at that width), as the plain FSDP yardstick does.  float32 models: unchanged.
+    table = constrain(params["embed"]["embedding"].astype(jnp.dtype(cfg.dtype)), (None, None))
     x = jnp.take(table, tokens, axis=0).astype(jnp.float32)
     x = x * jnp.float32(math.sqrt(cfg.d_model))
     return layer_norm(params["embed_norm"], x, cfg.layer_norm_eps).astype(jnp.dtype(cfg.dtype))

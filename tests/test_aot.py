@@ -60,6 +60,32 @@ def test_no_activation_sized_all_reduce_or_all_to_all(train_report):
             assert not dims & act_dims, line[:200]
 
 
+def test_collectives_per_step_counts_an_async_collective_spread_over_fusions_once():
+    """The TPU compiler prints one async all-gather in every "async_collective_fusion" it spans (same
+    channel_id, same result): one transfer.  Distinct collectives (other channel or shape) still count."""
+    hlo = """HloModule m
+
+%async_collective_fusion.1 (p: bf16[2,8]) -> (bf16[2,8], bf16[8,8]) {
+  %all-gather.1 = bf16[8,8]{1,0:T(8,128)} all-gather(bf16[2,8]{1,0} %p), channel_id=7, dimensions={0}
+}
+
+%async_collective_fusion.2 (p: bf16[2,8]) -> (bf16[2,8], bf16[8,8]) {
+  %all-gather.2 = bf16[8,8]{1,0:T(8,128)S(1)} all-gather(bf16[2,8]{1,0} %p), channel_id=7, dimensions={0}
+  %all-gather.3 = bf16[8,4]{1,0} all-gather(bf16[2,4]{1,0} %q), channel_id=9, dimensions={0}
+}
+
+ENTRY %main (a: bf16[2,8]) -> bf16[8,8] {
+  %f1 = (bf16[2,8], bf16[8,8]) fusion(bf16[2,8] %a), kind=kCustom, calls=%async_collective_fusion.1
+  %f2 = (bf16[2,8], bf16[8,8]) fusion(bf16[2,8] %a), kind=kCustom, calls=%async_collective_fusion.2
+  %cp = bf16[16]{0} collective-permute(bf16[16]{0} %z), channel_id=1, source_target_pairs={{0,1}}
+  %cp2 = bf16[32]{0} collective-permute(bf16[32]{0} %z), channel_id=1, source_target_pairs={{0,1}}
+}
+"""
+    coll, _ = aot.collectives_per_step(hlo)
+    assert coll["all-gather"] == {"count": 2, "bytes": 128 + 64, "max_bytes": 128}
+    assert coll["collective-permute"] == {"count": 2, "bytes": 32 + 64, "max_bytes": 64}
+
+
 def test_collectives_per_step_multiplies_loop_bodies():
     hlo = """HloModule m
 
