@@ -82,12 +82,13 @@ def scoring_peak_bytes(cfg: PLDRConfig, params, batch: int, *, mode: str = "full
     """Peak bytes (arguments + outputs + temporaries) of the compiled scoring pass for ``batch`` rows
     of ``cfg.max_seq_len`` tokens (the pass `pldr_jax.eval.multiple_choice.score_units` runs)."""
     from .multiple_choice import _score_cached, _score_full
+    # the largest pass of that batch: full-length rows with every position scored (pos, targets [B, L])
     x = jax.ShapeDtypeStruct((int(batch), cfg.max_seq_len), jnp.int32)
     if mode == "cached" and g_lm is None and cfg.learned_g:
-        lowered = _score_cached.lower(cfg, params, x, x, jax.ShapeDtypeStruct((int(batch),), jnp.int32))
+        lowered = _score_cached.lower(cfg, params, x, x, x, jax.ShapeDtypeStruct((int(batch),), jnp.int32))
     else:
         g = None if g_lm is None else jnp.asarray(g_lm, jnp.float32)
-        lowered = _score_full.lower(cfg, params, x, x, g)
+        lowered = _score_full.lower(cfg, params, x, x, x, g)
     m = lowered.compile().memory_analysis()
     if m is None:
         raise ValueError("this backend gives no memory analysis of compiled code; pass a number as batch_size")
