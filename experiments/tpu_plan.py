@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -47,10 +48,17 @@ def run_row(model: str, identity: bool, topology: str, mesh, seq_len: int, per_s
 
 
 def anchor(topology: str = "v5e:2x2") -> dict:
-    """../shared/tpu/fsdp_anchor.py with its defaults (the 110M shape, plain attention)."""
+    """../shared/tpu/fsdp_anchor.py with its defaults (the 110M shape, plain attention), its collectives
+    counted by `pldr_jax.aot.collectives_per_step` like every other row (its own counter prints an
+    async collective once per fusion the TPU compiler spreads it over)."""
     path = Path(__file__).resolve().parents[2] / "shared" / "tpu" / "fsdp_anchor.py"
-    out = subprocess.run([sys.executable, str(path), "--topology", topology, "--json"], capture_output=True,
-                         text=True, check=True)
+    code = ("import importlib.util, sys; from pldr_jax.aot import collectives_per_step; "
+            f"spec = importlib.util.spec_from_file_location('fsdp_anchor', {str(path)!r}); "
+            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
+            "m.collectives = lambda hlo: collectives_per_step(hlo)[0]; "
+            f"sys.argv = ['fsdp_anchor.py', '--topology', {topology!r}, '--json']; m.main()")
+    env = {**os.environ, "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}  # this process holds libtpu's lock already
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
