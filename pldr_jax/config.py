@@ -19,6 +19,13 @@ DTYPES = ("float32", "bfloat16", "float16")
 INITS = ("reference", "corrected")
 
 
+def reject_unknown_fields(cls, d: Mapping[str, Any]) -> None:
+    """ValueError naming the keys of `d` that are not fields of the dataclass `cls`."""
+    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields: {unknown}")
+
+
 @dataclasses.dataclass(frozen=True)
 class PLDRConfig:
     """Hyper-parameters of a PLDR-LLM (v510 family).
@@ -135,10 +142,7 @@ class PLDRConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "PLDRConfig":
         """Build from `to_dict()` output; unknown keys raise ValueError naming them."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - fields)
-        if unknown:
-            raise ValueError(f"unknown PLDRConfig fields: {unknown}")
+        reject_unknown_fields(cls, d)
         required = [f.name for f in dataclasses.fields(cls)
                     if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
         missing = [k for k in required if k not in d]

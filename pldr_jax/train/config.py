@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+from ..config import reject_unknown_fields
 from .faults import FaultPolicy
 from .multihost import DEFAULT_TIMEOUT_S
 from .optimizer import lr_schedule, make_optimizer
@@ -127,10 +128,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - fields)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields: {unknown}")
+        reject_unknown_fields(cls, d)
         return cls(**dict(d))
 
     def replace(self, **kw) -> "TrainConfig":

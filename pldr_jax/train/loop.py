@@ -37,6 +37,7 @@ from . import multihost
 from .checkpoint import CheckpointManager, CheckpointTimeout
 from .config import TrainConfig
 from .faults import CheckpointDirError, NonFiniteMonitor, estimate_checkpoint_bytes, preflight_checkpoint_dir
+from .integrity import error_summary
 from .multihost import init_distributed
 from .resume import ResumeError, checkpoint_steps, restore_latest_good
 from .sharding import (abstract_train_state, check_batch_size, init_train_state, make_mesh, replicated,
@@ -546,13 +547,12 @@ def train(model_cfg: PLDRConfig, tcfg: TrainConfig, *, train_data: Iterable | No
             log(f"step {step_now}: val_loss {r['val_loss']:.4f}  val_acc {r['val_accuracy']:.4f}  "
                 f"val_ppl {r['val_perplexity']:.2f}")
 
-    saving = [None]  # the step of the newest save started (its asynchronous write may still be running)
+    saving_step = None  # the step of the newest save started (its asynchronous write may still be running)
 
     def settle(step_now, error: BaseException | None, failed_step):
         """Collective: wait until every process's pending save is written, or stop every process as
         soon as one reports a failure (one process's failed save can leave another's waiting for it).
         `error`: this process's failure so far (then nothing is waited for)."""
-        from .integrity import error_summary
         t_end = time.monotonic() + mngr.timeout_s
         while True:
             done = True
@@ -574,22 +574,23 @@ def train(model_cfg: PLDRConfig, tcfg: TrainConfig, *, train_data: Iterable | No
     def save(step_now: int, force: bool = False, finish: bool = False):
         # A failed save (disk full, permissions) may show on some processes only, and an asynchronous one
         # only later: every process reports what it saw and all stop together, or none does.
-        if saving[0] is not None:
-            settle(step if step_now is None else step_now, None, saving[0])  # the previous background write
-            saving[0] = None
+        nonlocal saving_step
+        if saving_step is not None:
+            settle(step if step_now is None else step_now, None, saving_step)  # the previous background write
+            saving_step = None
         if step_now is not None:
             error = None
             try:
                 mngr.save(step_now, state, config=config_record,
                           data_iterator=batches if checkpointable_data else None, force=force)
-                saving[0] = step_now
+                saving_step = step_now
             except CheckpointTimeout:
                 raise
             except Exception as e:
                 error = e
             if error is not None or finish:
                 settle(step_now, error, step_now)
-                saving[0] = None
+                saving_step = None
 
     step = start_step
     try:
