@@ -246,6 +246,9 @@ def _du_bytes(path: Path) -> int:
     return sum(-(-f.stat().st_size // 4096) * 4096 + 4096 for f in path.rglob("*") if f.is_file())
 
 
+@pytest.mark.xfail(strict=False, reason="known flaky (1 hang in 4 CI runs, 2026-11-29): when only process 0's "
+                   "metadata write hits ENOSPC, the processes did not reach the collective save report within the "
+                   "launcher's 240 s; issue 11 stays open until it is found")
 def test_disk_full_while_saving_errors_and_keeps_the_previous_checkpoint(runs, data):
     reason = _unshare_tmpfs_reason(data["root"] / "probe")
     if reason:
