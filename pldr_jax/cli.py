@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
                 _exit_now_if_multiprocess(1)
             raise
         print(f"pldr-jax {args.command}: error: {e}", file=sys.stderr)
-        _exit_now_if_multiprocess(4)
+        _exit_now_if_multiprocess(4, e)
         return 4
     except Exception:  # a bug or an unforeseen failure: the traceback, and no hang of the other processes
         if _distributed_started():
@@ -66,14 +66,26 @@ def main(argv: list[str] | None = None) -> int:
         raise
 
 
-def _exit_now_if_multiprocess(code: int) -> None:
+def _exit_now_if_multiprocess(code: int, error: BaseException | None = None) -> None:
     """In a multi-process run, exit at once: orbax threads stuck on a failed collective save would
     keep the interpreter from exiting, and the other processes learn of this one's end from the
-    coordination service's heartbeat (they stop with "another task died")."""
+    coordination service's heartbeat (they stop with "another task died").  An error that every
+    process raised together (`raised_on_every_process`, e.g. a failed checkpoint save) is first
+    waited out at a short timed barrier, so that process 0, which hosts the coordination service,
+    does not end the others before they have printed it."""
     if _distributed_started():
         sys.stdout.flush()
         sys.stderr.flush()
+        if getattr(error, "raised_on_every_process", False):
+            from .train import multihost
+            try:
+                multihost.barrier("pldr_exit_on_error", _EXIT_BARRIER_S)
+            except Exception:  # a process already gone: leave anyway
+                pass
         os._exit(code)
+
+
+_EXIT_BARRIER_S = 30.0  # how long a process waits for the others to report an error raised on every process
 
 
 def _distributed_started() -> bool:

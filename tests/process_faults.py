@@ -56,3 +56,29 @@ def wait_for_first_checkpoint(ckpt: Path, procs: Sequence, describe: Callable[[]
         assert all(p.poll() is None for p in procs), f"training ended before its first checkpoint: {describe()}"
         assert time.monotonic() - t0 < timeout_s, f"no checkpoint appeared within {timeout_s:.0f} s"
         time.sleep(0.02)
+
+
+def failing_background_write_from_env() -> None:
+    """With ``PLDR_FAIL_WRITE=<process index>:<step>``, make that process's background (asynchronous)
+    orbax write of checkpoint <step> fail with ENOSPC after its array files are written, i.e. in the
+    primary's metadata write that follows the commits -- the one-sided failure a full disk can cause
+    (the other processes' writes succeed and wait for this one in orbax's barriers)."""
+    spec = os.environ.get("PLDR_FAIL_WRITE")
+    if not spec:
+        return
+    process, step = (int(x) for x in spec.split(":"))
+    import errno
+    import jax
+    from orbax.checkpoint._src.handlers import base_pytree_checkpoint_handler as bph
+    orig = bph.BasePyTreeCheckpointHandler._write_metadata_after_commits
+
+    async def failing(self, commit_futures, *, param_infos, **kw):
+        import asyncio
+        leaves = jax.tree.leaves(param_infos)
+        step_dir = leaves[0].parent_dir.parent.name if leaves else ""  # "<step>.orbax-checkpoint-tmp-..." or "<step>"
+        if jax.process_index() == process and step_dir.split(".")[0] == str(step):
+            for f in commit_futures:
+                await asyncio.to_thread(f.result)
+            raise OSError(errno.ENOSPC, f"No space left on device (injected into the write of step {step})")
+        return await orig(self, commit_futures, param_infos=param_infos, **kw)
+    bph.BasePyTreeCheckpointHandler._write_metadata_after_commits = failing

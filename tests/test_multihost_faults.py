@@ -12,6 +12,9 @@ one CPU device per process, mesh fsdp = process count):
 |                                                    | message; resume (4 processes) continues               |
 | disk full while saving step 8 (2 procs, tmpfs)     | both exit non-zero naming the failed save; step 4     |
 |                                                    | intact; resume after freeing space is exact           |
+| only process 0's write of step 8 fails (injected   | both stop within seconds naming the failed save       |
+| ENOSPC after its arrays are written)               | (process 1's write waits in orbax's barriers); step 4 |
+|                                                    | intact                                                |
 
 Every subprocess has a hard timeout.  Run as a script (``python tests/test_multihost_faults.py
 CLI-ARGS...``) it is one `pldr-jax` process; with ``PLDR_SLOW_STEP=<s>`` every step sleeps that long
@@ -39,9 +42,11 @@ import pytest
 HERE = Path(__file__).resolve()
 
 try:
-    from .process_faults import complete_checkpoint_steps, slow_steps_from_env, train_losses, wait_for_first_checkpoint
+    from .process_faults import (complete_checkpoint_steps, failing_background_write_from_env, slow_steps_from_env,
+                                 train_losses, wait_for_first_checkpoint)
 except ImportError:  # run as a worker script
-    from process_faults import complete_checkpoint_steps, slow_steps_from_env, train_losses, wait_for_first_checkpoint
+    from process_faults import (complete_checkpoint_steps, failing_background_write_from_env, slow_steps_from_env,
+                                train_losses, wait_for_first_checkpoint)
 HEARTBEAT_S = 8
 # reading a deliberately damaged checkpoint leaves orbax read coroutines that report on teardown
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -53,11 +58,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env(slow: float = 0.0) -> dict:
+def _env(slow: float = 0.0, fail_write: str | None = None) -> dict:
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PLDR_JAX_NO_HUGE_PAGES": "1", "PYTHONHASHSEED": "0",
            "XLA_FLAGS": "--xla_backend_optimization_level=0"}  # one CPU device per process, quick compiles
     if slow:
         env["PLDR_SLOW_STEP"] = str(slow)
+    if fail_write:
+        env["PLDR_FAIL_WRITE"] = fail_write
     return env
 
 
@@ -69,7 +76,7 @@ def _args(data, wd: Path, steps: int, extra=()) -> list[str]:
             "--heartbeat-timeout", str(HEARTBEAT_S), "--sync-timeout", "120", *extra]
 
 
-def _start(data, wd: Path, nproc: int, steps: int, extra=(), slow: float = 0.0):
+def _start(data, wd: Path, nproc: int, steps: int, extra=(), slow: float = 0.0, fail_write: str | None = None):
     port = _free_port()
     procs = []
     for pid in range(nproc):
@@ -78,7 +85,7 @@ def _start(data, wd: Path, nproc: int, steps: int, extra=(), slow: float = 0.0):
             cmd += ["--coordinator-address", f"127.0.0.1:{port}", "--num-processes", str(nproc), "--process-id",
                     str(pid)]
         log = open(_log_path(wd, pid), "w")
-        procs.append(subprocess.Popen(cmd, env=_env(slow), stdout=log, stderr=subprocess.STDOUT))
+        procs.append(subprocess.Popen(cmd, env=_env(slow, fail_write), stdout=log, stderr=subprocess.STDOUT))
     return procs
 
 
@@ -246,9 +253,6 @@ def _du_bytes(path: Path) -> int:
     return sum(-(-f.stat().st_size // 4096) * 4096 + 4096 for f in path.rglob("*") if f.is_file())
 
 
-@pytest.mark.xfail(strict=False, reason="known flaky (1 hang in 4 CI runs, 2026-11-29): when only process 0's "
-                   "metadata write hits ENOSPC, the processes did not reach the collective save report within the "
-                   "launcher's 240 s; issue 11 stays open until it is found")
 def test_disk_full_while_saving_errors_and_keeps_the_previous_checkpoint(runs, data):
     reason = _unshare_tmpfs_reason(data["root"] / "probe")
     if reason:
@@ -281,6 +285,25 @@ def test_disk_full_while_saving_errors_and_keeps_the_previous_checkpoint(runs, d
     assert _resume_records(out)[-1]["step"] == 4
 
 
+def test_one_process_background_write_failing_stops_every_process(data):
+    """Only process 0's background write of step 8 fails (after its array files are written, in its
+    metadata write; process 1's write succeeds and waits for it in orbax's barriers, as in a disk-full run
+    seen in CI): both processes stop promptly, naming the failed save; step 4 stays the intact newest."""
+    wd = data["root"] / "onesided"
+    t0 = time.monotonic()
+    rcs = _wait(_start(data, wd, 2, 12, fail_write="0:8"), timeout=200)
+    took = time.monotonic() - t0
+    logs = "\n".join(_log(wd, i)[-3000:] for i in range(2))
+    assert all(rc not in (0, None, -9) for rc in rcs), (rcs, logs)  # neither hung (killed) nor claimed success
+    for i in range(2):
+        err = [ln for ln in _log(wd, i).splitlines() if ln.startswith("pldr-jax train: error:")]
+        assert err and "the save of step 8" in err[0] and "the disk is full" in err[0], _log(wd, i)[-3000:]
+        assert "process 0:" in err[0] and "step 4, is intact" in err[0]
+    assert complete_checkpoint_steps(wd / "checkpoints") == [4]
+    assert not (wd / "checkpoints.corrupt").exists()
+    assert took < 150, f"the processes took {took:.0f} s to stop"
+
+
 def _full_disk_launch(spec: dict) -> int:
     """Inside the mount namespace (the workdir is the small tmpfs): run the processes, copy the workdir out."""
     data = {k: Path(v) for k, v in spec["data"].items()}
@@ -293,6 +316,7 @@ def _full_disk_launch(spec: dict) -> int:
 
 def _worker(argv: list[str]) -> int:
     slow_steps_from_env()
+    failing_background_write_from_env()
     from pldr_jax.cli import main
     return main(argv)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -59,6 +60,8 @@ class CheckpointManager:
                                                enable_async_checkpointing=async_save, create=True)
         self._mngr = ocp.CheckpointManager(self.directory, options=options)
         self._waiter = None  # (thread, result box) of `poll_pending_save`
+        self._failed_write: BaseException | None = None  # this process's failed background write, once seen
+        self._watch_background_writes()
 
     # ------------------------------------------------------------------ queries
     def latest_step(self) -> int | None:
@@ -162,11 +165,36 @@ class CheckpointManager:
                                     f"(available: {self.all_steps()})")
         return int(step)
 
+    def _watch_background_writes(self) -> None:
+        """Record this process's background-write failure the moment orbax's write thread ends with it.
+
+        orbax surfaces that error only through `wait_until_finished`, whose finalisation first waits in a
+        cross-process barrier; when the other processes' writes succeeded they wait in a different barrier
+        (for this process's commit), so a one-sided failure (e.g. only the primary's metadata write hit a
+        full disk) would stall every process until orbax's own timeouts.  The write thread's target is
+        wrapped to keep its error (orbax clears it when it is raised once).  This reads orbax's private
+        `_async_manager` (orbax 0.11-0.12); with another layout nothing is wrapped and the failure shows,
+        later, at `wait_until_finished`."""
+        manager = getattr(getattr(self._mngr, "_checkpointer", None), "_async_manager", None)
+        write = getattr(manager, "_thread_func", None)
+        if write is None or not hasattr(manager, "_exception"):
+            return
+
+        def recording_write(*args, **kwargs):
+            write(*args, **kwargs)  # catches everything, leaves the error in manager._exception
+            if manager._exception is not None and not getattr(manager, "_cancel_requested", False):
+                self._failed_write = manager._exception
+        manager._thread_func = recording_write
+
     def poll_pending_save(self, wait_s: float) -> tuple[bool, BaseException | None]:
         """(finished, error) of the pending asynchronous save after waiting at most `wait_s` seconds:
         (False, None) while it is still being written; (True, None) once written (or when none was
-        pending); (True, error) when it failed.  Never blocks longer than `wait_s`, so processes can
+        pending); (True, error) when it failed -- as soon as this process's write failed, even while
+        orbax still waits for the other processes.  Never blocks longer than `wait_s`, so processes can
         tell each other about a failure while another one's save still waits for them."""
+        if self._failed_write is not None:
+            self._waiter = None  # orbax's finalisation may stay blocked in its barrier: not waited for
+            return True, self._failed_write
         if self._waiter is None:
             box: dict = {}
 
@@ -180,7 +208,12 @@ class CheckpointManager:
             thread.start()
             self._waiter = (thread, box)
         thread, box = self._waiter
-        thread.join(max(0.0, wait_s))
+        t_end = time.monotonic() + max(0.0, wait_s)
+        while thread.is_alive() and self._failed_write is None and time.monotonic() < t_end:
+            thread.join(min(0.05, max(0.0, t_end - time.monotonic())))
+        if self._failed_write is not None:
+            self._waiter = None
+            return True, self._failed_write
         if thread.is_alive():
             return False, None
         self._waiter = None
@@ -189,7 +222,10 @@ class CheckpointManager:
     # ------------------------------------------------------------------ lifecycle
     def wait_until_finished(self) -> None:
         """Block until the pending asynchronous save is written (raises its error, or
-        `CheckpointTimeout` after `timeout_s`)."""
+        `CheckpointTimeout` after `timeout_s`).  A write already seen failing on this process raises at
+        once (orbax's finalisation of it may be waiting for the other processes)."""
+        if self._failed_write is not None:
+            raise self._failed_write
         self._timed("wait for the pending save", self._mngr.wait_until_finished)
         self._mngr.check_for_errors()
 

@@ -327,7 +327,10 @@ def _batches(source, start_step: int):
 
 
 class CheckpointSaveError(RuntimeError):
-    """A checkpoint could not be written (the message names the newest complete one, left intact)."""
+    """A checkpoint could not be written (the message names the newest complete one, left intact).
+    Raised on every process together (the processes exchange their save outcomes first)."""
+
+    raised_on_every_process = True
 
 
 def _save_failure_message(ckpt_dir: Path, failed_step: int | None, step_now: int,
@@ -593,6 +596,7 @@ def train(model_cfg: PLDRConfig, tcfg: TrainConfig, *, train_data: Iterable | No
                 saving_step = None
 
     step = start_step
+    save_failed = False
     try:
         while step < tcfg.steps:
             try:
@@ -627,14 +631,18 @@ def train(model_cfg: PLDRConfig, tcfg: TrainConfig, *, train_data: Iterable | No
         if step > start_step or val_data is not None:
             run_eval(step)
         save(step if step > start_step else None, force=True, finish=True)
+    except (CheckpointSaveError, CheckpointTimeout):
+        save_failed = True  # orbax's threads may wait in barriers for the other processes: not closed
+        raise
     finally:
         if bar is not None:
             bar.close()
         logger.close()
-        try:
-            mngr.close()
-        except Exception as e:  # already reported by save(); do not mask the error in flight
-            log(f"warning: closing the checkpoint manager: {type(e).__name__}: {e}")
+        if not save_failed:
+            try:
+                mngr.close()
+            except Exception as e:  # already reported by save(); do not mask the error in flight
+                log(f"warning: closing the checkpoint manager: {type(e).__name__}: {e}")
 
     plot_path = None
     if tcfg.plot and _is_main():
