@@ -272,17 +272,23 @@ def test_disk_full_while_saving_errors_and_keeps_the_previous_checkpoint(runs, d
     assert launcher.returncode == 0, launcher.stdout[-2000:] + launcher.stderr[-2000:] + logs
     rcs = json.loads(Path(str(out) + ".rcs.json").read_text())
     assert all(rc not in (0, None) for rc in rcs), (rcs, logs)  # neither process hung or claimed success
-    for i in range(2):
-        err = [ln for ln in _log(wd, i).splitlines() if ln.startswith("pldr-jax train: error:")]
-        assert err and "the save of step 8" in err[0] and "the disk is full" in err[0], _log(wd, i)[-3000:]
-        assert "step 4, is intact" in err[0] and "--resume" in err[0]
-    assert complete_checkpoint_steps(out / "checkpoints") == [4]
-    assert not (out / "checkpoints.corrupt").exists()
+    _assert_failed_save_of_step_8(wd, out / "checkpoints")
     # space freed (the copy lives on the real disk): resume continues from step 4, exactly
     _run(data, out, 2, 12, ["--resume"])
     got = _losses(out)
     assert [got[s] for s in range(1, 13)] == [runs["ref"][s] for s in range(1, 13)]
     assert _resume_records(out)[-1]["step"] == 4
+
+
+def _assert_failed_save_of_step_8(wd: Path, ckpt: Path, *also: str) -> None:
+    """Both processes' logs end with the error naming the failed save of step 8 (a full disk) and the
+    intact step 4 (and each of `also`); step 4 is the only complete checkpoint; nothing quarantined."""
+    for i in range(2):
+        err = [ln for ln in _log(wd, i).splitlines() if ln.startswith("pldr-jax train: error:")]
+        assert err and "the save of step 8" in err[0] and "the disk is full" in err[0], _log(wd, i)[-3000:]
+        assert "step 4, is intact" in err[0] and "--resume" in err[0] and all(a in err[0] for a in also)
+    assert complete_checkpoint_steps(ckpt) == [4]
+    assert not (ckpt.parent / "checkpoints.corrupt").exists()
 
 
 def test_one_process_background_write_failing_stops_every_process(data):
@@ -295,12 +301,7 @@ def test_one_process_background_write_failing_stops_every_process(data):
     took = time.monotonic() - t0
     logs = "\n".join(_log(wd, i)[-3000:] for i in range(2))
     assert all(rc not in (0, None, -9) for rc in rcs), (rcs, logs)  # neither hung (killed) nor claimed success
-    for i in range(2):
-        err = [ln for ln in _log(wd, i).splitlines() if ln.startswith("pldr-jax train: error:")]
-        assert err and "the save of step 8" in err[0] and "the disk is full" in err[0], _log(wd, i)[-3000:]
-        assert "process 0:" in err[0] and "step 4, is intact" in err[0]
-    assert complete_checkpoint_steps(wd / "checkpoints") == [4]
-    assert not (wd / "checkpoints.corrupt").exists()
+    _assert_failed_save_of_step_8(wd, wd / "checkpoints", "process 0:")
     assert took < 150, f"the processes took {took:.0f} s to stop"
 
 
