@@ -74,9 +74,11 @@ def timed(fn, reps: int, max_tries: int, max_others: float, budget_s: float = 1e
 def matmul_floor_ms(run_cfg, run_params, batch: int, steps: int, reps: int = 3) -> float:
     """The per-step floor of a decode step at `batch` rows: a jitted `fori_loop` of `steps` steps,
     each a chain of the same prepared weights' products -- every layer's fused q/k/v, output
-    projection, fused w1/w2 and w3 (through `ops.layers.linear`, the decode step's own kernels)
-    plus the vocabulary head -- and nothing else (no attention, norms, cache, sampling).  Median ms
-    per step over `reps` timed runs after a warm-up."""
+    projection, fused w1/w2 and w3 (through `ops.layers.linear`, the decode step's own kernels, in
+    the decode dtype) plus the vocabulary head -- and nothing else (no attention, norms, cache,
+    sampling).  The weights are arguments of the jitted function, as in the decode loop (closed-over
+    weights would be compile-time constants XLA may re-lay out for free).  Median ms per step over
+    `reps` timed runs after a warm-up."""
     import jax
     import jax.numpy as jnp
 
@@ -84,24 +86,26 @@ def matmul_floor_ms(run_cfg, run_params, batch: int, steps: int, reps: int = 3) 
 
     D, dff = run_cfg.d_model, run_cfg.dff
     dt = jnp.dtype(run_cfg.dtype)
+    weights = {"layers": [{k: lp[k] for k in ("wqkv", "dense", "ffn")} for lp in run_params["layers"]],
+               "final": run_params["final"]}
 
-    def step(_, x):
-        for lp in run_params["layers"]:
+    def step(w, x):
+        for lp in w["layers"]:
             qkv = linear(lp["wqkv"], x)
             h = linear(lp["dense"], qkv[:, :D])
             f = lp["ffn"]
             h12 = linear(f["w12"], h) if "w12" in f else linear(f["w1"], h)
             x = linear(f["w3"], h12[:, :dff])
-        logits = linear(run_params["final"], x)
+        logits = linear(w["final"], x)
         return x + logits[:, :1].astype(dt) * 1e-30      # the next step depends on the head
 
-    fn = jax.jit(lambda x: jax.lax.fori_loop(0, steps, step, x))
+    fn = jax.jit(lambda w, x: jax.lax.fori_loop(0, steps, lambda _, x: step(w, x), x))
     x0 = jnp.ones((batch, D), dt)
-    fn(x0).block_until_ready()
+    fn(weights, x0).block_until_ready()
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        fn(x0).block_until_ready()
+        fn(weights, x0).block_until_ready()
         times.append(time.perf_counter() - t0)
     return 1e3 * statistics.median(times) / steps
 
