@@ -409,3 +409,33 @@ def test_compile_cache_directory_resolution(monkeypatch, tmp_path):
         assert resolve_cache_dir() is None
     monkeypatch.setenv(ENV_VAR, str(tmp_path / "env"))
     assert resolve_cache_dir() == tmp_path / "env"
+
+
+def test_wide_kv_cache_for_16bit_models(tiny, monkeypatch):
+    """A bfloat16 model decoding in bfloat16 keeps its keys/values in the platform's KV-cache dtype
+    (`backend.kv_cache_dtype`: float32 on CPU), heads first [B, H, S, dk]: the same tokens and
+    (up to float32 accumulation order) the same logits as bfloat16 buffers, ragged rows, one
+    compilation per bucket."""
+    import dataclasses
+
+    from pldr_jax import backend
+    from pldr_jax.decode import request
+    cfg, params = tiny
+    bf = cfg.replace(dtype="bfloat16")
+    prompts = RAGGED * 3                          # 9 rows: decodes in bfloat16 (bf16_min_batch)
+    kw = dict(max_new_tokens=12, kv_cache=True, g_cache=True, top_k=1, eos_id=None, return_logits=True)
+    sampler = pldr_jax.Sampler(bf, params)
+    before = compiled_counts()["loop"]
+    wide = sampler(prompts, **kw)
+    assert wide.compute_dtype == "bfloat16"
+    want = backend.choices().kv_cache_dtype or "bfloat16"
+    assert wide.cache.k[0].dtype == jnp.dtype(want)
+    assert wide.cache.k[0].shape == (9, cfg.num_heads, wide.cache.max_len, cfg.head_dim)
+    again = sampler([p[::-1] for p in prompts], **kw)            # same bucket: no new compilation
+    assert compiled_counts()["loop"] - before <= 1 and again.compute_dtype == "bfloat16"
+    real = backend.choices
+    monkeypatch.setattr(request, "choices", lambda p=None: dataclasses.replace(real(p), kv_cache_dtype=None))
+    narrow = pldr_jax.Sampler(bf, params)(prompts, **kw)
+    assert narrow.cache.k[0].dtype == jnp.bfloat16
+    assert wide.tokens == narrow.tokens
+    np.testing.assert_allclose(wide.logits, narrow.logits, atol=2e-2, rtol=2e-2)
