@@ -5,8 +5,10 @@ whole `generate` call, prefill included, median over timed runs after a warm-up,
 reference's figures), prefill time beside its floor (`prefill_floor_ms`: the same weights' products at
 the prefill's shapes, the metric learner's included) and prefill_over_floor, per-step decode time, the
 per-step matmul floor measured in the same process (`matmul_floor_ms`: the same prepared weights'
-products at that batch, nothing else) and step_over_floor = step_ms / floor_ms, compile time (first call minus a warm call) and the peak RSS of the process that ran that configuration (each configuration runs in its
-own subprocess unless --in-process).
+products at that batch, nothing else) and step_over_floor = step_ms / floor_ms, compile time (first
+call minus a warm call) and the peak RSS of the process that ran that configuration (each configuration
+runs in its own subprocess unless --in-process).  The stored reference anchors below are from another
+day; they are not a same-run comparison.
 
     python experiments/bench_decode.py                  # batch 1, 8, 32; all modes at batch 1,
                                                         # KV modes at 8 and 32; float32 + bfloat16
@@ -72,6 +74,18 @@ def timed(fn, reps: int, max_tries: int, max_others: float, budget_s: float = 1e
     return clean, all_t, shares, out
 
 
+def _layer_products(lp, x, D: int, dff: int):
+    """One layer's weight products on x [rows, D] (fused q/k/v, output projection, fused w1/w2, w3),
+    through the decode step's own `ops.layers.linear`, chained so each depends on the previous."""
+    from pldr_jax.ops.layers import linear
+
+    qkv = linear(lp["wqkv"], x)
+    h = linear(lp["dense"], qkv[:, :D])
+    f = lp["ffn"]
+    h12 = linear(f["w12"], h) if "w12" in f else linear(f["w1"], h)
+    return linear(f["w3"], h12[:, :dff])
+
+
 def matmul_floor_ms(run_cfg, run_params, batch: int, steps: int, reps: int = 3) -> float:
     """The per-step floor of a decode step at `batch` rows: a jitted `fori_loop` of `steps` steps,
     each a chain of the same prepared weights' products -- every layer's fused q/k/v, output
@@ -92,11 +106,7 @@ def matmul_floor_ms(run_cfg, run_params, batch: int, steps: int, reps: int = 3) 
 
     def step(w, x):
         for lp in w["layers"]:
-            qkv = linear(lp["wqkv"], x)
-            h = linear(lp["dense"], qkv[:, :D])
-            f = lp["ffn"]
-            h12 = linear(f["w12"], h) if "w12" in f else linear(f["w1"], h)
-            x = linear(f["w3"], h12[:, :dff])
+            x = _layer_products(lp, x, D, dff)
         logits = linear(w["final"], x)
         return x + logits[:, :1].astype(dt) * 1e-30      # the next step depends on the head
 
@@ -133,18 +143,15 @@ def prefill_floor_ms(run_cfg, run_params, batch: int, prompt_len: int, reps: int
 
     def chain(w, x, a):
         for lp in w["layers"]:
-            qkv = linear(lp["wqkv"], x)
-            h = linear(lp["dense"], qkv[:, :D])
-            f = lp["ffn"]
-            h12 = linear(f["w12"], h) if "w12" in f else linear(f["w1"], h)
-            x = linear(f["w3"], h12[:, :dff])
+            x = _layer_products(lp, x, D, dff)
             if learned:
                 res = lp["metric_res"]
                 R, N = res["w1"]["kernel"].shape[:2]
                 y = a
                 for r in range(R):
                     for j in range(N):
-                        y = glu(f32(jax.tree_util.tree_map(lambda t: t[r, j], {k: res[k] for k in ("w1", "w2", "w3")})), y)
+                        glu_rj = jax.tree_util.tree_map(lambda t: t[r, j], {k: res[k] for k in ("w1", "w2", "w3")})
+                        y = glu(f32(glu_rj), y)
                 a = a + y
         return linear(w["final"], x[:batch]), a
 

@@ -96,7 +96,7 @@ def decoder_layer(cfg: PLDRConfig, lp: dict, x: jax.Array, positions: jax.Array,
 
     Returns (x_out [B, L, D] ([B, 1, D] with `query_rows`), deductive outputs: {"A", "A_LM", "A_P",
     "G_LM"} float32 [B, H, dk, dk], or {"G_LM"} with a given `g_lm`, (k, v) the keys and values
-    attended over: [B, L, H, dk], or the updated buffers [B, S, H, dk]).
+    attended over: [B, L, H, dk], or the updated buffers [B, H, S, dk]).
     """
     q, k, v = project_qkv(cfg, lp, x, positions, kernels)
     rows = jnp.arange(x.shape[0])

@@ -63,8 +63,8 @@ def _run_layers(cfg: PLDRConfig, params, x, positions, mask, *, metric_mask=None
     x [B, L, D]; positions, mask, metric_mask as `decoder_layer`.  Per-layer inputs, indexed by layer
     (a tuple or a stacked array), None when unused: g_lm [L][B|1, H, dk, dk], metric (cached A)
     [L][B|1, H, dk, dk], kv_buffers (k, v) each [L][B, H, S, dk].  last_query_rows [B]: the last layer's
-    output only at that position of each row.  Returns (x_out [B, L|1, D], keys [L][B, L|S, H, dk],
-    values, per-layer deductive dicts).
+    output only at that position of each row.  Returns (x_out [B, L|1, D], keys [L][B, L, H, dk] (or
+    the updated buffers [L][B, H, S, dk]), values, per-layer deductive dicts).
     """
     layers = params["layers"]
     if not isinstance(layers, (tuple, list)):
@@ -112,7 +112,8 @@ def prefill(cfg: PLDRConfig, params, tokens, lengths, g_all, max_len: int, kv_dt
     names = ("G_LM",) if g_all is not None else ("A", "A_LM", "G_LM")
     per_layer = lambda name: tuple(d[name] for d in deds) if name in names else None
     kv_dt = jnp.dtype(kv_dtype or cfg.dtype)
-    cache = Cache(k=tuple(_kv_buffer(k, max_len, kv_dt) for k in ks), v=tuple(_kv_buffer(v, max_len, kv_dt) for v in vs),
+    cache = Cache(k=tuple(_kv_buffer(k, max_len, kv_dt) for k in ks),
+                  v=tuple(_kv_buffer(v, max_len, kv_dt) for v in vs),
                   A=per_layer("A"), A_LM=per_layer("A_LM"), G_LM=per_layer("G_LM"),
                   tokens=_pad_to(tokens.astype(jnp.int32), max_len), lengths=lengths.astype(jnp.int32))
     return cache, logits, {name: jnp.stack(per_layer(name)) for name in names}
