@@ -2,10 +2,13 @@
 
 For each (batch, mode, dtype) it reports tokens/s (all new tokens of the batch / wall time of the
 whole `generate` call, prefill included, median over timed runs after a warm-up, as the
-reference's figures), prefill time, per-step decode time, the per-step matmul floor measured in the
-same process (`matmul_floor_ms`: the same prepared weights' products at that batch, nothing else)
-and step_over_floor = step_ms / floor_ms, compile time (first call minus a warm call) and the peak RSS of the process that ran that configuration (each configuration runs in its
-own subprocess unless --in-process).
+reference's figures), prefill time beside its floor (`prefill_floor_ms`: the same weights' products at
+the prefill's shapes, the metric learner's included) and prefill_over_floor, per-step decode time, the
+per-step matmul floor measured in the same process (`matmul_floor_ms`: the same prepared weights'
+products at that batch, nothing else) and step_over_floor = step_ms / floor_ms, compile time (first
+call minus a warm call) and the peak RSS of the process that ran that configuration (each configuration
+runs in its own subprocess unless --in-process).  The stored reference anchors below are from another
+day; they are not a same-run comparison.
 
     python experiments/bench_decode.py                  # batch 1, 8, 32; all modes at batch 1,
                                                         # KV modes at 8 and 32; float32 + bfloat16
@@ -71,12 +74,26 @@ def timed(fn, reps: int, max_tries: int, max_others: float, budget_s: float = 1e
     return clean, all_t, shares, out
 
 
+def _layer_products(lp, x, D: int, dff: int):
+    """One layer's weight products on x [rows, D] (fused q/k/v, output projection, fused w1/w2, w3),
+    through the decode step's own `ops.layers.linear`, chained so each depends on the previous."""
+    from pldr_jax.ops.layers import linear
+
+    qkv = linear(lp["wqkv"], x)
+    h = linear(lp["dense"], qkv[:, :D])
+    f = lp["ffn"]
+    h12 = linear(f["w12"], h) if "w12" in f else linear(f["w1"], h)
+    return linear(f["w3"], h12[:, :dff])
+
+
 def matmul_floor_ms(run_cfg, run_params, batch: int, steps: int, reps: int = 3) -> float:
     """The per-step floor of a decode step at `batch` rows: a jitted `fori_loop` of `steps` steps,
     each a chain of the same prepared weights' products -- every layer's fused q/k/v, output
-    projection, fused w1/w2 and w3 (through `ops.layers.linear`, the decode step's own kernels)
-    plus the vocabulary head -- and nothing else (no attention, norms, cache, sampling).  Median ms
-    per step over `reps` timed runs after a warm-up."""
+    projection, fused w1/w2 and w3 (through `ops.layers.linear`, the decode step's own kernels, in
+    the decode dtype) plus the vocabulary head -- and nothing else (no attention, norms, cache,
+    sampling).  The weights are arguments of the jitted function, as in the decode loop (closed-over
+    weights would be compile-time constants XLA may re-lay out for free).  Median ms per step over
+    `reps` timed runs after a warm-up."""
     import jax
     import jax.numpy as jnp
 
@@ -84,26 +101,70 @@ def matmul_floor_ms(run_cfg, run_params, batch: int, steps: int, reps: int = 3) 
 
     D, dff = run_cfg.d_model, run_cfg.dff
     dt = jnp.dtype(run_cfg.dtype)
+    weights = {"layers": [{k: lp[k] for k in ("wqkv", "dense", "ffn")} for lp in run_params["layers"]],
+               "final": run_params["final"]}
 
-    def step(_, x):
-        for lp in run_params["layers"]:
-            qkv = linear(lp["wqkv"], x)
-            h = linear(lp["dense"], qkv[:, :D])
-            f = lp["ffn"]
-            h12 = linear(f["w12"], h) if "w12" in f else linear(f["w1"], h)
-            x = linear(f["w3"], h12[:, :dff])
-        logits = linear(run_params["final"], x)
+    def step(w, x):
+        for lp in w["layers"]:
+            x = _layer_products(lp, x, D, dff)
+        logits = linear(w["final"], x)
         return x + logits[:, :1].astype(dt) * 1e-30      # the next step depends on the head
 
-    fn = jax.jit(lambda x: jax.lax.fori_loop(0, steps, step, x))
+    fn = jax.jit(lambda w, x: jax.lax.fori_loop(0, steps, lambda _, x: step(w, x), x))
     x0 = jnp.ones((batch, D), dt)
-    fn(x0).block_until_ready()
+    fn(weights, x0).block_until_ready()
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        fn(x0).block_until_ready()
+        fn(weights, x0).block_until_ready()
         times.append(time.perf_counter() - t0)
     return 1e3 * statistics.median(times) / steps
+
+
+def prefill_floor_ms(run_cfg, run_params, batch: int, prompt_len: int, reps: int = 3) -> float:
+    """The floor of the prefill of `batch` x `prompt_len` tokens: one jitted chain of the same
+    prepared weights' products at the prefill's shapes -- per layer the fused q/k/v, output
+    projection, fused w1/w2 and w3 over batch * prompt_len rows in the decode dtype, and the metric
+    learner's float32 GLU products over the batch * H * dk rows of A (learned-G models) -- plus the
+    vocabulary head over one row per prompt.  No attention, norms, RoPE or cache writes.  Weights
+    are arguments of the jitted function.  Median ms over `reps` timed calls after a warm-up."""
+    import jax
+    import jax.numpy as jnp
+
+    from pldr_jax.ops.layers import glu, linear
+
+    D, dff = run_cfg.d_model, run_cfg.dff
+    H, dk = run_cfg.num_heads, run_cfg.head_dim
+    dt = jnp.dtype(run_cfg.dtype)
+    learned = run_cfg.learned_g
+    weights = {"layers": [{k: lp[k] for k in ("wqkv", "dense", "ffn") + (("metric_res",) if learned else ())}
+                          for lp in run_params["layers"]], "final": run_params["final"]}
+    f32 = lambda t: jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), t)
+
+    def chain(w, x, a):
+        for lp in w["layers"]:
+            x = _layer_products(lp, x, D, dff)
+            if learned:
+                res = lp["metric_res"]
+                R, N = res["w1"]["kernel"].shape[:2]
+                y = a
+                for r in range(R):
+                    for j in range(N):
+                        glu_rj = jax.tree_util.tree_map(lambda t: t[r, j], {k: res[k] for k in ("w1", "w2", "w3")})
+                        y = glu(f32(glu_rj), y)
+                a = a + y
+        return linear(w["final"], x[:batch]), a
+
+    fn = jax.jit(chain)
+    x0 = jnp.ones((batch * prompt_len, D), dt)
+    a0 = jnp.ones((batch * H * dk, dk), jnp.float32)
+    jax.block_until_ready(fn(weights, x0, a0))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(weights, x0, a0))
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
 
 
 def run_one(batch: int, mode: str, dtype: str, prompt_len: int, new_tokens: int, reps: int, preset: str,
@@ -146,10 +207,12 @@ def run_one(batch: int, mode: str, dtype: str, prompt_len: int, new_tokens: int,
     steps = max(new_tokens - 1, 1)
     step_ms = 1e3 * statistics.median(timings[i]["decode_s"] for i in idx) / steps
     floor_ms = matmul_floor_ms(run_cfg, run_params, batch, steps)
+    prefill_s = statistics.median(timings[i]["prefill_s"] for i in idx)
+    pf_floor_ms = prefill_floor_ms(run_cfg, run_params, batch, prompt_len)
     return {
         "batch": batch, "mode": mode, "dtype": dtype, "compute_dtype": out.compute_dtype,
         "tokens_per_s": batch * new_tokens / total,
-        "prefill_s": statistics.median(timings[i]["prefill_s"] for i in idx),
+        "prefill_s": prefill_s, "prefill_floor_ms": pf_floor_ms, "prefill_over_floor": 1e3 * prefill_s / pf_floor_ms,
         "step_ms": step_ms, "floor_ms": floor_ms, "step_over_floor": step_ms / floor_ms,
         "compile_s": max(first_total - total, 0.0),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
@@ -220,11 +283,13 @@ def main(argv=None) -> int:
             ref = res["reference_tokens_per_s"]
             x = f"  ({res['tokens_per_s'] / ref:.1f}x ref {ref})" if ref else ""
             print(f"batch {b:3d} {m:5s} {d:9s} [{res['compute_dtype']:8s}] {res['tokens_per_s']:8.1f} tok/s  "
-                  f"prefill {res['prefill_s'] * 1e3:7.1f} ms  step {res['step_ms']:7.2f} ms  floor {res['floor_ms']:6.2f} ms "
+                  f"prefill {res['prefill_s'] * 1e3:7.1f} ms (floor {res['prefill_floor_ms']:6.1f}, "
+                  f"{res['prefill_over_floor']:.2f}x)  step {res['step_ms']:7.2f} ms  floor {res['floor_ms']:6.2f} ms "
                   f"({res['step_over_floor']:.2f}x)  "
                   f"compile {res['compile_s']:5.1f} s  peak {res['peak_rss_mb']:6.0f} MB{x}", flush=True)
     if args.json:
-        keys = ("batch", "mode", "dtype", "tokens_per_s", "prefill_s", "step_ms", "floor_ms", "step_over_floor",
+        keys = ("batch", "mode", "dtype", "tokens_per_s", "prefill_s", "prefill_floor_ms", "prefill_over_floor",
+                "step_ms", "floor_ms", "step_over_floor",
                 "compile_s", "peak_rss_mb")
         print(json.dumps({"results": [{k: r[k] for k in keys} for r in results],
                           "details": results,

@@ -16,7 +16,13 @@ else:
   (accelerators: compile time flat in depth).
 * ``bf16_min_batch``: a bfloat16 model decodes in float32 below this batch (CPU: its 16-bit
   matrix-vector path is slow; accelerators: 0, never).
-* ``decode_transposed``: decode weights stored as [out, in] (CPU matrix-vector products).
+* ``decode_transposed``: the decode dtypes whose weights are stored as [out, in] (CPU: float32,
+  for its matrix-vector products; XLA:CPU's bfloat16 matmuls (YNNPACK) want [in, out] and would
+  copy [out, in] weights back at the start of every call).
+* ``kv_cache_dtype``: the dtype of a 16-bit model's KV-cache buffers ("float32" on CPU: XLA:CPU
+  runs a bfloat16 scatter and batched dot by converting the whole buffer to float32 and back every
+  step (v51 110M batch 32: 132 -> 61-70 ms per step); the bfloat16 values held in float32 give the same
+  products; None elsewhere = the compute dtype).
 * ``huge_pages``: the `pldr-jax` console script re-executes itself with a glibc huge-page tunable
   (`train.host_memory`; only for an XLA:CPU process).
 * ``head_chunk_bytes``: the training loss computes the output head + cross-entropy over sequence
@@ -52,7 +58,8 @@ class BackendChoices:
     kernels: str
     unroll_layers: bool
     bf16_min_batch: int
-    decode_transposed: bool
+    decode_transposed: tuple[str, ...]
+    kv_cache_dtype: str | None
     remat: str
     head_chunk_bytes: int
 
@@ -76,7 +83,8 @@ def choices(platform: str | None = None) -> BackendChoices:
     cpu = platform == "cpu"
     kernels = _kernels_override() or ("cpu" if cpu else "xla")
     return BackendChoices(platform=platform, kernels=kernels, unroll_layers=cpu, bf16_min_batch=8 if cpu else 0,
-                          decode_transposed=cpu, remat="none" if cpu else "full",
+                          decode_transposed=("float32",) if cpu else (), kv_cache_dtype="float32" if cpu else None,
+                          remat="none" if cpu else "full",
                           head_chunk_bytes=0 if cpu else 2 ** 30)
 
 

@@ -62,15 +62,16 @@ def deduce(lp: dict, A: jax.Array) -> dict:
     return {"A": A, "A_LM": A_LM, "A_P": A_P, "G_LM": G_LM}
 
 
-def attend_and_mix(cfg: PLDRConfig, lp: dict, x: jax.Array, q, k, v, g_lm, mask, kernels: str = "xla") -> jax.Array:
+def attend_and_mix(cfg: PLDRConfig, lp: dict, x: jax.Array, q, k, v, g_lm, mask, kernels: str = "xla",
+                   heads_first: bool = False) -> jax.Array:
     """Attention with G_LM, output projection, then the post-LN residual blocks.
 
-    x [B, Lq, D]; q [B, Lq, H, dk]; k, v [B, Lk, H, dk]; g_lm [B|1, H, dk, dk]; mask
-    [B, 1, Lq, Lk] bool.  Returns the layer output [B, Lq, D].
+    x [B, Lq, D]; q [B, Lq, H, dk]; k, v [B, Lk, H, dk] (or [B, H, Lk, dk] with `heads_first`);
+    g_lm [B|1, H, dk, dk]; mask [B, 1, Lq, Lk] bool.  Returns the layer output [B, Lq, D].
     """
     B, L, D = x.shape
     act = ("batch", "length", "embed")
-    att = plga_attention(q, k, v, g_lm, mask)
+    att = plga_attention(q, k, v, g_lm, mask, heads_first=heads_first)
     att = constrain(att, ("batch", "length", "heads", None)).reshape(B, L, D)
     h = constrain(layer_norm(lp["norm1"], x + linear(lp["dense"], att, kernels), cfg.layer_norm_eps), act)
     return constrain(layer_norm(lp["norm2"], h + glu(lp["ffn"], h, kernels), cfg.layer_norm_eps), act)
@@ -87,21 +88,22 @@ def decoder_layer(cfg: PLDRConfig, lp: dict, x: jax.Array, positions: jax.Array,
     G_LM source: `g_lm` [B|1, H, dk, dk] used as given (the metric learner is skipped); else
     `metric` [B, H, dk, dk], a cached A that A_LM, A_P, G_LM are re-derived from; else A from this
     layer's queries, with `metric_mask` [B, L] bool (False = left out of A) or None (all positions).
-    kv_buffers: (k, v) [B, S, H, dk] KV-cache buffers of a one-token step (L == 1): this step's key
-      and value are written at position positions[b, 0] of row b and attention runs over the buffers.
+    kv_buffers: (k, v) [B, H, S, dk] KV-cache buffers of a one-token step (L == 1), heads first (the
+      decode cache's layout, `decode.cache`), in the compute dtype or wider: this step's key and
+      value are written at position positions[b, 0] of row b and attention runs over the buffers.
     query_rows: [B] int, compute the output only at position query_rows[b] of row b.
     kernels: the matmul implementation ("xla" | "cpu", `pldr_jax.backend`).
 
     Returns (x_out [B, L, D] ([B, 1, D] with `query_rows`), deductive outputs: {"A", "A_LM", "A_P",
     "G_LM"} float32 [B, H, dk, dk], or {"G_LM"} with a given `g_lm`, (k, v) the keys and values
-    attended over: [B, L, H, dk], or the updated buffers [B, S, H, dk]).
+    attended over: [B, L, H, dk], or the updated buffers [B, H, S, dk]).
     """
     q, k, v = project_qkv(cfg, lp, x, positions, kernels)
     rows = jnp.arange(x.shape[0])
     if kv_buffers is not None:
         at = positions[:, 0]
-        k = kv_buffers[0].at[rows, at].set(k[:, 0])
-        v = kv_buffers[1].at[rows, at].set(v[:, 0])
+        k = kv_buffers[0].at[rows, :, at].set(k[:, 0].astype(kv_buffers[0].dtype))     # [B, H, S, dk]
+        v = kv_buffers[1].at[rows, :, at].set(v[:, 0].astype(kv_buffers[1].dtype))
     if g_lm is not None:
         ded = {"G_LM": g_lm.astype(jnp.float32)}
     else:
@@ -109,4 +111,5 @@ def decoder_layer(cfg: PLDRConfig, lp: dict, x: jax.Array, positions: jax.Array,
     if query_rows is not None:
         x, q = x[rows, query_rows][:, None], q[rows, query_rows][:, None]
         mask = mask[rows, :, query_rows][:, :, None]
-    return attend_and_mix(cfg, lp, x, q, k, v, ded["G_LM"], mask, kernels), ded, (k, v)
+    out = attend_and_mix(cfg, lp, x, q, k, v, ded["G_LM"], mask, kernels, heads_first=kv_buffers is not None)
+    return out, ded, (k, v)

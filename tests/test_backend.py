@@ -135,8 +135,9 @@ def test_chunked_head_never_holds_the_whole_logits():
 def test_choices_by_platform_and_override(monkeypatch):
     monkeypatch.delenv(backend.KERNELS_ENV, raising=False)
     cpu, tpu = backend.choices("cpu"), backend.choices("tpu")
-    assert (cpu.kernels, cpu.unroll_layers, cpu.bf16_min_batch, cpu.decode_transposed) == ("cpu", True, 8, True)
-    assert (tpu.kernels, tpu.unroll_layers, tpu.bf16_min_batch, tpu.decode_transposed) == ("xla", False, 0, False)
+    assert (cpu.kernels, cpu.unroll_layers, cpu.bf16_min_batch, cpu.decode_transposed) == ("cpu", True, 8, ("float32",))
+    assert (tpu.kernels, tpu.unroll_layers, tpu.bf16_min_batch, tpu.decode_transposed) == ("xla", False, 0, ())
+    assert (cpu.kv_cache_dtype, tpu.kv_cache_dtype) == ("float32", None)
     assert tpu.remat == "full" and cpu.remat == "none" and tpu.head_chunk_bytes > 0 == cpu.head_chunk_bytes
     monkeypatch.setenv(backend.KERNELS_ENV, "xla")
     assert backend.choices("cpu").kernels == "xla"

@@ -238,15 +238,15 @@ def test_stream_equals_generate(tiny):
 def test_init_cache_shapes_and_axes(tiny):
     cfg, _ = tiny
     c = init_cache(cfg, 3, 32)
-    assert len(c.k) == cfg.num_layers and c.k[0].shape == (3, 32, cfg.num_heads, cfg.head_dim)
+    assert len(c.k) == cfg.num_layers and c.k[0].shape == (3, cfg.num_heads, 32, cfg.head_dim)
     assert c.G_LM[0].shape == (3, cfg.num_heads, cfg.head_dim, cfg.head_dim) and c.lengths.shape == (3,)
     c1 = init_cache(cfg, 3, 32, kv=False, g_batch=1)
     assert c1.k is None and c1.G_LM[0].shape[0] == 1
     axes = cache_logical_axes(c)
-    assert axes.k[0] == ("batch", "kv_len", "attn_heads", "dk")
+    assert axes.k[0] == ("batch", "attn_heads", "kv_len", "dk")
     assert cache_logical_axes(c1).G_LM[0] == (None, "attn_heads", "dk", "dk_out")
     specs = cache_partition_specs(c, {"batch": "data", "attn_heads": "model"})
-    assert specs.k[0] == jax.sharding.PartitionSpec("data", None, "model", None)
+    assert specs.k[0] == jax.sharding.PartitionSpec("data", "model", None, None)
     assert jax.tree_util.tree_structure(jax.tree_util.tree_map(jnp.zeros_like, c)) == jax.tree_util.tree_structure(c)
     with pytest.raises(ValueError, match="max_len"):
         init_cache(cfg, 1, cfg.max_seq_len + 1)
@@ -261,7 +261,8 @@ def test_dtype_policy(tiny):
     rc, rp = prepare_params(bf, p16, 2)
     assert rc.dtype == "float32" and rp["layers"][0]["wqkv"]["kernel_t"].dtype == jnp.float32
     rc, rp = prepare_params(cfg.replace(dtype="bfloat16"), params, 8)
-    assert rc.dtype == "bfloat16" and rp["layers"][0]["ffn"]["w12"]["kernel_t"].dtype == jnp.bfloat16
+    w12 = rp["layers"][0]["ffn"]["w12"]      # [out, in] only where the platform wants it (backend)
+    assert rc.dtype == "bfloat16" and w12.get("kernel_t", w12.get("kernel")).dtype == jnp.bfloat16
     assert rp["layers"][0]["plga"]["W"].dtype == jnp.float32        # deductive weights stay float32
     rc, rp = prepare_params(cfg, params, 1)
     assert rp["layers"][0]["wqkv"]["kernel_t"] is params["layers"][0]["wqkv"]["kernel_t"]   # no copy
@@ -408,3 +409,33 @@ def test_compile_cache_directory_resolution(monkeypatch, tmp_path):
         assert resolve_cache_dir() is None
     monkeypatch.setenv(ENV_VAR, str(tmp_path / "env"))
     assert resolve_cache_dir() == tmp_path / "env"
+
+
+def test_wide_kv_cache_for_16bit_models(tiny, monkeypatch):
+    """A bfloat16 model decoding in bfloat16 keeps its keys/values in the platform's KV-cache dtype
+    (`backend.kv_cache_dtype`: float32 on CPU), heads first [B, H, S, dk]: the same tokens and
+    (up to float32 accumulation order) the same logits as bfloat16 buffers, ragged rows, one
+    compilation per bucket."""
+    import dataclasses
+
+    from pldr_jax import backend
+    from pldr_jax.decode import request
+    cfg, params = tiny
+    bf = cfg.replace(dtype="bfloat16")
+    prompts = RAGGED * 3                          # 9 rows: decodes in bfloat16 (bf16_min_batch)
+    kw = dict(max_new_tokens=12, kv_cache=True, g_cache=True, top_k=1, eos_id=None, return_logits=True)
+    sampler = pldr_jax.Sampler(bf, params)
+    before = compiled_counts()["loop"]
+    wide = sampler(prompts, **kw)
+    assert wide.compute_dtype == "bfloat16"
+    want = backend.choices().kv_cache_dtype or "bfloat16"
+    assert wide.cache.k[0].dtype == jnp.dtype(want)
+    assert wide.cache.k[0].shape == (9, cfg.num_heads, wide.cache.max_len, cfg.head_dim)
+    again = sampler([p[::-1] for p in prompts], **kw)            # same bucket: no new compilation
+    assert compiled_counts()["loop"] - before <= 1 and again.compute_dtype == "bfloat16"
+    real = backend.choices
+    monkeypatch.setattr(request, "choices", lambda p=None: dataclasses.replace(real(p), kv_cache_dtype=None))
+    narrow = pldr_jax.Sampler(bf, params)(prompts, **kw)
+    assert narrow.cache.k[0].dtype == jnp.bfloat16
+    assert wide.tokens == narrow.tokens
+    np.testing.assert_allclose(wide.logits, narrow.logits, atol=2e-2, rtol=2e-2)

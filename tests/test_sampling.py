@@ -129,3 +129,15 @@ def test_sampler_objects():
     assert hash(s) == hash(SamplingParams(0.7, 5, 0.9))
     with pytest.raises(Exception):
         s.top_k = 3  # frozen
+
+
+def test_greedy_tokens_equals_argmax_with_ties_nan_and_inf():
+    from pldr_jax.decode.sampling import greedy_tokens
+    x = np.array(jax.random.normal(jax.random.key(3), (8, 50)), np.float32)
+    x[1, [4, 9]] = 7.0                      # tie: the first index wins
+    x[2, [6, 30]] = np.nan                  # NaN: the first NaN, as argmax
+    x[3, :] = -np.inf
+    x[4, [2, 40]] = np.inf
+    x[5, 0] = np.nan
+    np.testing.assert_array_equal(np.asarray(greedy_tokens(jnp.asarray(x))), np.argmax(x, axis=-1))
+    np.testing.assert_array_equal(np.asarray(greedy_tokens(jnp.asarray(x))), np.asarray(jnp.argmax(jnp.asarray(x), -1)))

@@ -3,8 +3,11 @@
 Per layer (tuples with one array per layer, so a decode step reads each layer's buffers without
 slicing a stacked array):
 
-* ``k``, ``v``: rotated keys and values ``[B, S, H, dk]`` in the compute dtype, in a fixed-size
-  buffer of S positions (None when decoding without a KV-cache);
+* ``k``, ``v``: rotated keys and values ``[B, H, S, dk]`` (heads first: attention reads each
+  row's heads as ``[B * H, S, dk]`` without a transposed copy) in a fixed-size buffer of S
+  positions, in the compute dtype or the platform's wider cache dtype (`pldr_jax.backend`
+  ``kv_cache_dtype``; the values are the compute dtype's either way); None when decoding without a
+  KV-cache;
 * ``A``: the prompt-time metric tensor ``[B|1, H, dk, dk]`` float32 (learned-G models; the
   reference keeps it in its KV-cache and re-derives G from it in the KV-only mode);
 * ``A_LM``, ``G_LM``: the G-cache ``[B|1, H, dk, dk]`` float32 (the deductive outputs of the
@@ -87,7 +90,7 @@ def init_cache(cfg: PLDRConfig, batch: int, max_len: int, dtype=None, *, kv: boo
     L, H, dk = cfg.num_layers, cfg.num_heads, cfg.head_dim
     gb = batch if g_batch is None else g_batch
     metric = cfg.learned_g if metric is None else metric
-    z_kv = lambda: tuple(jnp.zeros((batch, max_len, H, dk), dtype) for _ in range(L))
+    z_kv = lambda: tuple(jnp.zeros((batch, H, max_len, dk), dtype) for _ in range(L))
     z_g = lambda: tuple(jnp.zeros((gb, H, dk, dk), jnp.float32) for _ in range(L))
     return Cache(k=z_kv() if kv else None, v=z_kv() if kv else None,
                  A=z_g() if metric else None, A_LM=z_g() if metric else None, G_LM=z_g(),
@@ -101,7 +104,7 @@ def _axes(arr, names):
 
 def cache_logical_axes(cache: Cache) -> Cache:
     """A Cache of the same structure whose leaves are tuples of logical axis names."""
-    kv = ("batch", "kv_len", "attn_heads", "dk")
+    kv = ("batch", "attn_heads", "kv_len", "dk")
     g = ("batch", "attn_heads", "dk", "dk_out")
     per = lambda t, names: None if t is None else tuple(_axes(a, names) for a in t)
     return Cache(k=per(cache.k, kv), v=per(cache.v, kv), A=per(cache.A, g), A_LM=per(cache.A_LM, g),

@@ -114,9 +114,9 @@ def _advance(spec: LoopSpec, params, st: LoopState, inputs: LoopInputs) -> LoopS
     return _record(spec, st.replace(cache=cache), inputs, logits, deds)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_len"))
-def _prefill_jit(cfg, params, tokens, lengths, g_all, *, max_len):
-    return prefill(cfg, params, tokens, lengths, g_all, max_len)
+@functools.partial(jax.jit, static_argnames=("cfg", "max_len", "kv_dtype"))
+def _prefill_jit(cfg, params, tokens, lengths, g_all, *, max_len, kv_dtype):
+    return prefill(cfg, params, tokens, lengths, g_all, max_len, kv_dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "n_out"), donate_argnames=("cache",))
@@ -149,7 +149,8 @@ def prefill_cache(spec: LoopSpec, params, tokens, lengths, g_all, max_len: int):
 
     Returns (cache with buffers of max_len positions (no k/v without the KV-cache), logits0 [B, V]
     float32, the prompt's deductive outputs stacked [L, B, H, dk, dk])."""
-    cache, logits0, ded0 = _prefill_jit(spec.step.cfg, params, tokens, lengths, g_all, max_len=max_len)
+    cache, logits0, ded0 = _prefill_jit(spec.step.cfg, params, tokens, lengths, g_all, max_len=max_len,
+                                        kv_dtype=spec.step.kv_dtype)
     if not spec.step.kv_cache:
         cache = cache.replace(k=None, v=None)
     return cache, logits0, ded0

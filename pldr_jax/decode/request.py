@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..backend import choices
 from ..config import PLDRConfig
 from ..model import normalize_g_lm
 from .buckets import plan_lengths
@@ -98,11 +99,12 @@ class DecodeRequest:
 
 def make_request(cfg, weights: Callable[[int], tuple], prompts, *, max_new_tokens, kv_cache, g_cache, temperature,
                  top_k, top_p, seed, eos_id, g_lm, shared_g, stop_at_max_seq_len, max_len, return_logits,
-                 return_deductive) -> DecodeRequest:
+                 return_deductive, platform: str | None = None) -> DecodeRequest:
     """Validate `generate`'s arguments (see there) and build the `DecodeRequest`; ValueError if invalid.
 
     weights: batch size -> (run_cfg, run_params), the decode weights for that many rows
-    (`Sampler.weights`: prepared once per decode dtype, not per call)."""
+    (`Sampler.weights`: prepared once per decode dtype, not per call).  platform: where it decodes
+    (None = the default backend), for its KV-cache dtype (`pldr_jax.backend`)."""
     if not isinstance(cfg, PLDRConfig):
         raise ValueError(f"cfg must be a PLDRConfig, got {type(cfg).__name__}")
     max_new = _check_int("max_new_tokens", max_new_tokens, 1)
@@ -127,7 +129,10 @@ def make_request(cfg, weights: Callable[[int], tuple], prompts, *, max_new_token
     run_cfg, run_params = weights(B)
     given = g_all is not None
     # with a given G the G-cache flag changes nothing (G is fixed anyway): one compilation for both
-    step = StepSpec(cfg=run_cfg, kv_cache=bool(kv_cache), g_cache=bool(g_cache) or given, given_g=given)
+    wide = choices(platform).kv_cache_dtype
+    kv_dtype = wide if wide and jnp.dtype(run_cfg.dtype).itemsize < jnp.dtype(wide).itemsize else None
+    step = StepSpec(cfg=run_cfg, kv_cache=bool(kv_cache), g_cache=bool(g_cache) or given, given_g=given,
+                    kv_dtype=kv_dtype)
     spec = LoopSpec(step=step, shared_g=bool(shared_g), sampler_kind=sampler.kind,
                     collect_logits=bool(return_logits), collect_deductive=bool(return_deductive))
     t, k, p = (sampler.temperature, sampler.top_k, sampler.top_p) if isinstance(sampler, SamplingParams) else (1.0, 1, 1.0)

@@ -26,6 +26,7 @@ from typing import Any, Iterator, Mapping
 import jax
 import numpy as np
 
+from ..backend import platform_of
 from ..config import PLDRConfig
 from .compile_time import CompileWatch
 from .loop import advance_loop, prefill_cache, run_loop, start_loop
@@ -84,7 +85,8 @@ class Sampler:
         return make_request(self.cfg, self.weights, prompts, max_new_tokens=max_new_tokens, kv_cache=kv_cache,
                             g_cache=g_cache, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                             eos_id=eos_id, g_lm=g_lm, shared_g=shared_g, stop_at_max_seq_len=stop_at_max_seq_len,
-                            max_len=max_len, return_logits=return_logits, return_deductive=return_deductive)
+                            max_len=max_len, return_logits=return_logits, return_deductive=return_deductive,
+                            platform=platform_of(self.mesh))
 
     def _prefill(self, req: DecodeRequest):
         tokens, lengths = req.tokens, req.lengths

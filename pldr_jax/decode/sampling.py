@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 __all__ = ["Greedy", "SamplingParams", "make_sampler", "validate_sampling", "sample_logits", "filter_logits",
-           "NEG_LOGIT"]
+           "greedy_tokens", "NEG_LOGIT"]
 
 #: The value removed logits get (the reference's -1e10).
 NEG_LOGIT = -1e10
@@ -113,6 +113,21 @@ def filter_logits(logits: jax.Array, temperature=1.0, top_k=0, top_p=1.0) -> jax
     return jnp.where(x < thr, jnp.float32(NEG_LOGIT), x)
 
 
+def greedy_tokens(logits: jax.Array) -> jax.Array:
+    """argmax of logits [B, V] -> int32 [B] (the first index of the row maximum, as `jnp.argmax`).
+
+    Written as a max, then the smallest index holding it: two plain reductions instead of one
+    (value, index) reduction, which XLA:CPU runs as a scalar loop (~4 ms per step for 32 x 32000
+    float32 logits, 5 % of a batch-32 decode step).  A row with NaN gives argmax's answer too: the
+    first NaN."""
+    x = logits.astype(jnp.float32)
+    V = x.shape[-1]
+    nan = jnp.isnan(x)
+    m = jnp.max(jnp.where(nan, -jnp.inf, x), axis=-1, keepdims=True)
+    hit = jnp.where(jnp.any(nan, axis=-1, keepdims=True), nan, x == m)
+    return jnp.min(jnp.where(hit, jnp.arange(V, dtype=jnp.int32), V), axis=-1).astype(jnp.int32)
+
+
 def _is_static(v) -> bool:
     return isinstance(v, numbers.Number) and not isinstance(v, bool)
 
@@ -131,7 +146,7 @@ def sample_logits(logits: jax.Array, key: jax.Array, temperature=1.0, top_k=0, t
         else:
             kind = ("sample", True)
     if kind[0] == "greedy":
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return greedy_tokens(logits)
     if kind[1]:
         x = filter_logits(logits, temperature, top_k, top_p)
     else:

@@ -48,6 +48,7 @@ class StepSpec:
     kv_cache: bool
     g_cache: bool
     given_g: bool              # G_LM is given (predefined-G config or g_lm=)
+    kv_dtype: str | None = None  # KV-cache buffer dtype (None = cfg.dtype; `backend` kv_cache_dtype)
 
     @property
     def fixed_g(self) -> bool:
@@ -61,9 +62,9 @@ def _run_layers(cfg: PLDRConfig, params, x, positions, mask, *, metric_mask=None
 
     x [B, L, D]; positions, mask, metric_mask as `decoder_layer`.  Per-layer inputs, indexed by layer
     (a tuple or a stacked array), None when unused: g_lm [L][B|1, H, dk, dk], metric (cached A)
-    [L][B|1, H, dk, dk], kv_buffers (k, v) each [L][B, S, H, dk].  last_query_rows [B]: the last layer's
-    output only at that position of each row.  Returns (x_out [B, L|1, D], keys [L][B, L|S, H, dk],
-    values, per-layer deductive dicts).
+    [L][B|1, H, dk, dk], kv_buffers (k, v) each [L][B, H, S, dk].  last_query_rows [B]: the last layer's
+    output only at that position of each row.  Returns (x_out [B, L|1, D], keys [L][B, L, H, dk] (or
+    the updated buffers [L][B, H, S, dk]), values, per-layer deductive dicts).
     """
     layers = params["layers"]
     if not isinstance(layers, (tuple, list)):
@@ -81,18 +82,26 @@ def _run_layers(cfg: PLDRConfig, params, x, positions, mask, *, metric_mask=None
     return x, ks, vs, deds
 
 
-def _pad_to(x, S):
-    """[B, L, ...] -> [B, S, ...] zero-padded on axis 1."""
-    return jnp.pad(x, ((0, 0), (0, S - x.shape[1])) + ((0, 0),) * (x.ndim - 2))
+def _pad_to(x, S, axis=1):
+    """x zero-padded to S positions on `axis`."""
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, S - x.shape[axis])
+    return jnp.pad(x, pad)
 
 
-def prefill(cfg: PLDRConfig, params, tokens, lengths, g_all, max_len: int):
+def _kv_buffer(t, S, dtype):
+    """Prefill keys/values [B, P, H, dk] -> a cache buffer [B, H, S, dk] of `dtype`."""
+    return _pad_to(jnp.transpose(t, (0, 2, 1, 3)).astype(dtype), S, axis=2)
+
+
+def prefill(cfg: PLDRConfig, params, tokens, lengths, g_all, max_len: int, kv_dtype: str | None = None):
     """Run right-padded prompts tokens [B, P] (lengths [B]) once; the same for every mode.
 
     Each row's A sums over its own tokens only; padding is masked out of A and of the keys.
-    g_all: None (derive G) or a given G_LM [L, B|1, H, dk, dk].  Returns (cache with k/v in
-    buffers of max_len positions, logits [B, V] float32 of each row's last prompt token, the prompt's
-    deductive outputs {"A", "A_LM", "G_LM"} stacked [L, B, H, dk, dk] (only "G_LM" with a given G)).
+    g_all: None (derive G) or a given G_LM [L, B|1, H, dk, dk].  kv_dtype: the KV buffers' dtype
+    (None = cfg.dtype).  Returns (cache with k/v in heads-first buffers [B, H, max_len, dk], logits
+    [B, V] float32 of each row's last prompt token, the prompt's deductive outputs {"A", "A_LM",
+    "G_LM"} stacked [L, B, H, dk, dk] (only "G_LM" with a given G)).
     """
     B, P = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
@@ -102,7 +111,9 @@ def prefill(cfg: PLDRConfig, params, tokens, lengths, g_all, max_len: int):
     logits = linear(params["final"], x[jnp.arange(B), lengths - 1]).astype(jnp.float32)
     names = ("G_LM",) if g_all is not None else ("A", "A_LM", "G_LM")
     per_layer = lambda name: tuple(d[name] for d in deds) if name in names else None
-    cache = Cache(k=tuple(_pad_to(k, max_len) for k in ks), v=tuple(_pad_to(v, max_len) for v in vs),
+    kv_dt = jnp.dtype(kv_dtype or cfg.dtype)
+    cache = Cache(k=tuple(_kv_buffer(k, max_len, kv_dt) for k in ks),
+                  v=tuple(_kv_buffer(v, max_len, kv_dt) for v in vs),
                   A=per_layer("A"), A_LM=per_layer("A_LM"), G_LM=per_layer("G_LM"),
                   tokens=_pad_to(tokens.astype(jnp.int32), max_len), lengths=lengths.astype(jnp.int32))
     return cache, logits, {name: jnp.stack(per_layer(name)) for name in names}

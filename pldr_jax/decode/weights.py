@@ -58,15 +58,15 @@ def prepare_params(cfg: PLDRConfig, params: dict, batch: int, *, bf16_min_batch:
 
     Per-layer weight arrays (`unstack_layers`: no weight-slice copies inside the decode loop), the
     q/k/v projections and the FFN's w1/w2 fused into one matrix each (`fuse`), kernels stored
-    transposed as [out, in] (`transpose`; None = on CPU only, `pldr_jax.backend`: XLA:CPU's
-    matrix-vector product is ~1.3-1.6x faster so), cast to the decode
+    transposed as [out, in] (`transpose`; None = where the platform wants it for the decode dtype,
+    `pldr_jax.backend` ``decode_transposed``: float32 on CPU), cast to the decode
     dtype (`decode_dtype`; the deductive-path weights stay as stored).  The result is a decode
     layout (`forward` accepts it too).  A no-op, no copy, when already prepared: call it once and
     pass the result to `generate` to keep the conversion out of every call.
     """
     run = decode_dtype(cfg, batch, bf16_min_batch)
     if transpose is None:
-        transpose = choices().decode_transposed
+        transpose = run in choices().decode_transposed
     run_cfg = cfg if run == cfg.dtype else cfg.replace(dtype=run)
     params = unstack_layers(params)
     dt = jnp.dtype(run)

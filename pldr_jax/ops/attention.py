@@ -36,11 +36,17 @@ def _bmm(a: jax.Array, b: jax.Array, contract_b: int, out_dtype) -> jax.Array:
 
 
 def plga_attention(q: jax.Array, k: jax.Array, v: jax.Array, g_lm: jax.Array | None,
-                   mask: jax.Array | None) -> jax.Array:
+                   mask: jax.Array | None, *, heads_first: bool = False) -> jax.Array:
     """softmax((q G_LM) k^T / sqrt(dk) + mask) v.
 
-    q [B, Lq, H, dk], k/v [B, Lk, H, dk], g_lm [B|1, H, dk, dk] or None (identity = SDPA),
+    q [B, Lq, H, dk], k/v [B, Lk, H, dk] (or [B, H, Lk, dk] with `heads_first`, the decode cache's
+    layout: read without a transposed copy), g_lm [B|1, H, dk, dk] or None (identity = SDPA),
     mask [B, 1, Lq, Lk] bool or None.  Returns [B, Lq, H, dk] in q's dtype.
+
+    k/v may be stored wider than q (a float32 cache holding a 16-bit model's keys and values,
+    `pldr_jax.backend` ``kv_cache_dtype``): the products are then the same (16-bit values are exact
+    in float32, accumulation is float32 either way) and the probabilities are still rounded to q's
+    dtype before the product with v.
 
     The math of ``jax.nn.dot_product_attention``'s XLA path (logits and softmax in float32, masked
     logits at -0.7 x the float32 maximum, probabilities cast to v's dtype), written as batched matmuls over
@@ -49,16 +55,17 @@ def plga_attention(q: jax.Array, k: jax.Array, v: jax.Array, g_lm: jax.Array | N
     from batch 8 up -- half of a batched decode step (experiments/README.md, "Decode speed").
     """
     B, Lq, H, dk = q.shape
-    Lk = k.shape[1]
+    Lk = k.shape[2] if heads_first else k.shape[1]
+    flat = (lambda t: t.reshape(B * H, Lk, dk)) if heads_first else _heads_first
     qh = _heads_first(q)                                                       # [BH, Lq, dk]
     if g_lm is not None:
         g = jnp.broadcast_to(g_lm.astype(jnp.float32), (B, H, dk, dk)).reshape(B * H, dk, dk)
         qh = _bmm(qh.astype(jnp.float32), g, 1, jnp.float32).astype(q.dtype)
     logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
-    logits = _bmm(qh, _heads_first(k), 2, logits_dtype) * jnp.array(1.0 / math.sqrt(dk), logits_dtype)
+    logits = _bmm(qh.astype(k.dtype), flat(k), 2, logits_dtype) * jnp.array(1.0 / math.sqrt(dk), logits_dtype)
     if mask is not None:
         m = jnp.broadcast_to(mask, (B, H, Lq, Lk)).reshape(B * H, Lq, Lk)
         logits = jnp.where(m, logits, jnp.asarray(-0.7 * float(jnp.finfo(jnp.float32).max), logits_dtype))
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(k.dtype)
-    out = _bmm(probs, _heads_first(v), 1, v.dtype)                             # [BH, Lq, dk]
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(q.dtype).astype(v.dtype)
+    out = _bmm(probs, flat(v), 1, v.dtype)                                     # [BH, Lq, dk]
     return jnp.transpose(out.reshape(B, H, Lq, dk), (0, 2, 1, 3)).astype(q.dtype)
