@@ -12,14 +12,14 @@ no TPU needed, only the `libtpu` wheel: ``pip install "jax[tpu]==<jax version>"`
 
 and reports per-chip memory (`memory_analysis`), FLOPs (`model_flops`: the step's matmul FLOPs over the chips;
 XLA's `cost_analysis` counts a while/scan body once, its figure is kept as xla_flops_per_chip),
-bytes accessed (`cost_analysis`: loop bodies once, so a lower bound; for a training step also
-scaled to the step as executed, est_bytes_per_step), the collectives per step *as executed* (from
-the compiled HLO; an op in a while/scan body counts once per iteration) and a roofline estimate of
-the step time: the largest of the executed FLOPs (`executed_flops`: with the remat policy's
-recomputation, 4x the forward for "full") / peak bf16 FLOP/s, bytes / HBM bandwidth and collective
-bytes / ICI bandwidth from the chip's published figures (`CHIPS`), i.e. perfect overlap.  est_mfu
-= model FLOPs / (est_step_s x peak): an upper bound (at most 75% with full remat), not a
-measurement.  `pldr-jax compile` prints it.
+bytes accessed (`cost_analysis`: loop bodies once, so a lower bound), the collectives per step
+*as executed* (from the compiled HLO; an op in a while/scan body counts once per iteration) and a
+roofline estimate of the step time: the largest of the executed FLOPs (`executed_flops`: with the
+remat policy's recomputation, 4x the forward for "full") / peak bf16 FLOP/s, bytes accessed / HBM
+bandwidth and collective bytes / ICI bandwidth from the chip's published figures (`CHIPS`), i.e.
+perfect overlap.  est_mfu = model FLOPs / (est_step_s x peak): an upper bound, not a measurement --
+at most 75% with full remat (the backward pass recomputes the forward); below that when the ICI
+term (or the HBM lower bound) exceeds the FLOPs term.  `pldr-jax compile` prints it.
 
 Collective bytes are the result-shape bytes of each collective (as ../shared/tpu/fsdp_anchor.py
 counts them, so the two compare), per chip.
@@ -450,16 +450,13 @@ def compile_report(*, topology: str = "v5e:2x2", preset: str | None = "tiny", co
     from .model import remat_policy
     policy = remat_policy(choices(str(devices[0].platform)).remat if remat is None else remat)
     hw_flops = executed_flops(cfg, batch, seq_len, what, policy) / len(devices)
-    bytes_acc = float(ca.get("bytes accessed", 0.0))
-    # XLA's bytes, like its FLOPs, count each loop body once; scaled by how much the executed
-    # FLOPs exceed XLA's count (the layer scan dominates both), an estimate per step as executed
-    bytes_step = bytes_acc * max(1.0, hw_flops / xla_flops) if what == "train" and xla_flops > 0 else bytes_acc
+    bytes_acc = float(ca.get("bytes accessed", 0.0))     # loop bodies once: a lower bound
     n_new = max(seq_len - max(seq_len // 2, 1), 1)
     # decode: the while loop runs once per new token (at most); the step is the whole generate call
     hlo = compiled.as_text()
     coll, unknown = collectives_per_step(hlo, unknown_trip=n_new if what == "decode" else 1)
     coll_bytes = sum(v["bytes"] for v in coll.values())
-    t_flops, t_hbm, t_ici = hw_flops / chip.peak_bf16_flops, bytes_step / chip.hbm_bw, coll_bytes / chip.ici_bw
+    t_flops, t_hbm, t_ici = hw_flops / chip.peak_bf16_flops, bytes_acc / chip.hbm_bw, coll_bytes / chip.ici_bw
     est = max(t_flops, t_hbm, t_ici)
     tokens = batch * seq_len if what == "train" else batch * n_new
     rep.update({
@@ -468,7 +465,7 @@ def compile_report(*, topology: str = "v5e:2x2", preset: str | None = "tiny", co
         "per_chip_bytes": {"arguments": args, "temporaries": temps, "outputs": outs, "aliased": alias,
                            "total": total},
         "fits": total <= chip.hbm_bytes, "flops_per_chip": flops, "executed_flops_per_chip": hw_flops,
-        "xla_flops_per_chip": xla_flops, "bytes_accessed_per_chip": bytes_acc, "est_bytes_per_step": bytes_step,
+        "xla_flops_per_chip": xla_flops, "bytes_accessed_per_chip": bytes_acc,
         "collectives": coll, "collective_bytes": coll_bytes, "loops_without_trip_count": unknown,
         "est_step_s": est, "est_terms_s": {"flops": t_flops, "hbm": t_hbm, "ici": t_ici},
         # model FLOPs (no recomputation) over what the chip could do in the estimated step time
@@ -551,5 +548,11 @@ def format_report(rep: dict) -> str:
               f"{t['hbm'] * 1e3:.2f}, ICI {t['ici'] * 1e3:.2f} ms; {c['name']}: {c['peak_bf16_flops'] / 1e12:.0f} "
               f"TFLOP/s bf16, HBM {c['hbm_bw'] / 1e9:.0f} GB/s, ICI {c['ici_bw'] / 1e9:.0f} GB/s, {c['source']})",
               f"  est. MFU           {rep['est_mfu'] * 100:.1f} %   est. tokens/s/chip "
-              f"{rep['est_tokens_per_s_per_chip']:,.0f}"]
+              f"{rep['est_tokens_per_s_per_chip']:,.0f}   (model FLOPs / peak over the roofline step; executed "
+              f"FLOPs {rep['executed_flops_per_chip']:.4g} per chip)"]
+    if "decode_step" in rep:
+        d = rep["decode_step"]
+        lines.append(f"  decode step        {gb(d['bytes_accessed'])} accessed per chip; must read "
+                     f"{gb(d['must_read_mean'])} (weights, live KV-cache at the mean step, G-cache) -> ratio "
+                     f"{d['ratio_mean']:.2f} (last step: {d['ratio_last']:.2f})")
     return "\n".join(lines)
