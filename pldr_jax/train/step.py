@@ -115,15 +115,14 @@ def loss_terms(cfg: PLDRConfig, params: Any, inputs: jax.Array, targets: jax.Arr
     {"dag_A", "dag_P", "dag_G"} (means over layers, batch, heads; 0 where the coefficient is 0)."""
     opts = opts.resolved()
     # fused projections (one matmul where the layer has two or three reading the same input); the
-    # gradients flow back through the concatenation to the stored (unfused) parameters.  Only for
-    # the unrolled layer loop (the CPU default) without a tensor axis: on stacked (scanned) layers
-    # the concatenation runs on the whole stack, outside the scan -- a fused copy of every layer's
-    # q/k/v and w1/w2 weights plus their stacked fused gradients, ~3 x 4 bytes per fused parameter
-    # and chip (experiments/README.md, "TPU plan") -- and with heads / FFN width split over a tensor
-    # axis, concatenating weights split on their output axis (and splitting the fused activations
-    # again) reshards them by all-to-all, forward and backward.
+    # gradients flow back through the concatenation to the stored (unfused) parameters.  Not for
+    # stacked (scanned) layers with the "xla" kernels (the accelerator default): the concatenation
+    # runs on the whole stack, outside the scan -- a fused copy of every layer's q/k/v and w1/w2
+    # weights plus their stacked fused gradients (experiments/README.md, "TPU plan"); nor with
+    # heads / FFN width split over a tensor axis: concatenating weights split on their output axis
+    # (and splitting the fused activations again) reshards them by all-to-all, forward and backward.
     run = unstack_layers(params) if opts.unroll_layers else params
-    if opts.unroll_layers and not (splits("heads") or splits("mlp")):
+    if (opts.unroll_layers or opts.kernels == "cpu") and not (splits("heads") or splits("mlp")):
         run = fuse_params(run)
     out = forward(cfg, run, inputs, g_lm, pad_aware_A=opts.pad_aware_A, remat=opts.remat, kernels=opts.kernels,
                   attn_block=opts.attention_block)
