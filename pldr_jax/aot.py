@@ -8,7 +8,10 @@ no TPU needed, only the `libtpu` wheel: ``pip install "jax[tpu]==<jax version>"`
   optimizer and schedule, the non-finite guard, the mesh and the sharding rules, the platform's
   backend choices, `pldr_jax.backend`), over the abstract sharded train state (nothing allocated);
 * ``what="decode"``: prefill + the `lax.while_loop` of `decode.generate` (greedy, KV- and G-cache),
-  for `batch` prompts of `seq_len // 2` tokens and `seq_len // 2` new tokens,
+  for `batch` prompts of `seq_len // 2` tokens and `seq_len // 2` new tokens, weights / rows / cache
+  placed as `decode.sharding` places them (rows over the data axes, heads over "tensor"); plus
+  "decode_step": the loop body compiled alone, its bytes accessed per chip against what one step
+  must read (weights, the live KV-cache, the G-cache) as a ratio (`_decode_step_bytes`),
 
 and reports per-chip memory (`memory_analysis`), FLOPs (`model_flops`: the step's matmul FLOPs over the chips;
 XLA's `cost_analysis` counts a while/scan body once, its figure is kept as xla_flops_per_chip),
