@@ -2,13 +2,17 @@
 
 For each of v51-110m, v51-1b, v51-8b (learned G) and the same model with a predefined identity G_LM
 (plain attention through G = I, no metric learner: the price of the power-law path is the ratio of
-the two), each TPU topology and mesh: does the training step fit, per-chip GB, roofline step time,
-MFU and tokens/s/chip (bf16, global batch = 8 sequences of 1024 tokens per batch shard).  Writes one
+the two), each TPU topology and mesh: does the training step fit (else, with --max-batch, the largest global
+batch that does), per-chip GB, roofline step time, MFU and tokens/s/chip (bf16, global batch = 8
+sequences of 1024 tokens per batch shard).  The MFU is `pldr_jax.aot`'s roofline estimate: model
+FLOPs over peak x the estimated step (executed FLOPs with the remat recomputation, HBM bytes, ICI
+bytes, whichever takes longest), an upper bound.  Writes one
 JSON per row to experiments/results/tpu/ and prints a Markdown table (for experiments/README.md).
 Needs libtpu.  Each compile is CPU-heavy (minutes for the larger models): filter with --models,
 --topologies.
 
     JAX_PLATFORMS=cpu python experiments/tpu_plan.py [--models v51-110m] [--topologies v5e:2x2] [--anchor]
+        [--fsdp-only] [--no-identity] [--max-batch]
 """
 
 from __future__ import annotations
@@ -26,23 +30,33 @@ TOPOLOGIES = {"v5e:2x2": 4, "v5e:4x4": 16, "v5e:16x16": 256, "v5p:2x2x1": 4, "v5
 IDENTITY = {"custom_G_type": "identity", "A_dff": 0, "num_reslayerA": 0, "num_denseA": 0}
 
 
-def meshes(chips: int) -> list[tuple[int, int, int]]:
-    """FSDP over every chip; with 16+ chips also FSDP x tensor 4."""
+def meshes(chips: int, fsdp_only: bool = False) -> list[tuple[int, int, int]]:
+    """FSDP over every chip; with 16+ chips also FSDP x tensor 4 (unless fsdp_only)."""
     out = [(1, chips, 1)]
-    if chips >= 16:
+    if chips >= 16 and not fsdp_only:
         out.append((1, chips // 4, 4))
     return out
 
 
-def run_row(model: str, identity: bool, topology: str, mesh, seq_len: int, per_shard: int) -> dict:
-    from pldr_jax.aot import compile_report
+def run_row(model: str, identity: bool, topology: str, mesh, seq_len: int, per_shard: int,
+            max_batch: bool = False) -> dict:
+    """One row; with max_batch, a row that does not fit also gets "max_batch": the largest global
+    batch that does (`pldr_jax.aot.max_batch`, bisecting below the row's batch; 0 = not even one
+    sequence per batch shard) and "max_batch_report" (that compile's report)."""
+    from pldr_jax.aot import compile_report, max_batch as search
     batch = per_shard * mesh[0] * mesh[1]
+    kw = dict(topology=topology, preset=model, overrides=IDENTITY if identity else None, mesh=mesh,
+              seq_len=seq_len, dtype="bfloat16", recipe="paper")
     try:
-        rep = compile_report(topology=topology, preset=model, overrides=IDENTITY if identity else None,
-                             mesh=mesh, batch=batch, seq_len=seq_len, dtype="bfloat16", recipe="paper")
+        rep = compile_report(batch=batch, **kw)
+        if max_batch and not rep.get("fits"):
+            best, best_rep = search(batch=batch, **kw)
+            rep["max_batch"] = best
+            if best_rep is not None:
+                rep["max_batch_report"] = best_rep
     except Exception as e:  # a row that cannot compile is reported, not fatal
         rep = {"topology": topology, "preset": model, "mesh": list(mesh), "error": str(e).splitlines()[0][:300],
-               "fits": False}
+               "fits": False, "global_batch": batch}
     rep["identity_g"] = identity
     return rep
 
@@ -68,8 +82,10 @@ def table(rows: list[dict]) -> str:
     lines = [head]
     for r in rows:
         if "per_chip_bytes" not in r:
+            why = "no" + (f" (largest batch that fits: {r['max_batch']})" if "max_batch" in r else "")
             lines.append(f"| {r['preset']} | {'I' if r.get('identity_g') else 'learned'} | {r['topology']} | "
-                         f"{r['mesh']} | {r.get('global_batch', '')} | no | | | | | | | {r.get('compile_s', '')} |")
+                         f"{','.join(map(str, r['mesh']))} | {r.get('global_batch', '')} | {why} | | | | | | | "
+                         f"{r.get('compile_s', '')} |")
             continue
         pc = r["per_chip_bytes"]
         lines.append(f"| {r['preset']} | {'I' if r.get('identity_g') else 'learned'} | {r['topology']} | "
@@ -88,14 +104,17 @@ def main():
     ap.add_argument("--per-shard", type=int, default=8, help="sequences per batch shard (data x fsdp)")
     ap.add_argument("--no-identity", action="store_true", help="skip the identity-G rows")
     ap.add_argument("--anchor", action="store_true", help="also run ../shared/tpu/fsdp_anchor.py (v5e:2x2)")
+    ap.add_argument("--fsdp-only", action="store_true", help="only the all-FSDP mesh per topology")
+    ap.add_argument("--max-batch", action="store_true",
+                    help="for a row that does not fit, also search the largest global batch that does")
     a = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     rows = []
     for model in a.models.split(","):
         for topo in a.topologies.split(","):
-            for mesh in meshes(TOPOLOGIES[topo]):
+            for mesh in meshes(TOPOLOGIES[topo], a.fsdp_only):
                 for identity in ((False,) if a.no_identity else (False, True)):
-                    r = run_row(model, identity, topo, mesh, a.seq_len, a.per_shard)
+                    r = run_row(model, identity, topo, mesh, a.seq_len, a.per_shard, a.max_batch)
                     name = f"{model}{'-identity' if identity else ''}_{topo.replace(':', '-')}_{'x'.join(map(str, mesh))}"
                     (OUT / f"{name}.json").write_text(json.dumps(r, indent=1))
                     rows.append(r)

@@ -8,15 +8,21 @@ no TPU needed, only the `libtpu` wheel: ``pip install "jax[tpu]==<jax version>"`
   optimizer and schedule, the non-finite guard, the mesh and the sharding rules, the platform's
   backend choices, `pldr_jax.backend`), over the abstract sharded train state (nothing allocated);
 * ``what="decode"``: prefill + the `lax.while_loop` of `decode.generate` (greedy, KV- and G-cache),
-  for `batch` prompts of `seq_len // 2` tokens and `seq_len // 2` new tokens,
+  for `batch` prompts of `seq_len // 2` tokens and `seq_len // 2` new tokens, weights / rows / cache
+  placed as `decode.sharding` places them (rows over the data axes, heads over "tensor"); plus
+  "decode_step": the loop body compiled alone, its bytes accessed per chip against what one step
+  must read (weights, the live KV-cache, the G-cache) as a ratio (`_decode_step_bytes`),
 
 and reports per-chip memory (`memory_analysis`), FLOPs (`model_flops`: the step's matmul FLOPs over the chips;
 XLA's `cost_analysis` counts a while/scan body once, its figure is kept as xla_flops_per_chip),
-bytes accessed (`cost_analysis`: loop bodies once, so a lower bound), the collectives per step *as
-executed* (from the compiled HLO; an op in a while/scan body counts once per iteration) and a
-roofline estimate of the step time, the largest of FLOPs / peak bf16 FLOP/s, bytes / HBM bandwidth
-and collective bytes / ICI bandwidth from the chip's published figures (`CHIPS`).  `pldr-jax
-compile` prints it.
+bytes accessed (`cost_analysis`: loop bodies once, so a lower bound), the collectives per step
+*as executed* (from the compiled HLO; an op in a while/scan body counts once per iteration) and a
+roofline estimate of the step time: the largest of the executed FLOPs (`executed_flops`: with the
+remat policy's recomputation, 4x the forward for "full") / peak bf16 FLOP/s, bytes accessed / HBM
+bandwidth and collective bytes / ICI bandwidth from the chip's published figures (`CHIPS`), i.e.
+perfect overlap.  est_mfu = model FLOPs / (est_step_s x peak): an upper bound, not a measurement --
+at most 75% with full remat (the backward pass recomputes the forward); below that when the ICI
+term (or the HBM lower bound) exceeds the FLOPs term.  `pldr-jax compile` prints it.
 
 Collective bytes are the result-shape bytes of each collective (as ../shared/tpu/fsdp_anchor.py
 counts them, so the two compare), per chip.
@@ -31,7 +37,7 @@ import time
 from typing import Any
 
 __all__ = ["CHIPS", "ChipSpec", "LIBTPU_INSTALL", "topology_devices", "collectives_per_step", "compile_report",
-           "largest_fitting", "max_batch", "format_report"]
+           "largest_fitting", "max_batch", "format_report", "model_flops", "executed_flops"]
 
 LIBTPU_INSTALL = 'pip install "jax[tpu]==<your jax version>"  (or: pip install -e ".[tpu]")'
 
@@ -199,26 +205,39 @@ def collectives_per_step(hlo_text: str, unknown_trip: int = 1) -> tuple[dict, in
     return {k: out[k] for k in _COLL_OPS if k in out}, unknown
 
 
+def _forward_flops(cfg, rows: int, q_len: int, k_len: int) -> tuple[float, float]:
+    """(all matmul FLOPs, the attention part: scores and mixing) of one forward pass over
+    rows x q_len queries attending to k_len keys."""
+    D, F, H, dk, V = cfg.d_model, cfg.dff, cfg.num_heads, cfg.head_dim, cfg.vocab_size
+    T = rows * q_len
+    att = 2 * 2 * rows * H * q_len * k_len * dk
+    per = 2 * T * D * D * 4 + 2 * T * D * F * 3 + att + 2 * T * H * dk * dk * 2
+    if cfg.learned_g:
+        r = rows * H * dk
+        per += cfg.num_reslayerA * cfg.num_denseA * 3 * 2 * r * dk * cfg.A_dff + 2 * 2 * rows * H * dk ** 3
+    return float(cfg.num_layers * per + 2 * T * D * V), float(cfg.num_layers * att)
+
+
 def model_flops(cfg, batch: int, seq_len: int, what: str = "train") -> float:
     """Matmul FLOPs of one step, all chips (the MFU numerator): projections, FFN, attention scores
     and mixing, A = q^T q and q @ G, the metric learner and PLGA, the output head; a training step
     is 3x the forward (no remat recompute counted); decode: prefill of seq_len // 2 tokens plus one
     token per new position (attention over the whole buffer)."""
-    D, F, H, dk, V = cfg.d_model, cfg.dff, cfg.num_heads, cfg.head_dim, cfg.vocab_size
-
-    def fwd(rows, q_len, k_len):
-        T = rows * q_len
-        per = 2 * T * D * D * 4 + 2 * T * D * F * 3 + 2 * 2 * rows * H * q_len * k_len * dk
-        per += 2 * T * H * dk * dk * 2
-        if cfg.learned_g:
-            r = rows * H * dk
-            per += cfg.num_reslayerA * cfg.num_denseA * 3 * 2 * r * dk * cfg.A_dff + 2 * 2 * rows * H * dk ** 3
-        return cfg.num_layers * per + 2 * T * D * V
-
     if what == "train":
-        return 3.0 * fwd(batch, seq_len, seq_len)
+        return 3.0 * _forward_flops(cfg, batch, seq_len, seq_len)[0]
     P = max(seq_len // 2, 1)
-    return float(fwd(batch, P, P) + (seq_len - P) * fwd(batch, 1, seq_len))
+    return _forward_flops(cfg, batch, P, P)[0] + (seq_len - P) * _forward_flops(cfg, batch, 1, seq_len)[0]
+
+
+def executed_flops(cfg, batch: int, seq_len: int, what: str = "train", remat: str = "none") -> float:
+    """Matmul FLOPs the chips execute in one step, all chips: `model_flops` plus the backward pass's
+    recomputation -- remat "full" recomputes every layer's forward and the chunked head's (one more
+    forward: 4x instead of 3x), "dots" the matmuls with a batch dimension (attention's)."""
+    base = model_flops(cfg, batch, seq_len, what)
+    if what != "train" or remat == "none":
+        return base
+    fwd, att = _forward_flops(cfg, batch, seq_len, seq_len)
+    return base + (fwd if remat == "full" else att)
 
 
 # --------------------------------------------------------------------------- lowering
@@ -238,41 +257,132 @@ def _lower_train(cfg, tcfg, mesh):
     return step.lower(state, {"inputs": tok, "targets": tok}, g)
 
 
-def _lower_decode(cfg, batch, seq_len, mesh):
+def _decode_parts(cfg, batch, seq_len, mesh):
+    """What the decode lowerings share: (spec, abstract decode params, their shardings, g_all,
+    P prompt tokens, N new tokens, a function cache -> cache constrained to its logical sharding,
+    the loop inputs and their shardings).  Weights, rows and cache are placed as
+    `decode.sharding` places them: rows over the data axes, heads / FFN width / vocabulary over
+    "tensor", the model width replicated."""
     import jax
     import jax.numpy as jnp
-    from .decode.loop import LoopInputs, LoopSpec, prefill_cache, run_loop
+    from jax.sharding import NamedSharding
+    from .decode.cache import cache_logical_axes
+    from .decode.loop import LoopInputs, LoopSpec
     from .decode.sampling import make_sampler
+    from .decode.sharding import decode_param_axes, decode_rules
     from .decode.step import StepSpec
     from .decode.weights import prepare_params
     from .model import normalize_g_lm
     from .params import abstract_params
-    from .train.sharding import batch_sharding, replicated
+    from .train.sharding import batch_sharding, logical_to_spec, replicated
     P = max(seq_len // 2, 1)
     N = max(seq_len - P, 1)
-    run_cfg = cfg          # bf16_min_batch=0: the configured dtype
     params = jax.eval_shape(lambda p: prepare_params(cfg, p, batch, bf16_min_batch=0, transpose=False)[1],
                             abstract_params(cfg))
+    rules = decode_rules(mesh)
+    is_names = lambda x: isinstance(x, tuple) and all(n is None or isinstance(n, str) for n in x)
+    place = lambda axes, tree: jax.tree_util.tree_map(
+        lambda names, x: NamedSharding(mesh, logical_to_spec(names, x.shape, mesh, rules)), axes, tree,
+        is_leaf=is_names)
+    p_sh = place(decode_param_axes(params), params)
     g_all = normalize_g_lm(cfg, None)
-    given = g_all is not None
-    spec = LoopSpec(step=StepSpec(cfg=run_cfg, kv_cache=True, g_cache=True, given_g=given), shared_g=False,
-                    sampler_kind=make_sampler(1.0, 1, 1.0).kind)
-
-    def decode(params, tokens, lengths, key, inputs):
-        cache, logits0, ded0 = prefill_cache(spec, params, tokens, lengths, g_all, seq_len)
-        st = run_loop(spec, params, cache, logits0, None, key, inputs, n_out=N)
-        return st.out, st.count
-
+    spec = LoopSpec(step=StepSpec(cfg=cfg, kv_cache=True, g_cache=True, given_g=g_all is not None),
+                    shared_g=False, sampler_kind=make_sampler(1.0, 1, 1.0).kind)
     rep = replicated(mesh)
-    p_sh = jax.tree_util.tree_map(lambda _: rep, params)
-    b2, b1 = batch_sharding(mesh, 2), batch_sharding(mesh, 1)
+    b1 = batch_sharding(mesh, 1)
     i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)
     inputs = LoopInputs(max_new=i32(), limit=i32(batch), eos_id=i32(), temperature=jax.ShapeDtypeStruct((), jnp.float32),
                         top_k=i32(), top_p=jax.ShapeDtypeStruct((), jnp.float32))
     in_sh = LoopInputs(max_new=rep, limit=b1, eos_id=rep, temperature=rep, top_k=rep, top_p=rep)
+
+    def cache_sharding(cache):
+        return place(cache_logical_axes(cache), cache)
+
+    return spec, params, p_sh, g_all, P, N, cache_sharding, inputs, in_sh
+
+
+def _lower_decode(cfg, batch, seq_len, mesh):
+    """Prefill of `batch` prompts of seq_len // 2 tokens + the decode `while_loop` for the rest."""
+    import jax
+    import jax.numpy as jnp
+    from .decode.loop import prefill_cache, run_loop
+    from .train.sharding import batch_sharding, replicated
+    spec, params, p_sh, g_all, P, N, cache_sharding, inputs, in_sh = _decode_parts(cfg, batch, seq_len, mesh)
+
+    def decode(params, tokens, lengths, key, inputs):
+        cache, logits0, _ = prefill_cache(spec, params, tokens, lengths, g_all, seq_len)
+        cache = jax.lax.with_sharding_constraint(cache, cache_sharding(cache))
+        st = run_loop(spec, params, cache, logits0, None, key, inputs, n_out=N)
+        return st.out, st.count
+
+    rep = replicated(mesh)
+    b2, b1 = batch_sharding(mesh, 2), batch_sharding(mesh, 1)
+    i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)
     key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
     f = jax.jit(decode, in_shardings=(p_sh, b2, b1, rep, in_sh), out_shardings=(b2, b1))
     return f.lower(params, i32(batch, P), i32(batch), key, inputs)
+
+
+def _lower_decode_step(cfg, batch, seq_len, mesh):
+    """One iteration of the decode loop's body (`decode.loop._advance`: one model step over the
+    KV- and G-cache, one sampling step) with the loop's shardings, and what that step must read per
+    chip: (lowered, {"weights", "embedding_rows", "kv_buffer", "kv_live_mean", "kv_live_last",
+    "g_cache"} bytes per chip).  The live KV-cache: the prompt's P positions plus the tokens decoded
+    so far, averaged over the N steps (mean) or at the last step."""
+    import math
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+    from .decode import loop as dloop
+    from .train.sharding import replicated
+    spec, params, p_sh, g_all, P, N, cache_sharding, inputs, in_sh = _decode_parts(cfg, batch, seq_len, mesh)
+    i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)
+
+    def state(params, tokens, lengths, key, inputs):
+        cache, logits0, _ = dloop.prefill(spec.step.cfg, params, tokens, lengths, g_all, seq_len)
+        return dloop._start(spec, cache, logits0, None, key, inputs, N)
+
+    key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
+    st = jax.eval_shape(state, params, i32(batch, P), i32(batch), key, inputs)
+    rep = replicated(mesh)
+    rows = NamedSharding(mesh, PartitionSpec(tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1) or None))
+    divides = batch % math.prod(mesh.shape[a] for a in ("data", "fsdp")) == 0
+    lead = lambda x: (NamedSharding(mesh, PartitionSpec(rows.spec[0], *([None] * (x.ndim - 1))))
+                      if divides and x.ndim and x.shape[0] == batch else rep)
+    st_sh = jax.tree_util.tree_map(lead, st).replace(cache=cache_sharding(st.cache), t=rep, key=rep)
+    f = jax.jit(lambda p, s, i: dloop._advance(spec, p, s, i), in_shardings=(p_sh, st_sh, in_sh),
+                out_shardings=st_sh, donate_argnums=(1,))
+    per_chip = lambda tree, sh: sum(math.prod(s.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
+                                    for x, s in zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(sh)))
+    table = params["embed"]["embedding"]
+    table_chip = per_chip(table, p_sh["embed"]["embedding"])
+    cache, cs = st.cache, st_sh.cache
+    kv = per_chip((cache.k, cache.v), (cs.k, cs.v)) if cache.k is not None else 0
+    g_bytes = per_chip(cache.G_LM, cs.G_LM) if cache.G_LM is not None else 0
+    S = seq_len
+    b_chip = batch // math.prod(mesh.shape[a] for a in ("data", "fsdp")) if divides else batch
+    need = {"weights": per_chip(params, p_sh) - table_chip,
+            "embedding_rows": b_chip * cfg.d_model * jnp.dtype(table.dtype).itemsize,
+            "kv_buffer": kv, "kv_live_mean": kv * (P + (N + 1) / 2) / S, "kv_live_last": kv * (P + N) / S,
+            "g_cache": g_bytes}
+    return f.lower(params, st, inputs), need
+
+
+def _decode_step_bytes(cfg, batch, seq_len, mesh) -> dict:
+    """Bytes one decode step accesses per chip (cost_analysis of the loop body compiled alone: it
+    has no loop inside, so nothing is counted once for many iterations) against what it must read:
+    the weights (the embedding table but for this step's rows), the G-cache and the live KV-cache
+    (mean over the loop's steps, and at its last step).  ratio_mean / ratio_last = accessed / must-read."""
+    lowered, need = _lower_decode_step(cfg, batch, seq_len, mesh)
+    compiled = lowered.compile()
+    ca = compiled.cost_analysis()
+    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+    acc = float(ca.get("bytes accessed", 0.0))
+    base = need["weights"] + need["embedding_rows"] + need["g_cache"]
+    must_mean, must_last = base + need["kv_live_mean"], base + need["kv_live_last"]
+    return {"bytes_accessed": acc, "must_read": need, "must_read_mean": must_mean, "must_read_last": must_last,
+            "ratio_mean": acc / must_mean if must_mean else 0.0, "ratio_last": acc / must_last if must_last else 0.0,
+            "temporaries": compiled.memory_analysis().temp_size_in_bytes}
 
 
 def compile_report(*, topology: str = "v5e:2x2", preset: str | None = "tiny", config: str | None = None,
@@ -339,25 +449,34 @@ def compile_report(*, topology: str = "v5e:2x2", preset: str | None = "tiny", co
     ca = ca[0] if isinstance(ca, (list, tuple)) else ca
     xla_flops = float(ca.get("flops", 0.0))      # XLA's count: a while/scan body counted once
     flops = model_flops(cfg, batch, seq_len, what) / len(devices)
-    bytes_acc = float(ca.get("bytes accessed", 0.0))
+    from .backend import choices
+    from .model import remat_policy
+    policy = remat_policy(choices(str(devices[0].platform)).remat if remat is None else remat)
+    hw_flops = executed_flops(cfg, batch, seq_len, what, policy) / len(devices)
+    bytes_acc = float(ca.get("bytes accessed", 0.0))     # loop bodies once: a lower bound
     n_new = max(seq_len - max(seq_len // 2, 1), 1)
     # decode: the while loop runs once per new token (at most); the step is the whole generate call
     hlo = compiled.as_text()
     coll, unknown = collectives_per_step(hlo, unknown_trip=n_new if what == "decode" else 1)
     coll_bytes = sum(v["bytes"] for v in coll.values())
-    t_flops, t_hbm, t_ici = flops / chip.peak_bf16_flops, bytes_acc / chip.hbm_bw, coll_bytes / chip.ici_bw
+    t_flops, t_hbm, t_ici = hw_flops / chip.peak_bf16_flops, bytes_acc / chip.hbm_bw, coll_bytes / chip.ici_bw
     est = max(t_flops, t_hbm, t_ici)
     tokens = batch * seq_len if what == "train" else batch * n_new
     rep.update({
+        "remat": policy if what == "train" else None,
+        "attention_block": choices(str(devices[0].platform)).attention_block if what == "train" else None,
         "per_chip_bytes": {"arguments": args, "temporaries": temps, "outputs": outs, "aliased": alias,
                            "total": total},
-        "fits": total <= chip.hbm_bytes, "flops_per_chip": flops, "xla_flops_per_chip": xla_flops,
-        "bytes_accessed_per_chip": bytes_acc,
+        "fits": total <= chip.hbm_bytes, "flops_per_chip": flops, "executed_flops_per_chip": hw_flops,
+        "xla_flops_per_chip": xla_flops, "bytes_accessed_per_chip": bytes_acc,
         "collectives": coll, "collective_bytes": coll_bytes, "loops_without_trip_count": unknown,
         "est_step_s": est, "est_terms_s": {"flops": t_flops, "hbm": t_hbm, "ici": t_ici},
-        "est_mfu": (t_flops / est) if est > 0 else 0.0,
+        # model FLOPs (no recomputation) over what the chip could do in the estimated step time
+        "est_mfu": flops / (est * chip.peak_bf16_flops) if est > 0 else 0.0,
         "est_tokens_per_s_per_chip": tokens / est / len(devices) if est > 0 else 0.0,
     })
+    if what == "decode":
+        rep["decode_step"] = _decode_step_bytes(cfg, batch, seq_len, m)
     if keep_hlo:
         rep["hlo"] = hlo
     return rep
@@ -432,5 +551,11 @@ def format_report(rep: dict) -> str:
               f"{t['hbm'] * 1e3:.2f}, ICI {t['ici'] * 1e3:.2f} ms; {c['name']}: {c['peak_bf16_flops'] / 1e12:.0f} "
               f"TFLOP/s bf16, HBM {c['hbm_bw'] / 1e9:.0f} GB/s, ICI {c['ici_bw'] / 1e9:.0f} GB/s, {c['source']})",
               f"  est. MFU           {rep['est_mfu'] * 100:.1f} %   est. tokens/s/chip "
-              f"{rep['est_tokens_per_s_per_chip']:,.0f}"]
+              f"{rep['est_tokens_per_s_per_chip']:,.0f}   (model FLOPs / peak over the roofline step; executed "
+              f"FLOPs {rep['executed_flops_per_chip']:.4g} per chip)"]
+    if "decode_step" in rep:
+        d = rep["decode_step"]
+        lines.append(f"  decode step        {gb(d['bytes_accessed'])} accessed per chip; must read "
+                     f"{gb(d['must_read_mean'])} (weights, live KV-cache at the mean step, G-cache) -> ratio "
+                     f"{d['ratio_mean']:.2f} (last step: {d['ratio_last']:.2f})")
     return "\n".join(lines)

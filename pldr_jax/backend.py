@@ -28,6 +28,10 @@ else:
 * ``head_chunk_bytes``: the training loss computes the output head + cross-entropy over sequence
   chunks of at most this many bytes of float32 logits, whole batch (accelerators: 1 GiB, a few
   chunks: each chunk's head-weight gradient is all-reduced on its own; CPU: 0 = whole).
+* ``attention_block``: the training step computes attention this many queries at a time
+  (`layer.attention_in_query_blocks`; accelerators: 256, so a layer holds [B * H, 256, L] float32
+  logits instead of [B * H, L, L]: v51-8b, 8 rows of 1024 per chip, 2.1 GB per such buffer; CPU: 0 =
+  all at once, as before).
 * ``remat``: the default rematerialisation policy of the training step ("none" on CPU, "full" on
   accelerators, where memory, not FLOPs, bounds the batch: v51 110M bf16 on v5e:2x2, batch 32 x
   1024, needs 1.7 GB of temporaries per chip with "full", 5.4 GB with "dots").
@@ -62,6 +66,7 @@ class BackendChoices:
     kv_cache_dtype: str | None
     remat: str
     head_chunk_bytes: int
+    attention_block: int
 
 
 def _kernels_override() -> str | None:
@@ -85,7 +90,7 @@ def choices(platform: str | None = None) -> BackendChoices:
     return BackendChoices(platform=platform, kernels=kernels, unroll_layers=cpu, bf16_min_batch=8 if cpu else 0,
                           decode_transposed=("float32",) if cpu else (), kv_cache_dtype="float32" if cpu else None,
                           remat="none" if cpu else "full",
-                          head_chunk_bytes=0 if cpu else 2 ** 30)
+                          head_chunk_bytes=0 if cpu else 2 ** 30, attention_block=0 if cpu else 256)
 
 
 def platform_of(mesh=None) -> str:

@@ -14,7 +14,8 @@ where the modes differ, they pass different arguments:
 
 The pieces (`project_qkv`, `metric_A`, `deduce`, `attend_and_mix`) are public for tests and analyses
 that inspect one stage.  ``kernels`` selects the matmul implementation (`pldr_jax.backend`; "xla"
-by default, "cpu" in a CPU training step); the values are the same.
+by default, "cpu" in a CPU training step); ``attn_block`` the attention's query block length
+(`attention_in_query_blocks`; 0 = all queries at once, the default); the values are the same.
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ from .ops.deductive import derive_g
 from .ops.layers import glu, layer_norm, linear
 from .ops.metric import metric_learner, metric_tensor
 from .ops.rope import apply_rope
-from .partitioning import constrain
+from .partitioning import constrain, split_size
 
-__all__ = ["project_qkv", "metric_A", "deduce", "attend_and_mix", "decoder_layer"]
+__all__ = ["project_qkv", "metric_A", "deduce", "attention_in_query_blocks", "attend_and_mix", "decoder_layer"]
 
 
 def project_qkv(cfg: PLDRConfig, lp: dict, x: jax.Array, positions: jax.Array, kernels: str = "xla"):
@@ -62,16 +63,66 @@ def deduce(lp: dict, A: jax.Array) -> dict:
     return {"A": A, "A_LM": A_LM, "A_P": A_P, "G_LM": G_LM}
 
 
+def _attention_by_head_groups(q, k, v, g_lm, mask):
+    """`plga_attention`; with the heads split over a mesh axis (`partitioning.split_size("heads")`
+    = t > 1, dividing H) as t groups of H / t whole heads, one group per shard: `plga_attention`
+    merges the batch and head axes into one, and GSPMD then gathers the heads onto every chip.
+    Without a split (any CPU run): `plga_attention` itself."""
+    B, L, H, dk = q.shape
+    t = split_size("heads")
+    if t <= 1 or H % t:
+        return plga_attention(q, k, v, g_lm, mask)
+    grouped = lambda x: constrain(jnp.moveaxis(x.reshape(*x.shape[:2], t, H // t, dk), 2, 0),
+                                  ("heads", "batch", "length", None, None))          # [t, B, L, H/t, dk]
+    g = None if g_lm is None else constrain(
+        jnp.moveaxis(g_lm.reshape(g_lm.shape[0], t, H // t, dk, dk), 1, 0), ("heads", "batch", None, None, None))
+    out = jax.vmap(plga_attention, in_axes=(0, 0, 0, None if g is None else 0, None))(
+        grouped(q), grouped(k), grouped(v), g, mask)                                 # [t, B, L, H/t, dk]
+    return jnp.moveaxis(out, 0, 2).reshape(B, L, H, dk)
+
+
+def attention_in_query_blocks(q: jax.Array, k: jax.Array, v: jax.Array, g_lm, mask, block: int = 0) -> jax.Array:
+    """`plga_attention(q, k, v, g_lm, mask)` computed `block` queries at a time (the same values).
+
+    q [B, Lq, H, dk]; k, v [B, Lk, H, dk]; g_lm [B|1, H, dk, dk] or None; mask [B, 1, Lq, Lk] bool
+    or None -> [B, Lq, H, dk].  A `lax.map` over query blocks whose body is rematerialised, so
+    neither pass holds more than one [B * H, block, Lk] block of float32 logits / probabilities
+    (all at once they are B * H * Lq * Lk * 4 bytes: 2.1 GB per buffer for 8 rows of 1024 tokens
+    with 64 heads, the bulk of a training step's temporaries).  block 0, block >= Lq or a block
+    that does not divide Lq: all queries at once (`plga_attention` itself).
+    """
+    B, Lq, H, dk = q.shape
+    if block <= 0 or block >= Lq or Lq % block:
+        return _attention_by_head_groups(q, k, v, g_lm, mask)
+    n = Lq // block
+    names = ("batch", "length", "heads", None)
+    qs = jnp.swapaxes(q.reshape(B, n, block, H, dk), 0, 1)                          # [n, B, block, H, dk]
+    ms = None if mask is None else jnp.moveaxis(
+        mask.reshape(mask.shape[0], 1, n, block, mask.shape[-1]), 2, 0)           # [n, B, 1, block, Lk]
+
+    def one(qm):
+        qb, mb = qm
+        return constrain(_attention_by_head_groups(constrain(qb, names), k, v, g_lm, mb), names)
+
+    out = jax.lax.map(jax.checkpoint(one), (qs, ms))                               # [n, B, block, H, dk]
+    return jnp.swapaxes(out, 0, 1).reshape(B, Lq, H, dk)
+
+
 def attend_and_mix(cfg: PLDRConfig, lp: dict, x: jax.Array, q, k, v, g_lm, mask, kernels: str = "xla",
-                   heads_first: bool = False) -> jax.Array:
+                   attn_block: int = 0, heads_first: bool = False) -> jax.Array:
     """Attention with G_LM, output projection, then the post-LN residual blocks.
 
-    x [B, Lq, D]; q [B, Lq, H, dk]; k, v [B, Lk, H, dk] (or [B, H, Lk, dk] with `heads_first`);
-    g_lm [B|1, H, dk, dk]; mask [B, 1, Lq, Lk] bool.  Returns the layer output [B, Lq, D].
+    x [B, Lq, D]; q [B, Lq, H, dk]; k, v [B, Lk, H, dk] (or [B, H, Lk, dk] with `heads_first`, the
+    decode cache's layout); g_lm [B|1, H, dk, dk]; mask [B, 1, Lq, Lk] bool.  attn_block: queries
+    per attention block (`attention_in_query_blocks`; 0 = all; not used with `heads_first`, a
+    one-token decode step).  Returns the layer output [B, Lq, D].
     """
     B, L, D = x.shape
     act = ("batch", "length", "embed")
-    att = plga_attention(q, k, v, g_lm, mask, heads_first=heads_first)
+    if heads_first:
+        att = plga_attention(q, k, v, g_lm, mask, heads_first=True)
+    else:
+        att = attention_in_query_blocks(q, k, v, g_lm, mask, attn_block)
     att = constrain(att, ("batch", "length", "heads", None)).reshape(B, L, D)
     h = constrain(layer_norm(lp["norm1"], x + linear(lp["dense"], att, kernels), cfg.layer_norm_eps), act)
     return constrain(layer_norm(lp["norm2"], h + glu(lp["ffn"], h, kernels), cfg.layer_norm_eps), act)
@@ -80,7 +131,7 @@ def attend_and_mix(cfg: PLDRConfig, lp: dict, x: jax.Array, q, k, v, g_lm, mask,
 def decoder_layer(cfg: PLDRConfig, lp: dict, x: jax.Array, positions: jax.Array, mask: jax.Array, *,
                   metric_mask: jax.Array | None = None, g_lm: jax.Array | None = None,
                   metric: jax.Array | None = None, kv_buffers: tuple[jax.Array, jax.Array] | None = None,
-                  query_rows: jax.Array | None = None, kernels: str = "xla"):
+                  query_rows: jax.Array | None = None, kernels: str = "xla", attn_block: int = 0):
     """One decoder layer (see the module docstring for which caller passes what).
 
     x [B, L, D] the layer input; positions [B, L] int (RoPE positions); mask [B, 1, L, Lk] bool
@@ -93,6 +144,7 @@ def decoder_layer(cfg: PLDRConfig, lp: dict, x: jax.Array, positions: jax.Array,
       value are written at position positions[b, 0] of row b and attention runs over the buffers.
     query_rows: [B] int, compute the output only at position query_rows[b] of row b.
     kernels: the matmul implementation ("xla" | "cpu", `pldr_jax.backend`).
+    attn_block: the attention's query block length (`attention_in_query_blocks`; 0 = all at once).
 
     Returns (x_out [B, L, D] ([B, 1, D] with `query_rows`), deductive outputs: {"A", "A_LM", "A_P",
     "G_LM"} float32 [B, H, dk, dk], or {"G_LM"} with a given `g_lm`, (k, v) the keys and values
@@ -111,5 +163,6 @@ def decoder_layer(cfg: PLDRConfig, lp: dict, x: jax.Array, positions: jax.Array,
     if query_rows is not None:
         x, q = x[rows, query_rows][:, None], q[rows, query_rows][:, None]
         mask = mask[rows, :, query_rows][:, :, None]
-    out = attend_and_mix(cfg, lp, x, q, k, v, ded["G_LM"], mask, kernels, heads_first=kv_buffers is not None)
+    out = attend_and_mix(cfg, lp, x, q, k, v, ded["G_LM"], mask, kernels, attn_block,
+                         heads_first=kv_buffers is not None)
     return out, ded, (k, v)

@@ -119,10 +119,10 @@ def checkpoint_layer(fn, remat: bool | str):
     return jax.checkpoint(fn)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "pad_aware_A", "collect", "remat", "kernels"))
+@functools.partial(jax.jit, static_argnames=("cfg", "pad_aware_A", "collect", "remat", "kernels", "attn_block"))
 def forward(cfg: PLDRConfig, params: dict, tokens: jax.Array, g_lm: jax.Array | None = None, *,
             pad_aware_A: bool = False, collect: bool = False, remat: bool | str = False,
-            kernels: str = "xla") -> ForwardOutput:
+            kernels: str = "xla", attn_block: int = 0) -> ForwardOutput:
     """Full-sequence forward pass.
 
     tokens [B, L] int (0 = pad).  g_lm: None (derive G_LM, learned models) or a G_LM override
@@ -132,7 +132,9 @@ def forward(cfg: PLDRConfig, params: dict, tokens: jax.Array, g_lm: jax.Array | 
     rematerialise each layer in the backward pass (saves memory in training): False / "none",
     "dots", True / "full" (`checkpoint_layer`).  kernels: the matmul implementation
     (`pldr_jax.backend`): "xla" (default; plain dot_general, so `jax.jvp` / `jax.hessian` work) or
-    "cpu" (XLA:CPU's fast backward; reverse mode only).  Same values either way.
+    "cpu" (XLA:CPU's fast backward; reverse mode only).  Same values either way.  attn_block:
+    compute attention this many queries at a time (`layer.attention_in_query_blocks`: memory
+    linear, not quadratic, in the sequence length; 0 = all at once).  Same values.
 
     Layer iteration follows the params layout: stacked layers -> `lax.scan` (flat compile time);
     a tuple of per-layer dicts (`unstack_layers`) -> a Python loop (no weight-slice copies).
@@ -148,7 +150,7 @@ def forward(cfg: PLDRConfig, params: dict, tokens: jax.Array, g_lm: jax.Array | 
 
     def body(x, lp, g):
         x, ded, (k, v) = decoder_layer(cfg, lp, x, positions, mask, metric_mask=token_mask_A, g_lm=g,
-                                       kernels=kernels)
+                                       kernels=kernels, attn_block=attn_block)
         extra = {"layer_out": x, "k": k, "v": v} if collect else {}
         return x, (ded, extra)
 

@@ -17,7 +17,7 @@ from typing import Sequence
 import jax
 from jax.sharding import PartitionSpec
 
-__all__ = ["ACTIVATION_RULES", "activation_spec", "constrain"]
+__all__ = ["ACTIVATION_RULES", "activation_spec", "constrain", "split_size", "splits"]
 
 #: logical activation axis -> mesh axes (tuple) or None (replicated).
 ACTIVATION_RULES: dict[str, tuple[str, ...] | None] = {
@@ -55,3 +55,19 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     if len(names) != x.ndim:
         raise ValueError(f"constrain: {len(names)} axis names for an array of rank {x.ndim}")
     return jax.lax.with_sharding_constraint(x, activation_spec(names, x.shape, dict(mesh.shape)))
+
+
+def split_size(name: str) -> int:
+    """How many ways the logical activation axis `name` is split under the current mesh (the product
+    of its mesh axes' sizes; 1 without a mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    sizes = dict(mesh.shape)
+    return math.prod(sizes.get(a, 1) for a in (ACTIVATION_RULES.get(name) or ()))
+
+
+def splits(name: str) -> bool:
+    """Whether the logical activation axis `name` is split over mesh axes of size > 1 under the
+    current mesh (e.g. splits("heads") with a tensor axis); False without a mesh."""
+    return split_size(name) > 1

@@ -60,6 +60,23 @@ def test_no_activation_sized_all_reduce_or_all_to_all(train_report):
             assert not dims & act_dims, line[:200]
 
 
+@needs_libtpu
+def test_tensor_axis_splits_attention_on_whole_heads():
+    """Mesh data 1, fsdp 2, tensor 2 (8 heads of 64): each chip projects q, k, v for its 4 whole heads
+    of its 4 rows ([4, S, 4 * 64]) and computes attention for exactly those ([4 rows x 4 heads, S, S]
+    logits; all 8 heads would be 32), with no all-to-all (fused projection weights split on their
+    output axis, or heads merged with the batch axis, are resharded by all-to-all / all-gather)."""
+    H = SMALL["num_heads"]
+    r = aot.compile_report(topology="v5e:2x2", preset="tiny", overrides=dict(SMALL, num_layers=1), mesh=(1, 2, 2),
+                           batch=B, seq_len=S, remat="none", keep_hlo=True)
+    assert r["mesh"] == [1, 2, 2] and "all-to-all" not in r["collectives"]
+    shapes = [tuple(int(d) for d in ds.split(",") if d) for ds in re.findall(r"(?:f32|bf16)\[([0-9,]*)\]", r["hlo"])]
+    logits = [s for s in shapes if len(s) >= 3 and s[-2:] == (S, S)]
+    assert logits and {s[-3] for s in logits} == {(B // 2) * (H // 2)}, sorted(set(logits))
+    proj = re.findall(r"= (?:f32|bf16)\[([0-9,]*)\]\S* convolution\(", r["hlo"])
+    assert proj.count(f"{B // 2},{S},{SMALL['d_model'] // 2}") >= 3, sorted(set(proj))   # q, k and v
+
+
 def test_collectives_per_step_counts_an_async_collective_spread_over_fusions_once():
     """The TPU compiler prints one async all-gather in every "async_collective_fusion" it spans (same
     channel_id, same result): one transfer.  Distinct collectives (other channel or shape) still count."""
@@ -134,6 +151,9 @@ def test_cli_train_and_decode_json(capsys):
             "collective_bytes", "est_step_s", "est_mfu", "est_tokens_per_s_per_chip", "compile_s"}
     assert keys <= set(r) and r["what"] == "decode" and r["fits"]
     assert set(r["per_chip_bytes"]) >= {"arguments", "temporaries", "outputs", "total"}
+    st = r["decode_step"]        # one loop iteration compiled alone, against what it must read
+    assert st["bytes_accessed"] > 0 and st["ratio_mean"] == st["bytes_accessed"] / st["must_read_mean"]
+    assert st["must_read"]["weights"] > 0 and st["must_read"]["kv_live_mean"] < st["must_read"]["kv_buffer"]
 
 
 def test_missing_libtpu_is_one_line_naming_the_install(monkeypatch, capsys):

@@ -132,6 +132,19 @@ def test_chunked_head_never_holds_the_whole_logits():
     assert f"f32[{B * S},{V}]" not in chunked and f"f32[{B},{S},{V}]" not in chunked
 
 
+def test_attention_in_query_blocks_same_values_and_gradients(tiny):
+    """`forward(attn_block=4)` (attention 4 queries at a time, a rematerialised lax.map) gives the
+    logits and the remat-ed gradients of attention over all 12 queries at once, padding included."""
+    cfg, params, tokens = tiny
+    tokens = tokens.at[1, 9:].set(0)
+    a, b = forward(cfg, params, tokens), forward(cfg, params, tokens, attn_block=4)
+    np.testing.assert_allclose(np.asarray(b.logits), np.asarray(a.logits), rtol=1e-5, atol=1e-5)
+    loss = lambda blk: jax.grad(lambda p: jnp.sum(forward(cfg, p, tokens, remat="full", attn_block=blk).logits ** 2))
+    ga, gb = loss(0)(params), loss(4)(params)
+    for x, y in zip(jax.tree_util.tree_leaves(ga), jax.tree_util.tree_leaves(gb)):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-4, atol=1e-4 * float(jnp.abs(x).max()) + 1e-7)
+
+
 def test_choices_by_platform_and_override(monkeypatch):
     monkeypatch.delenv(backend.KERNELS_ENV, raising=False)
     cpu, tpu = backend.choices("cpu"), backend.choices("tpu")
@@ -139,6 +152,7 @@ def test_choices_by_platform_and_override(monkeypatch):
     assert (tpu.kernels, tpu.unroll_layers, tpu.bf16_min_batch, tpu.decode_transposed) == ("xla", False, 0, ())
     assert (cpu.kv_cache_dtype, tpu.kv_cache_dtype) == ("float32", None)
     assert tpu.remat == "full" and cpu.remat == "none" and tpu.head_chunk_bytes > 0 == cpu.head_chunk_bytes
+    assert tpu.attention_block > 0 == cpu.attention_block       # CPU: attention over all queries at once
     monkeypatch.setenv(backend.KERNELS_ENV, "xla")
     assert backend.choices("cpu").kernels == "xla"
     monkeypatch.setenv(backend.KERNELS_ENV, "bogus")

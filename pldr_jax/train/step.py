@@ -30,6 +30,7 @@ from ..config import PLDRConfig
 from ..losses import dag_loss
 from ..model import forward, remat_policy
 from ..ops.cross_entropy import head_cross_entropy
+from ..partitioning import splits
 from ..params import fuse_params, unstack_layers
 from .faults import apply_gradients_guarded
 from .optimizer import schedule_count
@@ -59,6 +60,9 @@ class StepOptions:
     head_chunk_bytes: with "xla" kernels, compute the output head + cross-entropy over sequence
       chunks whose float32 logits block is at most this many bytes (`ops.cross_entropy`); None = the
       platform's default (whole on CPU, 1 GiB blocks on accelerators); 0 = whole.
+    attention_block: compute attention this many queries at a time (`layer.attention_in_query_blocks`,
+      same values, memory linear in the sequence length); None = the platform's default (0 = all at
+      once on CPU, 256 on accelerators).
     nonfinite_guard: do not apply an update whose loss or gradients are not finite (params and
       optimiser state keep their values; metrics["nonfinite"] = 1). See `faults`.
     """
@@ -70,6 +74,7 @@ class StepOptions:
     nonfinite_guard: bool = True
     kernels: str | None = None
     head_chunk_bytes: int | None = None
+    attention_block: int | None = None
 
     def __post_init__(self):
         c = tuple(float(x) for x in self.dag_coeffs)
@@ -80,6 +85,9 @@ class StepOptions:
             remat_policy(self.remat)
         if self.kernels is not None:
             check_kernels(self.kernels)
+        if self.attention_block is not None and (isinstance(self.attention_block, bool) or
+                                                  not isinstance(self.attention_block, int) or self.attention_block < 0):
+            raise ValueError(f"attention_block must be an int >= 0 (0 = all queries at once), got {self.attention_block!r}")
         if isinstance(self.grad_accum, bool) or not isinstance(self.grad_accum, int) or self.grad_accum < 1:
             raise ValueError(f"grad_accum must be an int >= 1, got {self.grad_accum!r}")
 
@@ -90,14 +98,15 @@ class StepOptions:
     def resolved(self, platform: str | None = None) -> "StepOptions":
         """These options with every None replaced by `pldr_jax.backend.choices(platform)`'s value
         (platform None = `jax.default_backend()`)."""
-        if None not in (self.remat, self.unroll_layers, self.kernels, self.head_chunk_bytes):
+        if None not in (self.remat, self.unroll_layers, self.kernels, self.head_chunk_bytes, self.attention_block):
             return self
         b = choices(platform)
         return dataclasses.replace(
             self, remat=b.remat if self.remat is None else self.remat,
             unroll_layers=b.unroll_layers if self.unroll_layers is None else self.unroll_layers,
             kernels=b.kernels if self.kernels is None else self.kernels,
-            head_chunk_bytes=b.head_chunk_bytes if self.head_chunk_bytes is None else self.head_chunk_bytes)
+            head_chunk_bytes=b.head_chunk_bytes if self.head_chunk_bytes is None else self.head_chunk_bytes,
+            attention_block=b.attention_block if self.attention_block is None else self.attention_block)
 
 
 def loss_terms(cfg: PLDRConfig, params: Any, inputs: jax.Array, targets: jax.Array, g_lm=None,
@@ -106,9 +115,17 @@ def loss_terms(cfg: PLDRConfig, params: Any, inputs: jax.Array, targets: jax.Arr
     {"dag_A", "dag_P", "dag_G"} (means over layers, batch, heads; 0 where the coefficient is 0)."""
     opts = opts.resolved()
     # fused projections (one matmul where the layer has two or three reading the same input); the
-    # gradients flow back through the concatenation to the stored (unfused) parameters
-    run = fuse_params(unstack_layers(params) if opts.unroll_layers else params)
-    out = forward(cfg, run, inputs, g_lm, pad_aware_A=opts.pad_aware_A, remat=opts.remat, kernels=opts.kernels)
+    # gradients flow back through the concatenation to the stored (unfused) parameters.  Not for
+    # stacked (scanned) layers with the "xla" kernels (the accelerator default): the concatenation
+    # runs on the whole stack, outside the scan -- a fused copy of every layer's q/k/v and w1/w2
+    # weights plus their stacked fused gradients (experiments/README.md, "TPU plan"); nor with
+    # heads / FFN width split over a tensor axis: concatenating weights split on their output axis
+    # (and splitting the fused activations again) reshards them by all-to-all, forward and backward.
+    run = unstack_layers(params) if opts.unroll_layers else params
+    if (opts.unroll_layers or opts.kernels == "cpu") and not (splits("heads") or splits("mlp")):
+        run = fuse_params(run)
+    out = forward(cfg, run, inputs, g_lm, pad_aware_A=opts.pad_aware_A, remat=opts.remat, kernels=opts.kernels,
+                  attn_block=opts.attention_block)
     # the output head again, fused with the loss (out.logits is then unused and compiled away)
     nll, correct = head_cross_entropy(out.hidden, params["final"]["kernel"], params["final"]["bias"], targets,
                                       kernels=opts.kernels, max_chunk_bytes=opts.head_chunk_bytes or None)
