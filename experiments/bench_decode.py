@@ -111,14 +111,19 @@ def matmul_floor_ms(run_cfg, run_params, batch: int, steps: int, reps: int = 3) 
         return x + logits[:, :1].astype(dt) * 1e-30      # the next step depends on the head
 
     fn = jax.jit(lambda w, x: jax.lax.fori_loop(0, steps, lambda _, x: step(w, x), x))
-    x0 = jnp.ones((batch, D), dt)
-    fn(weights, x0).block_until_ready()
+    return _median_ms(fn, (weights, jnp.ones((batch, D), dt)), reps) / steps
+
+
+def _median_ms(fn, args, reps: int) -> float:
+    """Median wall ms of `reps` calls of `fn(*args)` (each waited for), after one warm-up call."""
+    import jax
+    jax.block_until_ready(fn(*args))
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        fn(weights, x0).block_until_ready()
+        jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times) / steps
+    return 1e3 * statistics.median(times)
 
 
 def prefill_floor_ms(run_cfg, run_params, batch: int, prompt_len: int, reps: int = 3) -> float:
@@ -155,16 +160,9 @@ def prefill_floor_ms(run_cfg, run_params, batch: int, prompt_len: int, reps: int
                 a = a + y
         return linear(w["final"], x[:batch]), a
 
-    fn = jax.jit(chain)
     x0 = jnp.ones((batch * prompt_len, D), dt)
     a0 = jnp.ones((batch * H * dk, dk), jnp.float32)
-    jax.block_until_ready(fn(weights, x0, a0))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(weights, x0, a0))
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+    return _median_ms(jax.jit(chain), (weights, x0, a0), reps)
 
 
 def run_one(batch: int, mode: str, dtype: str, prompt_len: int, new_tokens: int, reps: int, preset: str,
