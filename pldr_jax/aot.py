@@ -289,8 +289,9 @@ def _decode_parts(cfg, batch, seq_len, mesh):
         is_leaf=is_names)
     p_sh = place(decode_param_axes(params), params)
     g_all = normalize_g_lm(cfg, None)
-    step = StepSpec(cfg=cfg, kv_cache=True, g_cache=True, given_g=g_all is not None, shared_slot=True,
-                    merged_heads=choices(platform_of(mesh)).decode_merged_heads)
+    backend = choices(platform_of(mesh))
+    step = StepSpec(cfg=cfg, kv_cache=True, g_cache=True, given_g=g_all is not None,
+                    shared_slot=backend.decode_shared_kv_slot, merged_heads=backend.decode_merged_heads)
     spec = LoopSpec(step=step, shared_g=False, sampler_kind=make_sampler(1.0, 1, 1.0).kind)
     rep = replicated(mesh)
     b1 = batch_sharding(mesh, 1)

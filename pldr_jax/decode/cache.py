@@ -18,7 +18,9 @@ Plus ``tokens`` ``[B, S]`` int32 (prompt and fed tokens, right-padded with 0) an
 int32 (valid positions per row: row b's next token goes to position ``lengths[b]``).
 
 **KV slots.** The prefill writes row b's prompt keys/values at slots ``0 .. prompt_lengths[b] - 1``.
-A decode step then writes every row's new key/value at *one shared slot* ``kv_next`` (a scalar:
+On accelerators (`pldr_jax.backend` ``decode_shared_kv_slot``; on CPU each row's token goes to its
+own position, by an in-place scatter) a decode step then writes every row's new key/value at *one
+shared slot* ``kv_next`` (a scalar:
 ``max(prompt_lengths)`` after the prefill, +1 per step), not at the row's own position: one
 in-place ``dynamic_update_slice`` instead of a per-row scatter, which TPUs run by re-laying out the
 whole buffer twice per step (experiments/README.md, "TPU decode bytes").  The row's RoPE position
