@@ -36,6 +36,8 @@ import re
 import time
 from typing import Any
 
+from .hlo_traffic import hbm_traffic
+
 __all__ = ["CHIPS", "ChipSpec", "LIBTPU_INSTALL", "topology_devices", "collectives_per_step", "compile_report",
            "largest_fitting", "max_batch", "format_report", "model_flops", "executed_flops"]
 
@@ -266,6 +268,7 @@ def _decode_parts(cfg, batch, seq_len, mesh):
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding
+    from .backend import choices, platform_of
     from .decode.cache import cache_logical_axes
     from .decode.loop import LoopInputs, LoopSpec
     from .decode.sampling import make_sampler
@@ -286,8 +289,10 @@ def _decode_parts(cfg, batch, seq_len, mesh):
         is_leaf=is_names)
     p_sh = place(decode_param_axes(params), params)
     g_all = normalize_g_lm(cfg, None)
-    spec = LoopSpec(step=StepSpec(cfg=cfg, kv_cache=True, g_cache=True, given_g=g_all is not None),
-                    shared_g=False, sampler_kind=make_sampler(1.0, 1, 1.0).kind)
+    backend = choices(platform_of(mesh))
+    step = StepSpec(cfg=cfg, kv_cache=True, g_cache=True, given_g=g_all is not None,
+                    shared_slot=backend.decode_shared_kv_slot, merged_heads=backend.decode_merged_heads)
+    spec = LoopSpec(step=step, shared_g=False, sampler_kind=make_sampler(1.0, 1, 1.0).kind)
     rep = replicated(mesh)
     b1 = batch_sharding(mesh, 1)
     i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)
@@ -372,7 +377,10 @@ def _decode_step_bytes(cfg, batch, seq_len, mesh) -> dict:
     """Bytes one decode step accesses per chip (cost_analysis of the loop body compiled alone: it
     has no loop inside, so nothing is counted once for many iterations) against what it must read:
     the weights (the embedding table but for this step's rows), the G-cache and the live KV-cache
-    (mean over the loop's steps, and at its last step).  ratio_mean / ratio_last = accessed / must-read."""
+    (mean over the loop's steps, and at its last step).  ratio_mean / ratio_last = accessed / must-read.
+    XLA's bytes accessed count on-chip (VMEM) reads and writes too; "hbm" is the HBM traffic read off
+    the compiled program's memory spaces (`pldr_jax.hlo_traffic`), hbm_ratio_mean / hbm_ratio_last
+    that against the must-read bytes."""
     lowered, need = _lower_decode_step(cfg, batch, seq_len, mesh)
     compiled = lowered.compile()
     ca = compiled.cost_analysis()
@@ -380,8 +388,12 @@ def _decode_step_bytes(cfg, batch, seq_len, mesh) -> dict:
     acc = float(ca.get("bytes accessed", 0.0))
     base = need["weights"] + need["embedding_rows"] + need["g_cache"]
     must_mean, must_last = base + need["kv_live_mean"], base + need["kv_live_last"]
+    hbm = hbm_traffic(compiled.as_text())
+    hbm.pop("by_opcode")
+    ratio = lambda x, y: x / y if y else 0.0
     return {"bytes_accessed": acc, "must_read": need, "must_read_mean": must_mean, "must_read_last": must_last,
-            "ratio_mean": acc / must_mean if must_mean else 0.0, "ratio_last": acc / must_last if must_last else 0.0,
+            "ratio_mean": ratio(acc, must_mean), "ratio_last": ratio(acc, must_last), "hbm": hbm,
+            "hbm_ratio_mean": ratio(hbm["total"], must_mean), "hbm_ratio_last": ratio(hbm["total"], must_last),
             "temporaries": compiled.memory_analysis().temp_size_in_bytes}
 
 
@@ -557,5 +569,8 @@ def format_report(rep: dict) -> str:
         d = rep["decode_step"]
         lines.append(f"  decode step        {gb(d['bytes_accessed'])} accessed per chip; must read "
                      f"{gb(d['must_read_mean'])} (weights, live KV-cache at the mean step, G-cache) -> ratio "
-                     f"{d['ratio_mean']:.2f} (last step: {d['ratio_last']:.2f})")
+                     f"{d['ratio_mean']:.2f} (last step: {d['ratio_last']:.2f})",
+                     f"  decode step HBM    {gb(d['hbm']['total'])} (read {gb(d['hbm']['read'])}, write "
+                     f"{gb(d['hbm']['write'])}; on-chip traffic left out) -> ratio {d['hbm_ratio_mean']:.2f} "
+                     f"(last step: {d['hbm_ratio_last']:.2f})")
     return "\n".join(lines)

@@ -23,6 +23,19 @@ else:
   runs a bfloat16 scatter and batched dot by converting the whole buffer to float32 and back every
   step (v51 110M batch 32: 132 -> 61-70 ms per step); the bfloat16 values held in float32 give the same
   products; None elsewhere = the compute dtype).
+* ``decode_merged_heads``: the decode step's attention over the heads-first KV-cache runs as matmuls
+  over one merged [B * H] batch axis (CPU: XLA:CPU runs two batch axes as many small products) or
+  over two batch axes [B, H] (accelerators: with the heads over a tensor axis, GSPMD all-gathered the
+  heads of every layer's KV buffer each step when they were merged with the rows; v51 110M on
+  v5e:2x2, mesh 2,1,2: 10 gathers of [16, 14, 1024, 64] per step, HBM traffic 2.3x -> 1.5x what a
+  step must read without them; experiments/README.md "TPU decode bytes").
+* ``decode_shared_kv_slot``: the decode step writes every row's new key/value at one shared slot
+  (one in-place ``dynamic_update_slice``) and attends over the cache before the write plus the
+  step's own key (`decode.cache` "KV slots"; accelerators: a TPU runs the per-row scatter by
+  re-laying out and writing back each whole buffer every step, v51 110M on v5e:2x2: HBM traffic
+  1.98x -> 1.23x what a step must read) or at each row's own position by a scatter (CPU: XLA:CPU
+  updates in place with the scatter, but copied every buffer twice per step around the shared
+  slot's update while attention read the old buffer: batch 32 step 212 -> 275 ms under load).
 * ``huge_pages``: the `pldr-jax` console script re-executes itself with a glibc huge-page tunable
   (`train.host_memory`; only for an XLA:CPU process).
 * ``head_chunk_bytes``: the training loss computes the output head + cross-entropy over sequence
@@ -67,6 +80,8 @@ class BackendChoices:
     remat: str
     head_chunk_bytes: int
     attention_block: int
+    decode_merged_heads: bool = True
+    decode_shared_kv_slot: bool = False
 
 
 def _kernels_override() -> str | None:
@@ -90,7 +105,8 @@ def choices(platform: str | None = None) -> BackendChoices:
     return BackendChoices(platform=platform, kernels=kernels, unroll_layers=cpu, bf16_min_batch=8 if cpu else 0,
                           decode_transposed=("float32",) if cpu else (), kv_cache_dtype="float32" if cpu else None,
                           remat="none" if cpu else "full",
-                          head_chunk_bytes=0 if cpu else 2 ** 30, attention_block=0 if cpu else 256)
+                          head_chunk_bytes=0 if cpu else 2 ** 30, attention_block=0 if cpu else 256,
+                          decode_merged_heads=cpu, decode_shared_kv_slot=not cpu)
 
 
 def platform_of(mesh=None) -> str:

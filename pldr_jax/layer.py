@@ -109,18 +109,21 @@ def attention_in_query_blocks(q: jax.Array, k: jax.Array, v: jax.Array, g_lm, ma
 
 
 def attend_and_mix(cfg: PLDRConfig, lp: dict, x: jax.Array, q, k, v, g_lm, mask, kernels: str = "xla",
-                   attn_block: int = 0, heads_first: bool = False) -> jax.Array:
+                   attn_block: int = 0, heads_first: bool = False, new_kv=None,
+                   merged_heads: bool = True) -> jax.Array:
     """Attention with G_LM, output projection, then the post-LN residual blocks.
 
     x [B, Lq, D]; q [B, Lq, H, dk]; k, v [B, Lk, H, dk] (or [B, H, Lk, dk] with `heads_first`, the
     decode cache's layout); g_lm [B|1, H, dk, dk]; mask [B, 1, Lq, Lk] bool.  attn_block: queries
     per attention block (`attention_in_query_blocks`; 0 = all; not used with `heads_first`, a
-    one-token decode step).  Returns the layer output [B, Lq, D].
+    one-token decode step).  new_kv: the step's own key and value [B, 1, H, dk] when k/v are the
+    cache before this step's write (`plga_attention`).  merged_heads: `plga_attention`'s (decode).
+    Returns the layer output [B, Lq, D].
     """
     B, L, D = x.shape
     act = ("batch", "length", "embed")
     if heads_first:
-        att = plga_attention(q, k, v, g_lm, mask, heads_first=True)
+        att = plga_attention(q, k, v, g_lm, mask, heads_first=True, new_kv=new_kv, merged_heads=merged_heads)
     else:
         att = attention_in_query_blocks(q, k, v, g_lm, mask, attn_block)
     att = constrain(att, ("batch", "length", "heads", None)).reshape(B, L, D)
@@ -131,7 +134,7 @@ def attend_and_mix(cfg: PLDRConfig, lp: dict, x: jax.Array, q, k, v, g_lm, mask,
 def decoder_layer(cfg: PLDRConfig, lp: dict, x: jax.Array, positions: jax.Array, mask: jax.Array, *,
                   metric_mask: jax.Array | None = None, g_lm: jax.Array | None = None,
                   metric: jax.Array | None = None, kv_buffers: tuple[jax.Array, jax.Array] | None = None,
-                  query_rows: jax.Array | None = None, kernels: str = "xla", attn_block: int = 0):
+                  kv_slot: jax.Array | None = None, merged_heads: bool = True, query_rows: jax.Array | None = None, kernels: str = "xla", attn_block: int = 0):
     """One decoder layer (see the module docstring for which caller passes what).
 
     x [B, L, D] the layer input; positions [B, L] int (RoPE positions); mask [B, 1, L, Lk] bool
@@ -141,7 +144,12 @@ def decoder_layer(cfg: PLDRConfig, lp: dict, x: jax.Array, positions: jax.Array,
     layer's queries, with `metric_mask` [B, L] bool (False = left out of A) or None (all positions).
     kv_buffers: (k, v) [B, H, S, dk] KV-cache buffers of a one-token step (L == 1), heads first (the
       decode cache's layout, `decode.cache`), in the compute dtype or wider: this step's key and
-      value are written at position positions[b, 0] of row b and attention runs over the buffers.
+      value are written at position positions[b, 0] of row b (or at slot `kv_slot` [] int32 of every
+      row, one in-place update; see `decode.cache` "KV slots") and attention runs over the buffers
+      (with `kv_slot`: over the buffers before the write, `mask` excluding that slot, plus the
+      step's own key and value, `plga_attention` new_kv).
+    merged_heads: with `kv_buffers`, attention over one [B * H] batch axis or two ([B, H]:
+      `pldr_jax.backend` ``decode_merged_heads``).
     query_rows: [B] int, compute the output only at position query_rows[b] of row b.
     kernels: the matmul implementation ("xla" | "cpu", `pldr_jax.backend`).
     attn_block: the attention's query block length (`attention_in_query_blocks`; 0 = all at once).
@@ -152,10 +160,20 @@ def decoder_layer(cfg: PLDRConfig, lp: dict, x: jax.Array, positions: jax.Array,
     """
     q, k, v = project_qkv(cfg, lp, x, positions, kernels)
     rows = jnp.arange(x.shape[0])
+    new_kv = None
     if kv_buffers is not None:
-        at = positions[:, 0]
-        k = kv_buffers[0].at[rows, :, at].set(k[:, 0].astype(kv_buffers[0].dtype))     # [B, H, S, dk]
-        v = kv_buffers[1].at[rows, :, at].set(v[:, 0].astype(kv_buffers[1].dtype))
+        if kv_slot is not None:     # [B, H, 1, dk] into [B, H, S, dk] at one slot; attention reads
+            write = lambda buf, t: jax.lax.dynamic_update_slice_in_dim(   # the buffers before it
+                buf, jnp.swapaxes(t, 1, 2).astype(buf.dtype), kv_slot, axis=2)
+            new_kv = (k.astype(kv_buffers[0].dtype), v.astype(kv_buffers[1].dtype))
+            attend_k, attend_v = kv_buffers
+        else:                       # row b's key at its own position
+            write = lambda buf, t: buf.at[rows, :, positions[:, 0]].set(t[:, 0].astype(buf.dtype))
+        k, v = write(kv_buffers[0], k), write(kv_buffers[1], v)
+        if new_kv is None:
+            attend_k, attend_v = k, v
+    else:
+        attend_k, attend_v = k, v
     if g_lm is not None:
         ded = {"G_LM": g_lm.astype(jnp.float32)}
     else:
@@ -163,6 +181,6 @@ def decoder_layer(cfg: PLDRConfig, lp: dict, x: jax.Array, positions: jax.Array,
     if query_rows is not None:
         x, q = x[rows, query_rows][:, None], q[rows, query_rows][:, None]
         mask = mask[rows, :, query_rows][:, :, None]
-    out = attend_and_mix(cfg, lp, x, q, k, v, ded["G_LM"], mask, kernels, attn_block,
-                         heads_first=kv_buffers is not None)
+    out = attend_and_mix(cfg, lp, x, q, attend_k, attend_v, ded["G_LM"], mask, kernels, attn_block,
+                         heads_first=kv_buffers is not None, new_kv=new_kv, merged_heads=merged_heads)
     return out, ded, (k, v)

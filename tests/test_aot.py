@@ -154,6 +154,9 @@ def test_cli_train_and_decode_json(capsys):
     st = r["decode_step"]        # one loop iteration compiled alone, against what it must read
     assert st["bytes_accessed"] > 0 and st["ratio_mean"] == st["bytes_accessed"] / st["must_read_mean"]
     assert st["must_read"]["weights"] > 0 and st["must_read"]["kv_live_mean"] < st["must_read"]["kv_buffer"]
+    hbm = st["hbm"]              # HBM only: at least the weights and the KV buffers, less than XLA's count
+    assert hbm["total"] == hbm["read"] + hbm["write"] and hbm["total"] <= st["bytes_accessed"]
+    assert hbm["read"] >= st["must_read"]["weights"] and st["hbm_ratio_mean"] == hbm["total"] / st["must_read_mean"]
 
 
 def test_missing_libtpu_is_one_line_naming_the_install(monkeypatch, capsys):

@@ -17,6 +17,20 @@ slicing a stacked array):
 Plus ``tokens`` ``[B, S]`` int32 (prompt and fed tokens, right-padded with 0) and ``lengths`` ``[B]``
 int32 (valid positions per row: row b's next token goes to position ``lengths[b]``).
 
+**KV slots.** The prefill writes row b's prompt keys/values at slots ``0 .. prompt_lengths[b] - 1``.
+On accelerators (`pldr_jax.backend` ``decode_shared_kv_slot``; on CPU each row's token goes to its
+own position, by an in-place scatter) a decode step then writes every row's new key/value at *one
+shared slot* ``kv_next`` (a scalar:
+``max(prompt_lengths)`` after the prefill, +1 per step), not at the row's own position: one
+in-place ``dynamic_update_slice`` instead of a per-row scatter, which TPUs run by re-laying out the
+whole buffer twice per step (experiments/README.md, "TPU decode bytes").  The row's RoPE position
+is still its own (keys are rotated before they are cached), and the attention mask admits row b's
+prompt slots and the decode slots ``max(prompt_lengths) .. kv_next``, so the keys attended over are
+exactly the row's tokens; the slots between a shorter prompt's end and ``max(prompt_lengths)`` are
+masked out.  ``prompt_lengths`` / ``kv_next`` are None in a cache decoded with per-row slots
+(`step.StepSpec.shared_slot` False: the buffer cannot hold ``max(prompt_lengths)`` + the longest
+row's token count).
+
 `cache_logical_axes` names every axis ("batch", "kv_len", "attn_heads", "dk", "dk_out") so a mesh rule
 table can shard the cache over batch and heads, like the parameters (`pldr_jax.params.logical_axes`).
 """
@@ -44,6 +58,8 @@ class Cache:
     G_LM: tuple | None
     tokens: jax.Array
     lengths: jax.Array
+    prompt_lengths: jax.Array | None = None   # [B] int32, the prompts' lengths (shared KV slots)
+    kv_next: jax.Array | None = None          # [] int32, the next shared KV slot
 
     @property
     def batch(self) -> int:
@@ -109,7 +125,9 @@ def cache_logical_axes(cache: Cache) -> Cache:
     per = lambda t, names: None if t is None else tuple(_axes(a, names) for a in t)
     return Cache(k=per(cache.k, kv), v=per(cache.v, kv), A=per(cache.A, g), A_LM=per(cache.A_LM, g),
                  G_LM=per(cache.G_LM, g), tokens=_axes(cache.tokens, ("batch", "kv_len")),
-                 lengths=_axes(cache.lengths, ("batch",)))
+                 lengths=_axes(cache.lengths, ("batch",)),
+                 prompt_lengths=None if cache.prompt_lengths is None else _axes(cache.prompt_lengths, ("batch",)),
+                 kv_next=None if cache.kv_next is None else ())
 
 
 def cache_partition_specs(cache: Cache, rules: Mapping[str, Any]) -> Cache:

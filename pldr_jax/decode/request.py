@@ -112,6 +112,7 @@ def make_request(cfg, weights: Callable[[int], tuple], prompts, *, max_new_token
     if eos_id is not None:
         eos_id = _check_int("eos_id", eos_id, 0, cfg.vocab_size)
     rows = normalize_prompts(cfg, prompts)
+    backend = choices(platform)
     B = len(rows)
     lens = np.array([len(r) for r in rows], np.int32)
     P, S, N = plan_lengths(cfg, int(lens.max()), max_new, max_len=max_len,
@@ -129,10 +130,15 @@ def make_request(cfg, weights: Callable[[int], tuple], prompts, *, max_new_token
     run_cfg, run_params = weights(B)
     given = g_all is not None
     # with a given G the G-cache flag changes nothing (G is fixed anyway): one compilation for both
-    wide = choices(platform).kv_cache_dtype
+    wide = backend.kv_cache_dtype
     kv_dtype = wide if wide and jnp.dtype(run_cfg.dtype).itemsize < jnp.dtype(wide).itemsize else None
+    # one shared KV slot per step (`decode.cache` "KV slots", where the backend wants it) if the buffer
+    # holds the longest prompt + the most tokens any row decodes; else (CPU, or stop_at_max_seq_len
+    # with unequal prompts) each row's own position
+    shared_slot = (bool(kv_cache) and backend.decode_shared_kv_slot
+                   and int(lens.max()) + int(limit.max()) <= S)
     step = StepSpec(cfg=run_cfg, kv_cache=bool(kv_cache), g_cache=bool(g_cache) or given, given_g=given,
-                    kv_dtype=kv_dtype)
+                    kv_dtype=kv_dtype, shared_slot=shared_slot, merged_heads=backend.decode_merged_heads)
     spec = LoopSpec(step=step, shared_g=bool(shared_g), sampler_kind=sampler.kind,
                     collect_logits=bool(return_logits), collect_deductive=bool(return_deductive))
     t, k, p = (sampler.temperature, sampler.top_k, sampler.top_p) if isinstance(sampler, SamplingParams) else (1.0, 1, 1.0)

@@ -49,6 +49,8 @@ class StepSpec:
     g_cache: bool
     given_g: bool              # G_LM is given (predefined-G config or g_lm=)
     kv_dtype: str | None = None  # KV-cache buffer dtype (None = cfg.dtype; `backend` kv_cache_dtype)
+    shared_slot: bool = False  # every row writes a step's key/value at one slot (`cache` "KV slots")
+    merged_heads: bool = True  # attention over one [B * H] axis (`backend` decode_merged_heads)
 
     @property
     def fixed_g(self) -> bool:
@@ -57,12 +59,14 @@ class StepSpec:
 
 
 def _run_layers(cfg: PLDRConfig, params, x, positions, mask, *, metric_mask=None, g_lm=None, metric=None,
-                kv_buffers=None, last_query_rows=None):
+                kv_buffers=None, kv_slot=None, merged_heads=True, last_query_rows=None):
     """`decoder_layer` over every layer of per-layer params.
 
     x [B, L, D]; positions, mask, metric_mask as `decoder_layer`.  Per-layer inputs, indexed by layer
     (a tuple or a stacked array), None when unused: g_lm [L][B|1, H, dk, dk], metric (cached A)
-    [L][B|1, H, dk, dk], kv_buffers (k, v) each [L][B, H, S, dk].  last_query_rows [B]: the last layer's
+    [L][B|1, H, dk, dk], kv_buffers (k, v) each [L][B, H, S, dk]; kv_slot [] int32: the one buffer
+    slot every row's new key/value goes to (None: slot = the row's position); merged_heads: see
+    `decoder_layer`.  last_query_rows [B]: the last layer's
     output only at that position of each row.  Returns (x_out [B, L|1, D], keys [L][B, L, H, dk] (or
     the updated buffers [L][B, H, S, dk]), values, per-layer deductive dicts).
     """
@@ -74,7 +78,8 @@ def _run_layers(cfg: PLDRConfig, params, x, positions, mask, *, metric_mask=None
     for i, lp in enumerate(layers):
         kv = None if kv_buffers is None else (kv_buffers[0][i], kv_buffers[1][i])
         x, ded, (k, v) = decoder_layer(cfg, lp, x, positions, mask, metric_mask=metric_mask, g_lm=pick(g_lm, i),
-                                       metric=pick(metric, i), kv_buffers=kv,
+                                       metric=pick(metric, i), kv_buffers=kv, kv_slot=kv_slot,
+                                       merged_heads=merged_heads,
                                        query_rows=last_query_rows if i == len(layers) - 1 else None)
         ks.append(k)
         vs.append(v)
@@ -115,7 +120,8 @@ def prefill(cfg: PLDRConfig, params, tokens, lengths, g_all, max_len: int, kv_dt
     cache = Cache(k=tuple(_kv_buffer(k, max_len, kv_dt) for k in ks),
                   v=tuple(_kv_buffer(v, max_len, kv_dt) for v in vs),
                   A=per_layer("A"), A_LM=per_layer("A_LM"), G_LM=per_layer("G_LM"),
-                  tokens=_pad_to(tokens.astype(jnp.int32), max_len), lengths=lengths.astype(jnp.int32))
+                  tokens=_pad_to(tokens.astype(jnp.int32), max_len), lengths=lengths.astype(jnp.int32),
+                  prompt_lengths=lengths.astype(jnp.int32), kv_next=jnp.max(lengths).astype(jnp.int32))
     return cache, logits, {name: jnp.stack(per_layer(name)) for name in names}
 
 
@@ -135,11 +141,21 @@ def decode_step(spec: StepSpec, params, cache: Cache, token, active):
     lengths = jnp.where(active, pos + 1, cache.lengths)
     g_lm = cache.G_LM if spec.fixed_g else None
     if spec.kv_cache:               # the new token only; without a G-cache G comes from the cached A
-        mask = (jnp.arange(S)[None, :] <= pos[:, None])[:, None, None, :]          # [B, 1, 1, S]
-        x, ks, vs, deds = _run_layers(cfg, params, embed(cfg, params, token[:, None]), pos[:, None], mask,
-                                      g_lm=g_lm, metric=None if spec.fixed_g else cache.A,
-                                      kv_buffers=(cache.k, cache.v))
+        slot_ids = jnp.arange(S)[None, :]
+        if spec.shared_slot:        # one slot for every row (`cache` "KV slots")
+            slot = jnp.minimum(cache.kv_next, S - 1)
+            valid = (slot_ids < cache.prompt_lengths[:, None]) | (   # the step's own slot is not
+                (slot_ids >= jnp.max(cache.prompt_lengths)) & (slot_ids < slot))  # written yet
+        else:
+            slot, valid = None, slot_ids <= pos[:, None]
+        x, ks, vs, deds = _run_layers(cfg, params, embed(cfg, params, token[:, None]), pos[:, None],
+                                      valid[:, None, None, :], g_lm=g_lm,
+                                      metric=None if spec.fixed_g else cache.A,
+                                      kv_buffers=(cache.k, cache.v), kv_slot=slot,
+                                      merged_heads=spec.merged_heads)
         cache = cache.replace(k=tuple(ks), v=tuple(vs))
+        if spec.shared_slot:
+            cache = cache.replace(kv_next=cache.kv_next + 1)
     else:                           # the whole sequence; without a G-cache A and G come from it
         positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
         valid = positions < lengths[:, None]

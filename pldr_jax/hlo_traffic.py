@@ -1,0 +1,158 @@
+"""Off-chip memory traffic of a compiled accelerator program, read from its optimised HLO text.
+
+XLA's ``cost_analysis()["bytes accessed"]`` adds up the operands and results of every instruction
+whatever memory they live in.  On a TPU most of a decode step's instructions read and write
+on-chip memory (VMEM: the compiler prefetches whole KV buffers and weights into it, then every
+fusion reads them there), so that figure counts a buffer several times and says little about the
+HBM bandwidth a step needs.  The compiled HLO marks every on-chip value in its layout
+(``{...S(1)}``, ``S(2)``, ...); `hbm_traffic` counts only what crosses HBM:
+
+* an instruction reads each operand that lives in HBM and writes its result if it lives in HBM;
+* an asynchronous copy or slice (``copy-start``: a (destination, source, context) tuple;
+  ``slice-start``: ((source), destination, context)) moves its destination's bytes (read from HBM
+  when its source is there, written to HBM when its destination is);
+* a ``dynamic-update-slice`` (alone or at a fusion's root) is in place: it reads and writes the
+  update only;
+* a fusion operand used inside the fusion only by ``slice`` / ``dynamic-slice`` / ``gather`` is
+  read for those results' bytes only (an embedding lookup reads its rows, not the table);
+* ``parameter``, ``tuple``, ``get-tuple-element``, ``bitcast``, ``constant`` and the ``*-done``
+  halves of asynchronous pairs move nothing.
+
+Only the entry computation is walked: meant for a program without loops (a decode step compiled
+alone, `pldr_jax.aot`); a loop body would be counted once.  The result is an estimate of the same
+kind as XLA's cost model (it ignores caching of re-read HBM values and any padding in tiles).
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["hbm_traffic"]
+
+_ITEM = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4,
+         "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+_ARRAY = re.compile(r"\b(pred|s8|u8|bf16|f16|s16|u16|f32|s32|u32|f64|s64|u64)\[([\d,]*)\](\{[^}]*\})?")
+_INSTR = re.compile(r"\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*)$")
+_COMP = re.compile(r"^(ENTRY )?%([\w.\-]+) .*\{$")
+_FREE = {"parameter", "tuple", "get-tuple-element", "bitcast", "constant", "copy-done", "slice-done",
+         "after-all", "partition-id", "replica-id", "opt-barrier"}
+_SLICERS = {"slice", "dynamic-slice", "gather"}
+
+
+def _arrays(type_text: str) -> list[tuple[int, bool]]:
+    """(bytes, on_chip) of every array in an HLO type (a tuple type lists several)."""
+    out = []
+    for dt, dims, layout in _ARRAY.findall(type_text):
+        n = 1
+        for d in dims.split(","):
+            if d:
+                n *= int(d)
+        out.append((n * _ITEM[dt], bool(re.search(r"S\(\d+\)", layout or ""))))
+    return out
+
+
+def _hbm(arrays) -> int:
+    return sum(b for b, on_chip in arrays if not on_chip)
+
+
+def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str]:
+    """{computation name: instruction lines}, entry computation name."""
+    comps, entry, cur = {}, None, None
+    for line in hlo_text.splitlines():
+        m = _COMP.match(line)
+        if m:
+            cur = m.group(2)
+            comps[cur] = []
+            if m.group(1):
+                entry = cur
+        elif line.startswith("}"):
+            cur = None
+        elif cur is not None:
+            comps[cur].append(line)
+    if entry is None:
+        raise ValueError("no ENTRY computation in the HLO text")
+    return comps, entry
+
+
+def _parse(lines: list[str]) -> list[tuple[str, str, str, list[str], str]]:
+    """(name, type, opcode, operand names, whole line) per instruction."""
+    out = []
+    for line in lines:
+        m = _INSTR.match(line)
+        if m:
+            args = m.group(4).split("), ")[0]
+            out.append((m.group(1), m.group(2), m.group(3), re.findall(r"%([\w.\-]+)", args), line))
+    return out
+
+
+def _fusion_reads(body: list[str]) -> tuple[dict[int, int | None], int | None]:
+    """For a fused computation: {parameter index: bytes read when only sliced / gathered, else None},
+    and the update's bytes when its root is a dynamic-update-slice (None otherwise)."""
+    instrs = _parse(body)
+    types = {name: typ for name, typ, *_ in instrs}
+    params, users = {}, {}
+    for name, typ, op, operands, line in instrs:
+        if op == "parameter":
+            params[name] = int(re.search(r"parameter\((\d+)\)", line).group(1))
+        for position, o in enumerate(operands):
+            users.setdefault(o, []).append((op, typ, position))
+    reads = {}
+    for name, index in params.items():       # sliced / gathered from (operand 0; not the indices)
+        us = users.get(name, [])
+        reads[index] = (sum(b for op, typ, _ in us for b, _ in _arrays(typ))
+                        if us and all(op in _SLICERS and position == 0 for op, _, position in us) else None)
+    dus = None
+    for name, typ, op, operands, line in instrs:
+        if "ROOT" in line.split("=")[0] and op == "dynamic-update-slice" and len(operands) > 1:
+            dus = sum(b for b, _ in _arrays(types.get(operands[1], "")))
+    return reads, dus
+
+
+def hbm_traffic(hlo_text: str) -> dict:
+    """Estimated HBM bytes one run of a compiled program moves (see the module docstring).
+
+    hlo_text: ``compiled.as_text()`` of an accelerator executable.  Returns {"read", "write",
+    "total"} bytes and "by_opcode" {opcode: bytes}.
+    """
+    comps, entry = _computations(hlo_text)
+    fused = {}
+    types: dict[str, str] = {}
+    read = write = 0
+    by_op: dict[str, int] = {}
+    for name, typ, op, operands, line in _parse(comps[entry]):
+        types[name] = typ
+        if op in _FREE:
+            continue
+        if op in ("copy-start", "slice-start"):
+            arrs = _arrays(typ)          # copy-start: (destination, source, context);
+            if len(arrs) < 2:            # slice-start: ((source), destination, context)
+                continue
+            src, dst = (arrs[1], arrs[0]) if op == "copy-start" else (arrs[0], arrs[1])
+            moved = dst[0]
+            r, w = (0 if src[1] else moved), (0 if dst[1] else moved)
+        elif op == "dynamic-update-slice" and len(operands) > 1:
+            upd = sum(b for b, _ in _arrays(types.get(operands[1], "")))
+            r, w = upd, upd
+        else:
+            reads, dus = {}, None
+            called = re.search(r"calls=%([\w.\-]+)", line)
+            if op == "fusion" and called and called.group(1) in comps:
+                key = called.group(1)
+                if key not in fused:
+                    fused[key] = _fusion_reads(comps[key])
+                reads, dus = fused[key]
+            r = 0
+            for i, o in enumerate(operands):
+                arrs = _arrays(types.get(o, ""))
+                if dus is not None and i == 0:
+                    continue                             # the buffer updated in place
+                part = reads.get(i)
+                r += _hbm(arrs) if part is None else (0 if all(c for _, c in arrs) else part)
+            w = _hbm(_arrays(typ))
+            if dus is not None:
+                w = min(w, dus)
+        read += r
+        write += w
+        by_op[op] = by_op.get(op, 0) + r + w
+    return {"read": read, "write": write, "total": read + write,
+            "by_opcode": dict(sorted(by_op.items(), key=lambda kv: -kv[1]))}

@@ -1,0 +1,90 @@
+"""The decode step's KV-cache write and attention forms give the same logits.
+
+* shared KV slot (every row writes a step's key/value at one slot, attention reads the cache before
+  the write plus the step's own key: `decode.cache` "KV slots") vs each row's own position;
+* attention over one merged [B * H] batch axis (CPU) vs two [B, H] axes (accelerators,
+  `backend.decode_merged_heads`).
+
+Ragged prompts, learned G (kv_g: the prompt's G; kv: G re-derived from the cached A), greedy feed.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pldr_jax.backend import choices
+from pldr_jax.decode import prepare_params
+from pldr_jax.decode.step import StepSpec, decode_step, prefill
+from pldr_jax.ops.attention import plga_attention
+
+PROMPTS = [[70, 48, 9, 8, 68, 61, 1], [5, 17, 99], [12, 40, 33, 7, 7, 81, 2, 64, 90, 11, 45, 23]]
+
+
+def _run(cfg, params, spec: StepSpec, steps: int = 6):
+    B, P, S = len(PROMPTS), 16, 32
+    tokens = np.zeros((B, P), np.int32)
+    for b, p in enumerate(PROMPTS):
+        tokens[b, :len(p)] = p
+    lengths = jnp.asarray([len(p) for p in PROMPTS], jnp.int32)
+    cache, logits, _ = prefill(cfg, params, jnp.asarray(tokens), lengths, None, S)
+    step = jax.jit(decode_step, static_argnums=0)
+    out = [logits]
+    active = jnp.ones((B,), bool)
+    for _ in range(steps):
+        logits, cache, _ = step(spec, params, cache, jnp.argmax(out[-1], -1).astype(jnp.int32), active)
+        out.append(logits)
+    return np.stack([np.asarray(x) for x in out]), cache
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_v510):
+    cfg, params = tiny_v510
+    return cfg, prepare_params(cfg, params, 1)[1]
+
+
+@pytest.mark.parametrize("g_cache", [True, False], ids=["kv_g", "kv"])
+def test_shared_slot_and_head_axes_match_per_row_slots(tiny, g_cache):
+    cfg, params = tiny
+    spec = lambda **kw: StepSpec(cfg=cfg, kv_cache=True, g_cache=g_cache, given_g=False, **kw)
+    want, per_row = _run(cfg, params, spec(shared_slot=False))
+    caches = []
+    for kw in ({"shared_slot": True}, {"shared_slot": True, "merged_heads": False},
+               {"shared_slot": False, "merged_heads": False}):
+        got, cache = _run(cfg, params, spec(**kw))
+        caches.append(cache)
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-5, err_msg=str(kw))
+        assert (got.argmax(-1) == want.argmax(-1)).all(), kw
+    cache = caches[0]
+    # shared slots: the 6 decoded keys sit after the longest prompt (slots 12..17) in every row; with
+    # per-row slots the 3-token prompt's row has them right after its prompt (3..8)
+    assert int(cache.kv_next) == 12 + 6
+    for layer in range(cfg.num_layers):
+        np.testing.assert_allclose(np.asarray(cache.k[layer][1, :, 12:18]), np.asarray(per_row.k[layer][1, :, 3:9]),
+                                   rtol=0, atol=2e-5)
+        np.testing.assert_allclose(np.asarray(cache.v[layer][2, :, 12:18]), np.asarray(per_row.v[layer][2, :, 12:18]),
+                                   rtol=0, atol=2e-5)
+
+
+def test_head_axes_attention_equals_merged_with_own_token():
+    kq, kk, kv, kg, kn = jax.random.split(jax.random.key(3), 5)
+    B, H, S, dk = 3, 4, 10, 8
+    q = jax.random.normal(kq, (B, 1, H, dk))
+    k, v = jax.random.normal(kk, (B, H, S, dk)), jax.random.normal(kv, (B, H, S, dk))
+    g = jax.random.normal(kg, (B, H, dk, dk))
+    new = tuple(jax.random.normal(x, (B, 1, H, dk)) for x in jax.random.split(kn))
+    mask = (jnp.arange(S)[None, :] < jnp.array([[4], [7], [10]]))[:, None, None, :]
+    merged = plga_attention(q, k, v, g, mask, heads_first=True, new_kv=new)
+    per_head = plga_attention(q, k, v, g, mask, heads_first=True, new_kv=new, merged_heads=False)
+    np.testing.assert_allclose(per_head, merged, rtol=0, atol=1e-5)
+    # the own token attended over equals writing it into a free slot of the buffer
+    k2 = jnp.concatenate([k, jnp.swapaxes(new[0], 1, 2)], 2)
+    v2 = jnp.concatenate([v, jnp.swapaxes(new[1], 1, 2)], 2)
+    m2 = jnp.concatenate([mask, jnp.ones((B, 1, 1, 1), bool)], -1)
+    np.testing.assert_allclose(merged, plga_attention(q, k2, v2, g, m2, heads_first=True), rtol=0, atol=1e-5)
+
+
+def test_backend_decode_head_axes():
+    assert choices("cpu").decode_merged_heads and not choices("tpu").decode_merged_heads
