@@ -19,11 +19,15 @@ logits depend on later tokens of the same pass -- see MODEL.md):
 
 A given ``g_lm`` (predefined-G models, or a G source from ``pldr_jax.g_sources``) fixes G in every
 mode, which then all coincide.  Batches are right-padded with pad-aware A, so every row scores as it
-would alone; input lengths and scored-position counts are padded to power-of-two buckets and the
-batch to a fixed size (one compilation per (length, scored) bucket pair and mode).  Requests are
-sorted by length, so a batch holds similar lengths; only the scored positions go through the
-vocabulary head; every batch is dispatched before any result is read back
-(`experiments/bench_eval.py`: requests/s batched vs one at a time).
+would alone; input lengths and scored-position counts are padded to power-of-two buckets, a batch
+holds rows of one length bucket only, and its row count is ``batch_size`` or, for a bucket's last
+batch, the next power of two (`plan_batches`: one compilation per (length, scored, rows) triple and
+mode); only the scored positions go through the vocabulary head; every batch is dispatched before
+any result is read back.
+
+Where the mode allows it exactly (mode "cached", or a fixed G), requests that share a context share
+one pass over it (`shared_context`: the context once and every continuation after it in one packed
+row); mode "full" cannot share (`experiments/bench_eval.py`: requests/s batched vs one at a time).
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from ..ops.layers import linear
 from .jsonl import iter_jsonl
 from .shared_context import PackedRow, pack_requests, shareable
 
-__all__ = ["MODES", "loglikelihood_tokens", "score_units", "score_packed_rows", "packed_mask", "bucket_length", "encode_pair", "make_encoder",
+__all__ = ["MODES", "loglikelihood_tokens", "score_units", "plan_batches", "score_packed_rows", "packed_mask", "bucket_length", "encode_pair", "make_encoder",
            "load_jsonl", "mc_requests", "MCResult", "score_multiple_choice"]
 
 MODES = ("full", "cached", "causal")
@@ -55,6 +59,23 @@ def bucket_length(n: int, maximum: int, minimum: int = 8) -> int:
     """Smallest power of two >= n (at least ``minimum``), capped at ``maximum``."""
     b = max(minimum, 1 << max(0, int(n) - 1).bit_length())
     return min(b, maximum)
+
+
+def plan_batches(lengths: Sequence[int], maximum: int, batch_size: int) -> list[tuple[list[int], int, int]]:
+    """Rows of these lengths -> batches (row indices, length bucket L, batch rows B): rows grouped by
+    their power-of-two length bucket (`bucket_length`, capped at ``maximum``), longest first, in
+    batches of ``batch_size``; a bucket's last, partial batch has B = the next power of two of its
+    rows (not ``batch_size``), so filler rows cost less than the rows themselves (one compilation
+    per (L, B) pair: B is batch_size or a power of two below it)."""
+    by_bucket: dict[int, list[int]] = {}
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        by_bucket.setdefault(bucket_length(lengths[i], maximum), []).append(i)
+    out = []
+    for L, idx in by_bucket.items():
+        for start in range(0, len(idx), batch_size):
+            chunk = idx[start: start + batch_size]
+            out.append((chunk, L, min(batch_size, 1 << (len(chunk) - 1).bit_length())))
+    return out
 
 
 # --------------------------------------------------------------------------- jitted scorers
@@ -138,18 +159,15 @@ def score_packed_rows(cfg: PLDRConfig, params, rows: Sequence[PackedRow], n_requ
                       batch_size: int = 8, progress: Callable | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Score packed rows (`shared_context.pack_requests`; A over each row's context, or the fixed
     g_lm); returns per request (sum log p [float64], all scored targets greedy [bool]).  Rows are
-    sorted by length and padded to power-of-two (length, scored) buckets as in `score_units`."""
+    batched as in `score_units` (`plan_batches`), every batch dispatched before any is read back."""
     sums = np.zeros(n_requests, np.float64)
     greedy = np.ones(n_requests, bool)
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i].tokens))
-    bar = progress(total=len(order)) if progress is not None else None
+    bar = progress(total=len(rows)) if progress is not None else None
     pending = []
-    for start in range(0, len(order), batch_size):     # dispatch every batch, then read them back
-        idx = order[start: start + batch_size]
-        L = bucket_length(max(len(rows[i].tokens) for i in idx), cfg.max_seq_len)
+    for idx, L, B in plan_batches([len(r.tokens) for r in rows], cfg.max_seq_len, batch_size):
         K = bucket_length(max(len(rows[i].scored) for i in idx), 1 << 30, minimum=1)
-        inp, positions, segments = (np.zeros((batch_size, L), np.int32) for _ in range(3))
-        pos, tgt = np.zeros((batch_size, K), np.int32), np.zeros((batch_size, K), np.int32)
+        inp, positions, segments = (np.zeros((B, L), np.int32) for _ in range(3))
+        pos, tgt = np.zeros((B, K), np.int32), np.zeros((B, K), np.int32)
         inp[:, 0], segments[:, 0] = EOS_ID, 1   # filler rows: one context token, never read
         for r, i in enumerate(idx):
             row = rows[i]
@@ -183,18 +201,14 @@ def score_units(cfg: PLDRConfig, params, units: Sequence[_Unit], n_requests: int
     sums = np.zeros(n_requests, np.float64)
     counts = np.zeros(n_requests, np.int64)
     greedy = np.ones(n_requests, bool)
-    order = sorted(range(len(units)), key=lambda i: -len(units[i].inp))
-    W = cfg.max_seq_len
-    bar = progress(total=len(order)) if progress is not None else None
+    bar = progress(total=len(units)) if progress is not None else None
     pending = []
-    for start in range(0, len(order), batch_size):     # dispatch every batch, then read them back
-        idx = order[start: start + batch_size]
-        L = bucket_length(max(len(units[i].inp) for i in idx), W)
+    for idx, L, B in plan_batches([len(u.inp) for u in units], cfg.max_seq_len, batch_size):
         K = bucket_length(max(units[i].n_score for i in idx), L, minimum=1)
-        inp = np.zeros((batch_size, L), np.int32)
-        pos = np.zeros((batch_size, K), np.int32)
-        tgt = np.zeros((batch_size, K), np.int32)
-        ctx = np.ones(batch_size, np.int32)
+        inp = np.zeros((B, L), np.int32)
+        pos = np.zeros((B, K), np.int32)
+        tgt = np.zeros((B, K), np.int32)
+        ctx = np.ones(B, np.int32)
         inp[:, 0] = EOS_ID  # filler rows: one real token, never read
         for r, i in enumerate(idx):
             u = units[i]
