@@ -82,13 +82,14 @@ def plan_batches(lengths: Sequence[int], maximum: int, batch_size: int) -> list[
 def _gather(cfg: PLDRConfig, params, hidden, pos, targets):
     """hidden [B, L, D], pos / targets [B, K] -> log p(target) at those positions [B, K] and greedy
     hits [B, K].  Only the K scored positions go through the vocabulary head and its softmax (a
-    multiple-choice continuation is a few tokens of a long context)."""
+    multiple-choice continuation is a few tokens of a long context).  Greedy = the target's
+    log-probability is the maximum (= argmax == target but for exact ties; XLA:CPU's argmax over the
+    vocabulary took 11 ms of a [32, 64] small-preset call, the max 1 ms)."""
     h = jnp.take_along_axis(hidden, pos[..., None], axis=1)                    # [B, K, D]
     logits = linear(params["final"], h).astype(jnp.float32)
     logp = jax.nn.log_softmax(logits, axis=-1)
     lp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    greedy = jnp.argmax(logits, axis=-1) == targets
-    return lp, greedy
+    return lp, lp >= jnp.max(logp, axis=-1)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
