@@ -121,14 +121,10 @@ def profile(preset: str, shapes=((1, 64), (32, 64)), reps: int = 7) -> list[dict
         return x
     chain = jax.jit(chain)
 
+    from bench_decode import _median_ms          # experiments/: the same timing as the decode floors
+
     def median_ms(f, *a):
-        jax.block_until_ready(f(*a))
-        ts = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            jax.block_until_ready(f(*a))
-            ts.append(time.perf_counter() - t0)
-        return 1e3 * statistics.median(ts)
+        return _median_ms(f, a, reps)
 
     out = []
     for B, L in shapes:
