@@ -60,6 +60,21 @@ def test_shared_context_equals_unshared_in_cached_mode(params):
     assert [s[1] for s in shared] == [a[1] for a in alone]
 
 
+def test_harness_adapter_shares_contexts_in_cached_mode(params, monkeypatch):
+    """lm-eval's adapter passes every request to one `loglikelihood_tokens` call: in mode "cached" the
+    choices of a context are packed, with the unshared scores."""
+    from pldr_jax.eval import harness
+    calls = []
+    real = mc.score_packed_rows
+    monkeypatch.setattr(mc, "score_packed_rows", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
+    reqs = _requests()
+    lm = harness.PLDRLM(CFG, params, None, mode="cached", batch_size=8)
+    got = lm.loglikelihood(reqs, disable_tqdm=True)
+    want = mc.loglikelihood_tokens(CFG, params, reqs, mode="cached", batch_size=8, share_context=False)
+    np.testing.assert_allclose([g[0] for g in got], [w[0] for w in want], rtol=1e-5, atol=5e-5)
+    assert calls == [len({tuple(c) or (mc.EOS_ID,) for c, _ in reqs})]       # one row per distinct context
+
+
 def test_rows_split_at_max_seq_len(params):
     """Four 12-token choices after a 40-token context need 40 + 4 * 11 = 84 > 64 row positions."""
     rng = np.random.default_rng(1)
