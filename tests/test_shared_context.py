@@ -24,16 +24,14 @@ def params():
 
 def _requests(seed=0):
     """Items with 1..4 choices of 1..4 tokens on contexts of 1..8 tokens, a context reused by a later
-    item (its requests join the first item's row), an empty context and one cut from the left."""
+    item (its requests join the first item's row) and an empty context."""
     rng = np.random.default_rng(seed)
     reqs = []
     for _ in range(5):
         ctx = rng.integers(4, CFG.vocab_size, int(rng.integers(1, 9))).tolist()
         reqs += [(ctx, rng.integers(4, CFG.vocab_size, int(rng.integers(1, 5))).tolist())
                  for _ in range(int(rng.integers(1, 5)))]
-    reqs += [(reqs[0][0], [7, 8, 9]), ([], [5, 6]), ([], [9]),
-             (rng.integers(4, CFG.vocab_size, 70).tolist(), [7, 8, 9])]        # 70 + 3 > max_seq_len + 1
-    return reqs
+    return reqs + [(reqs[0][0], [7, 8, 9]), ([], [5, 6]), ([], [9])]
 
 
 def test_pack_requests_layout():
@@ -76,11 +74,14 @@ def test_harness_adapter_shares_contexts_in_cached_mode(params, monkeypatch):
 
 
 def test_rows_split_at_max_seq_len(params):
-    """Four 12-token choices after a 40-token context need 40 + 4 * 11 = 84 > 64 row positions."""
+    """Four 12-token choices after a 40-token context need 40 + 4 * 11 = 84 > 64 row positions; and
+    contexts cut from the left (70 + 3 > max_seq_len + 1 tokens: each choice keeps a different cut)."""
     rng = np.random.default_rng(1)
     ctx = rng.integers(4, CFG.vocab_size, 40).tolist()
     reqs = [(ctx, rng.integers(4, CFG.vocab_size, 12).tolist()) for _ in range(4)]
     assert len(pack_requests([(ctx, c) for _, c in reqs], CFG.max_seq_len)) == 2
+    long = rng.integers(4, CFG.vocab_size, 70).tolist()
+    reqs += [(long, [7, 8, 9]), (long, [7, 8]), (long, [10, 11, 12])]
     shared = mc.loglikelihood_tokens(CFG, params, reqs, mode="cached", batch_size=2)
     alone = mc.loglikelihood_tokens(CFG, params, reqs, mode="cached", batch_size=2, share_context=False)
     np.testing.assert_allclose([s[0] for s in shared], [a[0] for a in alone], rtol=1e-5, atol=5e-5)
