@@ -122,7 +122,8 @@ def checkpoint_layer(fn, remat: bool | str):
 @functools.partial(jax.jit, static_argnames=("cfg", "pad_aware_A", "collect", "remat", "kernels", "attn_block"))
 def forward(cfg: PLDRConfig, params: dict, tokens: jax.Array, g_lm: jax.Array | None = None, *,
             pad_aware_A: bool = False, collect: bool = False, remat: bool | str = False,
-            kernels: str = "xla", attn_block: int = 0) -> ForwardOutput:
+            kernels: str = "xla", attn_block: int = 0, positions: jax.Array | None = None,
+            attn_mask: jax.Array | None = None, metric_mask: jax.Array | None = None) -> ForwardOutput:
     """Full-sequence forward pass.
 
     tokens [B, L] int (0 = pad).  g_lm: None (derive G_LM, learned models) or a G_LM override
@@ -135,6 +136,10 @@ def forward(cfg: PLDRConfig, params: dict, tokens: jax.Array, g_lm: jax.Array | 
     "cpu" (XLA:CPU's fast backward; reverse mode only).  Same values either way.  attn_block:
     compute attention this many queries at a time (`layer.attention_in_query_blocks`: memory
     linear, not quadratic, in the sequence length; 0 = all at once).  Same values.
+    positions [B, L] int, attn_mask [B, 1, L, L] bool (True = may attend), metric_mask [B, L] bool
+    (True = summed into A): a packed row's RoPE positions, attention mask and metric tokens
+    (`eval.shared_context`: the continuations of one context in one row); None = 0..L-1, causal over
+    the non-pad tokens, and (metric_mask) every token / the non-pad tokens by `pad_aware_A`.
 
     Layer iteration follows the params layout: stacked layers -> `lax.scan` (flat compile time);
     a tuple of per-layer dicts (`unstack_layers`) -> a Python loop (no weight-slice copies).
@@ -143,9 +148,9 @@ def forward(cfg: PLDRConfig, params: dict, tokens: jax.Array, g_lm: jax.Array | 
     g_all = normalize_g_lm(cfg, g_lm)
     B, L = tokens.shape
     valid = tokens != 0
-    positions = jnp.broadcast_to(jnp.arange(L), (B, L))
-    mask = causal_padding_mask(valid, L)
-    token_mask_A = valid if pad_aware_A else None
+    positions = jnp.broadcast_to(jnp.arange(L), (B, L)) if positions is None else positions
+    mask = causal_padding_mask(valid, L) if attn_mask is None else attn_mask
+    token_mask_A = metric_mask if metric_mask is not None else (valid if pad_aware_A else None)
     x0 = constrain(embed(cfg, params, tokens), ("batch", "length", "embed"))
 
     def body(x, lp, g):

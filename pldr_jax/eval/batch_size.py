@@ -80,14 +80,16 @@ def memory_budget_bytes(fraction_device: float = 0.9, fraction_host: float = 0.5
 
 def scoring_peak_bytes(cfg: PLDRConfig, params, batch: int, *, mode: str = "full", g_lm=None) -> int:
     """Peak bytes (arguments + outputs + temporaries) of the compiled scoring pass for ``batch`` rows
-    of ``cfg.max_seq_len`` tokens (the pass `pldr_jax.eval.multiple_choice.score_units` runs)."""
-    from .multiple_choice import _score_cached, _score_full
+    of ``cfg.max_seq_len`` tokens (the pass `pldr_jax.eval.multiple_choice.loglikelihood_tokens`
+    runs: packed rows where the mode shares contexts, `shared_context`, else `score_units`' rows)."""
+    from .multiple_choice import _score_full, _score_packed
+    from .shared_context import shareable
     # the largest pass of that batch: full-length rows with every position scored (pos, targets [B, L])
     x = jax.ShapeDtypeStruct((int(batch), cfg.max_seq_len), jnp.int32)
-    if mode == "cached" and g_lm is None and cfg.learned_g:
-        lowered = _score_cached.lower(cfg, params, x, x, x, jax.ShapeDtypeStruct((int(batch),), jnp.int32))
+    g = None if g_lm is None else jnp.asarray(g_lm, jnp.float32)
+    if shareable(mode, g is not None or not cfg.learned_g):
+        lowered = _score_packed.lower(cfg, params, x, x, x, x, x, g)
     else:
-        g = None if g_lm is None else jnp.asarray(g_lm, jnp.float32)
         lowered = _score_full.lower(cfg, params, x, x, x, g)
     m = lowered.compile().memory_analysis()
     if m is None:

@@ -19,11 +19,15 @@ logits depend on later tokens of the same pass -- see MODEL.md):
 
 A given ``g_lm`` (predefined-G models, or a G source from ``pldr_jax.g_sources``) fixes G in every
 mode, which then all coincide.  Batches are right-padded with pad-aware A, so every row scores as it
-would alone; input lengths and scored-position counts are padded to power-of-two buckets and the
-batch to a fixed size (one compilation per (length, scored) bucket pair and mode).  Requests are
-sorted by length, so a batch holds similar lengths; only the scored positions go through the
-vocabulary head; every batch is dispatched before any result is read back
-(`experiments/bench_eval.py`: requests/s batched vs one at a time).
+would alone; input lengths and scored-position counts are padded to power-of-two buckets, a batch
+holds rows of one length bucket only, and its row count is ``batch_size`` or, for a bucket's last
+batch, the next power of two (`plan_batches`: one compilation per (length, scored, rows) triple and
+mode); only the scored positions go through the vocabulary head; every batch is dispatched before
+any result is read back.
+
+Where the mode allows it exactly (mode "cached", or a fixed G), requests that share a context share
+one pass over it (`shared_context`: the context once and every continuation after it in one packed
+row); mode "full" cannot share (`experiments/bench_eval.py`: requests/s batched vs one at a time).
 """
 
 from __future__ import annotations
@@ -42,8 +46,9 @@ from ..config import PLDRConfig
 from ..model import forward
 from ..ops.layers import linear
 from .jsonl import iter_jsonl
+from .shared_context import PackedRow, pack_requests, shareable
 
-__all__ = ["MODES", "loglikelihood_tokens", "score_units", "bucket_length", "encode_pair", "make_encoder",
+__all__ = ["MODES", "loglikelihood_tokens", "score_units", "plan_batches", "score_packed_rows", "packed_mask", "bucket_length", "encode_pair", "make_encoder",
            "load_jsonl", "mc_requests", "MCResult", "score_multiple_choice"]
 
 MODES = ("full", "cached", "causal")
@@ -56,17 +61,35 @@ def bucket_length(n: int, maximum: int, minimum: int = 8) -> int:
     return min(b, maximum)
 
 
+def plan_batches(lengths: Sequence[int], maximum: int, batch_size: int) -> list[tuple[list[int], int, int]]:
+    """Rows of these lengths -> batches (row indices, length bucket L, batch rows B): rows grouped by
+    their power-of-two length bucket (`bucket_length`, capped at ``maximum``), longest first, in
+    batches of ``batch_size``; a bucket's last, partial batch has B = the next power of two of its
+    rows (not ``batch_size``), so filler rows cost less than the rows themselves (one compilation
+    per (L, B) pair: B is batch_size or a power of two below it)."""
+    by_bucket: dict[int, list[int]] = {}
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        by_bucket.setdefault(bucket_length(lengths[i], maximum), []).append(i)
+    out = []
+    for L, idx in by_bucket.items():
+        for start in range(0, len(idx), batch_size):
+            chunk = idx[start: start + batch_size]
+            out.append((chunk, L, min(batch_size, 1 << (len(chunk) - 1).bit_length())))
+    return out
+
+
 # --------------------------------------------------------------------------- jitted scorers
 def _gather(cfg: PLDRConfig, params, hidden, pos, targets):
     """hidden [B, L, D], pos / targets [B, K] -> log p(target) at those positions [B, K] and greedy
     hits [B, K].  Only the K scored positions go through the vocabulary head and its softmax (a
-    multiple-choice continuation is a few tokens of a long context)."""
+    multiple-choice continuation is a few tokens of a long context).  Greedy = the target's
+    log-probability is the maximum (= argmax == target but for exact ties; XLA:CPU's argmax over the
+    vocabulary took 11 ms of a [32, 64] small-preset call, the max 1 ms)."""
     h = jnp.take_along_axis(hidden, pos[..., None], axis=1)                    # [B, K, D]
     logits = linear(params["final"], h).astype(jnp.float32)
     logp = jax.nn.log_softmax(logits, axis=-1)
     lp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    greedy = jnp.argmax(logits, axis=-1) == targets
-    return lp, greedy
+    return lp, lp >= jnp.max(logp, axis=-1)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -85,6 +108,24 @@ def _score_cached(cfg: PLDRConfig, params, inputs, pos, targets, ctx_len):
     return _gather(cfg, params, forward(cfg, params, inputs, g, pad_aware_A=True).hidden, pos, targets)
 
 
+def packed_mask(positions: jax.Array, segments: jax.Array) -> jax.Array:
+    """Attention mask [B, 1, L, L] of packed rows (`shared_context`): positions, segments [B, L] int
+    (segment 0 = padding, 1 = the context, 2.. = one continuation each).  A query sees the keys at
+    positions <= its own that are context tokens or tokens of its own segment."""
+    earlier = positions[:, None, :] <= positions[:, :, None]                       # [B, Lq, Lk]
+    seen = (segments[:, None, :] == 1) | (segments[:, None, :] == segments[:, :, None])
+    return (earlier & seen & (segments[:, None, :] > 0))[:, None]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _score_packed(cfg: PLDRConfig, params, inputs, positions, segments, pos, targets, g_lm):
+    """Packed rows (`shared_context`): inputs, positions, segments [B, L]; A over the context tokens
+    (segment 1) only, or the fixed g_lm; log p(targets) at row indices pos [B, K], greedy [B, K]."""
+    hidden = forward(cfg, params, inputs, g_lm, positions=positions, attn_mask=packed_mask(positions, segments),
+                     metric_mask=segments == 1).hidden
+    return _gather(cfg, params, hidden, pos, targets)
+
+
 @dataclasses.dataclass
 class _Unit:
     inp: list            # input ids (length n <= max_seq_len)
@@ -100,12 +141,8 @@ def _units_for(req_index: int, inp: list, tgt: list, n_score: int, mode: str) ->
     return [_Unit(inp[: j + 1], tgt[: j + 1], 1, req_index) for j in range(n - n_score, n)]
 
 
-def score_units(cfg: PLDRConfig, params, units: Sequence[_Unit], n_requests: int, *, mode: str = "full",
-                g_lm=None, batch_size: int = 8, progress: Callable | None = None
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Score work units; returns per request (sum log p over scored targets [float64], number of scored
-    targets, all scored targets greedy [bool]).  progress: a factory ``progress(total=rows)`` of an
-    object with ``update(n)`` and ``close()`` (e.g. ``tqdm``), advanced after every batch."""
+def _check_scoring_args(cfg: PLDRConfig, mode: str, g_lm, batch_size: int):
+    """Validated (g_lm as float32 or None, whether G_LM is fixed for every row)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if batch_size < 1:
@@ -116,22 +153,63 @@ def score_units(cfg: PLDRConfig, params, units: Sequence[_Unit], n_requests: int
             raise ValueError("scoring takes one G_LM for all rows: [num_layers, (1,) H, dk, dk]")
     if g_lm is None and not cfg.learned_g and cfg.custom_G_type != "identity":
         raise ValueError(f"a predefined-G config (custom_G_type={cfg.custom_G_type!r}) needs g_lm")
-    fixed_g = g_lm is not None or not cfg.learned_g
+    return g_lm, g_lm is not None or not cfg.learned_g
+
+
+def score_packed_rows(cfg: PLDRConfig, params, rows: Sequence[PackedRow], n_requests: int, *, g_lm=None,
+                      batch_size: int = 8, progress: Callable | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Score packed rows (`shared_context.pack_requests`; A over each row's context, or the fixed
+    g_lm); returns per request (sum log p [float64], all scored targets greedy [bool]).  Rows are
+    batched as in `score_units` (`plan_batches`), every batch dispatched before any is read back."""
+    sums = np.zeros(n_requests, np.float64)
+    greedy = np.ones(n_requests, bool)
+    bar = progress(total=len(rows)) if progress is not None else None
+    pending = []
+    for idx, L, B in plan_batches([len(r.tokens) for r in rows], cfg.max_seq_len, batch_size):
+        K = bucket_length(max(len(rows[i].scored) for i in idx), 1 << 30, minimum=1)
+        inp, positions, segments = (np.zeros((B, L), np.int32) for _ in range(3))
+        pos, tgt = np.zeros((B, K), np.int32), np.zeros((B, K), np.int32)
+        inp[:, 0], segments[:, 0] = EOS_ID, 1   # filler rows: one context token, never read
+        for r, i in enumerate(idx):
+            row = rows[i]
+            n = len(row.tokens)
+            inp[r, :n], positions[r, :n], segments[r, :n] = row.tokens, row.positions, row.segments
+            k = len(row.scored)
+            pos[r, :k] = [e[0] for e in row.scored]
+            tgt[r, :k] = [e[1] for e in row.scored]
+        res = _score_packed(cfg, params, *(jnp.asarray(a) for a in (inp, positions, segments, pos, tgt)), g_lm)
+        pending.append((idx, res))
+    for idx, (lp, gr) in pending:
+        lp, gr = np.asarray(lp, np.float64), np.asarray(gr)
+        for r, i in enumerate(idx):
+            for k, (_, _, owner) in enumerate(rows[i].scored):
+                sums[owner] += lp[r, k]
+                greedy[owner] &= bool(gr[r, k])
+        if bar is not None:
+            bar.update(len(idx))
+    if bar is not None:
+        bar.close()
+    return sums, greedy
+
+
+def score_units(cfg: PLDRConfig, params, units: Sequence[_Unit], n_requests: int, *, mode: str = "full",
+                g_lm=None, batch_size: int = 8, progress: Callable | None = None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Score work units; returns per request (sum log p over scored targets [float64], number of scored
+    targets, all scored targets greedy [bool]).  progress: a factory ``progress(total=rows)`` of an
+    object with ``update(n)`` and ``close()`` (e.g. ``tqdm``), advanced after every batch."""
+    g_lm, fixed_g = _check_scoring_args(cfg, mode, g_lm, batch_size)
     sums = np.zeros(n_requests, np.float64)
     counts = np.zeros(n_requests, np.int64)
     greedy = np.ones(n_requests, bool)
-    order = sorted(range(len(units)), key=lambda i: -len(units[i].inp))
-    W = cfg.max_seq_len
-    bar = progress(total=len(order)) if progress is not None else None
+    bar = progress(total=len(units)) if progress is not None else None
     pending = []
-    for start in range(0, len(order), batch_size):     # dispatch every batch, then read them back
-        idx = order[start: start + batch_size]
-        L = bucket_length(max(len(units[i].inp) for i in idx), W)
+    for idx, L, B in plan_batches([len(u.inp) for u in units], cfg.max_seq_len, batch_size):
         K = bucket_length(max(units[i].n_score for i in idx), L, minimum=1)
-        inp = np.zeros((batch_size, L), np.int32)
-        pos = np.zeros((batch_size, K), np.int32)
-        tgt = np.zeros((batch_size, K), np.int32)
-        ctx = np.ones(batch_size, np.int32)
+        inp = np.zeros((B, L), np.int32)
+        pos = np.zeros((B, K), np.int32)
+        tgt = np.zeros((B, K), np.int32)
+        ctx = np.ones(B, np.int32)
         inp[:, 0] = EOS_ID  # filler rows: one real token, never read
         for r, i in enumerate(idx):
             u = units[i]
@@ -161,16 +239,23 @@ def score_units(cfg: PLDRConfig, params, units: Sequence[_Unit], n_requests: int
 
 def loglikelihood_tokens(cfg: PLDRConfig, params, requests: Sequence[tuple[Sequence[int], Sequence[int]]], *,
                          mode: str = "full", g_lm=None, batch_size: int = 8,
-                         prefix_id: int = EOS_ID, progress: Callable | None = None) -> list[tuple[float, bool]]:
+                         prefix_id: int = EOS_ID, progress: Callable | None = None,
+                         share_context: bool = True) -> list[tuple[float, bool]]:
     """``log p(continuation | context)`` for token-id pairs, as lm-eval's ``loglikelihood``.
 
     requests: (context_ids, continuation_ids); an empty context becomes ``[prefix_id]`` (EOS: the
     paper packs documents with an EOS after each, so EOS is what precedes a document).  Inputs longer
     than max_seq_len + 1 lose context tokens from the left (as lm-eval).  Returns (log-likelihood,
     is_greedy) per request: is_greedy = every continuation token is the argmax of its logits.
-    progress: see `score_units`.
+    progress: see `score_units` (it counts rows).  share_context: where the mode allows it exactly
+    (mode "cached", or a fixed G_LM: `shared_context.shareable`), requests with the same context
+    share one pass over it (`shared_context`; the scores are the unshared ones up to float32
+    rounding); False = every request in its own row(s).  Mode "full" never shares.
     """
+    g_lm, fixed_g = _check_scoring_args(cfg, mode, g_lm, batch_size)
+    share = share_context and shareable(mode, fixed_g)
     units: list[_Unit] = []
+    pairs: list[tuple[list, list]] = []
     W = cfg.max_seq_len
     for i, (ctx, cont) in enumerate(requests):
         ctx, cont = [int(t) for t in ctx], [int(t) for t in cont]
@@ -183,7 +268,14 @@ def loglikelihood_tokens(cfg: PLDRConfig, params, requests: Sequence[tuple[Seque
         full = (ctx + cont)[-(W + 1):]
         if any(t <= 0 or t >= cfg.vocab_size for t in full):
             raise ValueError(f"request {i}: ids must be in [1, vocab_size={cfg.vocab_size}) (0 is padding)")
-        units += _units_for(i, full[:-1], full[1:], len(cont), mode)
+        if share:
+            pairs.append((full[:-len(cont)], cont))
+        else:
+            units += _units_for(i, full[:-1], full[1:], len(cont), mode)
+    if share:
+        sums, greedy = score_packed_rows(cfg, params, pack_requests(pairs, W), len(requests), g_lm=g_lm,
+                                         batch_size=batch_size, progress=progress)
+        return [(float(s), bool(g)) for s, g in zip(sums, greedy)]
     sums, _, greedy = score_units(cfg, params, units, len(requests), mode=mode, g_lm=g_lm, batch_size=batch_size,
                                   progress=progress)
     return [(float(s), bool(g)) for s, g in zip(sums, greedy)]
