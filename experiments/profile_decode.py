@@ -8,7 +8,7 @@ decode step, grouped by what the operation computes (from the compiled HLO):
 * ``weight matmul``: a dot without batch dimensions (the model's weight products, with whatever
   XLA fused into them: bias, GLU activation, residual, layer norm);
 * ``attention dot``: a batched dot (q G_LM, q K^T, p V over the B x H heads);
-* ``softmax``: an exponential, reduction or division over the attention's [B * H, 1, S] rows;
+* ``softmax``: an exponential, reduction or division over the attention's [B * H, 1, S] logits;
 * ``cache write``: a scatter (the one-token KV-cache writes);
 * ``other``: everything else (norms, RoPE, embedding gather, sampling, loop book-keeping).
 
@@ -51,8 +51,9 @@ def _computations(hlo: str) -> tuple[dict[str, str], dict[str, str]]:
     return lines, {k: "\n".join(v) for k, v in comps.items()}
 
 
-def categorize(line: str, comps: dict[str, str]) -> str:
-    """The `CATEGORIES` entry of one compiled HLO instruction (its line; fusions by their body)."""
+def categorize(line: str, comps: dict[str, str], attn_rows: int) -> str:
+    """The `CATEGORIES` entry of one compiled HLO instruction (its line; fusions by their body);
+    attn_rows = batch x heads (the attention's [attn_rows, 1, S] logits)."""
     called = re.search(r"calls=%([\w.\-]+)", line)
     body = comps.get(called.group(1), line) if called else line
     dots = [ln for ln in body.splitlines() if " dot(" in ln]
@@ -60,8 +61,7 @@ def categorize(line: str, comps: dict[str, str]) -> str:
         return "attention dot" if any("lhs_batch_dims" in ln for ln in dots) else "weight matmul"
     if "scatter(" in body:
         return "cache write"
-    rank3 = re.search(r"\[\d+,1,\d+\]", body) is not None        # the attention's [B*H, 1, S] rows
-    if rank3 and ("exponential(" in body or " reduce(" in body or "divide(" in body):
+    if f"[{attn_rows},1," in body and ("exponential(" in body or " reduce(" in body or "divide(" in body):
         return "softmax"
     return "other"
 
@@ -115,7 +115,7 @@ def profile_loop(batch: int, mode: str, dtype: str, preset: str, prompt_len: int
     for name, ns in per_op.items():
         if name not in lines:
             continue
-        cat = categorize(lines[name], comps)
+        cat = categorize(lines[name], comps, batch * cfg.num_heads)
         ms = ns / 1e6 / steps
         by_cat[cat] += ms
         shape = lines[name].split(" = ", 1)[1].split(" ", 1)[0]

@@ -180,9 +180,13 @@ def test_profile_decode_quick():
         sys.path.remove(str(EXP))
     comps = {"f": "  %d = f32[448,1,128]{2,1,0} dot(%a, %b), lhs_batch_dims={0}, lhs_contracting_dims={2}",
              "g": "  %d = f32[32,896]{1,0} dot(%a, %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}"}
-    assert categorize("  %x = f32[448,1,128]{2,1,0} fusion(%p), kind=kCustom, calls=%f", comps) == "attention dot"
-    assert categorize("  %x = f32[32,896]{1,0} fusion(%p), kind=kCustom, calls=%g", comps) == "weight matmul"
-    assert categorize("  %s = f32[2,4,8,16]{3,2,1,0} scatter(%a, %i, %u)", {}) == "cache write"
+    assert categorize("  %x = f32[448,1,128]{2,1,0} fusion(%p), kind=kCustom, calls=%f", comps, 448) == "attention dot"
+    assert categorize("  %x = f32[32,896]{1,0} fusion(%p), kind=kCustom, calls=%g", comps, 448) == "weight matmul"
+    assert categorize("  %s = f32[2,4,8,16]{3,2,1,0} scatter(%a, %i, %u)", {}, 448) == "cache write"
+    exp = {"e": "  %e = f32[448,1,128]{2,1,0} exponential(%s)", "n": "  %r = f32[32,1]{1,0} reduce(%a, %z)\n"
+           "  %a = f32[32,1,896]{2,1,0} multiply(%x, %x)"}
+    assert categorize("  %x = f32[448,1,128]{2,1,0} fusion(%p), kind=kLoop, calls=%e", exp, 448) == "softmax"
+    assert categorize("  %x = f32[32,1]{1,0} fusion(%p), kind=kLoop, calls=%n", exp, 448) == "other"
 
 
 # --------------------------------------------------------------------------- notebooks
