@@ -23,6 +23,11 @@ else:
   runs a bfloat16 scatter and batched dot by converting the whole buffer to float32 and back every
   step (v51 110M batch 32: 132 -> 61-70 ms per step); the bfloat16 values held in float32 give the same
   products; None elsewhere = the compute dtype).
+* ``decode_embed_f32``: a 16-bit model decoding in 16 bits keeps its embedding table in float32
+  (`decode.prepare_params`; the same values) and looks rows up before the cast (`model.embed`
+  ``lookup_first``): XLA:CPU runs a bfloat16 gather by converting the whole 32000 x 896 table to
+  float32 first -- hoisted out of the decode loop, but once per call and per prefill (~0.9 ms of
+  thread time per step at batch 32 on a loaded machine); elsewhere False.
 * ``huge_pages``: the `pldr-jax` console script re-executes itself with a glibc huge-page tunable
   (`train.host_memory`; only for an XLA:CPU process).
 * ``head_chunk_bytes``: the training loss computes the output head + cross-entropy over sequence
@@ -64,6 +69,7 @@ class BackendChoices:
     bf16_min_batch: int
     decode_transposed: tuple[str, ...]
     kv_cache_dtype: str | None
+    decode_embed_f32: bool
     remat: str
     head_chunk_bytes: int
     attention_block: int
@@ -89,6 +95,7 @@ def choices(platform: str | None = None) -> BackendChoices:
     kernels = _kernels_override() or ("cpu" if cpu else "xla")
     return BackendChoices(platform=platform, kernels=kernels, unroll_layers=cpu, bf16_min_batch=8 if cpu else 0,
                           decode_transposed=("float32",) if cpu else (), kv_cache_dtype="float32" if cpu else None,
+                          decode_embed_f32=cpu,
                           remat="none" if cpu else "full",
                           head_chunk_bytes=0 if cpu else 2 ** 30, attention_block=0 if cpu else 256)
 

@@ -106,7 +106,7 @@ def prefill(cfg: PLDRConfig, params, tokens, lengths, g_all, max_len: int, kv_dt
     B, P = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
     valid = positions < lengths[:, None]
-    x, ks, vs, deds = _run_layers(cfg, params, embed(cfg, params, tokens), positions,
+    x, ks, vs, deds = _run_layers(cfg, params, embed(cfg, params, tokens, lookup_first=True), positions,
                                   causal_padding_mask(valid, P), metric_mask=valid, g_lm=g_all)
     logits = linear(params["final"], x[jnp.arange(B), lengths - 1]).astype(jnp.float32)
     names = ("G_LM",) if g_all is not None else ("A", "A_LM", "G_LM")
@@ -136,14 +136,16 @@ def decode_step(spec: StepSpec, params, cache: Cache, token, active):
     g_lm = cache.G_LM if spec.fixed_g else None
     if spec.kv_cache:               # the new token only; without a G-cache G comes from the cached A
         mask = (jnp.arange(S)[None, :] <= pos[:, None])[:, None, None, :]          # [B, 1, 1, S]
-        x, ks, vs, deds = _run_layers(cfg, params, embed(cfg, params, token[:, None]), pos[:, None], mask,
+        x, ks, vs, deds = _run_layers(cfg, params, embed(cfg, params, token[:, None], lookup_first=True),
+                                      pos[:, None], mask,
                                       g_lm=g_lm, metric=None if spec.fixed_g else cache.A,
                                       kv_buffers=(cache.k, cache.v))
         cache = cache.replace(k=tuple(ks), v=tuple(vs))
     else:                           # the whole sequence; without a G-cache A and G come from it
         positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
         valid = positions < lengths[:, None]
-        x, _, _, deds = _run_layers(cfg, params, embed(cfg, params, tokens), positions,
+        x, _, _, deds = _run_layers(cfg, params, embed(cfg, params, tokens, lookup_first=True),
+                                    positions,
                                     causal_padding_mask(valid, S), metric_mask=valid, g_lm=g_lm,
                                     last_query_rows=lengths - 1)
     if spec.fixed_g and cache.A_LM is not None:
