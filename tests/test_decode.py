@@ -447,6 +447,10 @@ def test_decode_embedding_table_and_lookup_order(tiny, monkeypatch):
                                           n_out=req.n_out).compile().as_text()
         table_copy[f32_table] = any(f"[{cfg.vocab_size},{cfg.d_model}]" in ln and (" convert(" in ln or "fusion(" in ln)
                                     for ln in hlo.splitlines())
+    monkeypatch.setattr(weights, "choices", real)
+    for explicit in (True, False):                # the platform's choice overridden (AOT compiles for TPU)
+        want = jnp.float32 if explicit else jnp.bfloat16
+        assert weights.prepare_params(bf, bparams, 9, embed_f32=explicit)[1]["embed"]["embedding"].dtype == want
     assert outs[True].compute_dtype == "bfloat16"
     assert outs[True].tokens == outs[False].tokens
     np.testing.assert_array_equal(outs[True].logits, outs[False].logits)
