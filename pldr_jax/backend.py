@@ -36,6 +36,11 @@ else:
   1.98x -> 1.23x what a step must read) or at each row's own position by a scatter (CPU: XLA:CPU
   updates in place with the scatter, but copied every buffer twice per step around the shared
   slot's update while attention read the old buffer: batch 32 step 212 -> 275 ms under load).
+* ``decode_embed_f32``: a 16-bit model decoding in 16 bits keeps its embedding table in float32
+  (`decode.prepare_params`; the same values) and looks rows up before the cast (`model.embed`
+  ``lookup_first``): XLA:CPU runs a bfloat16 gather by converting the whole 32000 x 896 table to
+  float32 first -- hoisted out of the decode loop, but once per call and per prefill (~0.9 ms of
+  thread time per step at batch 32 on a loaded machine); elsewhere False.
 * ``huge_pages``: the `pldr-jax` console script re-executes itself with a glibc huge-page tunable
   (`train.host_memory`; only for an XLA:CPU process).
 * ``head_chunk_bytes``: the training loss computes the output head + cross-entropy over sequence
@@ -77,6 +82,7 @@ class BackendChoices:
     bf16_min_batch: int
     decode_transposed: tuple[str, ...]
     kv_cache_dtype: str | None
+    decode_embed_f32: bool
     remat: str
     head_chunk_bytes: int
     attention_block: int
@@ -104,6 +110,7 @@ def choices(platform: str | None = None) -> BackendChoices:
     kernels = _kernels_override() or ("cpu" if cpu else "xla")
     return BackendChoices(platform=platform, kernels=kernels, unroll_layers=cpu, bf16_min_batch=8 if cpu else 0,
                           decode_transposed=("float32",) if cpu else (), kv_cache_dtype="float32" if cpu else None,
+                          decode_embed_f32=cpu,
                           remat="none" if cpu else "full",
                           head_chunk_bytes=0 if cpu else 2 ** 30, attention_block=0 if cpu else 256,
                           decode_merged_heads=cpu, decode_shared_kv_slot=not cpu)

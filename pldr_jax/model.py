@@ -44,14 +44,20 @@ class ForwardOutput:
 
 
 # --------------------------------------------------------------------------- embedding
-def embed(cfg: PLDRConfig, params: dict, tokens: jax.Array) -> jax.Array:
-    """tokens [B, L] -> LayerNorm(Embedding * sqrt(D)) [B, L, D] in the compute dtype."""
+def embed(cfg: PLDRConfig, params: dict, tokens: jax.Array, *, lookup_first: bool = False) -> jax.Array:
+    """tokens [B, L] -> LayerNorm(Embedding * sqrt(D)) [B, L, D] in the compute dtype.
+
+    lookup_first: look the rows up in the table as stored, then cast them to the compute dtype
+    (the same values; decoding, whose prepared table may be wider than the compute dtype,
+    `pldr_jax.backend` ``decode_embed_f32``); else cast the table, then look up (below)."""
     # under a mesh: gather the (FSDP-sharded) table whole first, so the lookup's result is sharded
     # like the tokens (batch), not like the table (no all-to-all to reshard it); cast to the compute
     # dtype before that, so a 16-bit model moves 16-bit rows (and its gradient is reduce-scattered
     # at that width), as the plain FSDP yardstick does.  float32 models: unchanged.
-    table = constrain(params["embed"]["embedding"].astype(jnp.dtype(cfg.dtype)), (None, None))
-    x = jnp.take(table, tokens, axis=0).astype(jnp.float32)
+    dt = jnp.dtype(cfg.dtype)
+    table = params["embed"]["embedding"]
+    table = constrain(table if lookup_first else table.astype(dt), (None, None))
+    x = jnp.take(table, tokens, axis=0).astype(dt).astype(jnp.float32)
     x = x * jnp.float32(math.sqrt(cfg.d_model))
     return layer_norm(params["embed_norm"], x, cfg.layer_norm_eps).astype(jnp.dtype(cfg.dtype))
 

@@ -151,6 +151,7 @@ def test_choices_by_platform_and_override(monkeypatch):
     assert (cpu.kernels, cpu.unroll_layers, cpu.bf16_min_batch, cpu.decode_transposed) == ("cpu", True, 8, ("float32",))
     assert (tpu.kernels, tpu.unroll_layers, tpu.bf16_min_batch, tpu.decode_transposed) == ("xla", False, 0, ())
     assert (cpu.kv_cache_dtype, tpu.kv_cache_dtype) == ("float32", None)
+    assert cpu.decode_embed_f32 and not tpu.decode_embed_f32      # float32 decode embedding table on CPU
     assert tpu.remat == "full" and cpu.remat == "none" and tpu.head_chunk_bytes > 0 == cpu.head_chunk_bytes
     assert tpu.attention_block > 0 == cpu.attention_block       # CPU: attention over all queries at once
     monkeypatch.setenv(backend.KERNELS_ENV, "xla")

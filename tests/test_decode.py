@@ -411,6 +411,52 @@ def test_compile_cache_directory_resolution(monkeypatch, tmp_path):
     assert resolve_cache_dir() == tmp_path / "env"
 
 
+def test_decode_embedding_table_and_lookup_order(tiny, monkeypatch):
+    """`backend.decode_embed_f32` (CPU): a bfloat16 decode keeps a float32 embedding table and looks
+    rows up before the cast (`embed(..., lookup_first=True)`: the same rows); the compiled decode
+    loop holds no float32 copy of a bfloat16 table, and the tokens and logits equal those of a
+    bfloat16 table."""
+    import dataclasses
+
+    from pldr_jax import backend
+    from pldr_jax.decode import loop as decode_loop
+    from pldr_jax.decode import weights
+    from pldr_jax.model import embed
+    cfg, params = tiny
+    bf = cfg.replace(dtype="bfloat16", param_dtype="bfloat16")
+    bparams = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16) if a.dtype == jnp.float32 else a, params)
+    tokens = jnp.array([[5, 0, 100], [7, 7, 3]], jnp.int32)
+    wide = dict(bparams, embed={"embedding": bparams["embed"]["embedding"].astype(jnp.float32)})
+    np.testing.assert_array_equal(np.asarray(embed(bf, wide, tokens, lookup_first=True), np.float32),
+                                  np.asarray(embed(bf, bparams, tokens), np.float32))
+    assert backend.choices("cpu").decode_embed_f32 and not backend.choices("tpu").decode_embed_f32
+    prompts = RAGGED * 3                          # 9 rows: decodes in bfloat16 (bf16_min_batch)
+    kw = dict(max_new_tokens=10, kv_cache=True, g_cache=True, top_k=1, eos_id=None)
+    real = backend.choices
+    outs, table_copy = {}, {}
+    for f32_table in (True, False):
+        monkeypatch.setattr(weights, "choices", lambda p=None, w=f32_table: dataclasses.replace(real(p), decode_embed_f32=w))
+        run_cfg, run_params = weights.prepare_params(bf, bparams, len(prompts))
+        assert run_cfg.dtype == "bfloat16"
+        assert run_params["embed"]["embedding"].dtype == (jnp.float32 if f32_table else jnp.bfloat16)
+        sampler = pldr_jax.Sampler(bf, run_params)
+        outs[f32_table] = sampler(prompts, return_logits=True, **kw)
+        req = sampler._request(prompts, **kw)
+        cache, logits0, _ = sampler._prefill(req)
+        hlo = decode_loop._loop_jit.lower(req.spec, req.params, cache, logits0, None, req.key, req.inputs,
+                                          n_out=req.n_out).compile().as_text()
+        table_copy[f32_table] = any(f"[{cfg.vocab_size},{cfg.d_model}]" in ln and (" convert(" in ln or "fusion(" in ln)
+                                    for ln in hlo.splitlines())
+    monkeypatch.setattr(weights, "choices", real)
+    for explicit in (True, False):                # the platform's choice overridden (AOT compiles for TPU)
+        want = jnp.float32 if explicit else jnp.bfloat16
+        assert weights.prepare_params(bf, bparams, 9, embed_f32=explicit)[1]["embed"]["embedding"].dtype == want
+    assert outs[True].compute_dtype == "bfloat16"
+    assert outs[True].tokens == outs[False].tokens
+    np.testing.assert_array_equal(outs[True].logits, outs[False].logits)
+    assert not table_copy[True]                   # no whole-table conversion with the float32 table
+
+
 def test_wide_kv_cache_for_16bit_models(tiny, monkeypatch):
     """A bfloat16 model decoding in bfloat16 keeps its keys/values in the platform's KV-cache dtype
     (`backend.kv_cache_dtype`: float32 on CPU), heads first [B, H, S, dk]: the same tokens and

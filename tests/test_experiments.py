@@ -163,6 +163,32 @@ def test_bench_eval_quick():
         assert finite(r["batched_req_per_s"]) and finite(r["one_at_a_time_req_per_s"]) and r["speedup"] > 0
 
 
+def test_profile_decode_quick():
+    """The decode-loop profile finds the step's operations and sorts every one into a category; the
+    categorizer tells weight products from batched attention products."""
+    p = run_script("profile_decode.py", "--json", "--top", "50")
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    cats = res["thread_ms_per_step"]
+    assert set(cats) == {"weight matmul", "attention dot", "softmax", "cache write", "other"}
+    assert res["steps"] >= 1 and finite(res["wall_ms_per_step"]) and res["thread_ms_total"] > 0
+    assert cats["weight matmul"] > 0 and cats["cache write"] > 0
+    assert all(o["category"] in cats and o["ms_per_step"] >= 0 for o in res["ops"])
+    sys.path.insert(0, str(EXP))
+    try:
+        from profile_decode import categorize
+    finally:
+        sys.path.remove(str(EXP))
+    comps = {"f": "  %d = f32[448,1,128]{2,1,0} dot(%a, %b), lhs_batch_dims={0}, lhs_contracting_dims={2}",
+             "g": "  %d = f32[32,896]{1,0} dot(%a, %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}"}
+    assert categorize("  %x = f32[448,1,128]{2,1,0} fusion(%p), kind=kCustom, calls=%f", comps, 448) == "attention dot"
+    assert categorize("  %x = f32[32,896]{1,0} fusion(%p), kind=kCustom, calls=%g", comps, 448) == "weight matmul"
+    assert categorize("  %s = f32[2,4,8,16]{3,2,1,0} scatter(%a, %i, %u)", {}, 448) == "cache write"
+    exp = {"e": "  %e = f32[448,1,128]{2,1,0} exponential(%s)", "n": "  %r = f32[32,1]{1,0} reduce(%a, %z)\n"
+           "  %a = f32[32,1,896]{2,1,0} multiply(%x, %x)"}
+    assert categorize("  %x = f32[448,1,128]{2,1,0} fusion(%p), kind=kLoop, calls=%e", exp, 448) == "softmax"
+    assert categorize("  %x = f32[32,1]{1,0} fusion(%p), kind=kLoop, calls=%n", exp, 448) == "other"
+
+
 # --------------------------------------------------------------------------- notebooks
 def _ensure_kernel() -> str:
     from jupyter_client.kernelspec import KernelSpecManager

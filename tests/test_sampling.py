@@ -139,5 +139,10 @@ def test_greedy_tokens_equals_argmax_with_ties_nan_and_inf():
     x[3, :] = -np.inf
     x[4, [2, 40]] = np.inf
     x[5, 0] = np.nan
+    x[6, [3, 12]] = np.inf, np.nan          # NaN after an inf: still the first NaN
+    x[7, :] = np.nan
     np.testing.assert_array_equal(np.asarray(greedy_tokens(jnp.asarray(x))), np.argmax(x, axis=-1))
     np.testing.assert_array_equal(np.asarray(greedy_tokens(jnp.asarray(x))), np.asarray(jnp.argmax(jnp.asarray(x), -1)))
+    np.testing.assert_array_equal(np.asarray(jax.jit(greedy_tokens)(jnp.asarray(x))), np.argmax(x, axis=-1))
+    xb = jnp.asarray(x, jnp.bfloat16)       # 16-bit logits: ties created by the rounding, first index wins
+    np.testing.assert_array_equal(np.asarray(jax.jit(greedy_tokens)(xb)), np.asarray(jnp.argmax(xb, -1)))

@@ -111,7 +111,7 @@ def prefill(cfg: PLDRConfig, params, tokens, lengths, g_all, max_len: int, kv_dt
     B, P = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
     valid = positions < lengths[:, None]
-    x, ks, vs, deds = _run_layers(cfg, params, embed(cfg, params, tokens), positions,
+    x, ks, vs, deds = _run_layers(cfg, params, embed(cfg, params, tokens, lookup_first=True), positions,
                                   causal_padding_mask(valid, P), metric_mask=valid, g_lm=g_all)
     logits = linear(params["final"], x[jnp.arange(B), lengths - 1]).astype(jnp.float32)
     names = ("G_LM",) if g_all is not None else ("A", "A_LM", "G_LM")
@@ -148,7 +148,8 @@ def decode_step(spec: StepSpec, params, cache: Cache, token, active):
                 (slot_ids >= jnp.max(cache.prompt_lengths)) & (slot_ids < slot))  # written yet
         else:
             slot, valid = None, slot_ids <= pos[:, None]
-        x, ks, vs, deds = _run_layers(cfg, params, embed(cfg, params, token[:, None]), pos[:, None],
+        x, ks, vs, deds = _run_layers(cfg, params, embed(cfg, params, token[:, None], lookup_first=True),
+                                      pos[:, None],
                                       valid[:, None, None, :], g_lm=g_lm,
                                       metric=None if spec.fixed_g else cache.A,
                                       kv_buffers=(cache.k, cache.v), kv_slot=slot,
@@ -159,7 +160,8 @@ def decode_step(spec: StepSpec, params, cache: Cache, token, active):
     else:                           # the whole sequence; without a G-cache A and G come from it
         positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
         valid = positions < lengths[:, None]
-        x, _, _, deds = _run_layers(cfg, params, embed(cfg, params, tokens), positions,
+        x, _, _, deds = _run_layers(cfg, params, embed(cfg, params, tokens, lookup_first=True),
+                                    positions,
                                     causal_padding_mask(valid, S), metric_mask=valid, g_lm=g_lm,
                                     last_query_rows=lengths - 1)
     if spec.fixed_g and cache.A_LM is not None:

@@ -53,14 +53,15 @@ def _transpose_layer(lp: dict) -> dict:
 
 
 def prepare_params(cfg: PLDRConfig, params: dict, batch: int, *, bf16_min_batch: int | None = None,
-                   fuse: bool = True, transpose: bool | None = None):
+                   fuse: bool = True, transpose: bool | None = None, embed_f32: bool | None = None):
     """(run_cfg, run_params) for decoding `batch` rows.
 
     Per-layer weight arrays (`unstack_layers`: no weight-slice copies inside the decode loop), the
     q/k/v projections and the FFN's w1/w2 fused into one matrix each (`fuse`), kernels stored
     transposed as [out, in] (`transpose`; None = where the platform wants it for the decode dtype,
     `pldr_jax.backend` ``decode_transposed``: float32 on CPU), cast to the decode
-    dtype (`decode_dtype`; the deductive-path weights stay as stored).  The result is a decode
+    dtype (`decode_dtype`; the deductive-path weights stay as stored; a 16-bit decode's embedding
+    table is float32 with `embed_f32`; None = where the platform wants it, ``decode_embed_f32``: CPU).  The result is a decode
     layout (`forward` accepts it too).  A no-op, no copy, when already prepared: call it once and
     pass the result to `generate` to keep the conversion out of every call.
     """
@@ -87,7 +88,10 @@ def prepare_params(cfg: PLDRConfig, params: dict, batch: int, *, bf16_min_batch:
     if transpose:
         layers = tuple(_transpose_layer(lp) for lp in layers)
         final = _transpose_linear(final)
-    out = dict(params, layers=layers, embed=jax.tree_util.tree_map(cast, params["embed"]), final=final)
+    # a 16-bit decode on CPU keeps a float32 table (`backend` decode_embed_f32; rows cast after the lookup)
+    wide_table = dt != jnp.float32 and (choices().decode_embed_f32 if embed_f32 is None else embed_f32)
+    table_cast = (lambda x: jnp.asarray(x).astype(jnp.float32)) if wide_table else cast
+    out = dict(params, layers=layers, embed=jax.tree_util.tree_map(table_cast, params["embed"]), final=final)
     if dt == jnp.float32:
         out["embed_norm"] = jax.tree_util.tree_map(cast, params["embed_norm"])
     return run_cfg, out
