@@ -251,6 +251,84 @@ def reference_one(src: str, hp: dict, batch: int, mode: str, prompt_len: int, ne
             "torch_threads": torch.get_num_threads()}
 
 
+def _requests(vocab_size: int, max_seq_len: int, n: int):
+    """bench_eval's scoring requests (context 16..96, continuation 1..8 random ids, seed 0)."""
+    from types import SimpleNamespace
+
+    from bench_eval import make_requests
+    return make_requests(SimpleNamespace(vocab_size=vocab_size, max_seq_len=max_seq_len), n)
+
+
+def reference_scoring(src: str, hp: dict, n: int, reps: int, threads: int, max_tries: int, max_others: float,
+                      budget_s: float) -> dict:
+    """Their model scoring `n` (context, continuation) requests one at a time, as an lm-eval wrapper over
+    their model would: per request one forward of context + continuation[:-1] with their mask, then the
+    continuation's summed log-softmax and is-greedy.  Requests/s, median of the timed passes."""
+    import torch
+
+    from bench_decode import timed
+
+    torch.set_num_threads(threads)
+    torch.set_num_interop_threads(threads)
+    reqs = _requests(hp["input_vocab_size"], hp["max_seq_len"], n)
+    model, e2e = _reference_model(src, hp, reqs[0][0])
+    model.eval()
+
+    def mask_of(seq):
+        if e2e is not None:
+            return e2e.create_masks(seq)
+        look = 1 - torch.tril(torch.ones((seq.size(1), seq.size(1))))
+        return torch.maximum(torch.eq(seq, 0).to(torch.float32)[:, None, None, :], look)
+
+    def score_all():
+        out = []
+        with torch.no_grad():
+            for ctx, cont in reqs:
+                full = list(ctx) + list(cont)
+                inp = torch.tensor([full[:-1]])
+                logits = model([inp, mask_of(inp)])[0][0, -len(cont):]             # [len(cont), V]
+                lp = torch.log_softmax(logits, dim=-1)
+                tgt = torch.tensor(cont)
+                out.append((float(lp.gather(1, tgt[:, None]).sum()), bool((lp.argmax(-1) == tgt).all())))
+        return out
+
+    t0 = time.perf_counter()
+    first = score_all()
+    warm_s = time.perf_counter() - t0
+    clean, all_t, shares, out = timed(score_all, reps, max_tries, max_others, budget_s)
+    total = statistics.median(clean if clean else all_t)
+    return {"side": "reference", "requests": n, "requests_per_s": n / total, "total_s": total, "warmup_s": warm_s,
+            "clean_runs": len(clean), "all_totals_s": all_t, "others_cpu_share": shares,
+            "scores_finite": all(abs(s) < float("inf") for s, _ in out), "same_scores_each_run": out == first,
+            "num_parameters": sum(p.numel() for p in model.parameters())}
+
+
+def ours_scoring(preset: str, n: int, batch_size: int, reps: int, max_tries: int, max_others: float,
+                 budget_s: float) -> dict:
+    """Our batched `loglikelihood_tokens` (mode full, length-bucketed batches of `batch_size`) over the
+    same requests; compilation excluded (one warm-up pass), requests/s, median of the timed passes."""
+    import math
+
+    import jax
+
+    import pldr_jax
+    from bench_decode import timed
+    from pldr_jax.eval.multiple_choice import loglikelihood_tokens
+
+    cfg = pldr_jax.PLDRConfig.preset(preset)
+    params = jax.jit(pldr_jax.init_params, static_argnums=0)(cfg, jax.random.key(0))
+    reqs = _requests(cfg.vocab_size, cfg.max_seq_len, n)
+    call = lambda: loglikelihood_tokens(cfg, params, reqs, mode="full", batch_size=batch_size)
+    t0 = time.perf_counter()
+    call()
+    warm_s = time.perf_counter() - t0
+    clean, all_t, shares, out = timed(call, reps, max_tries, max_others, budget_s)
+    total = statistics.median(clean if clean else all_t)
+    return {"side": "ours", "requests": n, "batch_size": batch_size, "requests_per_s": n / total, "total_s": total,
+            "warmup_s": warm_s, "clean_runs": len(clean), "all_totals_s": all_t, "others_cpu_share": shares,
+            "scores_finite": all(math.isfinite(s) for s, _ in out)}
+
+
 # --------------------------------------------------------------------------- driver
 def _run_json(cmd: list[str], what: str) -> dict:
     p = subprocess.run(cmd, capture_output=True, text=True)
@@ -295,7 +373,12 @@ def main(argv=None) -> int:
     ap.add_argument("--max-others", type=float, default=0.15)
     ap.add_argument("--budget", type=float, default=90.0, help="seconds of timed runs per configuration at most")
     ap.add_argument("--bf16-min-batch", type=int, default=8)
+    ap.add_argument("--what", default="decode", help="comma list of decode,scoring")
+    ap.add_argument("--requests", type=int, default=64, help="scoring: (context, continuation) requests")
+    ap.add_argument("--score-batch-size", type=int, default=32, help="scoring: our batch size")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--ref-score", action="store_true", help=argparse.SUPPRESS)     # internal, reference side
+    ap.add_argument("--ours-score", action="store_true", help=argparse.SUPPRESS)    # internal, our side
     ap.add_argument("--ref-check", default=None, help=argparse.SUPPRESS)     # internal, reference side
     ap.add_argument("--ref-one", default=None, help=argparse.SUPPRESS)       # internal: "batch,mode"
     ap.add_argument("--ref-hparams", default=None, help=argparse.SUPPRESS)
@@ -303,6 +386,14 @@ def main(argv=None) -> int:
 
     if args.ref_check is not None:
         print(json.dumps(reference_check(args.ref_check)))
+        return 0
+    if args.ref_score:
+        print(json.dumps(reference_scoring(args.reference_src, json.loads(args.ref_hparams), args.requests, args.reps,
+                                           args.reference_threads, args.max_tries, args.max_others, args.budget)))
+        return 0
+    if args.ours_score:
+        print(json.dumps(ours_scoring(args.preset, args.requests, args.score_batch_size, args.reps, args.max_tries,
+                                      args.max_others, args.budget)))
         return 0
     if args.ref_one:
         b, m = args.ref_one.split(",")
@@ -319,6 +410,10 @@ def main(argv=None) -> int:
 
 
 def _drive(args) -> int:
+    what = args.what.split(",")
+    for w in what:
+        if w not in ("decode", "scoring"):
+            raise ValueError(f"unknown --what {w!r}; choose from decode, scoring")
     modes = args.modes.split(",")
     for m in modes:
         if m not in MODES:
@@ -338,38 +433,50 @@ def _drive(args) -> int:
     hp = reference_hparams(cfg.to_dict())
     ours_n = count_params(cfg)
 
-    common = ["--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens), "--reps", str(args.reps),
-              "--max-tries", str(args.max_tries), "--max-others", str(args.max_others), "--budget", str(args.budget)]
+    def check_params(r):
+        if r["num_parameters"] != ours_n:
+            raise ReferenceError_(f"the authors' model has {r['num_parameters']:,} parameters, ours {ours_n:,}: "
+                                  f"the configs differ")
+
+    common = ["--reps", str(args.reps), "--max-tries", str(args.max_tries), "--max-others", str(args.max_others),
+              "--budget", str(args.budget)]
+    gen = ["--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens)]
+    ref_side = [args.reference_python, me, "--reference-src", src, "--ref-hparams", json.dumps(hp),
+                "--reference-threads", str(args.reference_threads), *common]
     load0, t_start = _loadavg(), time.time()
-    refs, ours, ref_tok = [], [], {}
-    for batch in sorted({b for b, _ in configs}):
-        for m in modes:                         # interleaved: theirs, then ours in each dtype, per (batch, mode)
-            r = _run_json([args.reference_python, me, "--ref-one", f"{batch},{m}", "--reference-src", src,
-                           "--ref-hparams", json.dumps(hp), "--reference-threads", str(args.reference_threads),
-                           *common], f"the authors' model at batch {batch} {m}")
-            if r["num_parameters"] != ours_n:
-                raise ReferenceError_(f"the authors' model has {r['num_parameters']:,} parameters, ours "
-                                      f"{ours_n:,}: the configs differ")
-            if r["tokens_per_row"] != [args.new_tokens] * batch:
-                raise ReferenceError_(f"the authors' model generated {r['tokens_per_row']} tokens per row, "
-                                      f"not {args.new_tokens}")
-            if r["mirror_matches_generate_text"] is False:
-                raise ReferenceError_("the mirror loop's ids differ from the authors' generate_text at batch 1")
-            refs.append(r)
-            ref_tok[(batch, m)] = r["tokens_per_s"]
-            if not args.json:
-                print(f"authors' batch {batch:2d} {m:4s} float32  {r['tokens_per_s']:7.1f} tok/s  ({r['loop']}, "
-                      f"{r['clean_runs']} clean runs, {r['num_parameters']:,} parameters)", flush=True)
-            for b2, d in configs:
-                if b2 != batch:
-                    continue
-                o = _run_json([sys.executable, os.path.join(HERE, "bench_decode.py"), "--one", f"{batch},{m},{d}",
-                               "--preset", args.preset, "--bf16-min-batch", str(args.bf16_min_batch), *common],
-                              f"ours at batch {batch} {m} {d}")
-                o["side"] = "ours"
-                ours.append(o)
+    refs, ours, ref_tok, scoring = [], [], {}, None
+    if "decode" in what:
+        for batch in sorted({b for b, _ in configs}):
+            for m in modes:                     # interleaved: theirs, then ours in each dtype, per (batch, mode)
+                r = _run_json([*ref_side, "--ref-one", f"{batch},{m}", *gen], f"the authors' model at batch {batch} {m}")
+                check_params(r)
+                if r["tokens_per_row"] != [args.new_tokens] * batch:
+                    raise ReferenceError_(f"the authors' model generated {r['tokens_per_row']} tokens per row, "
+                                          f"not {args.new_tokens}")
+                if r["mirror_matches_generate_text"] is False:
+                    raise ReferenceError_("the mirror loop's ids differ from the authors' generate_text at batch 1")
+                refs.append(r)
+                ref_tok[(batch, m)] = r["tokens_per_s"]
                 if not args.json:
-                    print(format_row(compare_rows([o], ref_tok)[0]), flush=True)
+                    print(f"authors' batch {batch:2d} {m:4s} float32  {r['tokens_per_s']:7.1f} tok/s  ({r['loop']}, "
+                          f"{r['clean_runs']} clean runs, {r['num_parameters']:,} parameters)", flush=True)
+                for b2, d in configs:
+                    if b2 != batch:
+                        continue
+                    o = _run_json([sys.executable, os.path.join(HERE, "bench_decode.py"), "--one", f"{batch},{m},{d}",
+                                   "--preset", args.preset, "--bf16-min-batch", str(args.bf16_min_batch), *gen,
+                                   *common], f"ours at batch {batch} {m} {d}")
+                    o["side"] = "ours"
+                    ours.append(o)
+                    if not args.json:
+                        print(format_row(compare_rows([o], ref_tok)[0]), flush=True)
+    if "scoring" in what:
+        sc = ["--requests", str(args.requests)]
+        r = _run_json([*ref_side, "--ref-score", *sc], "the authors' model scoring")
+        check_params(r)
+        o = _run_json([sys.executable, me, "--ours-score", "--preset", args.preset, "--score-batch-size",
+                       str(args.score_batch_size), *sc, *common], "our scoring")
+        scoring = {"reference": r, "ours": o, "x_reference": o["requests_per_s"] / r["requests_per_s"]}
     rows = compare_rows(ours, ref_tok)
     meta = {"preset": args.preset, "num_parameters": ours_n, "prompt_len": args.prompt_len,
             "new_tokens": args.new_tokens, "reps": args.reps, "reference_threads": args.reference_threads,
@@ -377,12 +484,17 @@ def _drive(args) -> int:
             "loadavg_start": load0, "loadavg_end": _loadavg(), "wall_s": time.time() - t_start,
             "nproc": os.cpu_count()}
     if args.json:
-        print(json.dumps({"rows": rows, "reference": refs, "ours": ours, **meta}))
-    else:
+        print(json.dumps({"rows": rows, "reference": refs, "ours": ours, "scoring": scoring, **meta}))
+        return 0
+    if rows:
         print("\nsame run, ours / authors':")
         for r in rows:
             print(format_row(r))
-        print(f"load average start {load0}, end {meta['loadavg_end']}; {meta['wall_s']:.0f} s")
+    if scoring:
+        print(f"scoring {args.requests} requests: authors' one at a time {scoring['reference']['requests_per_s']:.1f} "
+              f"req/s, ours batched (batch {args.score_batch_size}) {scoring['ours']['requests_per_s']:.1f} req/s "
+              f"= {scoring['x_reference']:.2f}x")
+    print(f"load average start {load0}, end {meta['loadavg_end']}; {meta['wall_s']:.0f} s")
     return 0
 
 

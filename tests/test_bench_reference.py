@@ -78,13 +78,14 @@ def _run(*args) -> subprocess.CompletedProcess:
                           timeout=120, cwd=ROOT)
 
 
-@pytest.mark.parametrize("case", ["no_src", "bad_src", "bad_python", "bad_mode", "model_import"])
+@pytest.mark.parametrize("case", ["no_src", "bad_src", "bad_python", "bad_mode", "bad_what", "model_import"])
 def test_cli_errors_are_one_line(tmp_path, case):
     src = _fake_src(tmp_path, "raise ImportError('no torchtune here')\n")
     args = {"no_src": [],
             "bad_src": ["--reference-src", tmp_path / "nope"],
             "bad_python": ["--reference-src", src, "--reference-python", tmp_path / "python"],
             "bad_mode": ["--reference-src", src, "--modes", "kv_g,fast"],
+            "bad_what": ["--reference-src", src, "--what", "decode,train"],
             # this Python: no torch (CI) or torch without the authors' model importable
             "model_import": ["--reference-src", src]}[case]
     p = _run(*args)
@@ -92,6 +93,7 @@ def test_cli_errors_are_one_line(tmp_path, case):
     assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("bench_reference.py: error: "), p.stderr
     want = {"no_src": "--reference-src DIR is required", "bad_src": "is not a directory",
             "bad_python": "is not an executable file", "bad_mode": "unknown mode 'fast'",
+            "bad_what": "unknown --what 'train'",
             "model_import": ("cannot import torch", "no torchtune here")}[case]
     assert any(w in lines[0] for w in (want if isinstance(want, tuple) else (want,))), lines[0]
 
@@ -119,3 +121,26 @@ def test_reference_side_tiny(batch):
     assert r["prompt_first_ids"] == br.make_prompts(batch, 6, cfg.vocab_size)[0][:4]
     if batch == 1 and r["loop"] == "generate_text":
         assert r["mirror_matches_generate_text"] is True
+
+
+@pytest.mark.skipif(not (REF_PY and REF_SRC), reason="PLDR_REFERENCE_PYTHON / PLDR_REFERENCE_SRC not set")
+def test_reference_scoring_tiny():
+    import pldr_jax
+    hp = br.reference_hparams(pldr_jax.PLDRConfig.preset("tiny").to_dict())
+    p = subprocess.run([REF_PY, str(SCRIPT), "--ref-score", "--reference-src", br.resolve_reference_src(REF_SRC),
+                        "--ref-hparams", json.dumps(hp), "--requests", "3", "--reps", "1", "--max-tries", "1"],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    assert r["requests"] == 3 and r["scores_finite"] and r["same_scores_each_run"] and r["requests_per_s"] > 0
+
+
+def test_ours_scoring_tiny():
+    """Our side of the scoring comparison (no torch needed): requests/s of a finite, batched pass."""
+    p = subprocess.run([sys.executable, str(SCRIPT), "--ours-score", "--preset", "tiny", "--requests", "4",
+                        "--reps", "1", "--max-tries", "1"], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu",
+                            "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()})
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    assert r["side"] == "ours" and r["requests"] == 4 and r["scores_finite"] and r["requests_per_s"] > 0
