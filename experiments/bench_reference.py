@@ -123,6 +123,18 @@ class _StandInTokenizer:
         return ids.tolist()
 
 
+def _torch_threads(n: int) -> None:
+    """n intra-op and (where still settable) n inter-op torch threads, as the stored baseline ran."""
+    import torch
+
+    torch.set_num_threads(n)
+    if torch.get_num_interop_threads() != n:
+        try:
+            torch.set_num_interop_threads(n)
+        except RuntimeError:            # already fixed in this process (parallel work has started)
+            pass
+
+
 def _reference_model(src: str, hp: dict, ids_row0: list[int]):
     """(model, e2e or None): their model, built as their evaluation code builds it."""
     import torch
@@ -150,17 +162,25 @@ def _reference_model(src: str, hp: dict, ids_row0: list[int]):
     return model, None
 
 
+def _masks(e2e):
+    """Their `create_masks` (padding mask max look-ahead mask, [B, 1, L, L], 1 = masked) when their run
+    module is loaded, else the same maths."""
+    import torch
+
+    if e2e is not None:
+        return e2e.create_masks
+
+    def create_masks(seq):
+        look = 1 - torch.tril(torch.ones((seq.size(1), seq.size(1))))
+        return torch.maximum(torch.eq(seq, 0).to(torch.float32)[:, None, None, :], look)
+    return create_masks
+
+
 def _mirror_generate(model, e2e, prompts, new_tokens: int, kv: bool, g: bool):
     """Batched greedy generation mirroring their generate_text step for step.  -> [B, new_tokens] ids."""
     import torch
 
-    def create_masks(seq):                       # theirs when available, else the same maths
-        if e2e is not None:
-            return e2e.create_masks(seq)
-        look = 1 - torch.tril(torch.ones((seq.size(1), seq.size(1))))
-        pad = torch.eq(seq, 0).to(torch.float32)[:, None, None, :]
-        return torch.maximum(pad, look)
-
+    create_masks = _masks(e2e)
     def top_k1(logits):
         if e2e is not None:
             return e2e.top_k_logits(logits, 1)
@@ -213,8 +233,7 @@ def reference_one(src: str, hp: dict, batch: int, mode: str, prompt_len: int, ne
 
     from bench_decode import timed
 
-    torch.set_num_threads(threads)
-    torch.set_num_interop_threads(threads)
+    _torch_threads(threads)
     prompts = make_prompts(batch, prompt_len, hp["input_vocab_size"])
     model, e2e = _reference_model(src, hp, prompts[0])
     n_params = sum(p.numel() for p in model.parameters())
@@ -268,18 +287,12 @@ def reference_scoring(src: str, hp: dict, n: int, reps: int, threads: int, max_t
 
     from bench_decode import timed
 
-    torch.set_num_threads(threads)
-    torch.set_num_interop_threads(threads)
+    _torch_threads(threads)
     reqs = _requests(hp["input_vocab_size"], hp["max_seq_len"], n)
     model, e2e = _reference_model(src, hp, reqs[0][0])
     model.eval()
 
-    def mask_of(seq):
-        if e2e is not None:
-            return e2e.create_masks(seq)
-        look = 1 - torch.tril(torch.ones((seq.size(1), seq.size(1))))
-        return torch.maximum(torch.eq(seq, 0).to(torch.float32)[:, None, None, :], look)
-
+    mask_of = _masks(e2e)
     def score_all():
         out = []
         with torch.no_grad():
