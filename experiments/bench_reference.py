@@ -85,18 +85,23 @@ def reference_hparams(cfg: dict) -> dict:
 
 def compare_rows(ours: list[dict], reference: dict) -> list[dict]:
     """One row per result of ours: its tokens/s beside the reference's (float32) at the same batch and
-    mode, x_reference = ours / theirs, the issue's target ratio for (batch, dtype) and whether it is met.
+    mode, x_reference = ours / theirs, the issue's target ratio for (batch, dtype) and whether it is met,
+    and `clean`: both sides had at least one timed run that other processes did not disturb (a torch
+    run under contention slows far more than ours, so a ratio from disturbed runs is not valid).
 
-    ours: dicts with batch, mode, dtype, tokens_per_s.  reference: {(batch, mode): tokens_per_s}."""
+    ours: dicts with batch, mode, dtype, tokens_per_s[, clean_runs].
+    reference: {(batch, mode): {"tokens_per_s": ..., "clean_runs": ...}}."""
     rows = []
     for r in ours:
         ref = reference.get((r["batch"], r["mode"]))
-        x = r["tokens_per_s"] / ref if ref else None
+        ref_tok = ref["tokens_per_s"] if ref else None
+        x = r["tokens_per_s"] / ref_tok if ref_tok else None
         target = TARGETS.get((r["batch"], r["dtype"]))
+        clean = None if ref is None else bool(r.get("clean_runs", 1) and ref.get("clean_runs", 1))
         rows.append({"batch": r["batch"], "mode": r["mode"], "dtype": r["dtype"],
-                     "tokens_per_s": r["tokens_per_s"], "reference_tokens_per_s": ref,
+                     "tokens_per_s": r["tokens_per_s"], "reference_tokens_per_s": ref_tok,
                      "x_reference": x, "target": target,
-                     "meets_target": None if x is None or target is None else x >= target})
+                     "meets_target": None if x is None or target is None else x >= target, "clean": clean})
     return rows
 
 
@@ -104,8 +109,9 @@ def format_row(r: dict) -> str:
     x = "-" if r["x_reference"] is None else f"{r['x_reference']:.2f}x"
     tgt = "" if r["target"] is None else f"  (target >= {r['target']}: {'met' if r['meets_target'] else 'NOT met'})"
     ref = "-" if r["reference_tokens_per_s"] is None else f"{r['reference_tokens_per_s']:.1f}"
+    warn = "  [CONTENDED: a side had no undisturbed timed run; ratio not valid]" if r.get("clean") is False else ""
     return (f"batch {r['batch']:2d} {r['mode']:4s} {r['dtype']:8s}  ours {r['tokens_per_s']:7.1f} tok/s  "
-            f"authors' (float32) {ref:>7s} tok/s  x_reference {x}{tgt}")
+            f"authors' (float32) {ref:>7s} tok/s  x_reference {x}{tgt}{warn}")
 
 
 # --------------------------------------------------------------------------- the authors' side (torch)
@@ -469,7 +475,7 @@ def _drive(args) -> int:
                 if r["mirror_matches_generate_text"] is False:
                     raise ReferenceError_("the mirror loop's ids differ from the authors' generate_text at batch 1")
                 refs.append(r)
-                ref_tok[(batch, m)] = r["tokens_per_s"]
+                ref_tok[(batch, m)] = r
                 if not args.json:
                     print(f"authors' batch {batch:2d} {m:4s} float32  {r['tokens_per_s']:7.1f} tok/s  ({r['loop']}, "
                           f"{r['clean_runs']} clean runs, {r['num_parameters']:,} parameters)", flush=True)
@@ -489,7 +495,8 @@ def _drive(args) -> int:
         check_params(r)
         o = _run_json([sys.executable, me, "--ours-score", "--preset", args.preset, "--score-batch-size",
                        str(args.score_batch_size), *sc, *common], "our scoring")
-        scoring = {"reference": r, "ours": o, "x_reference": o["requests_per_s"] / r["requests_per_s"]}
+        scoring = {"reference": r, "ours": o, "x_reference": o["requests_per_s"] / r["requests_per_s"],
+                   "clean": bool(r["clean_runs"] and o["clean_runs"])}
     rows = compare_rows(ours, ref_tok)
     meta = {"preset": args.preset, "num_parameters": ours_n, "prompt_len": args.prompt_len,
             "new_tokens": args.new_tokens, "reps": args.reps, "reference_threads": args.reference_threads,
@@ -506,7 +513,7 @@ def _drive(args) -> int:
     if scoring:
         print(f"scoring {args.requests} requests: authors' one at a time {scoring['reference']['requests_per_s']:.1f} "
               f"req/s, ours batched (batch {args.score_batch_size}) {scoring['ours']['requests_per_s']:.1f} req/s "
-              f"= {scoring['x_reference']:.2f}x")
+              f"= {scoring['x_reference']:.2f}x" + ("" if scoring["clean"] else "  [CONTENDED: ratio not valid]"))
     print(f"load average start {load0}, end {meta['loadavg_end']}; {meta['wall_s']:.0f} s")
     return 0
 

@@ -39,19 +39,24 @@ def test_resolve_reference_src(tmp_path):
 
 
 def test_compare_rows_ratios_and_targets():
-    ours = [{"batch": 1, "mode": "kv_g", "dtype": "float32", "tokens_per_s": 100.0},
-            {"batch": 8, "mode": "kv_g", "dtype": "bfloat16", "tokens_per_s": 300.0},
-            {"batch": 8, "mode": "kv", "dtype": "float32", "tokens_per_s": 100.0},
-            {"batch": 32, "mode": "kv", "dtype": "float32", "tokens_per_s": 500.0}]
-    ref = {(1, "kv_g"): 40.0, (8, "kv_g"): 100.0, (8, "kv"): 80.0}
+    ours = [{"batch": 1, "mode": "kv_g", "dtype": "float32", "tokens_per_s": 100.0, "clean_runs": 3},
+            {"batch": 8, "mode": "kv_g", "dtype": "bfloat16", "tokens_per_s": 300.0, "clean_runs": 2},
+            {"batch": 8, "mode": "kv", "dtype": "float32", "tokens_per_s": 100.0, "clean_runs": 0},
+            {"batch": 32, "mode": "kv", "dtype": "float32", "tokens_per_s": 500.0, "clean_runs": 3}]
+    ref = {(1, "kv_g"): {"tokens_per_s": 40.0, "clean_runs": 3}, (8, "kv_g"): {"tokens_per_s": 100.0, "clean_runs": 1},
+           (8, "kv"): {"tokens_per_s": 80.0, "clean_runs": 3}}
     rows = br.compare_rows(ours, ref)
     assert [r["x_reference"] for r in rows] == [2.5, 3.0, 1.25, None]
     assert [r["target"] for r in rows] == [2.5, 2.4, 2.0, None]
     assert [r["meets_target"] for r in rows] == [True, True, False, None]   # >= target counts as met
+    assert [r["clean"] for r in rows] == [True, True, False, None]           # a side without a clean run
     assert rows[1]["reference_tokens_per_s"] == 100.0                       # bf16 ours vs their float32
     text = br.format_row(rows[2])
-    assert "1.25x" in text and "NOT met" in text
+    assert "1.25x" in text and "NOT met" in text and "CONTENDED" in text
+    assert "CONTENDED" not in br.format_row(rows[0])
     assert "x_reference -" in br.format_row(rows[3])
+    ref[(1, "kv_g")]["clean_runs"] = 0
+    assert br.compare_rows(ours[:1], ref)[0]["clean"] is False
 
 
 def test_parse_configs_and_hparams():
