@@ -154,13 +154,19 @@ def test_decode_speed_quick(tmp_path):
 
 
 def test_bench_eval_quick():
-    """Batched scoring gives one-at-a-time's scores (float32 rounding of other batch shapes aside)."""
-    p = run_script("bench_eval.py", "--json", "--modes", "full")
+    """Every way of scoring (one at a time, packed, batched with and without shared contexts) gives
+    one-at-a-time's scores (float32 rounding of other batch shapes aside); mode "full" never packs."""
+    p = run_script("bench_eval.py", "--json", "--modes", "full,cached")
     rows = json.loads(p.stdout.strip().splitlines()[-1])["results"]
-    assert [r["mode"] for r in rows] == ["full"]
+    assert [r["mode"] for r in rows] == ["full", "cached"]
     for r in rows:
-        assert r["requests"] == 16 and r["same_is_greedy"] and r["max_rel_score_diff"] < 1e-4
-        assert finite(r["batched_req_per_s"]) and finite(r["one_at_a_time_req_per_s"]) and r["speedup"] > 0
+        ways = {"one", "batched_unshared", "batched"} | ({"one_packed"} if r["mode"] == "cached" else set())
+        assert r["requests"] == 16 and ways <= set(r)
+        assert ("one_packed" in r) == (r["mode"] == "cached")
+        for w in ways:
+            x = r[w]
+            assert x["same_is_greedy"] and x["max_rel_score_diff"] < 1e-4, (r["mode"], w, x)
+            assert finite(x["req_per_s"]) and x["speedup"] > 0
 
 
 def test_profile_decode_quick():
