@@ -8,7 +8,8 @@ per-step matmul floor measured in the same process (`matmul_floor_ms`: the same 
 products at that batch, nothing else) and step_over_floor = step_ms / floor_ms, compile time (first
 call minus a warm call) and the peak RSS of the process that ran that configuration (each configuration
 runs in its own subprocess unless --in-process).  The stored reference anchors below are from another
-day; they are not a same-run comparison.
+day; they are not a same-run comparison (the authors' code ran slower on 2026-11-29: ~33 tok/s at
+batch 1, 108-116 at batch 8): `experiments/bench_reference.py` runs it beside ours in one invocation.
 
     python experiments/bench_decode.py                  # batch 1, 8, 32; all modes at batch 1,
                                                         # KV modes at 8 and 32; float32 + bfloat16
