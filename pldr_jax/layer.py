@@ -134,7 +134,8 @@ def attend_and_mix(cfg: PLDRConfig, lp: dict, x: jax.Array, q, k, v, g_lm, mask,
 def decoder_layer(cfg: PLDRConfig, lp: dict, x: jax.Array, positions: jax.Array, mask: jax.Array, *,
                   metric_mask: jax.Array | None = None, g_lm: jax.Array | None = None,
                   metric: jax.Array | None = None, kv_buffers: tuple[jax.Array, jax.Array] | None = None,
-                  kv_slot: jax.Array | None = None, merged_heads: bool = True, query_rows: jax.Array | None = None, kernels: str = "xla", attn_block: int = 0):
+                  kv_slot: jax.Array | None = None, merged_heads: bool = True,
+                  query_rows: jax.Array | None = None, kernels: str = "xla", attn_block: int = 0):
     """One decoder layer (see the module docstring for which caller passes what).
 
     x [B, L, D] the layer input; positions [B, L] int (RoPE positions); mask [B, 1, L, Lk] bool
@@ -161,19 +162,16 @@ def decoder_layer(cfg: PLDRConfig, lp: dict, x: jax.Array, positions: jax.Array,
     q, k, v = project_qkv(cfg, lp, x, positions, kernels)
     rows = jnp.arange(x.shape[0])
     new_kv = None
-    if kv_buffers is not None:
-        if kv_slot is not None:     # [B, H, 1, dk] into [B, H, S, dk] at one slot; attention reads
-            write = lambda buf, t: jax.lax.dynamic_update_slice_in_dim(   # the buffers before it
-                buf, jnp.swapaxes(t, 1, 2).astype(buf.dtype), kv_slot, axis=2)
-            new_kv = (k.astype(kv_buffers[0].dtype), v.astype(kv_buffers[1].dtype))
-            attend_k, attend_v = kv_buffers
-        else:                       # row b's key at its own position
-            write = lambda buf, t: buf.at[rows, :, positions[:, 0]].set(t[:, 0].astype(buf.dtype))
-        k, v = write(kv_buffers[0], k), write(kv_buffers[1], v)
-        if new_kv is None:
-            attend_k, attend_v = k, v
-    else:
-        attend_k, attend_v = k, v
+    if kv_buffers is None:
+        attend = (k, v)
+    elif kv_slot is not None:       # [B, H, 1, dk] into [B, H, S, dk] at one slot; attention reads the
+        new_kv = (k, v)             # buffers before the write, plus this token's key and value
+        attend = kv_buffers
+        k, v = (jax.lax.dynamic_update_slice_in_dim(buf, jnp.swapaxes(t, 1, 2).astype(buf.dtype), kv_slot, axis=2)
+                for buf, t in zip(kv_buffers, (k, v)))
+    else:                           # row b's key and value at its own position
+        k, v = (buf.at[rows, :, positions[:, 0]].set(t[:, 0].astype(buf.dtype)) for buf, t in zip(kv_buffers, (k, v)))
+        attend = (k, v)
     if g_lm is not None:
         ded = {"G_LM": g_lm.astype(jnp.float32)}
     else:
@@ -181,6 +179,6 @@ def decoder_layer(cfg: PLDRConfig, lp: dict, x: jax.Array, positions: jax.Array,
     if query_rows is not None:
         x, q = x[rows, query_rows][:, None], q[rows, query_rows][:, None]
         mask = mask[rows, :, query_rows][:, :, None]
-    out = attend_and_mix(cfg, lp, x, q, attend_k, attend_v, ded["G_LM"], mask, kernels, attn_block,
+    out = attend_and_mix(cfg, lp, x, q, *attend, ded["G_LM"], mask, kernels, attn_block,
                          heads_first=kv_buffers is not None, new_kv=new_kv, merged_heads=merged_heads)
     return out, ded, (k, v)

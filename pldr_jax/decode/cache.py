@@ -27,9 +27,9 @@ whole buffer twice per step (experiments/README.md, "TPU decode bytes").  The ro
 is still its own (keys are rotated before they are cached), and the attention mask admits row b's
 prompt slots and the decode slots ``max(prompt_lengths) .. kv_next``, so the keys attended over are
 exactly the row's tokens; the slots between a shorter prompt's end and ``max(prompt_lengths)`` are
-masked out.  ``prompt_lengths`` / ``kv_next`` are None in a cache decoded with per-row slots
-(`step.StepSpec.shared_slot` False: the buffer cannot hold ``max(prompt_lengths)`` + the longest
-row's token count).
+masked out.  The prefill always sets ``prompt_lengths`` / ``kv_next``; a step with per-row slots
+(`step.StepSpec.shared_slot` False: CPU, or a buffer that cannot hold ``max(prompt_lengths)`` + the
+longest row's token count) leaves them as they are.
 
 `cache_logical_axes` names every axis ("batch", "kv_len", "attn_heads", "dk", "dk_out") so a mesh rule
 table can shard the cache over batch and heads, like the parameters (`pldr_jax.params.logical_axes`).
