@@ -13,7 +13,11 @@ decode step, grouped by what the operation computes (from the compiled HLO):
 * ``other``: everything else (norms, RoPE, embedding gather, sampling, loop book-keeping).
 
 Times are thread time (an operation split over the two cores counts on both), so the groups add
-up to more than the wall time on a multi-core machine; compare groups within one run.
+up to more than the wall time on a multi-core machine; compare groups within one run.  The trace
+is not reliable for small operations: XLA:CPU's thread-pool hand-offs land in them (a YNNPACK
+reduction of [32, 1, 896] showed 1-2.7 ms per step in the trace and runs in 0.01 ms alone), so a
+suspect is confirmed by removing it (`bench_decode.py --ablate-attention` does that for the decode
+attention).
 
     python experiments/profile_decode.py --batch 32 --mode kv_g --dtype float32
     python experiments/profile_decode.py --batch 8 --mode kv --dtype bfloat16 --top 20 --json
@@ -66,7 +70,8 @@ def categorize(line: str, comps: dict[str, str], attn_rows: int) -> str:
     return "other"
 
 
-def profile_loop(batch: int, mode: str, dtype: str, preset: str, prompt_len: int, new_tokens: int) -> dict:
+def profile_loop(batch: int, mode: str, dtype: str, preset: str, prompt_len: int, new_tokens: int,
+                 hlo_out: str | None = None) -> dict:
     import jax
     import numpy as np
     from jax.profiler import ProfileData
@@ -95,6 +100,9 @@ def profile_loop(batch: int, mode: str, dtype: str, preset: str, prompt_len: int
     cache, logits0, _ = sampler._prefill(req)
     hlo = decode_loop._loop_jit.lower(req.spec, req.params, cache, logits0, None, req.key, req.inputs,
                                       n_out=req.n_out).compile().as_text()
+    if hlo_out:
+        with open(hlo_out, "w") as f:
+            f.write(hlo)
     with tempfile.TemporaryDirectory() as d:
         jax.profiler.start_trace(d)
         st, wall = run()
@@ -135,12 +143,14 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--top", type=int, default=12, help="list the most expensive operations")
+    ap.add_argument("--hlo-out", help="write the compiled decode loop's HLO text to this file")
     ap.add_argument("--quick", action="store_true", help="the tiny preset, batch 2, 8 -> 8 tokens")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
     if args.quick:
         args.preset, args.batch, args.prompt_len, args.new_tokens = "tiny", 2, 8, 8
-    res = profile_loop(args.batch, args.mode, args.dtype, args.preset, args.prompt_len, args.new_tokens)
+    res = profile_loop(args.batch, args.mode, args.dtype, args.preset, args.prompt_len, args.new_tokens,
+                       hlo_out=args.hlo_out)
     res["ops"] = res["ops"][:args.top]
     if args.json:
         print(json.dumps(res))

@@ -36,7 +36,7 @@ import re
 import time
 from typing import Any
 
-from .hlo_traffic import hbm_traffic
+from .hlo_traffic import hbm_traffic, while_trip
 
 __all__ = ["CHIPS", "ChipSpec", "LIBTPU_INSTALL", "topology_devices", "collectives_per_step", "compile_report",
            "largest_fitting", "max_batch", "format_report", "model_flops", "executed_flops"]
@@ -97,21 +97,8 @@ _SHAPE = re.compile(r"\b(" + "|".join(_DT) + r")\[([0-9,]*)\]")
 _COMP = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 _CALLS = re.compile(r"\b(body|condition|calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
-_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
-_COND = re.compile(r"condition=%?([\w.\-]+)")
 _CHANNEL = re.compile(r"channel_id=(\d+)")
 _LAYOUT = re.compile(r"\{[^}]*\}")
-_S32_CONST = re.compile(r"s32\[\]\S*\s+constant\((\d+)\)")
-
-
-def _trip_from_condition(lines: list[str]) -> int | None:
-    """The trip count of a counted loop (`lax.scan` / `fori_loop`: i from 0, i < N) read from its
-    condition computation: one s32 constant N compared with direction=LT; None otherwise."""
-    consts = {int(c) for line in lines for c in _S32_CONST.findall(line)}
-    if len(consts) == 1 and any("compare(" in line and "direction=LT" in line for line in lines):
-        return consts.pop()
-    return None
-
 
 def _shape_bytes(text: str) -> int:
     total = 0
@@ -128,7 +115,7 @@ def collectives_per_step(hlo_text: str, unknown_trip: int = 1) -> tuple[dict, in
     """({op: {"count", "bytes", "max_bytes"}}, unknown_trip_loops) of a compiled HLO module, per
     execution of its entry computation: every computation's collectives are multiplied by how many
     times it runs (a while body / condition by the loop's trip count: the compiler's
-    known_trip_count, else read from a counted loop's condition, `_trip_from_condition`; a loop
+    known_trip_count, else read from a counted loop's condition, `hlo_traffic.while_trip`; a loop
     with neither -- the decode loop's early-exit while -- counts `unknown_trip` times and is
     reported in unknown_trip_loops).  Async collectives count at their start."""
     comps: dict[str, list[str]] = {}
@@ -155,13 +142,9 @@ def collectives_per_step(hlo_text: str, unknown_trip: int = 1) -> tuple[dict, in
         for line in lines:
             trip = 1
             if " while(" in line:
-                t = _TRIP.search(line)
-                cond = _COND.search(line)
-                from_cond = _trip_from_condition(comps.get(cond.group(1), [])) if cond else None
-                if t:
-                    trip = int(t.group(1))
-                elif from_cond is not None:
-                    trip = from_cond
+                known = while_trip(line, comps)
+                if known is not None:
+                    trip = known
                 else:
                     unknown += 1
                     trip = unknown_trip
@@ -292,7 +275,8 @@ def _decode_parts(cfg, batch, seq_len, mesh):
     g_all = normalize_g_lm(cfg, None)
     backend = choices(platform_of(mesh))
     step = StepSpec(cfg=cfg, kv_cache=True, g_cache=True, given_g=g_all is not None,
-                    shared_slot=backend.decode_shared_kv_slot, merged_heads=backend.decode_merged_heads)
+                    shared_slot=backend.decode_shared_kv_slot, merged_heads=backend.decode_merged_heads,
+                    kv_chunk=backend.decode_kv_chunk if backend.decode_shared_kv_slot else 0)
     spec = LoopSpec(step=step, shared_g=False, sampler_kind=make_sampler(1.0, 1, 1.0).kind)
     rep = replicated(mesh)
     b1 = batch_sharding(mesh, 1)
@@ -332,9 +316,13 @@ def _lower_decode(cfg, batch, seq_len, mesh):
 def _lower_decode_step(cfg, batch, seq_len, mesh):
     """One iteration of the decode loop's body (`decode.loop._advance`: one model step over the
     KV- and G-cache, one sampling step) with the loop's shardings, and what that step must read per
-    chip: (lowered, {"weights", "embedding_rows", "kv_buffer", "kv_live_mean", "kv_live_last",
-    "g_cache"} bytes per chip).  The live KV-cache: the prompt's P positions plus the tokens decoded
-    so far, averaged over the N steps (mean) or at the last step."""
+    chip: (lowered, {"weights" (but the embedding table and, with a G-cache, the metric learner's
+    weights, which the step does not read), "embedding_rows", "kv_buffer", "kv_live_mean", "kv_live_last",
+    "g_cache"} bytes per chip, {"mean", "last"} chunks the attention reads per layer).  The live
+    KV-cache: the prompt's P positions plus the tokens decoded so far, averaged over the N steps
+    (mean) or at the last step.  With a chunked attention (`StepSpec.kv_chunk`) step t of the loop
+    reads ceil((P + t) / kv_chunk) chunks of each layer's buffers (its loop's runtime trip count);
+    else 1 (the whole buffer, no loop)."""
     import math
     import jax
     import jax.numpy as jnp
@@ -367,11 +355,17 @@ def _lower_decode_step(cfg, batch, seq_len, mesh):
     g_bytes = per_chip(cache.G_LM, cs.G_LM) if cache.G_LM is not None else 0
     S = seq_len
     b_chip = batch // math.prod(mesh.shape[a] for a in ("data", "fsdp")) if divides else batch
-    need = {"weights": per_chip(params, p_sh) - table_chip,
+    # with a fixed G (the G-cache) the step never runs the metric learner: its weights are not read
+    learner = ("metric_norm", "metric_res", "plga")
+    unused = sum(per_chip(lp[k], lps[k]) for lp, lps in zip(params["layers"], p_sh["layers"]) for k in learner
+                 if k in lp) if spec.step.fixed_g else 0
+    need = {"weights": per_chip(params, p_sh) - table_chip - unused,
             "embedding_rows": b_chip * cfg.d_model * jnp.dtype(table.dtype).itemsize,
             "kv_buffer": kv, "kv_live_mean": kv * (P + (N + 1) / 2) / S, "kv_live_last": kv * (P + N) / S,
             "g_cache": g_bytes}
-    return f.lower(params, st, inputs), need
+    C = spec.step.kv_chunk
+    chunks = [-(-(P + t) // C) for t in range(N)] if C else [1]
+    return f.lower(params, st, inputs), need, {"mean": sum(chunks) / len(chunks), "last": chunks[-1]}
 
 
 def _decode_step_bytes(cfg, batch, seq_len, mesh) -> dict:
@@ -382,19 +376,23 @@ def _decode_step_bytes(cfg, batch, seq_len, mesh) -> dict:
     XLA's bytes accessed count on-chip (VMEM) reads and writes too; "hbm" is the HBM traffic read off
     the compiled program's memory spaces (`pldr_jax.hlo_traffic`), hbm_ratio_mean / hbm_ratio_last
     that against the must-read bytes."""
-    lowered, need = _lower_decode_step(cfg, batch, seq_len, mesh)
+    lowered, need, chunks = _lower_decode_step(cfg, batch, seq_len, mesh)
     compiled = lowered.compile()
     ca = compiled.cost_analysis()
     ca = ca[0] if isinstance(ca, (list, tuple)) else ca
     acc = float(ca.get("bytes accessed", 0.0))
     base = need["weights"] + need["embedding_rows"] + need["g_cache"]
     must_mean, must_last = base + need["kv_live_mean"], base + need["kv_live_last"]
-    hbm = hbm_traffic(compiled.as_text())
+    text = compiled.as_text()
+    hbm = hbm_traffic(text, unknown_trip=chunks["mean"])     # the attention's chunk loops, mean step
     hbm.pop("by_opcode")
+    hbm_last = hbm_traffic(text, unknown_trip=chunks["last"])["total"]
+    hbm["total_last"] = hbm_last
+    hbm["attention_chunks"] = chunks
     ratio = lambda x, y: x / y if y else 0.0
     return {"bytes_accessed": acc, "must_read": need, "must_read_mean": must_mean, "must_read_last": must_last,
             "ratio_mean": ratio(acc, must_mean), "ratio_last": ratio(acc, must_last), "hbm": hbm,
-            "hbm_ratio_mean": ratio(hbm["total"], must_mean), "hbm_ratio_last": ratio(hbm["total"], must_last),
+            "hbm_ratio_mean": ratio(hbm["total"], must_mean), "hbm_ratio_last": ratio(hbm_last, must_last),
             "temporaries": compiled.memory_analysis().temp_size_in_bytes}
 
 

@@ -36,6 +36,12 @@ else:
   1.98x -> 1.23x what a step must read) or at each row's own position by a scatter (CPU: XLA:CPU
   updates in place with the scatter, but copied every buffer twice per step around the shared
   slot's update while attention read the old buffer: batch 32 step 212 -> 275 ms under load).
+* ``decode_kv_chunk``: with the shared slot, the decode step's attention reads only the live cache
+  slots (below the next free slot), this many per iteration of a loop with an online softmax
+  (`ops.attention.plga_attention` live_len / kv_chunk), instead of the whole buffer (accelerators:
+  256; measured in experiments/README.md "TPU decode bytes"); 0 = the whole buffer (CPU: its
+  attention is bound by the per-(row, head) products' count, not the buffer's bytes, and the
+  golden generations stay bit-identical).
 * ``decode_embed_f32``: a 16-bit model decoding in 16 bits keeps its embedding table in float32
   (`decode.prepare_params`; the same values) and looks rows up before the cast (`model.embed`
   ``lookup_first``): XLA:CPU runs a bfloat16 gather by converting the whole 32000 x 896 table to
@@ -88,6 +94,7 @@ class BackendChoices:
     attention_block: int
     decode_merged_heads: bool = True
     decode_shared_kv_slot: bool = False
+    decode_kv_chunk: int = 0
 
 
 def _kernels_override() -> str | None:
@@ -113,7 +120,8 @@ def choices(platform: str | None = None) -> BackendChoices:
                           decode_embed_f32=cpu,
                           remat="none" if cpu else "full",
                           head_chunk_bytes=0 if cpu else 2 ** 30, attention_block=0 if cpu else 256,
-                          decode_merged_heads=cpu, decode_shared_kv_slot=not cpu)
+                          decode_merged_heads=cpu, decode_shared_kv_slot=not cpu,
+                          decode_kv_chunk=0 if cpu else 256)
 
 
 def platform_of(mesh=None) -> str:

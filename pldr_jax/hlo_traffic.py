@@ -13,21 +13,27 @@ HBM bandwidth a step needs.  The compiled HLO marks every on-chip value in its l
   when its source is there, written to HBM when its destination is);
 * a ``dynamic-update-slice`` (alone or at a fusion's root) is in place: it reads and writes the
   update only;
-* a fusion operand used inside the fusion only by ``slice`` / ``dynamic-slice`` / ``gather`` is
-  read for those results' bytes only (an embedding lookup reads its rows, not the table);
+* a fusion operand used inside the fusion only by ``slice`` / ``dynamic-slice`` / ``gather`` (or
+  passed to a nested fusion that only slices it) is read for those results' bytes only (an
+  embedding lookup reads its rows, not the table; a loop iteration reads its chunk of a buffer);
 * ``parameter``, ``tuple``, ``get-tuple-element``, ``bitcast``, ``constant`` and the ``*-done``
   halves of asynchronous pairs move nothing.
 
-Only the entry computation is walked: meant for a program without loops (a decode step compiled
-alone, `pldr_jax.aot`); a loop body would be counted once.  The result is an estimate of the same
-kind as XLA's cost model (it ignores caching of re-read HBM values and any padding in tiles).
+* a ``while`` moves nothing itself (its carried values stay where they live); its body counts as
+  often as the loop runs: the compiler's ``known_trip_count``, else a counted loop's bound read
+  from its condition (`while_trip`), else ``unknown_trip`` times (a loop whose trip count is a
+  runtime value: the decode step's attention over the live KV-cache slots, `pldr_jax.aot` passes
+  the mean number of chunks); its condition is left out (scalars).
+
+Other called computations (conditionals, calls) are not walked.  The result is an estimate of the
+same kind as XLA's cost model (it ignores caching of re-read HBM values and any padding in tiles).
 """
 
 from __future__ import annotations
 
 import re
 
-__all__ = ["hbm_traffic"]
+__all__ = ["hbm_traffic", "while_trip"]
 
 _ITEM = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4,
          "u32": 4, "f64": 8, "s64": 8, "u64": 8}
@@ -37,6 +43,10 @@ _COMP = re.compile(r"^(ENTRY )?%([\w.\-]+) .*\{$")
 _FREE = {"parameter", "tuple", "get-tuple-element", "bitcast", "constant", "copy-done", "slice-done",
          "after-all", "partition-id", "replica-id", "opt-barrier"}
 _SLICERS = {"slice", "dynamic-slice", "gather"}
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_COND = re.compile(r"condition=%?([\w.\-]+)")
+_BODY = re.compile(r"body=%?([\w.\-]+)")
+_S32_CONST = re.compile(r"s32\[\]\S*\s+constant\((\d+)\)")
 
 
 def _arrays(type_text: str) -> list[tuple[int, bool]]:
@@ -74,6 +84,22 @@ def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str]:
     return comps, entry
 
 
+def while_trip(line: str, comps: dict[str, list[str]]) -> int | None:
+    """The trip count of the ``while`` instruction on `line`: the compiler's known_trip_count, else
+    a counted loop's (`lax.scan` / `fori_loop` with a static bound: i from 0, i < N) read from its
+    condition computation in `comps` ({name: instruction lines}: one s32 constant N compared with
+    direction=LT); None when neither says (a runtime trip count)."""
+    known = _TRIP.search(line)
+    if known:
+        return int(known.group(1))
+    cond = _COND.search(line)
+    lines = comps.get(cond.group(1), []) if cond else []
+    consts = {int(c) for ln in lines for c in _S32_CONST.findall(ln)}
+    if len(consts) == 1 and any("compare(" in ln and "direction=LT" in ln for ln in lines):
+        return consts.pop()
+    return None
+
+
 def _parse(lines: list[str]) -> list[tuple[str, str, str, list[str], str]]:
     """(name, type, opcode, operand names, whole line) per instruction."""
     out = []
@@ -85,9 +111,14 @@ def _parse(lines: list[str]) -> list[tuple[str, str, str, list[str], str]]:
     return out
 
 
-def _fusion_reads(body: list[str]) -> tuple[dict[int, int | None], int | None]:
+def _fusion_reads(body: list[str], comps: dict[str, list[str]] | None = None,
+                  memo: dict | None = None) -> tuple[dict[int, int | None], int | None]:
     """For a fused computation: {parameter index: bytes read when only sliced / gathered, else None},
-    and the update's bytes when its root is a dynamic-update-slice (None otherwise)."""
+    and the update's bytes when its root is a dynamic-update-slice (None otherwise).  A parameter
+    passed on to a nested fusion (`comps`: the module's computations) counts as sliced when the
+    nested fusion only slices it."""
+    comps = comps or {}
+    memo = {} if memo is None else memo
     instrs = _parse(body)
     types = {name: typ for name, typ, *_ in instrs}
     params, users = {}, {}
@@ -95,12 +126,24 @@ def _fusion_reads(body: list[str]) -> tuple[dict[int, int | None], int | None]:
         if op == "parameter":
             params[name] = int(re.search(r"parameter\((\d+)\)", line).group(1))
         for position, o in enumerate(operands):
-            users.setdefault(o, []).append((op, typ, position))
+            users.setdefault(o, []).append((op, typ, position, line))
+
+    def sliced_bytes(op, typ, position, line) -> int | None:
+        if op in _SLICERS:
+            return sum(b for b, _ in _arrays(typ)) if position == 0 else None
+        called = re.search(r"calls=%([\w.\-]+)", line)
+        if op == "fusion" and called and called.group(1) in comps:
+            key = called.group(1)
+            if key not in memo:
+                memo[key] = None                                 # (no recursion through a cycle)
+                memo[key] = _fusion_reads(comps[key], comps, memo)
+            return memo[key][0].get(position) if memo[key] else None
+        return None
+
     reads = {}
     for name, index in params.items():       # sliced / gathered from (operand 0; not the indices)
-        us = users.get(name, [])
-        reads[index] = (sum(b for op, typ, _ in us for b, _ in _arrays(typ))
-                        if us and all(op in _SLICERS and position == 0 for op, _, position in us) else None)
+        parts = [sliced_bytes(*u) for u in users.get(name, [])]
+        reads[index] = sum(parts) if parts and all(p is not None for p in parts) else None
     dus = None
     for name, typ, op, operands, line in instrs:
         if "ROOT" in line.split("=")[0] and op == "dynamic-update-slice" and len(operands) > 1:
@@ -108,51 +151,72 @@ def _fusion_reads(body: list[str]) -> tuple[dict[int, int | None], int | None]:
     return reads, dus
 
 
-def hbm_traffic(hlo_text: str) -> dict:
+def hbm_traffic(hlo_text: str, unknown_trip: float | None = None) -> dict:
     """Estimated HBM bytes one run of a compiled program moves (see the module docstring).
 
-    hlo_text: ``compiled.as_text()`` of an accelerator executable.  Returns {"read", "write",
-    "total"} bytes and "by_opcode" {opcode: bytes}.
+    hlo_text: ``compiled.as_text()`` of an accelerator executable.  unknown_trip: how many times a
+    ``while`` whose trip count is a runtime value runs (may be fractional: a mean); None = such a
+    loop is an error.  Returns {"read", "write", "total"} bytes, "by_opcode" {opcode: bytes} and
+    "loops" (how many ``while`` instructions were walked, "unknown_trip" of them at unknown_trip).
     """
     comps, entry = _computations(hlo_text)
     fused = {}
-    types: dict[str, str] = {}
-    read = write = 0
-    by_op: dict[str, int] = {}
-    for name, typ, op, operands, line in _parse(comps[entry]):
-        types[name] = typ
-        if op in _FREE:
-            continue
-        if op in ("copy-start", "slice-start"):
-            arrs = _arrays(typ)          # copy-start: (destination, source, context);
-            if len(arrs) < 2:            # slice-start: ((source), destination, context)
+    totals = {"read": 0.0, "write": 0.0, "loops": 0, "unknown_trip": 0}
+    by_op: dict[str, float] = {}
+
+    def walk(comp: str, times: float, depth: int = 0) -> None:
+        types: dict[str, str] = {}
+        for name, typ, op, operands, line in _parse(comps[comp]):
+            types[name] = typ
+            if op == "while":
+                body = _BODY.search(line)
+                trip = while_trip(line, comps)
+                totals["loops"] += 1
+                if trip is None:
+                    if unknown_trip is None:
+                        raise ValueError(f"while loop %{name} in {comp} has a runtime trip count: pass "
+                                         "unknown_trip (how many times it runs)")
+                    totals["unknown_trip"] += 1
+                    trip = unknown_trip
+                if body and body.group(1) in comps and depth < 16:
+                    walk(body.group(1), times * trip, depth + 1)
                 continue
-            src, dst = (arrs[1], arrs[0]) if op == "copy-start" else (arrs[0], arrs[1])
-            moved = dst[0]
-            r, w = (0 if src[1] else moved), (0 if dst[1] else moved)
-        elif op == "dynamic-update-slice" and len(operands) > 1:
-            upd = sum(b for b, _ in _arrays(types.get(operands[1], "")))
-            r, w = upd, upd
-        else:
-            reads, dus = {}, None
-            called = re.search(r"calls=%([\w.\-]+)", line)
-            if op == "fusion" and called and called.group(1) in comps:
-                key = called.group(1)
-                if key not in fused:
-                    fused[key] = _fusion_reads(comps[key])
-                reads, dus = fused[key]
-            r = 0
-            for i, o in enumerate(operands):
-                arrs = _arrays(types.get(o, ""))
-                if dus is not None and i == 0:
-                    continue                             # the buffer updated in place
-                part = reads.get(i)
-                r += _hbm(arrs) if part is None else (0 if all(c for _, c in arrs) else part)
-            w = _hbm(_arrays(typ))
-            if dus is not None:
-                w = min(w, dus)
-        read += r
-        write += w
-        by_op[op] = by_op.get(op, 0) + r + w
+            if op in _FREE:
+                continue
+            if op in ("copy-start", "slice-start"):
+                arrs = _arrays(typ)          # copy-start: (destination, source, context);
+                if len(arrs) < 2:            # slice-start: ((source), destination, context)
+                    continue
+                src, dst = (arrs[1], arrs[0]) if op == "copy-start" else (arrs[0], arrs[1])
+                moved = dst[0]
+                r, w = (0 if src[1] else moved), (0 if dst[1] else moved)
+            elif op == "dynamic-update-slice" and len(operands) > 1:
+                upd = sum(b for b, _ in _arrays(types.get(operands[1], "")))
+                r, w = upd, upd
+            else:
+                reads, dus = {}, None
+                called = re.search(r"calls=%([\w.\-]+)", line)
+                if op == "fusion" and called and called.group(1) in comps:
+                    key = called.group(1)
+                    if key not in fused:
+                        fused[key] = _fusion_reads(comps[key], comps, {})
+                    reads, dus = fused[key]
+                r = 0
+                for i, o in enumerate(operands):
+                    arrs = _arrays(types.get(o, ""))
+                    if dus is not None and i == 0:
+                        continue                             # the buffer updated in place
+                    part = reads.get(i)
+                    r += _hbm(arrs) if part is None else (0 if all(c for _, c in arrs) else part)
+                w = _hbm(_arrays(typ))
+                if dus is not None:
+                    w = min(w, dus)
+            totals["read"] += r * times
+            totals["write"] += w * times
+            by_op[op] = by_op.get(op, 0) + (r + w) * times
+
+    walk(entry, 1.0)
+    read, write = totals["read"], totals["write"]
     return {"read": read, "write": write, "total": read + write,
-            "by_opcode": dict(sorted(by_op.items(), key=lambda kv: -kv[1]))}
+            "by_opcode": dict(sorted(by_op.items(), key=lambda kv: -kv[1])),
+            "loops": totals["loops"], "unknown_trip": totals["unknown_trip"]}

@@ -110,20 +110,22 @@ def attention_in_query_blocks(q: jax.Array, k: jax.Array, v: jax.Array, g_lm, ma
 
 def attend_and_mix(cfg: PLDRConfig, lp: dict, x: jax.Array, q, k, v, g_lm, mask, kernels: str = "xla",
                    attn_block: int = 0, heads_first: bool = False, new_kv=None,
-                   merged_heads: bool = True) -> jax.Array:
+                   merged_heads: bool = True, live_len=None, kv_chunk: int = 0) -> jax.Array:
     """Attention with G_LM, output projection, then the post-LN residual blocks.
 
     x [B, Lq, D]; q [B, Lq, H, dk]; k, v [B, Lk, H, dk] (or [B, H, Lk, dk] with `heads_first`, the
     decode cache's layout); g_lm [B|1, H, dk, dk]; mask [B, 1, Lq, Lk] bool.  attn_block: queries
     per attention block (`attention_in_query_blocks`; 0 = all; not used with `heads_first`, a
     one-token decode step).  new_kv: the step's own key and value [B, 1, H, dk] when k/v are the
-    cache before this step's write (`plga_attention`).  merged_heads: `plga_attention`'s (decode).
+    cache before this step's write (`plga_attention`).  merged_heads, live_len, kv_chunk:
+    `plga_attention`'s (decode).
     Returns the layer output [B, Lq, D].
     """
     B, L, D = x.shape
     act = ("batch", "length", "embed")
     if heads_first:
-        att = plga_attention(q, k, v, g_lm, mask, heads_first=True, new_kv=new_kv, merged_heads=merged_heads)
+        att = plga_attention(q, k, v, g_lm, mask, heads_first=True, new_kv=new_kv, merged_heads=merged_heads,
+                             live_len=live_len, kv_chunk=kv_chunk)
     else:
         att = attention_in_query_blocks(q, k, v, g_lm, mask, attn_block)
     att = constrain(att, ("batch", "length", "heads", None)).reshape(B, L, D)
@@ -134,7 +136,7 @@ def attend_and_mix(cfg: PLDRConfig, lp: dict, x: jax.Array, q, k, v, g_lm, mask,
 def decoder_layer(cfg: PLDRConfig, lp: dict, x: jax.Array, positions: jax.Array, mask: jax.Array, *,
                   metric_mask: jax.Array | None = None, g_lm: jax.Array | None = None,
                   metric: jax.Array | None = None, kv_buffers: tuple[jax.Array, jax.Array] | None = None,
-                  kv_slot: jax.Array | None = None, merged_heads: bool = True,
+                  kv_slot: jax.Array | None = None, merged_heads: bool = True, kv_chunk: int = 0,
                   query_rows: jax.Array | None = None, kernels: str = "xla", attn_block: int = 0):
     """One decoder layer (see the module docstring for which caller passes what).
 
@@ -151,6 +153,9 @@ def decoder_layer(cfg: PLDRConfig, lp: dict, x: jax.Array, positions: jax.Array,
       step's own key and value, `plga_attention` new_kv).
     merged_heads: with `kv_buffers`, attention over one [B * H] batch axis or two ([B, H]:
       `pldr_jax.backend` ``decode_merged_heads``).
+    kv_chunk: with `kv_slot`, attention reads only the slots below it, kv_chunk at a time
+      (`plga_attention` live_len / kv_chunk; `pldr_jax.backend` ``decode_kv_chunk``); 0 = the
+      whole buffer.
     query_rows: [B] int, compute the output only at position query_rows[b] of row b.
     kernels: the matmul implementation ("xla" | "cpu", `pldr_jax.backend`).
     attn_block: the attention's query block length (`attention_in_query_blocks`; 0 = all at once).
@@ -180,5 +185,6 @@ def decoder_layer(cfg: PLDRConfig, lp: dict, x: jax.Array, positions: jax.Array,
         x, q = x[rows, query_rows][:, None], q[rows, query_rows][:, None]
         mask = mask[rows, :, query_rows][:, :, None]
     out = attend_and_mix(cfg, lp, x, q, *attend, ded["G_LM"], mask, kernels, attn_block,
-                         heads_first=kv_buffers is not None, new_kv=new_kv, merged_heads=merged_heads)
+                         heads_first=kv_buffers is not None, new_kv=new_kv, merged_heads=merged_heads,
+                         live_len=kv_slot, kv_chunk=kv_chunk if kv_slot is not None else 0)
     return out, ded, (k, v)

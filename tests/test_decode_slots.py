@@ -3,7 +3,9 @@
 * shared KV slot (every row writes a step's key/value at one slot, attention reads the cache before
   the write plus the step's own key: `decode.cache` "KV slots") vs each row's own position;
 * attention over one merged [B * H] batch axis (CPU) vs two [B, H] axes (accelerators,
-  `backend.decode_merged_heads`).
+  `backend.decode_merged_heads`);
+* attention over the live slots only, a few at a time with an online softmax (accelerators,
+  `backend.decode_kv_chunk`) vs the whole buffer.
 
 Ragged prompts, learned G (kv_g: the prompt's G; kv: G re-derived from the cached A), greedy feed.
 """
@@ -52,7 +54,9 @@ def test_shared_slot_and_head_axes_match_per_row_slots(tiny, g_cache):
     want, per_row = _run(cfg, params, spec(shared_slot=False))
     caches = []
     for kw in ({"shared_slot": True}, {"shared_slot": True, "merged_heads": False},
-               {"shared_slot": False, "merged_heads": False}):
+               {"shared_slot": False, "merged_heads": False},
+               {"shared_slot": True, "merged_heads": False, "kv_chunk": 5},
+               {"shared_slot": True, "kv_chunk": 8}):
         got, cache = _run(cfg, params, spec(**kw))
         caches.append(cache)
         np.testing.assert_allclose(got, want, rtol=0, atol=2e-5, err_msg=str(kw))
@@ -86,5 +90,34 @@ def test_head_axes_attention_equals_merged_with_own_token():
     np.testing.assert_allclose(merged, plga_attention(q, k2, v2, g, m2, heads_first=True), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("chunk", [1, 3, 4, 16])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_live_chunks_equal_whole_buffer(chunk, dtype):
+    """Attention over the slots below live_len, `chunk` at a time (the last chunk's start clamped to
+    S - chunk, overlapping the one before), equals the whole-buffer softmax; a slot at or beyond
+    live_len never contributes, even unmasked and holding huge values."""
+    kq, kk, kv, kg, kn = jax.random.split(jax.random.key(5), 5)
+    B, H, S, dk, live = 3, 2, 10, 8, 7
+    dt = jnp.dtype(dtype)
+    q = jax.random.normal(kq, (B, 1, H, dk)).astype(dt)
+    k, v = jax.random.normal(kk, (B, H, S, dk)), jax.random.normal(kv, (B, H, S, dk))
+    k, v = (t.at[:, :, live:].set(1e4) for t in (k, v))                     # garbage beyond live_len
+    g = jax.random.normal(kg, (B, H, dk, dk)) * 0.3
+    new = tuple(jax.random.normal(x, (B, 1, H, dk)).astype(dt) for x in jax.random.split(kn))
+    # row 0: prompt of 2 (slots 2..4 prompt padding), decoded slots 5, 6; row 1: every slot; row 2: none
+    valid = jnp.array([[1, 1, 0, 0, 0, 1, 1], [1] * 7, [0] * 7], bool)
+    mask = jnp.pad(valid, ((0, 0), (0, S - live)))[:, None, None, :]
+    want = plga_attention(q, k, v, g, mask, heads_first=True, new_kv=new)
+    got = plga_attention(q, k, v, g, mask, heads_first=True, new_kv=new, live_len=jnp.int32(live), kv_chunk=chunk)
+    assert got.dtype == want.dtype
+    tol = 1e-6 if dtype == "float32" else 2e-2
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=0, atol=tol)
+    unmasked = jnp.ones((B, 1, 1, S), bool)     # the slots beyond live_len are left out by live_len alone
+    got2 = plga_attention(q, k, v, g, unmasked, heads_first=True, new_kv=new, live_len=jnp.int32(live), kv_chunk=chunk)
+    want2 = plga_attention(q, k[:, :, :live], v[:, :, :live], g, unmasked[..., :live], heads_first=True, new_kv=new)
+    np.testing.assert_allclose(np.asarray(got2, np.float32), np.asarray(want2, np.float32), rtol=0, atol=tol)
+
+
 def test_backend_decode_head_axes():
     assert choices("cpu").decode_merged_heads and not choices("tpu").decode_merged_heads
+    assert choices("cpu").decode_kv_chunk == 0 and choices("tpu").decode_kv_chunk > 0

@@ -60,3 +60,73 @@ def test_counts_hbm_only():
 def test_no_entry_is_an_error():
     with pytest.raises(ValueError, match="ENTRY"):
         hbm_traffic("HloModule m\n")
+
+
+LOOP_HLO = """HloModule chunks, is_scheduled=true
+
+%slice_inner (s0: bf16[64,128], s1: s32[]) -> bf16[16,128] {
+  %s0 = bf16[64,128]{1,0:T(8,128)(2,1)} parameter(0)
+  %s1 = s32[] parameter(1)
+  %z = s32[] constant(0)
+  ROOT %ds = bf16[16,128]{1,0:T(8,128)(2,1)} dynamic-slice(%s0, %s1, %z), dynamic_slice_sizes={16,128}
+}
+
+%chunk_dot (f0: bf16[64,128], f1: s32[], f2: bf16[128]) -> f32[16] {
+  %f0 = bf16[64,128]{1,0:T(8,128)(2,1)} parameter(0)
+  %f1 = s32[] parameter(1)
+  %f2 = bf16[128]{0:S(1)} parameter(2)
+  %chunk = bf16[16,128]{1,0:T(8,128)(2,1)} fusion(%f0, %f1), kind=kLoop, calls=%slice_inner
+  ROOT %d = f32[16]{0:S(1)} dot(%chunk, %f2), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%body (t: (s32[], s32[], bf16[64,128], bf16[128], f32[16])) -> (s32[], s32[], bf16[64,128], bf16[128], f32[16]) {
+  %t = (s32[], s32[], bf16[64,128]{1,0:T(8,128)(2,1)}, bf16[128]{0:S(1)}, f32[16]{0:S(1)}) parameter(0)
+  %i = s32[] get-tuple-element(%t), index=0
+  %n = s32[] get-tuple-element(%t), index=1
+  %buf = bf16[64,128]{1,0:T(8,128)(2,1)} get-tuple-element(%t), index=2
+  %q = bf16[128]{0:S(1)} get-tuple-element(%t), index=3
+  %one = s32[] constant(1)
+  %next = s32[] add(%i, %one)
+  %out = f32[16]{0:S(1)} fusion(%buf, %i, %q), kind=kOutput, calls=%chunk_dot
+  ROOT %r = (s32[], s32[], bf16[64,128]{1,0:T(8,128)(2,1)}, bf16[128]{0:S(1)}, f32[16]{0:S(1)}) tuple(%next, %n, %buf, %q, %out)
+}
+
+%cond (c: (s32[], s32[], bf16[64,128], bf16[128], f32[16])) -> pred[] {
+  %c = (s32[], s32[], bf16[64,128]{1,0:T(8,128)(2,1)}, bf16[128]{0:S(1)}, f32[16]{0:S(1)}) parameter(0)
+  %ci = s32[] get-tuple-element(%c), index=0
+  %cn = s32[] get-tuple-element(%c), index=1
+  ROOT %lt = pred[] compare(s32[] %ci, s32[] %cn), direction=LT
+}
+
+ENTRY %main (a: bf16[64,128], q: bf16[128], n: s32[]) -> f32[16] {
+  %a = bf16[64,128]{1,0:T(8,128)(2,1)} parameter(0)
+  %q = bf16[128]{0:S(1)} parameter(1)
+  %n = s32[] parameter(2)
+  %zero = s32[] constant(0)
+  %acc = f32[16]{0:S(1)} constant({...})
+  %init = (s32[], s32[], bf16[64,128]{1,0:T(8,128)(2,1)}, bf16[128]{0:S(1)}, f32[16]{0:S(1)}) tuple(%zero, %n, %a, %q, %acc)
+  %w = (s32[], s32[], bf16[64,128]{1,0:T(8,128)(2,1)}, bf16[128]{0:S(1)}, f32[16]{0:S(1)}) while(%init), condition=%cond, body=%body
+  ROOT %res = f32[16]{0:S(1)} get-tuple-element(%w), index=4
+}
+"""
+
+
+def test_while_body_counts_per_trip_and_reads_its_chunk():
+    """A loop over 16-row chunks of a 64-row HBM buffer (the decode attention over the live
+    KV-cache): each trip reads one chunk through the nested fusion's dynamic-slice, not the buffer;
+    a runtime trip count needs unknown_trip; a known or counted trip count is used as it is."""
+    chunk = 16 * 128 * 2
+    per_trip = chunk + 4 + 8                      # the chunk + the offset i; the counter's add reads i, 1
+    r = hbm_traffic(LOOP_HLO, unknown_trip=2.5)
+    assert r["loops"] == 1 and r["unknown_trip"] == 1
+    assert r["read"] == pytest.approx(2.5 * per_trip) and r["write"] == pytest.approx(2.5 * 4)
+    with pytest.raises(ValueError, match="runtime trip count"):
+        hbm_traffic(LOOP_HLO)
+    known = LOOP_HLO.replace("condition=%cond, body=%body",
+                             'condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"4"}}')
+    r = hbm_traffic(known)
+    assert r["unknown_trip"] == 0 and r["read"] == 4 * per_trip
+    counted = LOOP_HLO.replace("%ci = s32[] get-tuple-element(%c), index=0",
+                               "%ci = s32[] get-tuple-element(%c), index=0\n  %cn7 = s32[] constant(3)").replace(
+        "compare(s32[] %ci, s32[] %cn)", "compare(s32[] %ci, s32[] %cn7)")
+    assert hbm_traffic(counted)["read"] == 3 * per_trip

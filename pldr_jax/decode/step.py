@@ -51,6 +51,8 @@ class StepSpec:
     kv_dtype: str | None = None  # KV-cache buffer dtype (None = cfg.dtype; `backend` kv_cache_dtype)
     shared_slot: bool = False  # every row writes a step's key/value at one slot (`cache` "KV slots")
     merged_heads: bool = True  # attention over one [B * H] axis (`backend` decode_merged_heads)
+    kv_chunk: int = 0          # with shared_slot: attend over the live slots, this many at a time
+                               # (`backend` decode_kv_chunk; 0 = the whole buffer)
 
     @property
     def fixed_g(self) -> bool:
@@ -59,14 +61,14 @@ class StepSpec:
 
 
 def _run_layers(cfg: PLDRConfig, params, x, positions, mask, *, metric_mask=None, g_lm=None, metric=None,
-                kv_buffers=None, kv_slot=None, merged_heads=True, last_query_rows=None):
+                kv_buffers=None, kv_slot=None, merged_heads=True, kv_chunk=0, last_query_rows=None):
     """`decoder_layer` over every layer of per-layer params.
 
     x [B, L, D]; positions, mask, metric_mask as `decoder_layer`.  Per-layer inputs, indexed by layer
     (a tuple or a stacked array), None when unused: g_lm [L][B|1, H, dk, dk], metric (cached A)
     [L][B|1, H, dk, dk], kv_buffers (k, v) each [L][B, H, S, dk]; kv_slot [] int32: the one buffer
     slot every row's new key/value goes to (None: slot = the row's position); merged_heads: see
-    `decoder_layer`.  last_query_rows [B]: the last layer's
+    `decoder_layer`; kv_chunk: see `decoder_layer`.  last_query_rows [B]: the last layer's
     output only at that position of each row.  Returns (x_out [B, L|1, D], keys [L][B, L, H, dk] (or
     the updated buffers [L][B, H, S, dk]), values, per-layer deductive dicts).
     """
@@ -79,7 +81,7 @@ def _run_layers(cfg: PLDRConfig, params, x, positions, mask, *, metric_mask=None
         kv = None if kv_buffers is None else (kv_buffers[0][i], kv_buffers[1][i])
         x, ded, (k, v) = decoder_layer(cfg, lp, x, positions, mask, metric_mask=metric_mask, g_lm=pick(g_lm, i),
                                        metric=pick(metric, i), kv_buffers=kv, kv_slot=kv_slot,
-                                       merged_heads=merged_heads,
+                                       merged_heads=merged_heads, kv_chunk=kv_chunk,
                                        query_rows=last_query_rows if i == len(layers) - 1 else None)
         ks.append(k)
         vs.append(v)
@@ -153,7 +155,7 @@ def decode_step(spec: StepSpec, params, cache: Cache, token, active):
                                       valid[:, None, None, :], g_lm=g_lm,
                                       metric=None if spec.fixed_g else cache.A,
                                       kv_buffers=(cache.k, cache.v), kv_slot=slot,
-                                      merged_heads=spec.merged_heads)
+                                      merged_heads=spec.merged_heads, kv_chunk=spec.kv_chunk)
         cache = cache.replace(k=tuple(ks), v=tuple(vs))
         if spec.shared_slot:
             cache = cache.replace(kv_next=cache.kv_next + 1)

@@ -36,9 +36,13 @@ def _bmm(a: jax.Array, b: jax.Array, contract_b: int, out_dtype, merged: bool) -
     return out.reshape(B, H, *out.shape[1:])
 
 
+_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)   # masked logits (jax.nn.dot_product_attention's)
+
+
 def plga_attention(q: jax.Array, k: jax.Array, v: jax.Array, g_lm: jax.Array | None,
                    mask: jax.Array | None, *, heads_first: bool = False,
-                   new_kv: tuple[jax.Array, jax.Array] | None = None, merged_heads: bool = True) -> jax.Array:
+                   new_kv: tuple[jax.Array, jax.Array] | None = None, merged_heads: bool = True,
+                   live_len: jax.Array | None = None, kv_chunk: int = 0) -> jax.Array:
     """softmax((q G_LM) k^T / sqrt(dk) + mask) v.
 
     q [B, Lq, H, dk], k/v [B, Lk, H, dk] (or [B, H, Lk, dk] with `heads_first`, the decode cache's
@@ -57,6 +61,15 @@ def plga_attention(q: jax.Array, k: jax.Array, v: jax.Array, g_lm: jax.Array | N
     two batch axes as many small products, which made attention (and the q @ G_LM product) cost
     5-50x more than its flops from batch 8 up -- half of a batched decode step
     (experiments/README.md, "Decode speed").
+
+    live_len, kv_chunk: with `new_kv` and a chunk length kv_chunk > 0, only the cache slots below
+    live_len ([] int32; every slot from it on is masked for every row: the shared-slot decode
+    step's next free slot) are read, kv_chunk slots at a time, by a loop whose trip count is
+    ceil(live_len / kv_chunk), the softmax combined across chunks online (running maximum and sum,
+    float32): a step then reads the live KV-cache instead of the whole buffer (`pldr_jax.backend`
+    ``decode_kv_chunk``, accelerators).  The same terms as the whole-buffer softmax; the sums are
+    grouped per chunk and the probabilities are rounded to q's dtype before they are normalised
+    (float32: equal to ~1e-6).
 
     k/v may be stored wider than q (a float32 cache holding a 16-bit model's keys and values,
     `pldr_jax.backend` ``kv_cache_dtype``): the products are then the same (16-bit values are exact
@@ -78,9 +91,12 @@ def plga_attention(q: jax.Array, k: jax.Array, v: jax.Array, g_lm: jax.Array | N
         qh = bmm(qh.astype(f32), g, 2, f32).astype(q.dtype)
     logits_dtype = jnp.promote_types(q.dtype, f32)
     scale = jnp.array(1.0 / math.sqrt(dk), logits_dtype)
+    if kv_chunk and new_kv is not None and live_len is not None:
+        out = _attend_live_chunks(qh, k, v, mask, new_kv, live_len, kv_chunk, scale, bmm)
+        return heads(out).astype(q.dtype)
     logits = bmm(qh.astype(k.dtype), k, 3, logits_dtype) * scale           # [B, H, Lq, Lk]
     if mask is not None:
-        logits = jnp.where(mask, logits, jnp.asarray(-0.7 * float(jnp.finfo(f32).max), logits_dtype))
+        logits = jnp.where(mask, logits, jnp.asarray(_MASKED, logits_dtype))
     if new_kv is not None:                                                   # + the own token's key
         own = jnp.sum(qh.astype(logits_dtype) * heads(new_kv[0]).astype(logits_dtype), -1, keepdims=True)
         logits = jnp.concatenate([logits, own * scale], axis=-1)             # [B, H, 1, Lk + 1]
@@ -89,3 +105,47 @@ def plga_attention(q: jax.Array, k: jax.Array, v: jax.Array, g_lm: jax.Array | N
     if new_kv is not None:
         out = out + probs[..., Lk:] * heads(new_kv[1]).astype(v.dtype)
     return heads(out).astype(q.dtype)
+
+
+def _attend_live_chunks(qh, k, v, mask, new_kv, live_len, chunk: int, scale, bmm):
+    """`plga_attention`'s one-token attention over the cache slots below live_len plus the own token,
+    `chunk` slots per loop iteration with an online softmax.
+
+    qh [B, H, 1, dk] (q @ G_LM, q's dtype); k, v [B, H, S, dk]; mask [B, 1, 1, S] or None;
+    new_kv ([B, 1, H, dk], [B, 1, H, dk]); live_len [] int32.  Returns [B, H, 1, dk] float32.
+    The last chunk's start is clamped to S - chunk (`dynamic_slice`); slots an earlier chunk
+    already covered are masked out of it.
+    """
+    f32 = jnp.float32
+    B, H, S, dk = k.shape
+    C = min(chunk, S)
+    out_dt = qh.dtype
+    q32 = qh.astype(f32)
+    k_own, v_own = (jnp.swapaxes(t, 1, 2) for t in new_kv)                   # [B, H, 1, dk]
+    m = jnp.sum(q32 * k_own.astype(f32), -1, keepdims=True) * scale.astype(f32)   # [B, H, 1, 1]
+    # the own token's probability exp(own - m) = 1, rounded as the other probabilities are
+    acc = v_own.astype(v.dtype).astype(f32)                                  # [B, H, 1, dk]
+    total = jnp.ones_like(m)
+    slot = jnp.arange(C)
+
+    def body(c, carry):
+        m, total, acc = carry
+        start = jnp.minimum(c * C, S - C)
+        kc = lax.dynamic_slice_in_dim(k, start, C, axis=2)                   # [B, H, C, dk]
+        vc = lax.dynamic_slice_in_dim(v, start, C, axis=2)
+        idx = start + slot
+        keep = (idx >= c * C) & (idx < live_len)                              # [C]
+        if mask is not None:
+            keep = keep & lax.dynamic_slice_in_dim(mask, start, C, axis=3)    # [B, 1, 1, C]
+        logits = bmm(qh.astype(k.dtype), kc, 3, f32) * scale.astype(f32)     # [B, H, 1, C]
+        logits = jnp.where(keep, logits, _MASKED)
+        m_new = jnp.maximum(m, jnp.max(logits, -1, keepdims=True))
+        p = jnp.exp(logits - m_new)
+        corr = jnp.exp(m - m_new)
+        total = total * corr + jnp.sum(p, -1, keepdims=True)
+        pv = bmm(p.astype(out_dt).astype(v.dtype), vc, 2, f32)                # [B, H, 1, dk]
+        return m_new, total, acc * corr + pv
+
+    n = (jnp.minimum(live_len, S) + C - 1) // C
+    m, total, acc = lax.fori_loop(0, n, body, (m, total, acc))
+    return acc / total
