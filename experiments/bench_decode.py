@@ -16,6 +16,13 @@ batch 1, 108-116 at batch 8): `experiments/bench_reference.py` runs it beside ou
     python experiments/bench_decode.py --quick          # batch 1 and 8, kv_g and kv, 1 timed run
     python experiments/bench_decode.py --all-modes      # also the no-KV modes at batch 8/32 (slow)
     python experiments/bench_decode.py --json           # one JSON object {"results": [...], ...}
+    python experiments/bench_decode.py --ablate-attention   # + each configuration without its
+                                                        # decode attention (a timing: garbage tokens)
+
+``--ablate-attention`` runs every configuration a second time, in its own process, with the decode
+step's attention replaced by its query (`without_attention`; prefill untouched), and adds
+step_ms_without_attention / without_attention_over_floor (that process's own floor) to the row:
+what the step costs beyond its matmul floor once the attention over the KV-cache is gone.
 
 Reference anchors (authors' PyTorch code, same 2-core CPU, float32): kv+G batch 1: 36.6 tok/s,
 batch 8: 145 tok/s; kv-only 35.4 / 129; G-only 6.75 and no-cache 6.92 at batch 1.
@@ -166,8 +173,21 @@ def prefill_floor_ms(run_cfg, run_params, batch: int, prompt_len: int, reps: int
     return _median_ms(jax.jit(chain), (weights, x0, a0), reps)
 
 
+def _drop_decode_attention() -> None:
+    """Replace the one-token decode step's attention (over the heads-first KV-cache) by its query,
+    for this process, before anything is traced: a timing ablation (the tokens become garbage)."""
+    import pldr_jax.layer as layer_mod
+    real = layer_mod.plga_attention
+
+    def query_only(q, k, v, g_lm, mask, *, heads_first=False, **kw):
+        return q if heads_first else real(q, k, v, g_lm, mask, heads_first=heads_first, **kw)
+
+    layer_mod.plga_attention = query_only
+
+
 def run_one(batch: int, mode: str, dtype: str, prompt_len: int, new_tokens: int, reps: int, preset: str,
-            bf16_min_batch: int, max_tries: int = 12, max_others: float = 0.15, budget_s: float = 120.0) -> dict:
+            bf16_min_batch: int, max_tries: int = 12, max_others: float = 0.15, budget_s: float = 120.0,
+            without_attention: bool = False) -> dict:
     import jax
     import numpy as np
 
@@ -175,6 +195,8 @@ def run_one(batch: int, mode: str, dtype: str, prompt_len: int, new_tokens: int,
     from pldr_jax.decode import MODES as MODE_FLAGS
     from pldr_jax.decode import Sampler, prepare_params
 
+    if without_attention:
+        _drop_decode_attention()
     cfg = pldr_jax.PLDRConfig.preset(preset, dtype=dtype, param_dtype=dtype)
     params = jax.jit(pldr_jax.init_params, static_argnums=0)(cfg, jax.random.key(0))
     run_cfg, run_params = prepare_params(cfg, params, batch, bf16_min_batch=bf16_min_batch)
@@ -241,14 +263,17 @@ def main(argv=None) -> int:
     ap.add_argument("--bf16-min-batch", type=int, default=8)
     ap.add_argument("--in-process", action="store_true", help="run every configuration in this process")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--ablate-attention", action="store_true",
+                    help="also time each configuration without its decode attention (own process)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: "batch,mode,dtype"
+    ap.add_argument("--without-attention", action="store_true", help=argparse.SUPPRESS)  # internal
     args = ap.parse_args(argv)
 
     reps = args.reps or (1 if args.quick else 3)
     if args.one:
         b, m, d = args.one.split(",")
         res = run_one(int(b), m, d, args.prompt_len, args.new_tokens, reps, args.preset, args.bf16_min_batch,
-                      args.max_tries, args.max_others, args.budget)
+                      args.max_tries, args.max_others, args.budget, without_attention=args.without_attention)
         print(json.dumps(res))
         return 0
 
@@ -262,21 +287,31 @@ def main(argv=None) -> int:
                if args.all_modes or b == 1 or m in ("kv_g", "kv")]
     results, skipped = [], [(b, m, d) for d in dtypes for b in batches for m in modes
                             if not (args.all_modes or b == 1 or m in ("kv_g", "kv"))]
+    def one_process(b, m, d, without_attention=False):
+        cmd = [sys.executable, os.path.abspath(__file__), "--one", f"{b},{m},{d}", "--reps", str(reps),
+               "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
+               "--preset", args.preset, "--bf16-min-batch", str(args.bf16_min_batch),
+               "--max-tries", str(args.max_tries), "--max-others", str(args.max_others),
+               "--budget", str(args.budget)] + (["--without-attention"] if without_attention else [])
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode != 0:
+            print(p.stderr, file=sys.stderr)
+            raise SystemExit(f"configuration {b},{m},{d} failed")
+        return json.loads(p.stdout.strip().splitlines()[-1])
+
+    if args.ablate_attention and args.in_process:
+        ap.error("--ablate-attention runs the ablated configurations in their own processes (no --in-process)")
     for b, m, d in configs:
         if args.in_process:
             res = run_one(b, m, d, args.prompt_len, args.new_tokens, reps, args.preset, args.bf16_min_batch,
                           args.max_tries, args.max_others, args.budget)
         else:
-            cmd = [sys.executable, os.path.abspath(__file__), "--one", f"{b},{m},{d}", "--reps", str(reps),
-                   "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
-                   "--preset", args.preset, "--bf16-min-batch", str(args.bf16_min_batch),
-                   "--max-tries", str(args.max_tries), "--max-others", str(args.max_others),
-                   "--budget", str(args.budget)]
-            p = subprocess.run(cmd, capture_output=True, text=True)
-            if p.returncode != 0:
-                print(p.stderr, file=sys.stderr)
-                raise SystemExit(f"configuration {b},{m},{d} failed")
-            res = json.loads(p.stdout.strip().splitlines()[-1])
+            res = one_process(b, m, d)
+        if args.ablate_attention:
+            abl = one_process(b, m, d, without_attention=True)
+            res.update(step_ms_without_attention=abl["step_ms"], floor_ms_without_attention=abl["floor_ms"],
+                       without_attention_over_floor=abl["step_over_floor"],
+                       ablated_ids_differ=abl["first_ids"] != res["first_ids"])
         results.append(res)
         if not args.json:
             ref = res["reference_tokens_per_s"]
@@ -286,11 +321,15 @@ def main(argv=None) -> int:
                   f"{res['prefill_over_floor']:.2f}x)  step {res['step_ms']:7.2f} ms  floor {res['floor_ms']:6.2f} ms "
                   f"({res['step_over_floor']:.2f}x)  "
                   f"compile {res['compile_s']:5.1f} s  peak {res['peak_rss_mb']:6.0f} MB{x}", flush=True)
+            if "step_ms_without_attention" in res:
+                print(f"          without the decode attention: step {res['step_ms_without_attention']:7.2f} ms  "
+                      f"floor {res['floor_ms_without_attention']:6.2f} ms "
+                      f"({res['without_attention_over_floor']:.2f}x)", flush=True)
     if args.json:
         keys = ("batch", "mode", "dtype", "tokens_per_s", "prefill_s", "prefill_floor_ms", "prefill_over_floor",
                 "step_ms", "floor_ms", "step_over_floor",
-                "compile_s", "peak_rss_mb")
-        print(json.dumps({"results": [{k: r[k] for k in keys} for r in results],
+                "compile_s", "peak_rss_mb", "step_ms_without_attention", "without_attention_over_floor")
+        print(json.dumps({"results": [{k: r[k] for k in keys if k in r} for r in results],
                           "details": results,
                           "skipped": [{"batch": b, "mode": m, "dtype": d} for b, m, d in skipped],
                           "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "preset": args.preset,

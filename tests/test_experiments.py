@@ -153,6 +153,19 @@ def test_decode_speed_quick(tmp_path):
     assert "kv_g / none" in (out / "speed.md").read_text()
 
 
+def test_bench_decode_ablate_attention_quick():
+    """bench_decode's row: step / floor measured in one process; with --ablate-attention the same
+    configuration runs again in its own process without the decode attention (its tokens differ:
+    the ablation reached the traced step) and the row gains that process's step / floor."""
+    p = run_script("bench_decode.py", "--preset", "tiny", "--batches", "2", "--modes", "kv_g", "--dtypes", "float32",
+                   "--max-tries", "1", "--prompt-len", "8", "--new-tokens", "8", "--ablate-attention", "--json")
+    r = json.loads(p.stdout.strip().splitlines()[-1])["details"][0]
+    assert r["batch"] == 2 and r["ablated_ids_differ"]
+    for k in ("step_ms", "floor_ms", "step_ms_without_attention", "floor_ms_without_attention"):
+        assert finite(r[k]) and r[k] > 0, k
+    assert r["without_attention_over_floor"] == pytest.approx(r["step_ms_without_attention"] / r["floor_ms_without_attention"])
+
+
 def test_bench_eval_quick():
     """Every way of scoring (one at a time, packed, batched with and without shared contexts) gives
     one-at-a-time's scores (float32 rounding of other batch shapes aside); mode "full" never packs."""
