@@ -276,7 +276,7 @@ def _decode_parts(cfg, batch, seq_len, mesh):
     backend = choices(platform_of(mesh))
     step = StepSpec(cfg=cfg, kv_cache=True, g_cache=True, given_g=g_all is not None,
                     shared_slot=backend.decode_shared_kv_slot, merged_heads=backend.decode_merged_heads,
-                    kv_chunk=backend.decode_kv_chunk if backend.decode_shared_kv_slot else 0)
+                    kv_chunk=backend.decode_kv_chunk)
     spec = LoopSpec(step=step, shared_g=False, sampler_kind=make_sampler(1.0, 1, 1.0).kind)
     rep = replicated(mesh)
     b1 = batch_sharding(mesh, 1)
@@ -363,8 +363,9 @@ def _lower_decode_step(cfg, batch, seq_len, mesh):
             "embedding_rows": b_chip * cfg.d_model * jnp.dtype(table.dtype).itemsize,
             "kv_buffer": kv, "kv_live_mean": kv * (P + (N + 1) / 2) / S, "kv_live_last": kv * (P + N) / S,
             "g_cache": g_bytes}
-    C = spec.step.kv_chunk
-    chunks = [-(-(P + t) // C) for t in range(N)] if C else [1]
+    C = spec.step.kv_chunk if seq_len > spec.step.kv_chunk else 0       # (a buffer of one chunk: no loop)
+    own = 0 if spec.step.shared_slot else 1            # per-row slots: the step's own key is in the buffer
+    chunks = [-(-(P + t + own) // C) for t in range(N)] if C else [1]
     return f.lower(params, st, inputs), need, {"mean": sum(chunks) / len(chunks), "last": chunks[-1]}
 
 

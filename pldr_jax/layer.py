@@ -153,9 +153,9 @@ def decoder_layer(cfg: PLDRConfig, lp: dict, x: jax.Array, positions: jax.Array,
       step's own key and value, `plga_attention` new_kv).
     merged_heads: with `kv_buffers`, attention over one [B * H] batch axis or two ([B, H]:
       `pldr_jax.backend` ``decode_merged_heads``).
-    kv_chunk: with `kv_slot`, attention reads only the slots below it, kv_chunk at a time
-      (`plga_attention` live_len / kv_chunk; `pldr_jax.backend` ``decode_kv_chunk``); 0 = the
-      whole buffer.
+    kv_chunk: with `kv_buffers`, attention reads only the slots below the next free one (`kv_slot`,
+      or the rows' largest position + 1), kv_chunk at a time (`plga_attention` live_len / kv_chunk;
+      `pldr_jax.backend` ``decode_kv_chunk``); 0 = the whole buffer.
     query_rows: [B] int, compute the output only at position query_rows[b] of row b.
     kernels: the matmul implementation ("xla" | "cpu", `pldr_jax.backend`).
     attn_block: the attention's query block length (`attention_in_query_blocks`; 0 = all at once).
@@ -177,6 +177,9 @@ def decoder_layer(cfg: PLDRConfig, lp: dict, x: jax.Array, positions: jax.Array,
     else:                           # row b's key and value at its own position
         k, v = (buf.at[rows, :, positions[:, 0]].set(t[:, 0].astype(buf.dtype)) for buf, t in zip(kv_buffers, (k, v)))
         attend = (k, v)
+    live_len = None                 # the slots a one-token step attends over: below the next free one
+    if kv_buffers is not None and kv_chunk:
+        live_len = kv_slot if kv_slot is not None else jnp.max(positions[:, 0]) + 1
     if g_lm is not None:
         ded = {"G_LM": g_lm.astype(jnp.float32)}
     else:
@@ -186,5 +189,5 @@ def decoder_layer(cfg: PLDRConfig, lp: dict, x: jax.Array, positions: jax.Array,
         mask = mask[rows, :, query_rows][:, :, None]
     out = attend_and_mix(cfg, lp, x, q, *attend, ded["G_LM"], mask, kernels, attn_block,
                          heads_first=kv_buffers is not None, new_kv=new_kv, merged_heads=merged_heads,
-                         live_len=kv_slot, kv_chunk=kv_chunk if kv_slot is not None else 0)
+                         live_len=live_len, kv_chunk=kv_chunk)
     return out, ded, (k, v)

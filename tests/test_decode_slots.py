@@ -56,7 +56,8 @@ def test_shared_slot_and_head_axes_match_per_row_slots(tiny, g_cache):
     for kw in ({"shared_slot": True}, {"shared_slot": True, "merged_heads": False},
                {"shared_slot": False, "merged_heads": False},
                {"shared_slot": True, "merged_heads": False, "kv_chunk": 5},
-               {"shared_slot": True, "kv_chunk": 8}):
+               {"shared_slot": True, "kv_chunk": 8}, {"shared_slot": False, "kv_chunk": 8},
+               {"shared_slot": False, "kv_chunk": 3}):
         got, cache = _run(cfg, params, spec(**kw))
         caches.append(cache)
         np.testing.assert_allclose(got, want, rtol=0, atol=2e-5, err_msg=str(kw))
@@ -90,7 +91,7 @@ def test_head_axes_attention_equals_merged_with_own_token():
     np.testing.assert_allclose(merged, plga_attention(q, k2, v2, g, m2, heads_first=True), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("chunk", [1, 3, 4, 16])
+@pytest.mark.parametrize("chunk", [1, 3, 4, 9])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_live_chunks_equal_whole_buffer(chunk, dtype):
     """Attention over the slots below live_len, `chunk` at a time (the last chunk's start clamped to
@@ -112,6 +113,12 @@ def test_live_chunks_equal_whole_buffer(chunk, dtype):
     assert got.dtype == want.dtype
     tol = 1e-6 if dtype == "float32" else 2e-2
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=0, atol=tol)
+    # the own token already written into the buffer (per-row slots, no new_kv): slot live - 1
+    k1, v1 = (t.at[:, :, live - 1].set(jnp.swapaxes(n, 1, 2)[:, :, 0]) for t, n in zip((k, v), new))
+    own = mask.at[..., live - 1].set(True)
+    want1 = plga_attention(q, k1, v1, g, own, heads_first=True)
+    got1 = plga_attention(q, k1, v1, g, own, heads_first=True, live_len=jnp.int32(live), kv_chunk=chunk)
+    np.testing.assert_allclose(np.asarray(got1, np.float32), np.asarray(want1, np.float32), rtol=0, atol=tol)
     unmasked = jnp.ones((B, 1, 1, S), bool)     # the slots beyond live_len are left out by live_len alone
     got2 = plga_attention(q, k, v, g, unmasked, heads_first=True, new_kv=new, live_len=jnp.int32(live), kv_chunk=chunk)
     want2 = plga_attention(q, k[:, :, :live], v[:, :, :live], g, unmasked[..., :live], heads_first=True, new_kv=new)

@@ -139,7 +139,7 @@ def make_request(cfg, weights: Callable[[int], tuple], prompts, *, max_new_token
                    and int(lens.max()) + int(limit.max()) <= S)
     step = StepSpec(cfg=run_cfg, kv_cache=bool(kv_cache), g_cache=bool(g_cache) or given, given_g=given,
                     kv_dtype=kv_dtype, shared_slot=shared_slot, merged_heads=backend.decode_merged_heads,
-                    kv_chunk=backend.decode_kv_chunk if shared_slot else 0)
+                    kv_chunk=backend.decode_kv_chunk if kv_cache else 0)
     spec = LoopSpec(step=step, shared_g=bool(shared_g), sampler_kind=sampler.kind,
                     collect_logits=bool(return_logits), collect_deductive=bool(return_deductive))
     t, k, p = (sampler.temperature, sampler.top_k, sampler.top_p) if isinstance(sampler, SamplingParams) else (1.0, 1, 1.0)

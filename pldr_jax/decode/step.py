@@ -51,8 +51,8 @@ class StepSpec:
     kv_dtype: str | None = None  # KV-cache buffer dtype (None = cfg.dtype; `backend` kv_cache_dtype)
     shared_slot: bool = False  # every row writes a step's key/value at one slot (`cache` "KV slots")
     merged_heads: bool = True  # attention over one [B * H] axis (`backend` decode_merged_heads)
-    kv_chunk: int = 0          # with shared_slot: attend over the live slots, this many at a time
-                               # (`backend` decode_kv_chunk; 0 = the whole buffer)
+    kv_chunk: int = 0          # attend over the live KV slots, this many at a time, when the buffer
+                               # is longer (`backend` decode_kv_chunk; 0 = the whole buffer)
 
     @property
     def fixed_g(self) -> bool:

@@ -62,14 +62,14 @@ def plga_attention(q: jax.Array, k: jax.Array, v: jax.Array, g_lm: jax.Array | N
     5-50x more than its flops from batch 8 up -- half of a batched decode step
     (experiments/README.md, "Decode speed").
 
-    live_len, kv_chunk: with `new_kv` and a chunk length kv_chunk > 0, only the cache slots below
-    live_len ([] int32; every slot from it on is masked for every row: the shared-slot decode
-    step's next free slot) are read, kv_chunk slots at a time, by a loop whose trip count is
-    ceil(live_len / kv_chunk), the softmax combined across chunks online (running maximum and sum,
-    float32): a step then reads the live KV-cache instead of the whole buffer (`pldr_jax.backend`
-    ``decode_kv_chunk``, accelerators).  The same terms as the whole-buffer softmax; the sums are
-    grouped per chunk and the probabilities are rounded to q's dtype before they are normalised
-    (float32: equal to ~1e-6).
+    live_len, kv_chunk: a one-token step (Lq == 1, `heads_first`) over a buffer longer than
+    kv_chunk > 0 reads only the cache slots below live_len ([] int32; every slot from it on is
+    masked for every row: the decode step's next free slot), kv_chunk slots at a time, by a loop
+    whose trip count is ceil(live_len / kv_chunk), the softmax combined across chunks online
+    (running maximum and sum, float32): a step then reads the live KV-cache instead of the whole
+    buffer (`pldr_jax.backend` ``decode_kv_chunk``).  The same terms as the whole-buffer softmax;
+    the sums are grouped per chunk and the probabilities are rounded to q's dtype before they are
+    normalised (float32: equal to ~1e-6).
 
     k/v may be stored wider than q (a float32 cache holding a 16-bit model's keys and values,
     `pldr_jax.backend` ``kv_cache_dtype``): the products are then the same (16-bit values are exact
@@ -91,7 +91,7 @@ def plga_attention(q: jax.Array, k: jax.Array, v: jax.Array, g_lm: jax.Array | N
         qh = bmm(qh.astype(f32), g, 2, f32).astype(q.dtype)
     logits_dtype = jnp.promote_types(q.dtype, f32)
     scale = jnp.array(1.0 / math.sqrt(dk), logits_dtype)
-    if kv_chunk and new_kv is not None and live_len is not None:
+    if kv_chunk and live_len is not None and heads_first and Lq == 1 and k.shape[2] > kv_chunk:
         out = _attend_live_chunks(qh, k, v, mask, new_kv, live_len, kv_chunk, scale, bmm)
         return heads(out).astype(q.dtype)
     logits = bmm(qh.astype(k.dtype), k, 3, logits_dtype) * scale           # [B, H, Lq, Lk]
@@ -108,11 +108,13 @@ def plga_attention(q: jax.Array, k: jax.Array, v: jax.Array, g_lm: jax.Array | N
 
 
 def _attend_live_chunks(qh, k, v, mask, new_kv, live_len, chunk: int, scale, bmm):
-    """`plga_attention`'s one-token attention over the cache slots below live_len plus the own token,
-    `chunk` slots per loop iteration with an online softmax.
+    """`plga_attention`'s one-token attention over the cache slots below live_len (plus the own
+    token's new_kv, when it is not in the buffer), `chunk` slots per loop iteration with an online
+    softmax.
 
     qh [B, H, 1, dk] (q @ G_LM, q's dtype); k, v [B, H, S, dk]; mask [B, 1, 1, S] or None;
-    new_kv ([B, 1, H, dk], [B, 1, H, dk]); live_len [] int32.  Returns [B, H, 1, dk] float32.
+    new_kv ([B, 1, H, dk], [B, 1, H, dk]) or None; live_len [] int32.  Every row must keep at
+    least one key (its own token).  Returns [B, H, 1, dk] float32.
     The last chunk's start is clamped to S - chunk (`dynamic_slice`); slots an earlier chunk
     already covered are masked out of it.
     """
@@ -120,12 +122,15 @@ def _attend_live_chunks(qh, k, v, mask, new_kv, live_len, chunk: int, scale, bmm
     B, H, S, dk = k.shape
     C = min(chunk, S)
     out_dt = qh.dtype
-    q32 = qh.astype(f32)
-    k_own, v_own = (jnp.swapaxes(t, 1, 2) for t in new_kv)                   # [B, H, 1, dk]
-    m = jnp.sum(q32 * k_own.astype(f32), -1, keepdims=True) * scale.astype(f32)   # [B, H, 1, 1]
-    # the own token's probability exp(own - m) = 1, rounded as the other probabilities are
-    acc = v_own.astype(v.dtype).astype(f32)                                  # [B, H, 1, dk]
-    total = jnp.ones_like(m)
+    if new_kv is not None:
+        k_own, v_own = (jnp.swapaxes(t, 1, 2) for t in new_kv)               # [B, H, 1, dk]
+        m = jnp.sum(qh.astype(f32) * k_own.astype(f32), -1, keepdims=True) * scale.astype(f32)  # [B, H, 1, 1]
+        # the own token's probability exp(own - m) = 1, rounded as the other probabilities are
+        acc = v_own.astype(v.dtype).astype(f32)                              # [B, H, 1, dk]
+        total = jnp.ones_like(m)
+    else:
+        m = jnp.full((B, H, 1, 1), _MASKED, f32)
+        acc, total = jnp.zeros((B, H, 1, dk), f32), jnp.zeros((B, H, 1, 1), f32)
     slot = jnp.arange(C)
 
     def body(c, carry):
@@ -140,7 +145,7 @@ def _attend_live_chunks(qh, k, v, mask, new_kv, live_len, chunk: int, scale, bmm
         logits = bmm(qh.astype(k.dtype), kc, 3, f32) * scale.astype(f32)     # [B, H, 1, C]
         logits = jnp.where(keep, logits, _MASKED)
         m_new = jnp.maximum(m, jnp.max(logits, -1, keepdims=True))
-        p = jnp.exp(logits - m_new)
+        p = jnp.where(keep, jnp.exp(logits - m_new), 0.0)                  # (a row's all-masked chunk)
         corr = jnp.exp(m - m_new)
         total = total * corr + jnp.sum(p, -1, keepdims=True)
         pv = bmm(p.astype(out_dt).astype(v.dtype), vc, 2, f32)                # [B, H, 1, dk]
