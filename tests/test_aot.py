@@ -157,6 +157,7 @@ def test_cli_train_and_decode_json(capsys):
     hbm = st["hbm"]              # HBM only: at least the weights and the KV buffers, less than XLA's count
     assert hbm["total"] == hbm["read"] + hbm["write"] and hbm["total"] <= st["bytes_accessed"]
     assert hbm["read"] >= st["must_read"]["weights"] and st["hbm_ratio_mean"] == hbm["total"] / st["must_read_mean"]
+    assert hbm["total_last"] > 0 and hbm["attention_chunks"]["last"] >= hbm["attention_chunks"]["mean"] >= 1
 
 
 def test_missing_libtpu_is_one_line_naming_the_install(monkeypatch, capsys):
