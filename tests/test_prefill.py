@@ -4,7 +4,10 @@
   compiled prefill) rotate exactly as the tables computed inside each rotation, and the prefill
   with them equals the prefill that computes them per layer, bit for bit;
 * `ops.deductive.derive_g` takes A_LM ** P as exp(P log A_LM): within float32 rounding of
-  ``jnp.power``.
+  ``jnp.power``;
+* a call that does not need the prompt's stacked deductive outputs does not stack them in the
+  prefill, and its ``prompt_deductive`` (stacked from the final cache when read) equals the stacked
+  ones, for a learned G and a given G.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pldr_jax.decode import prepare_params
+from pldr_jax.decode import Sampler, prepare_params
+from pldr_jax.decode.output import LayerStack
 from pldr_jax.decode import step as decode_step_mod
 from pldr_jax.ops.deductive import derive_g, iswiglu
 from pldr_jax.ops.rope import apply_rope
@@ -66,3 +70,23 @@ def test_derive_g_power_as_exp_log_matches_power():
     np.testing.assert_allclose(np.asarray(A_P), np.asarray(want_p), rtol=2e-6, atol=0)
     want_g = jnp.einsum("hij,bhjk->bhik", p["a"], want_p) + p["ba"]
     np.testing.assert_allclose(np.asarray(G_LM), np.asarray(want_g), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("given_g", [False, True], ids=["learned_g", "given_g"])
+def test_prompt_deductive_without_stacking_equals_stacked(tiny_v510, given_g):
+    cfg, params = tiny_v510
+    sampler = Sampler(cfg, params)
+    kw = dict(max_new_tokens=4, top_k=1, eos_id=None)
+    if given_g:
+        H, dk = cfg.num_heads, cfg.head_dim
+        kw["g_lm"] = np.broadcast_to(np.eye(dk, dtype=np.float32) * 0.5, (cfg.num_layers, H, dk, dk))
+    plain = sampler(PROMPTS, **kw)
+    full = sampler(PROMPTS, return_deductive=True, **kw)
+    assert isinstance(plain.prompt_deductive, LayerStack) and isinstance(full.prompt_deductive, dict)
+    assert plain.tokens == full.tokens
+    assert sorted(plain.prompt_deductive) == sorted(full.prompt_deductive) == (["G_LM"] if given_g else
+                                                                                ["A", "A_LM", "G_LM"])
+    for name, want in full.prompt_deductive.items():
+        got = plain.prompt_deductive[name]
+        assert got.shape == want.shape
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -116,15 +116,18 @@ def prompt_rope_tables(P: int, dk: int, theta: float) -> tuple[np.ndarray, np.nd
     return np.asarray(cos), np.asarray(sin)
 
 
-def prefill(cfg: PLDRConfig, params, tokens, lengths, g_all, max_len: int, kv_dtype: str | None = None):
+def prefill(cfg: PLDRConfig, params, tokens, lengths, g_all, max_len: int, kv_dtype: str | None = None,
+            stack_deductive: bool = True):
     """Run right-padded prompts tokens [B, P] (lengths [B]) once; the same for every mode.
 
     Each row's A sums over its own tokens only; padding is masked out of A and of the keys.
     g_all: None (derive G) or a given G_LM [L, B|1, H, dk, dk].  kv_dtype: the KV buffers' dtype
     (None = cfg.dtype).  The positions are 0 .. P-1 in every row, so the RoPE tables are constants
-    (`prompt_rope_tables`), shared by every layer.  Returns (cache with k/v in heads-first buffers [B, H, max_len, dk], logits
-    [B, V] float32 of each row's last prompt token, the prompt's deductive outputs {"A", "A_LM",
-    "G_LM"} stacked [L, B, H, dk, dk] (only "G_LM" with a given G)).
+    (`prompt_rope_tables`), shared by every layer.  Returns (cache with k/v in heads-first buffers
+    [B, H, max_len, dk], logits [B, V] float32 of each row's last prompt token, the prompt's
+    deductive outputs {"A", "A_LM", "G_LM"} stacked [L, B, H, dk, dk] (only "G_LM" with a given G),
+    or None without `stack_deductive`: the cache holds the same values per layer, and the stacked
+    copies cost a write of 3 x L x B x H x dk x dk floats (27 MB at batch 8 of v51 110M)).
     """
     B, P = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
@@ -141,7 +144,7 @@ def prefill(cfg: PLDRConfig, params, tokens, lengths, g_all, max_len: int, kv_dt
                   A=per_layer("A"), A_LM=per_layer("A_LM"), G_LM=per_layer("G_LM"),
                   tokens=_pad_to(tokens.astype(jnp.int32), max_len), lengths=lengths.astype(jnp.int32),
                   prompt_lengths=lengths.astype(jnp.int32), kv_next=jnp.max(lengths).astype(jnp.int32))
-    return cache, logits, {name: jnp.stack(per_layer(name)) for name in names}
+    return cache, logits, ({name: jnp.stack(per_layer(name)) for name in names} if stack_deductive else None)
 
 
 def decode_step(spec: StepSpec, params, cache: Cache, token, active):
