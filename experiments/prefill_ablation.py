@@ -8,14 +8,15 @@ metric learner's GLU products included, nothing else) are timed round by round, 
 the load of a shared machine falls on all of them alike.  Reported per variant: the fastest and
 the median round (ms), the fastest over the floor's fastest, and the difference to ``prefill``.
 
-* ``prefill``: as built;
-* ``before``: both changes of issue 13's prefill work undone (each layer's q / k rotation computes
-  its RoPE cos / sin in the graph; A_LM ** P by ``jnp.power``) -- the prefill of 7d7988f;
-* ``in_graph_rope`` / ``jnp_power``: one of the two undone;
-* removed, timing only (the values differ): ``no_stack`` (the stacked [L, B, H, dk, dk] deductive
-  outputs not returned), ``kv_unpadded`` (keys / values returned as computed, [B, P, H, dk], no
-  transposed padded buffers), ``no_deduce`` (A -> A_LM -> A_P -> G_LM replaced by G_LM = A),
-  ``no_rope``, ``no_attention`` (the attention output replaced by q).
+* ``prefill``: as a `Sampler` call runs it (no stacked deductive outputs, `step.prefill`
+  ``stack_deductive=False``);
+* ``before``: the three changes of issue 13's prefill work undone (each layer's q / k rotation
+  computes its RoPE cos / sin in the graph; A_LM ** P by ``jnp.power``; the prompt's deductive
+  outputs returned stacked [L, B, H, dk, dk]) -- the prefill of 7d7988f;
+* ``in_graph_rope`` / ``jnp_power`` / ``stacked``: one of the three undone;
+* removed, timing only (the values differ): ``kv_unpadded`` (keys / values returned as computed,
+  [B, P, H, dk], no transposed padded buffers), ``no_deduce`` (A -> A_LM -> A_P -> G_LM replaced
+  by G_LM = A), ``no_rope``, ``no_attention`` (the attention output replaced by q).
 
     python experiments/prefill_ablation.py --batch 8 --rounds 9
     python experiments/prefill_ablation.py --batch 1 --rounds 15 --json
@@ -31,7 +32,7 @@ import statistics
 import sys
 import time
 
-VARIANTS = ("prefill", "before", "in_graph_rope", "jnp_power", "no_stack", "kv_unpadded", "no_deduce", "no_rope",
+VARIANTS = ("prefill", "before", "in_graph_rope", "jnp_power", "stacked", "kv_unpadded", "no_deduce", "no_rope",
             "no_attention")
 
 
@@ -51,7 +52,6 @@ def _build(name: str, run_cfg, max_len: int, kv_dtype):
     """The jitted prefill of variant `name`, traced (on its first call) with its swaps in place:
     returns a function that applies the swaps around each call's tracing."""
     import jax
-    import jax.numpy as jnp
 
     from pldr_jax import layer
     from pldr_jax.decode import step
@@ -65,10 +65,8 @@ def _build(name: str, run_cfg, max_len: int, kv_dtype):
         "no_rope": {(layer, "apply_rope"): lambda x, *a, **k: x},
         "no_attention": {(layer, "plga_attention"): lambda q, k, v, g, m, **kw: q},
     }.get(name, {})
-    if name == "no_stack":
-        fn = jax.jit(lambda p, t, l: step.prefill(run_cfg, p, t, l, None, max_len, kv_dtype)[:2])
-    else:
-        fn = jax.jit(lambda p, t, l: step.prefill(run_cfg, p, t, l, None, max_len, kv_dtype))
+    stack = name in ("before", "stacked")
+    fn = jax.jit(lambda p, t, l: step.prefill(run_cfg, p, t, l, None, max_len, kv_dtype, stack_deductive=stack))
 
     def call(*args):
         saved = {k: getattr(*k) for k in swaps}
@@ -115,10 +113,11 @@ def run(batch: int, dtype: str, preset: str, prompt_len: int, rounds: int, varia
     fl = min(floor)
     base = times.get("prefill")
     rows = []
+    med = statistics.median
     for n, t in times.items():
-        rows.append({"variant": n, "min_ms": min(t), "median_ms": statistics.median(t), "over_floor": min(t) / fl,
+        rows.append({"variant": n, "min_ms": min(t), "median_ms": med(t), "over_floor": min(t) / fl,
                      "minus_prefill_ms": None if base is None else min(t) - min(base),
-                     "median_minus_prefill_ms": None if base is None else statistics.median(t) - statistics.median(base)})
+                     "median_minus_prefill_ms": None if base is None else med(t) - med(base)})
     return {"batch": batch, "dtype": dtype, "compute_dtype": run_cfg.dtype, "preset": preset, "prompt_len": prompt_len,
             "rounds": rounds, "floor_min_ms": fl, "floor_median_ms": statistics.median(floor), "variants": rows}
 

@@ -198,10 +198,10 @@ def test_profile_decode_quick():
 def test_prefill_ablation_quick():
     """The prefill ablation times the built prefill, the one before issue 13's prefill changes and a
     removal beside the floor, in one process."""
-    p = run_script("prefill_ablation.py", "--json", "--variants", "prefill,before,no_stack")
+    p = run_script("prefill_ablation.py", "--json", "--variants", "prefill,before,no_rope")
     res = json.loads(p.stdout.strip().splitlines()[-1])
     rows = {r["variant"]: r for r in res["variants"]}
-    assert set(rows) == {"prefill", "before", "no_stack"} and finite(res["floor_min_ms"]) and res["floor_min_ms"] > 0
+    assert set(rows) == {"prefill", "before", "no_rope"} and finite(res["floor_min_ms"]) and res["floor_min_ms"] > 0
     assert all(finite(r["min_ms"]) and r["min_ms"] > 0 and finite(r["over_floor"]) for r in rows.values())
     assert rows["prefill"]["minus_prefill_ms"] == 0.0
 
