@@ -32,6 +32,8 @@ def apply_rope(x: jax.Array, positions: jax.Array | None, theta: float, interlea
     `rope_tables` (cos, sin) of those positions, computed once by the caller (the same values;
     positions are then not read)."""
     dk = x.shape[-1]
+    if tables is None and positions is None:
+        raise ValueError("apply_rope needs positions or tables (the rope_tables of the positions)")
     cos, sin = rope_tables(positions, dk, theta) if tables is None else tables   # [B|1, L, dk/2] or [L, dk/2]
     if cos.ndim == 2:
         cos, sin = cos[None], sin[None]
