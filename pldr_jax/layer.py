@@ -34,16 +34,19 @@ from .partitioning import constrain, split_size
 __all__ = ["project_qkv", "metric_A", "deduce", "attention_in_query_blocks", "attend_and_mix", "decoder_layer"]
 
 
-def project_qkv(cfg: PLDRConfig, lp: dict, x: jax.Array, positions: jax.Array, kernels: str = "xla"):
-    """x [B, L, D], positions [B, L] -> rotated q, k and v, each [B, L, H, dk]."""
+def project_qkv(cfg: PLDRConfig, lp: dict, x: jax.Array, positions: jax.Array, kernels: str = "xla",
+                rope: tuple[jax.Array, jax.Array] | None = None):
+    """x [B, L, D], positions [B, L] -> rotated q, k and v, each [B, L, H, dk].  rope: the
+    positions' `ops.rope.rope_tables` (cos, sin) [B|1, L, dk/2] or [L, dk/2], computed once for every
+    layer (None: from positions here)."""
     B, L, _ = x.shape
     split = lambda t: t.reshape(B, L, cfg.num_heads, cfg.head_dim)
     if "wqkv" in lp:   # fused [D, 3D] projection (`params.fuse_projections`)
         q, k, v = (split(t) for t in jnp.split(linear(lp["wqkv"], x, kernels), 3, axis=-1))
     else:
         q, k, v = (split(linear(lp[n], x, kernels)) for n in ("wq", "wk", "wv"))
-    q = apply_rope(q, positions, cfg.rope_theta, cfg.reference_rope)
-    k = apply_rope(k, positions, cfg.rope_theta, cfg.reference_rope)
+    q = apply_rope(q, positions, cfg.rope_theta, cfg.reference_rope, tables=rope)
+    k = apply_rope(k, positions, cfg.rope_theta, cfg.reference_rope, tables=rope)
     names = ("batch", "length", "heads", None)
     return constrain(q, names), constrain(k, names), constrain(v, names)
 
@@ -137,7 +140,8 @@ def decoder_layer(cfg: PLDRConfig, lp: dict, x: jax.Array, positions: jax.Array,
                   metric_mask: jax.Array | None = None, g_lm: jax.Array | None = None,
                   metric: jax.Array | None = None, kv_buffers: tuple[jax.Array, jax.Array] | None = None,
                   kv_slot: jax.Array | None = None, merged_heads: bool = True, kv_chunk: int = 0,
-                  query_rows: jax.Array | None = None, kernels: str = "xla", attn_block: int = 0):
+                  query_rows: jax.Array | None = None, kernels: str = "xla", attn_block: int = 0,
+                  rope: tuple[jax.Array, jax.Array] | None = None):
     """One decoder layer (see the module docstring for which caller passes what).
 
     x [B, L, D] the layer input; positions [B, L] int (RoPE positions); mask [B, 1, L, Lk] bool
@@ -159,12 +163,13 @@ def decoder_layer(cfg: PLDRConfig, lp: dict, x: jax.Array, positions: jax.Array,
     query_rows: [B] int, compute the output only at position query_rows[b] of row b.
     kernels: the matmul implementation ("xla" | "cpu", `pldr_jax.backend`).
     attn_block: the attention's query block length (`attention_in_query_blocks`; 0 = all at once).
+    rope: the RoPE tables of `positions` (`project_qkv`), computed once for every layer (None: here).
 
     Returns (x_out [B, L, D] ([B, 1, D] with `query_rows`), deductive outputs: {"A", "A_LM", "A_P",
     "G_LM"} float32 [B, H, dk, dk], or {"G_LM"} with a given `g_lm`, (k, v) the keys and values
     attended over: [B, L, H, dk], or the updated buffers [B, H, S, dk]).
     """
-    q, k, v = project_qkv(cfg, lp, x, positions, kernels)
+    q, k, v = project_qkv(cfg, lp, x, positions, kernels, rope)
     rows = jnp.arange(x.shape[0])
     new_kv = None
     if kv_buffers is None:

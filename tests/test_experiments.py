@@ -224,6 +224,17 @@ def test_profile_decode_quick():
     assert categorize("  %x = f32[32,1]{1,0} fusion(%p), kind=kLoop, calls=%n", exp, 448) == "other"
 
 
+def test_prefill_ablation_quick():
+    """The prefill ablation times the built prefill, the one before issue 13's prefill changes and a
+    removal beside the floor, in one process."""
+    p = run_script("prefill_ablation.py", "--json", "--variants", "prefill,before,no_rope")
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    rows = {r["variant"]: r for r in res["variants"]}
+    assert set(rows) == {"prefill", "before", "no_rope"} and finite(res["floor_min_ms"]) and res["floor_min_ms"] > 0
+    assert all(finite(r["min_ms"]) and r["min_ms"] > 0 and finite(r["over_floor"]) for r in rows.values())
+    assert rows["prefill"]["minus_prefill_ms"] == 0.0
+
+
 # --------------------------------------------------------------------------- notebooks
 def _ensure_kernel() -> str:
     from jupyter_client.kernelspec import KernelSpecManager

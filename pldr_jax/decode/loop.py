@@ -114,9 +114,9 @@ def _advance(spec: LoopSpec, params, st: LoopState, inputs: LoopInputs) -> LoopS
     return _record(spec, st.replace(cache=cache), inputs, logits, deds)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_len", "kv_dtype"))
-def _prefill_jit(cfg, params, tokens, lengths, g_all, *, max_len, kv_dtype):
-    return prefill(cfg, params, tokens, lengths, g_all, max_len, kv_dtype)
+@functools.partial(jax.jit, static_argnames=("cfg", "max_len", "kv_dtype", "stack_deductive"))
+def _prefill_jit(cfg, params, tokens, lengths, g_all, *, max_len, kv_dtype, stack_deductive):
+    return prefill(cfg, params, tokens, lengths, g_all, max_len, kv_dtype, stack_deductive)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "n_out"), donate_argnames=("cache",))
@@ -144,13 +144,14 @@ def _unused_donations_ok():
         yield
 
 
-def prefill_cache(spec: LoopSpec, params, tokens, lengths, g_all, max_len: int):
+def prefill_cache(spec: LoopSpec, params, tokens, lengths, g_all, max_len: int, stack_deductive: bool = True):
     """`step.prefill` of tokens [B, P] (lengths [B]; g_all None or [L, B|1, H, dk, dk]), jitted.
 
     Returns (cache with buffers of max_len positions (no k/v without the KV-cache), logits0 [B, V]
-    float32, the prompt's deductive outputs stacked [L, B, H, dk, dk])."""
+    float32, the prompt's deductive outputs stacked [L, B, H, dk, dk], or None without
+    `stack_deductive` (`run_loop` needs them with collect_deductive))."""
     cache, logits0, ded0 = _prefill_jit(spec.step.cfg, params, tokens, lengths, g_all, max_len=max_len,
-                                        kv_dtype=spec.step.kv_dtype)
+                                        kv_dtype=spec.step.kv_dtype, stack_deductive=stack_deductive)
     if not spec.step.kv_cache:
         cache = cache.replace(k=None, v=None)
     return cache, logits0, ded0

@@ -3,12 +3,36 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Mapping
 
+import jax.numpy as jnp
 import numpy as np
 
 from .cache import Cache
 
-__all__ = ["GenerateOutput", "StreamStep"]
+__all__ = ["GenerateOutput", "StreamStep", "LayerStack"]
+
+
+class LayerStack(Mapping):
+    """A read-only {name: [L, ...]} mapping over per-layer arrays {name: (layer 0, layer 1, ...)},
+    each name stacked when it is first read (then kept): the prompt's deductive outputs of a call
+    that did not stack them in the prefill (`step.prefill` ``stack_deductive``), read from the
+    final cache, which holds them per layer."""
+
+    def __init__(self, per_layer: Mapping[str, tuple]):
+        self._per_layer = dict(per_layer)
+        self._stacked: dict = {}
+
+    def __getitem__(self, name: str):
+        if name not in self._stacked:
+            self._stacked[name] = jnp.stack(self._per_layer[name])
+        return self._stacked[name]
+
+    def __iter__(self):
+        return iter(self._per_layer)
+
+    def __len__(self) -> int:
+        return len(self._per_layer)
 
 
 @dataclasses.dataclass
@@ -25,7 +49,8 @@ class GenerateOutput:
     deductive: per-step {"A_LM", "G_LM"} [steps, L, B, H, dk, dk] (return_deductive=True), else None.
     cache: the final Cache (prompt-time A / A_LM / G_LM, k/v, tokens fed so far, lengths).
     prompt_deductive: the prompt's {"A", "A_LM", "G_LM"} [L, B, H, dk, dk] (each row's own; with a
-      given G only "G_LM").
+      given G only "G_LM"); a mapping, stacked from the final cache when first read (`LayerStack`)
+      unless the prefill stacked them (return_deductive or shared_g).
     timings: {"prefill_s", "decode_s", "compile_s"} wall times; prefill_s and decode_s include, on
       the first call of a shape, its compilation; compile_s is the part of the call spent tracing,
       lowering and compiling (or reading the persistent compilation cache), 0.0 when nothing compiled.
@@ -40,7 +65,7 @@ class GenerateOutput:
     logits: np.ndarray | None = None
     deductive: dict | None = None
     cache: Cache | None = None
-    prompt_deductive: dict | None = None
+    prompt_deductive: Mapping | None = None
     timings: dict = dataclasses.field(default_factory=dict)
     compute_dtype: str = "float32"
 

@@ -30,7 +30,7 @@ from ..backend import platform_of
 from ..config import PLDRConfig
 from .compile_time import CompileWatch
 from .loop import advance_loop, prefill_cache, run_loop, start_loop
-from .output import GenerateOutput, StreamStep
+from .output import GenerateOutput, LayerStack, StreamStep
 from .request import DecodeRequest, make_request
 from .step import mode_name
 from .weights import decode_dtype, prepare_params
@@ -93,7 +93,11 @@ class Sampler:
         if self.mesh is not None:
             from .sharding import shard_rows
             tokens, lengths = shard_rows(tokens, self.mesh, self.rules), shard_rows(lengths, self.mesh, self.rules)
-        cache, logits0, ded0 = prefill_cache(req.spec, req.params, tokens, lengths, req.g_all, req.max_len)
+        # the stacked prompt deductive outputs only where the loop needs them apart from the cache
+        # (collected per step; shared_g keeps only row 0's in the cache): else `LayerStack`
+        stack = req.spec.collect_deductive or req.spec.shared_g
+        cache, logits0, ded0 = prefill_cache(req.spec, req.params, tokens, lengths, req.g_all, req.max_len,
+                                             stack_deductive=stack)
         if self.mesh is not None:
             from .sharding import shard_cache
             cache = shard_cache(cache, self.mesh, self.rules)
@@ -130,7 +134,9 @@ class Sampler:
         return GenerateOutput(
             tokens=[out[b, :count[b]].tolist() for b in range(B)], ids=out, num_generated=count,
             prompt_lengths=req.lengths, mode=mode_name(kv_cache, g_cache), steps=steps, logits=logits,
-            deductive=ded, cache=st.cache, prompt_deductive=dict(ded0),
+            deductive=ded, cache=st.cache,
+            prompt_deductive=dict(ded0) if ded0 is not None else LayerStack(
+                {n: getattr(st.cache, n) for n in ("A", "A_LM", "G_LM") if getattr(st.cache, n) is not None}),
             timings={"prefill_s": t1 - t0, "decode_s": t2 - t1, "compile_s": watch.seconds},
             compute_dtype=req.spec.step.cfg.dtype)
 

@@ -18,15 +18,18 @@ and the metric learner never runs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ..config import PLDRConfig
 from ..layer import decoder_layer
 from ..model import embed
 from ..ops.attention import causal_padding_mask
 from ..ops.layers import linear
+from ..ops.rope import rope_tables
 from .cache import Cache
 
 __all__ = ["MODES", "mode_name", "StepSpec", "prefill", "decode_step"]
@@ -61,7 +64,7 @@ class StepSpec:
 
 
 def _run_layers(cfg: PLDRConfig, params, x, positions, mask, *, metric_mask=None, g_lm=None, metric=None,
-                kv_buffers=None, kv_slot=None, merged_heads=True, kv_chunk=0, last_query_rows=None):
+                kv_buffers=None, kv_slot=None, merged_heads=True, kv_chunk=0, last_query_rows=None, rope=None):
     """`decoder_layer` over every layer of per-layer params.
 
     x [B, L, D]; positions, mask, metric_mask as `decoder_layer`.  Per-layer inputs, indexed by layer
@@ -69,7 +72,8 @@ def _run_layers(cfg: PLDRConfig, params, x, positions, mask, *, metric_mask=None
     [L][B|1, H, dk, dk], kv_buffers (k, v) each [L][B, H, S, dk]; kv_slot [] int32: the one buffer
     slot every row's new key/value goes to (None: slot = the row's position); merged_heads: see
     `decoder_layer`; kv_chunk: see `decoder_layer`.  last_query_rows [B]: the last layer's
-    output only at that position of each row.  Returns (x_out [B, L|1, D], keys [L][B, L, H, dk] (or
+    output only at that position of each row.  rope: the positions' RoPE tables for every layer
+    (`decoder_layer`; None: each layer computes them).  Returns (x_out [B, L|1, D], keys [L][B, L, H, dk] (or
     the updated buffers [L][B, H, S, dk]), values, per-layer deductive dicts).
     """
     layers = params["layers"]
@@ -81,7 +85,7 @@ def _run_layers(cfg: PLDRConfig, params, x, positions, mask, *, metric_mask=None
         kv = None if kv_buffers is None else (kv_buffers[0][i], kv_buffers[1][i])
         x, ded, (k, v) = decoder_layer(cfg, lp, x, positions, mask, metric_mask=metric_mask, g_lm=pick(g_lm, i),
                                        metric=pick(metric, i), kv_buffers=kv, kv_slot=kv_slot,
-                                       merged_heads=merged_heads, kv_chunk=kv_chunk,
+                                       merged_heads=merged_heads, kv_chunk=kv_chunk, rope=rope,
                                        query_rows=last_query_rows if i == len(layers) - 1 else None)
         ks.append(k)
         vs.append(v)
@@ -101,20 +105,38 @@ def _kv_buffer(t, S, dtype):
     return _pad_to(jnp.transpose(t, (0, 2, 1, 3)).astype(dtype), S, axis=2)
 
 
-def prefill(cfg: PLDRConfig, params, tokens, lengths, g_all, max_len: int, kv_dtype: str | None = None):
+@functools.lru_cache(maxsize=32)
+def prompt_rope_tables(P: int, dk: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """The RoPE (cos, sin) tables [P, dk/2] of prompt positions 0 .. P-1, made once per shape by a
+    compiled `ops.rope.rope_tables` (the values a rotation computes in the graph, bit for bit) and
+    used by the traced prefill as constants.  Computed in the graph instead, XLA fuses the cos and
+    sin into every layer's q and k rotation and recomputes them per element and head (~85 % of the
+    rotation's time; experiments/README.md "Prefill against its floor")."""
+    pos = np.arange(P, dtype=np.int32)
+    compiled = jax.jit(rope_tables, static_argnums=(1, 2)).lower(pos, dk, theta).compile()
+    cos, sin = compiled(pos)
+    return np.asarray(cos), np.asarray(sin)
+
+
+def prefill(cfg: PLDRConfig, params, tokens, lengths, g_all, max_len: int, kv_dtype: str | None = None,
+            stack_deductive: bool = True):
     """Run right-padded prompts tokens [B, P] (lengths [B]) once; the same for every mode.
 
     Each row's A sums over its own tokens only; padding is masked out of A and of the keys.
     g_all: None (derive G) or a given G_LM [L, B|1, H, dk, dk].  kv_dtype: the KV buffers' dtype
-    (None = cfg.dtype).  Returns (cache with k/v in heads-first buffers [B, H, max_len, dk], logits
-    [B, V] float32 of each row's last prompt token, the prompt's deductive outputs {"A", "A_LM",
-    "G_LM"} stacked [L, B, H, dk, dk] (only "G_LM" with a given G)).
+    (None = cfg.dtype).  The positions are 0 .. P-1 in every row, so the RoPE tables are constants
+    (`prompt_rope_tables`), shared by every layer.  Returns (cache with k/v in heads-first buffers
+    [B, H, max_len, dk], logits [B, V] float32 of each row's last prompt token, the prompt's
+    deductive outputs {"A", "A_LM", "G_LM"} stacked [L, B, H, dk, dk] (only "G_LM" with a given G),
+    or None without `stack_deductive`: the cache holds the same values per layer, and the stacked
+    copies cost a write of 3 x L x B x H x dk x dk floats (27 MB at batch 8 of v51 110M)).
     """
     B, P = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
     valid = positions < lengths[:, None]
     x, ks, vs, deds = _run_layers(cfg, params, embed(cfg, params, tokens, lookup_first=True), positions,
-                                  causal_padding_mask(valid, P), metric_mask=valid, g_lm=g_all)
+                                  causal_padding_mask(valid, P), metric_mask=valid, g_lm=g_all,
+                                  rope=prompt_rope_tables(P, cfg.head_dim, float(cfg.rope_theta)))
     logits = linear(params["final"], x[jnp.arange(B), lengths - 1]).astype(jnp.float32)
     names = ("G_LM",) if g_all is not None else ("A", "A_LM", "G_LM")
     per_layer = lambda name: tuple(d[name] for d in deds) if name in names else None
@@ -124,7 +146,7 @@ def prefill(cfg: PLDRConfig, params, tokens, lengths, g_all, max_len: int, kv_dt
                   A=per_layer("A"), A_LM=per_layer("A_LM"), G_LM=per_layer("G_LM"),
                   tokens=_pad_to(tokens.astype(jnp.int32), max_len), lengths=lengths.astype(jnp.int32),
                   prompt_lengths=lengths.astype(jnp.int32), kv_next=jnp.max(lengths).astype(jnp.int32))
-    return cache, logits, {name: jnp.stack(per_layer(name)) for name in names}
+    return cache, logits, ({name: jnp.stack(per_layer(name)) for name in names} if stack_deductive else None)
 
 
 def decode_step(spec: StepSpec, params, cache: Cache, token, active):
