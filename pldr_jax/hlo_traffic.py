@@ -111,14 +111,28 @@ def _parse(lines: list[str]) -> list[tuple[str, str, str, list[str], str]]:
     return out
 
 
-def _fusion_reads(body: list[str], comps: dict[str, list[str]] | None = None,
-                  memo: dict | None = None) -> tuple[dict[int, int | None], int | None]:
+_CALLED = re.compile(r"calls=%([\w.\-]+)")
+
+
+def _called_reads(line: str, comps: dict[str, list[str]], memo: dict):
+    """`_fusion_reads` of the fused computation the fusion on `line` calls (None if it is not in
+    `comps`, or while it is being read: no recursion through a cycle), memoised in `memo`."""
+    called = _CALLED.search(line)
+    if not called or called.group(1) not in comps:
+        return None
+    key = called.group(1)
+    if key not in memo:
+        memo[key] = None
+        memo[key] = _fusion_reads(comps[key], comps, memo)
+    return memo[key]
+
+
+def _fusion_reads(body: list[str], comps: dict[str, list[str]],
+                  memo: dict) -> tuple[dict[int, int | None], int | None]:
     """For a fused computation: {parameter index: bytes read when only sliced / gathered, else None},
     and the update's bytes when its root is a dynamic-update-slice (None otherwise).  A parameter
-    passed on to a nested fusion (`comps`: the module's computations) counts as sliced when the
-    nested fusion only slices it."""
-    comps = comps or {}
-    memo = {} if memo is None else memo
+    passed on to a nested fusion (`comps`: the module's computations; `memo`: see `_called_reads`)
+    counts as sliced when the nested fusion only slices it."""
     instrs = _parse(body)
     types = {name: typ for name, typ, *_ in instrs}
     params, users = {}, {}
@@ -131,14 +145,8 @@ def _fusion_reads(body: list[str], comps: dict[str, list[str]] | None = None,
     def sliced_bytes(op, typ, position, line) -> int | None:
         if op in _SLICERS:
             return sum(b for b, _ in _arrays(typ)) if position == 0 else None
-        called = re.search(r"calls=%([\w.\-]+)", line)
-        if op == "fusion" and called and called.group(1) in comps:
-            key = called.group(1)
-            if key not in memo:
-                memo[key] = None                                 # (no recursion through a cycle)
-                memo[key] = _fusion_reads(comps[key], comps, memo)
-            return memo[key][0].get(position) if memo[key] else None
-        return None
+        nested = _called_reads(line, comps, memo) if op == "fusion" else None
+        return nested[0].get(position) if nested else None
 
     reads = {}
     for name, index in params.items():       # sliced / gathered from (operand 0; not the indices)
@@ -194,13 +202,7 @@ def hbm_traffic(hlo_text: str, unknown_trip: float | None = None) -> dict:
                 upd = sum(b for b, _ in _arrays(types.get(operands[1], "")))
                 r, w = upd, upd
             else:
-                reads, dus = {}, None
-                called = re.search(r"calls=%([\w.\-]+)", line)
-                if op == "fusion" and called and called.group(1) in comps:
-                    key = called.group(1)
-                    if key not in fused:
-                        fused[key] = _fusion_reads(comps[key], comps, {})
-                    reads, dus = fused[key]
+                reads, dus = (_called_reads(line, comps, fused) if op == "fusion" else None) or ({}, None)
                 r = 0
                 for i, o in enumerate(operands):
                     arrs = _arrays(types.get(o, ""))
