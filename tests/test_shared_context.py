@@ -9,7 +9,7 @@ import pytest
 
 from pldr_jax import PLDRConfig
 from pldr_jax.eval import multiple_choice as mc
-from pldr_jax.eval.shared_context import pack_requests, shareable
+from pldr_jax.eval.shared_context import PackedRow, pack_requests, shareable
 
 from .helpers import fast_params
 
@@ -112,3 +112,24 @@ def test_plan_batches_one_length_bucket_per_batch():
         assert len(idx) <= B <= 4 and B & (B - 1) == 0 and B < 2 * len(idx)   # B: 4 or a power of two < 2 rows
         assert {mc.bucket_length(lengths[i], 256) for i in idx} == {L}
     assert [(len(idx), L, B) for idx, L, B in plan][:2] == [(2, 128, 2), (4, 64, 4)]
+
+
+def test_score_packed_rows_checks_its_arguments():
+    """`score_packed_rows` is public: a bad argument is a ValueError naming it, raised before any
+    batch is built (params=None would fail otherwise)."""
+    row = pack_requests([([5, 6, 7], [8, 9])], CFG.max_seq_len)
+    long = PackedRow([5] * (CFG.max_seq_len + 1), list(range(CFG.max_seq_len + 1)), [1] * (CFG.max_seq_len + 1),
+                     [(0, 6, 0)])
+    g2 = np.zeros((CFG_G.num_layers, 2, CFG_G.num_heads, CFG_G.d_model // CFG_G.num_heads,
+                   CFG_G.d_model // CFG_G.num_heads), np.float32)
+    cases = [((CFG, row, 1), {"batch_size": 0}, "batch_size must be >= 1"),
+             ((PLDRConfig.preset("tiny-g", custom_G_type="random"), row, 1), {}, "needs g_lm"),
+             ((CFG_G, row, 1), {"g_lm": g2}, "one G_LM for all rows"),
+             ((CFG, [long], 1), {}, f"max_seq_len={CFG.max_seq_len}"),
+             ((CFG, [PackedRow([5, 6], [0], [1, 1], [])], 1), {}, "2 tokens but 1 positions"),
+             ((CFG, [PackedRow([5, 6], [0, 1], [1, 1], [(2, 7, 0)])], 1), {}, "scored row index 2"),
+             ((CFG, row, 0), {}, "request index 0 outside n_requests=0"),
+             ((CFG, row, -1), {}, "n_requests must be >= 0")]
+    for (cfg, rows, n), kw, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            mc.score_packed_rows(cfg, None, rows, n, **kw)
