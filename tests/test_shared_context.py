@@ -50,12 +50,32 @@ def test_pack_requests_layout():
     assert shareable("cached", False) and not shareable("full", False) and shareable("full", True)
 
 
+class _Bar:
+    """A progress factory's bar (`score_units`' progress argument) that records what it was told."""
+    made: list = []
+
+    def __init__(self, total):
+        self.total, self.done, self.closed = total, 0, False
+        _Bar.made.append(self)
+
+    def update(self, n):
+        self.done += n
+
+    def close(self):
+        self.closed = True
+
+
 def test_shared_context_equals_unshared_in_cached_mode(params):
     reqs = _requests()
-    shared = mc.loglikelihood_tokens(CFG, params, reqs, mode="cached", batch_size=8)
-    alone = mc.loglikelihood_tokens(CFG, params, reqs, mode="cached", batch_size=8, share_context=False)
+    _Bar.made = []
+    shared = mc.loglikelihood_tokens(CFG, params, reqs, mode="cached", batch_size=8, progress=_Bar)
+    alone = mc.loglikelihood_tokens(CFG, params, reqs, mode="cached", batch_size=8, share_context=False,
+                                    progress=_Bar)
     np.testing.assert_allclose([s[0] for s in shared], [a[0] for a in alone], rtol=1e-5, atol=5e-5)
     assert [s[1] for s in shared] == [a[1] for a in alone]
+    # one bar per call (packed rows, then one row per request), advanced to its total and closed
+    n_rows = len(pack_requests([(c or [mc.EOS_ID], x) for c, x in reqs], CFG.max_seq_len))
+    assert [(b.total, b.done, b.closed) for b in _Bar.made] == [(n_rows, n_rows, True), (len(reqs), len(reqs), True)]
 
 
 def test_harness_adapter_shares_contexts_in_cached_mode(params, monkeypatch):
