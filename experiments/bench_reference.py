@@ -2,14 +2,25 @@
 
 For each (batch, mode) it runs the authors' PLDR-LLM v510 model (their code, imported from the directory
 given by --reference-src; nothing of it is copied here) in a subprocess of --reference-python with
-2 torch threads, then ours (`bench_decode.py --one`, one subprocess per configuration), interleaved,
+2 torch threads, and ours (`bench_decode.py --one`, one subprocess per configuration), interleaved,
 on the same prompts (ids from numpy `default_rng(1)` in 4..vocab-1, as `bench_decode.run_one` draws
 them), greedy (top-k 1), prompt 64 -> 64 new tokens, no EOS stop; tokens/s = all new tokens of the
 batch / wall time of the whole generation (prefill included), median of the timed runs after one
 warm-up, both sides through `bench_decode.timed` (runs that saw other processes use the CPU are retried).
 
+Rounds (--rounds N, default 3): one process's batch-1 call varies by ~15 % from one process to the
+next on a 2-core host, so one alternation is not a verdict.  Every (batch, mode) runs N rounds, each a
+fresh process of theirs and of ours (in each of our dtypes at that batch); the side that goes first
+alternates ABBA-style (`side_order`: theirs first in even rounds, ours first in odd ones), so that a
+drift of the machine's speed and any first-process effect cancel between rounds; the rounds loop
+outermost, so each configuration's rounds are spread over the whole run.  A round's ratio is ours /
+theirs of that round; a row's x_reference is the **median of its rounds' ratios** over the clean
+rounds (both sides had an undisturbed timed run; all rounds, marked not clean, when none was), with
+min / max, and every round's tokens/s of both sides (`compare_rows`).  The row's tokens/s of each
+side is the median of that side's per-round figures (so x_reference is not their quotient).
+
     python experiments/bench_reference.py --reference-src /path/to/PLDR-LLM-with-KVG-cache/src \\
-        --reference-python /path/to/torch-venv/bin/python [--json]
+        --reference-python /path/to/torch-venv/bin/python [--rounds 3] [--json]
 
 Rows: batch 1 float32, batch 8 float32 and batch 8 bfloat16 (ours in bfloat16 against their
 float32, as the issue's table), modes kv_g and kv; each row carries the issue's target ratio.
@@ -83,35 +94,87 @@ def reference_hparams(cfg: dict) -> dict:
             "max_seq_len": cfg["max_seq_len"], "save_type": "torch"}
 
 
-def compare_rows(ours: list[dict], reference: dict) -> list[dict]:
-    """One row per result of ours: its tokens/s beside the reference's (float32) at the same batch and
-    mode, x_reference = ours / theirs, the issue's target ratio for (batch, dtype) and whether it is met,
-    and `clean`: both sides had at least one timed run that other processes did not disturb (a torch
-    run under contention slows far more than ours, so a ratio from disturbed runs is not valid).
+def side_order(round_index: int) -> tuple[str, str]:
+    """Which side runs first in a round: ("reference", "ours") in even rounds, ("ours", "reference")
+    in odd ones -- over rounds 0, 1, 2, 3: R O O R R O O R (ABBA), so each side goes first as often
+    as the other and a linear drift of the machine's speed cancels over each pair of rounds."""
+    if round_index < 0:
+        raise ValueError(f"round_index must be >= 0, got {round_index}")
+    return ("reference", "ours") if round_index % 2 == 0 else ("ours", "reference")
 
-    ours: dicts with batch, mode, dtype, tokens_per_s[, clean_runs].
-    reference: {(batch, mode): {"tokens_per_s": ..., "clean_runs": ...}}."""
+
+def compare_rows(ours: list[dict], reference: list[dict]) -> list[dict]:
+    """One row per (batch, mode, dtype) of ours, in first-seen order: per round its tokens/s beside
+    the reference's (float32) of the same batch, mode and round, the round's ratio ours / theirs and
+    whether it is `clean` (both sides had at least one timed run that other processes did not disturb:
+    a torch run under contention slows far more than ours, so a ratio from disturbed runs is not
+    valid); then x_reference = the median of the clean rounds' ratios (of every round's, with
+    clean False, when no round is clean; None without a reference), x_min / x_max over the same
+    rounds, tokens_per_s / reference_tokens_per_s = each side's median over them, the issue's target
+    ratio for (batch, dtype) and whether the median meets it.
+
+    ours: dicts with batch, mode, dtype, tokens_per_s[, clean_runs][, round (default 0)].
+    reference: dicts with batch, mode, tokens_per_s[, clean_runs][, round (default 0)]."""
+    ref_by = {(r["batch"], r["mode"], r.get("round", 0)): r for r in reference}
+    groups: dict[tuple, list[dict]] = {}
+    for o in ours:
+        groups.setdefault((o["batch"], o["mode"], o["dtype"]), []).append(o)
     rows = []
-    for r in ours:
-        ref = reference.get((r["batch"], r["mode"]))
-        ref_tok = ref["tokens_per_s"] if ref else None
-        x = r["tokens_per_s"] / ref_tok if ref_tok else None
-        target = TARGETS.get((r["batch"], r["dtype"]))
-        clean = None if ref is None else bool(r.get("clean_runs", 1) and ref.get("clean_runs", 1))
-        rows.append({"batch": r["batch"], "mode": r["mode"], "dtype": r["dtype"],
-                     "tokens_per_s": r["tokens_per_s"], "reference_tokens_per_s": ref_tok,
-                     "x_reference": x, "target": target,
-                     "meets_target": None if x is None or target is None else x >= target, "clean": clean})
+    for (batch, mode, dtype), results in groups.items():
+        per_round = []
+        for o in sorted(results, key=lambda o: o.get("round", 0)):
+            rnd = o.get("round", 0)
+            ref = ref_by.get((batch, mode, rnd))
+            ref_tok = ref["tokens_per_s"] if ref else None
+            per_round.append({"round": rnd, "reference_first": side_order(rnd)[0] == "reference",
+                              "tokens_per_s": o["tokens_per_s"], "reference_tokens_per_s": ref_tok,
+                              "x_reference": o["tokens_per_s"] / ref_tok if ref_tok else None,
+                              "clean": None if ref is None else bool(o.get("clean_runs", 1)
+                                                                     and ref.get("clean_runs", 1))})
+        paired = [p for p in per_round if p["x_reference"] is not None]
+        use = [p for p in paired if p["clean"]] or paired
+        x = statistics.median(p["x_reference"] for p in use) if use else None
+        target = TARGETS.get((batch, dtype))
+        rows.append({"batch": batch, "mode": mode, "dtype": dtype,
+                     "tokens_per_s": statistics.median(p["tokens_per_s"] for p in (use or per_round)),
+                     "reference_tokens_per_s": statistics.median(p["reference_tokens_per_s"] for p in use)
+                     if use else None,
+                     "x_reference": x, "x_min": min(p["x_reference"] for p in use) if use else None,
+                     "x_max": max(p["x_reference"] for p in use) if use else None, "target": target,
+                     "meets_target": None if x is None or target is None else x >= target,
+                     "clean": None if not paired else any(p["clean"] for p in paired),
+                     "n_rounds": len(per_round), "clean_rounds": sum(bool(p["clean"]) for p in per_round),
+                     "rounds": per_round})
     return rows
 
 
 def format_row(r: dict) -> str:
+    """One printed line of a `compare_rows` row (the median and spread when it has several rounds)."""
     x = "-" if r["x_reference"] is None else f"{r['x_reference']:.2f}x"
+    n = r.get("n_rounds", 1)
+    if r["x_reference"] is not None and n > 1:
+        used = r["clean_rounds"] or n
+        x += f" (median of {used} rounds' ratios, {r['x_min']:.2f}-{r['x_max']:.2f})"
     tgt = "" if r["target"] is None else f"  (target >= {r['target']}: {'met' if r['meets_target'] else 'NOT met'})"
     ref = "-" if r["reference_tokens_per_s"] is None else f"{r['reference_tokens_per_s']:.1f}"
-    warn = "  [CONTENDED: a side had no undisturbed timed run; ratio not valid]" if r.get("clean") is False else ""
+    if r.get("clean") is False:
+        warn = "  [CONTENDED: no round had undisturbed timed runs on both sides; ratio not valid]"
+    elif r.get("clean") and r.get("clean_rounds", n) < n:
+        warn = f"  [{n - r['clean_rounds']} of {n} rounds contended, left out]"
+    else:
+        warn = ""
     return (f"batch {r['batch']:2d} {r['mode']:4s} {r['dtype']:8s}  ours {r['tokens_per_s']:7.1f} tok/s  "
             f"authors' (float32) {ref:>7s} tok/s  x_reference {x}{tgt}{warn}")
+
+
+def format_round(p: dict, batch: int, mode: str, dtype: str, n_rounds: int) -> str:
+    """One printed line of a round of a `compare_rows` row."""
+    x = "-" if p["x_reference"] is None else f"{p['x_reference']:.2f}x"
+    ref = "-" if p["reference_tokens_per_s"] is None else f"{p['reference_tokens_per_s']:.1f}"
+    first = "theirs first" if p["reference_first"] else "ours first"
+    warn = "  [CONTENDED]" if p["clean"] is False else ""
+    return (f"round {p['round'] + 1}/{n_rounds} ({first}) batch {batch:2d} {mode:4s} {dtype:8s}  ours "
+            f"{p['tokens_per_s']:7.1f} tok/s  authors' {ref:>7s} tok/s  = {x}{warn}")
 
 
 # --------------------------------------------------------------------------- the authors' side (torch)
@@ -386,7 +449,10 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default="kv_g,kv")
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--reps", type=int, default=3, help="timed runs per configuration and side")
+    ap.add_argument("--reps", type=int, default=3, help="timed runs per process (configuration, side and round)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="decode: alternations of theirs / ours per configuration, a fresh process each, ABBA "
+                         "order; x_reference = the median of the rounds' ratios")
     ap.add_argument("--preset", default="v51-110m")
     ap.add_argument("--max-tries", type=int, default=8)
     ap.add_argument("--max-others", type=float, default=0.15)
@@ -438,6 +504,8 @@ def _drive(args) -> int:
         if m not in MODES:
             raise ValueError(f"unknown mode {m!r}; choose from {tuple(MODES)}")
     configs = parse_configs(args.configs)
+    if args.rounds < 1:
+        raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
     src = resolve_reference_src(args.reference_src)
     if not (os.path.isfile(args.reference_python) and os.access(args.reference_python, os.X_OK)):
         raise ReferenceError_(f"--reference-python {args.reference_python!r} is not an executable file")
@@ -463,32 +531,43 @@ def _drive(args) -> int:
     ref_side = [args.reference_python, me, "--reference-src", src, "--ref-hparams", json.dumps(hp),
                 "--reference-threads", str(args.reference_threads), *common]
     load0, t_start = _loadavg(), time.time()
-    refs, ours, ref_tok, scoring = [], [], {}, None
+    refs, ours, scoring = [], [], None
+
+    def run_reference(batch, m, rnd):
+        r = _run_json([*ref_side, "--ref-one", f"{batch},{m}", *gen], f"the authors' model at batch {batch} {m}")
+        check_params(r)
+        if r["tokens_per_row"] != [args.new_tokens] * batch:
+            raise ReferenceError_(f"the authors' model generated {r['tokens_per_row']} tokens per row, "
+                                  f"not {args.new_tokens}")
+        if r["mirror_matches_generate_text"] is False:
+            raise ReferenceError_("the mirror loop's ids differ from the authors' generate_text at batch 1")
+        r["round"] = rnd
+        refs.append(r)
+        if not args.json:
+            print(f"authors' batch {batch:2d} {m:4s} float32  {r['tokens_per_s']:7.1f} tok/s  ({r['loop']}, "
+                  f"{r['clean_runs']} clean runs, {r['num_parameters']:,} parameters)", flush=True)
+
+    def run_ours(batch, m, d, rnd):
+        o = _run_json([sys.executable, os.path.join(HERE, "bench_decode.py"), "--one", f"{batch},{m},{d}",
+                       "--preset", args.preset, "--bf16-min-batch", str(args.bf16_min_batch), *gen, *common],
+                      f"ours at batch {batch} {m} {d}")
+        o["side"], o["round"] = "ours", rnd
+        ours.append(o)
+
     if "decode" in what:
-        for batch in sorted({b for b, _ in configs}):
-            for m in modes:                     # interleaved: theirs, then ours in each dtype, per (batch, mode)
-                r = _run_json([*ref_side, "--ref-one", f"{batch},{m}", *gen], f"the authors' model at batch {batch} {m}")
-                check_params(r)
-                if r["tokens_per_row"] != [args.new_tokens] * batch:
-                    raise ReferenceError_(f"the authors' model generated {r['tokens_per_row']} tokens per row, "
-                                          f"not {args.new_tokens}")
-                if r["mirror_matches_generate_text"] is False:
-                    raise ReferenceError_("the mirror loop's ids differ from the authors' generate_text at batch 1")
-                refs.append(r)
-                ref_tok[(batch, m)] = r
-                if not args.json:
-                    print(f"authors' batch {batch:2d} {m:4s} float32  {r['tokens_per_s']:7.1f} tok/s  ({r['loop']}, "
-                          f"{r['clean_runs']} clean runs, {r['num_parameters']:,} parameters)", flush=True)
-                for b2, d in configs:
-                    if b2 != batch:
-                        continue
-                    o = _run_json([sys.executable, os.path.join(HERE, "bench_decode.py"), "--one", f"{batch},{m},{d}",
-                                   "--preset", args.preset, "--bf16-min-batch", str(args.bf16_min_batch), *gen,
-                                   *common], f"ours at batch {batch} {m} {d}")
-                    o["side"] = "ours"
-                    ours.append(o)
+        for rnd in range(args.rounds):          # rounds outermost: a configuration's rounds spread over the run
+            for batch in sorted({b for b, _ in configs}):
+                for m in modes:                 # theirs and ours in each dtype of this batch, ABBA across rounds
+                    for side in side_order(rnd):
+                        if side == "reference":
+                            run_reference(batch, m, rnd)
+                        else:
+                            for d in [d for b2, d in configs if b2 == batch]:
+                                run_ours(batch, m, d, rnd)
                     if not args.json:
-                        print(format_row(compare_rows([o], ref_tok)[0]), flush=True)
+                        for row in compare_rows([o for o in ours if o["round"] == rnd and o["batch"] == batch
+                                                 and o["mode"] == m], refs):
+                            print(format_round(row["rounds"][-1], batch, m, row["dtype"], args.rounds), flush=True)
     if "scoring" in what:
         sc = ["--requests", str(args.requests)]
         r = _run_json([*ref_side, "--ref-score", *sc], "the authors' model scoring")
@@ -497,9 +576,11 @@ def _drive(args) -> int:
                        str(args.score_batch_size), *sc, *common], "our scoring")
         scoring = {"reference": r, "ours": o, "x_reference": o["requests_per_s"] / r["requests_per_s"],
                    "clean": bool(r["clean_runs"] and o["clean_runs"])}
-    rows = compare_rows(ours, ref_tok)
+    rows = compare_rows(ours, refs)
     meta = {"preset": args.preset, "num_parameters": ours_n, "prompt_len": args.prompt_len,
-            "new_tokens": args.new_tokens, "reps": args.reps, "reference_threads": args.reference_threads,
+            "new_tokens": args.new_tokens, "reps": args.reps, "rounds": args.rounds,
+            "round_order": "ABBA (theirs first in even rounds, ours first in odd ones); x_reference = median "
+                           "of the clean rounds' ratios", "reference_threads": args.reference_threads,
             "reference_torch": chk.get("torch"), "reference_generate_text": chk.get("generate_text"),
             "loadavg_start": load0, "loadavg_end": _loadavg(), "wall_s": time.time() - t_start,
             "nproc": os.cpu_count()}
@@ -507,7 +588,7 @@ def _drive(args) -> int:
         print(json.dumps({"rows": rows, "reference": refs, "ours": ours, "scoring": scoring, **meta}))
         return 0
     if rows:
-        print("\nsame run, ours / authors':")
+        print(f"\nsame run, ours / authors' ({args.rounds} rounds per configuration):")
         for r in rows:
             print(format_row(r))
     if scoring:

@@ -1,5 +1,6 @@
 """experiments/bench_reference.py: the parts that need neither torch nor the authors' code (argument
-checking, one-line errors, the x_reference table) and, only where `PLDR_REFERENCE_PYTHON` (a Python with
+checking, one-line errors, the x_reference table, the rounds' ABBA order and median of ratios, the
+driver over faked subprocesses) and, only where `PLDR_REFERENCE_PYTHON` (a Python with
 torch + torchtune) and `PLDR_REFERENCE_SRC` (the authors' `src`) are set, their side on a tiny config."""
 
 from __future__ import annotations
@@ -43,9 +44,10 @@ def test_compare_rows_ratios_and_targets():
             {"batch": 8, "mode": "kv_g", "dtype": "bfloat16", "tokens_per_s": 300.0, "clean_runs": 2},
             {"batch": 8, "mode": "kv", "dtype": "float32", "tokens_per_s": 100.0, "clean_runs": 0},
             {"batch": 32, "mode": "kv", "dtype": "float32", "tokens_per_s": 500.0, "clean_runs": 3}]
-    ref = {(1, "kv_g"): {"tokens_per_s": 40.0, "clean_runs": 3}, (8, "kv_g"): {"tokens_per_s": 100.0, "clean_runs": 1},
-           (8, "kv"): {"tokens_per_s": 80.0, "clean_runs": 3}}
-    rows = br.compare_rows(ours, ref)
+    ref = [{"batch": 1, "mode": "kv_g", "tokens_per_s": 40.0, "clean_runs": 3},
+           {"batch": 8, "mode": "kv_g", "tokens_per_s": 100.0, "clean_runs": 1},
+           {"batch": 8, "mode": "kv", "tokens_per_s": 80.0, "clean_runs": 3}]
+    rows = br.compare_rows(ours, ref)         # one round (no "round" key): the ratio of that round
     assert [r["x_reference"] for r in rows] == [2.5, 3.0, 1.25, None]
     assert [r["target"] for r in rows] == [2.5, 2.4, 2.0, None]
     assert [r["meets_target"] for r in rows] == [True, True, False, None]   # >= target counts as met
@@ -55,8 +57,83 @@ def test_compare_rows_ratios_and_targets():
     assert "1.25x" in text and "NOT met" in text and "CONTENDED" in text
     assert "CONTENDED" not in br.format_row(rows[0])
     assert "x_reference -" in br.format_row(rows[3])
-    ref[(1, "kv_g")]["clean_runs"] = 0
+    assert [r["n_rounds"] for r in rows] == [1] * 4 and rows[0]["x_min"] == rows[0]["x_max"] == 2.5
+    ref[0]["clean_runs"] = 0
     assert br.compare_rows(ours[:1], ref)[0]["clean"] is False
+
+
+def test_side_order_is_abba():
+    seq = [side for rnd in range(4) for side in br.side_order(rnd)]
+    assert seq == ["reference", "ours", "ours", "reference"] * 2
+    with pytest.raises(ValueError, match="round_index"):
+        br.side_order(-1)
+
+
+def test_compare_rows_median_of_round_ratios():
+    """x_reference is the median of the per-round ratios (not the ratio of the medians), over the
+    clean rounds only; min/max and every round's tokens/s of both sides are kept."""
+    ours = [{"batch": 1, "mode": "kv_g", "dtype": "float32", "tokens_per_s": t, "clean_runs": c, "round": i}
+            for i, (t, c) in enumerate([(80.0, 3), (60.0, 3), (70.0, 3), (90.0, 0)])]
+    ref = [{"batch": 1, "mode": "kv_g", "tokens_per_s": t, "clean_runs": 3, "round": i}
+           for i, t in enumerate([40.0, 20.0, 35.0, 3.0])]
+    (row,) = br.compare_rows(list(reversed(ours)), ref)      # rounds sorted whatever the input order
+    assert [p["x_reference"] for p in row["rounds"]] == [2.0, 3.0, 2.0, 30.0]
+    assert [p["clean"] for p in row["rounds"]] == [True, True, True, False]
+    assert [p["reference_first"] for p in row["rounds"]] == [True, False, True, False]
+    assert row["x_reference"] == 2.0                          # median of 2.0, 3.0, 2.0; the contended 30x left out
+    assert (row["x_min"], row["x_max"]) == (2.0, 3.0)
+    assert row["tokens_per_s"] == 70.0 and row["reference_tokens_per_s"] == 35.0   # 70 / 35 = 2.0 by chance only
+    assert (row["n_rounds"], row["clean_rounds"], row["clean"]) == (4, 3, True)
+    assert row["meets_target"] is False                       # target 2.5 for batch 1 float32
+    text = br.format_row(row)
+    assert "2.00x (median of 3 rounds' ratios, 2.00-3.00)" in text and "1 of 4 rounds contended" in text
+    assert "ours first" in br.format_round(row["rounds"][1], 1, "kv_g", "float32", 4)
+    # two rounds: the median is the mean of the two ratios; the ratio of the medians would differ
+    (two,) = br.compare_rows(ours[:2], ref[:2])
+    assert two["x_reference"] == 2.5 and two["tokens_per_s"] / two["reference_tokens_per_s"] == 70.0 / 30.0
+    # no clean round: every round counts, and the row is marked not clean
+    (bad,) = br.compare_rows([dict(o, clean_runs=0) for o in ours[:3]], ref[:3])
+    assert bad["x_reference"] == 2.0 and bad["clean"] is False and bad["clean_rounds"] == 0
+    assert "CONTENDED" in br.format_row(bad)
+
+
+def test_driver_runs_rounds_in_abba_order(tmp_path, monkeypatch, capsys):
+    """The driver over faked subprocesses: per round and (batch, mode) theirs and ours in each dtype
+    of that batch, in side_order; every result tagged with its round; the JSON rows are compare_rows'."""
+    import pldr_jax
+    from pldr_jax.params import count_params
+    n_params = count_params(pldr_jax.PLDRConfig.preset("tiny"))
+    calls = []
+
+    def fake_run_json(cmd, what):
+        if "--ref-check" in cmd:
+            return {"ok": True, "torch": "fake", "generate_text": True}
+        k = sum(c[0] == ("R" if "--ref-one" in cmd else "O") for c in calls)    # distinct speeds per call
+        if "--ref-one" in cmd:
+            b, m = cmd[cmd.index("--ref-one") + 1].split(",")
+            calls.append(("R", int(b), m))
+            return {"batch": int(b), "mode": m, "dtype": "float32", "tokens_per_s": 10.0 + k, "clean_runs": 3,
+                    "tokens_per_row": [4] * int(b), "num_parameters": n_params, "loop": "mirror",
+                    "mirror_matches_generate_text": None}
+        b, m, d = cmd[cmd.index("--one") + 1].split(",")
+        calls.append(("O", int(b), m, d))
+        return {"batch": int(b), "mode": m, "dtype": d, "tokens_per_s": 30.0 + k, "clean_runs": 3}
+
+    monkeypatch.setattr(br, "_run_json", fake_run_json)
+    rc = br.main(["--reference-src", str(_fake_src(tmp_path)), "--reference-python", sys.executable, "--preset",
+                  "tiny", "--configs", "1:float32,8:float32,8:bfloat16", "--modes", "kv_g", "--rounds", "2",
+                  "--new-tokens", "4", "--json"])
+    assert rc == 0
+    assert calls == [("R", 1, "kv_g"), ("O", 1, "kv_g", "float32"),
+                     ("R", 8, "kv_g"), ("O", 8, "kv_g", "float32"), ("O", 8, "kv_g", "bfloat16"),
+                     ("O", 1, "kv_g", "float32"), ("R", 1, "kv_g"),
+                     ("O", 8, "kv_g", "float32"), ("O", 8, "kv_g", "bfloat16"), ("R", 8, "kv_g")]
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["rounds"] == 2 and [r["round"] for r in out["reference"]] == [0, 0, 1, 1]
+    assert [r["round"] for r in out["ours"]] == [0, 0, 0, 1, 1, 1]
+    assert [(r["batch"], r["dtype"], r["n_rounds"]) for r in out["rows"]] == [(1, "float32", 2), (8, "float32", 2),
+                                                                              (8, "bfloat16", 2)]
+    assert out["rows"] == br.compare_rows(out["ours"], out["reference"])
 
 
 def test_parse_configs_and_hparams():
@@ -83,7 +160,8 @@ def _run(*args) -> subprocess.CompletedProcess:
                           timeout=120, cwd=ROOT)
 
 
-@pytest.mark.parametrize("case", ["no_src", "bad_src", "bad_python", "bad_mode", "bad_what", "model_import"])
+@pytest.mark.parametrize("case", ["no_src", "bad_src", "bad_python", "bad_mode", "bad_what", "bad_rounds",
+                                  "model_import"])
 def test_cli_errors_are_one_line(tmp_path, case):
     src = _fake_src(tmp_path, "raise ImportError('no torchtune here')\n")
     args = {"no_src": [],
@@ -91,6 +169,7 @@ def test_cli_errors_are_one_line(tmp_path, case):
             "bad_python": ["--reference-src", src, "--reference-python", tmp_path / "python"],
             "bad_mode": ["--reference-src", src, "--modes", "kv_g,fast"],
             "bad_what": ["--reference-src", src, "--what", "decode,train"],
+            "bad_rounds": ["--reference-src", src, "--rounds", "0"],
             # this Python: no torch (CI) or torch without the authors' model importable
             "model_import": ["--reference-src", src]}[case]
     p = _run(*args)
@@ -98,7 +177,7 @@ def test_cli_errors_are_one_line(tmp_path, case):
     assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("bench_reference.py: error: "), p.stderr
     want = {"no_src": "--reference-src DIR is required", "bad_src": "is not a directory",
             "bad_python": "is not an executable file", "bad_mode": "unknown mode 'fast'",
-            "bad_what": "unknown --what 'train'",
+            "bad_what": "unknown --what 'train'", "bad_rounds": "--rounds must be >= 1, got 0",
             "model_import": ("cannot import torch", "no torchtune here")}[case]
     assert any(w in lines[0] for w in (want if isinstance(want, tuple) else (want,))), lines[0]
 

@@ -9,7 +9,7 @@ import pytest
 
 from pldr_jax import PLDRConfig
 from pldr_jax.eval import multiple_choice as mc
-from pldr_jax.eval.shared_context import pack_requests, shareable
+from pldr_jax.eval.shared_context import PackedRow, pack_requests, shareable
 
 from .helpers import fast_params
 
@@ -50,12 +50,32 @@ def test_pack_requests_layout():
     assert shareable("cached", False) and not shareable("full", False) and shareable("full", True)
 
 
+class _Bar:
+    """A progress factory's bar (`score_units`' progress argument) that records what it was told."""
+    made: list = []
+
+    def __init__(self, total):
+        self.total, self.done, self.closed = total, 0, False
+        _Bar.made.append(self)
+
+    def update(self, n):
+        self.done += n
+
+    def close(self):
+        self.closed = True
+
+
 def test_shared_context_equals_unshared_in_cached_mode(params):
     reqs = _requests()
-    shared = mc.loglikelihood_tokens(CFG, params, reqs, mode="cached", batch_size=8)
-    alone = mc.loglikelihood_tokens(CFG, params, reqs, mode="cached", batch_size=8, share_context=False)
+    _Bar.made = []
+    shared = mc.loglikelihood_tokens(CFG, params, reqs, mode="cached", batch_size=8, progress=_Bar)
+    alone = mc.loglikelihood_tokens(CFG, params, reqs, mode="cached", batch_size=8, share_context=False,
+                                    progress=_Bar)
     np.testing.assert_allclose([s[0] for s in shared], [a[0] for a in alone], rtol=1e-5, atol=5e-5)
     assert [s[1] for s in shared] == [a[1] for a in alone]
+    # one bar per call (packed rows, then one row per request), advanced to its total and closed
+    n_rows = len(pack_requests([(c or [mc.EOS_ID], x) for c, x in reqs], CFG.max_seq_len))
+    assert [(b.total, b.done, b.closed) for b in _Bar.made] == [(n_rows, n_rows, True), (len(reqs), len(reqs), True)]
 
 
 def test_harness_adapter_shares_contexts_in_cached_mode(params, monkeypatch):
@@ -112,3 +132,24 @@ def test_plan_batches_one_length_bucket_per_batch():
         assert len(idx) <= B <= 4 and B & (B - 1) == 0 and B < 2 * len(idx)   # B: 4 or a power of two < 2 rows
         assert {mc.bucket_length(lengths[i], 256) for i in idx} == {L}
     assert [(len(idx), L, B) for idx, L, B in plan][:2] == [(2, 128, 2), (4, 64, 4)]
+
+
+def test_score_packed_rows_checks_its_arguments():
+    """`score_packed_rows` is public: a bad argument is a ValueError naming it, raised before any
+    batch is built (params=None would fail otherwise)."""
+    row = pack_requests([([5, 6, 7], [8, 9])], CFG.max_seq_len)
+    long = PackedRow([5] * (CFG.max_seq_len + 1), list(range(CFG.max_seq_len + 1)), [1] * (CFG.max_seq_len + 1),
+                     [(0, 6, 0)])
+    g2 = np.zeros((CFG_G.num_layers, 2, CFG_G.num_heads, CFG_G.d_model // CFG_G.num_heads,
+                   CFG_G.d_model // CFG_G.num_heads), np.float32)
+    cases = [((CFG, row, 1), {"batch_size": 0}, "batch_size must be >= 1"),
+             ((PLDRConfig.preset("tiny-g", custom_G_type="random"), row, 1), {}, "needs g_lm"),
+             ((CFG_G, row, 1), {"g_lm": g2}, "one G_LM for all rows"),
+             ((CFG, [long], 1), {}, f"max_seq_len={CFG.max_seq_len}"),
+             ((CFG, [PackedRow([5, 6], [0], [1, 1], [])], 1), {}, "2 tokens but 1 positions"),
+             ((CFG, [PackedRow([5, 6], [0, 1], [1, 1], [(2, 7, 0)])], 1), {}, "scored row index 2"),
+             ((CFG, row, 0), {}, "request index 0 outside n_requests=0"),
+             ((CFG, row, -1), {}, "n_requests must be >= 0")]
+    for (cfg, rows, n), kw, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            mc.score_packed_rows(cfg, None, rows, n, **kw)

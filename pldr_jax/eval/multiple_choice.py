@@ -48,8 +48,9 @@ from ..ops.layers import linear
 from .jsonl import iter_jsonl
 from .shared_context import PackedRow, pack_requests, shareable
 
-__all__ = ["MODES", "loglikelihood_tokens", "score_units", "plan_batches", "score_packed_rows", "packed_mask", "bucket_length", "encode_pair", "make_encoder",
-           "load_jsonl", "mc_requests", "MCResult", "score_multiple_choice"]
+__all__ = ["MODES", "loglikelihood_tokens", "score_units", "plan_batches", "score_packed_rows", "packed_mask",
+           "bucket_length", "encode_pair", "make_encoder", "load_jsonl", "mc_requests", "MCResult",
+           "score_multiple_choice"]
 
 MODES = ("full", "cached", "causal")
 EOS_ID = 3
@@ -156,14 +157,51 @@ def _check_scoring_args(cfg: PLDRConfig, mode: str, g_lm, batch_size: int):
     return g_lm, g_lm is not None or not cfg.learned_g
 
 
+def _check_packed_rows(cfg: PLDRConfig, rows: Sequence[PackedRow], n_requests: int) -> None:
+    """Every row's tokens, positions and segments of one length in [1, max_seq_len], and every
+    scored entry's row index inside its row and request index in [0, n_requests)."""
+    if n_requests < 0:
+        raise ValueError(f"n_requests must be >= 0, got {n_requests}")
+    for j, row in enumerate(rows):
+        n = len(row.tokens)
+        if not 1 <= n <= cfg.max_seq_len:
+            raise ValueError(f"packed row {j}: {n} tokens, want 1..max_seq_len={cfg.max_seq_len}")
+        if len(row.positions) != n or len(row.segments) != n:
+            raise ValueError(f"packed row {j}: {n} tokens but {len(row.positions)} positions and "
+                             f"{len(row.segments)} segments")
+        for at, _, owner in row.scored:
+            if not 0 <= at < n:
+                raise ValueError(f"packed row {j}: scored row index {at} outside its {n} tokens")
+            if not 0 <= owner < n_requests:
+                raise ValueError(f"packed row {j}: request index {owner} outside n_requests={n_requests}")
+
+
+def _read_back(pending: list, progress: Callable | None, total: int):
+    """Yield (row indices, log p [B, K] float64, greedy [B, K] bool) of every batch in ``pending``
+    ((row indices, device result) of batches all dispatched already), in order, advancing the
+    ``progress(total=total)`` bar after each."""
+    bar = progress(total=total) if progress is not None else None
+    try:
+        for idx, (lp, gr) in pending:
+            yield idx, np.asarray(lp, np.float64), np.asarray(gr)
+            if bar is not None:
+                bar.update(len(idx))
+    finally:
+        if bar is not None:
+            bar.close()
+
+
 def score_packed_rows(cfg: PLDRConfig, params, rows: Sequence[PackedRow], n_requests: int, *, g_lm=None,
                       batch_size: int = 8, progress: Callable | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Score packed rows (`shared_context.pack_requests`; A over each row's context, or the fixed
     g_lm); returns per request (sum log p [float64], all scored targets greedy [bool]).  Rows are
-    batched as in `score_units` (`plan_batches`), every batch dispatched before any is read back."""
+    batched as in `score_units` (`plan_batches`), every batch dispatched before any is read back.
+    Raises ValueError naming a bad argument (batch_size, g_lm, a predefined-G config without g_lm,
+    a row longer than max_seq_len or inconsistent, a request index outside n_requests)."""
+    g_lm, _ = _check_scoring_args(cfg, "cached", g_lm, batch_size)     # packed rows score as mode "cached"
+    _check_packed_rows(cfg, rows, n_requests)
     sums = np.zeros(n_requests, np.float64)
     greedy = np.ones(n_requests, bool)
-    bar = progress(total=len(rows)) if progress is not None else None
     pending = []
     for idx, L, B in plan_batches([len(r.tokens) for r in rows], cfg.max_seq_len, batch_size):
         K = bucket_length(max(len(rows[i].scored) for i in idx), 1 << 30, minimum=1)
@@ -179,16 +217,11 @@ def score_packed_rows(cfg: PLDRConfig, params, rows: Sequence[PackedRow], n_requ
             tgt[r, :k] = [e[1] for e in row.scored]
         res = _score_packed(cfg, params, *(jnp.asarray(a) for a in (inp, positions, segments, pos, tgt)), g_lm)
         pending.append((idx, res))
-    for idx, (lp, gr) in pending:
-        lp, gr = np.asarray(lp, np.float64), np.asarray(gr)
+    for idx, lp, gr in _read_back(pending, progress, len(rows)):
         for r, i in enumerate(idx):
             for k, (_, _, owner) in enumerate(rows[i].scored):
                 sums[owner] += lp[r, k]
                 greedy[owner] &= bool(gr[r, k])
-        if bar is not None:
-            bar.update(len(idx))
-    if bar is not None:
-        bar.close()
     return sums, greedy
 
 
@@ -202,7 +235,6 @@ def score_units(cfg: PLDRConfig, params, units: Sequence[_Unit], n_requests: int
     sums = np.zeros(n_requests, np.float64)
     counts = np.zeros(n_requests, np.int64)
     greedy = np.ones(n_requests, bool)
-    bar = progress(total=len(units)) if progress is not None else None
     pending = []
     for idx, L, B in plan_batches([len(u.inp) for u in units], cfg.max_seq_len, batch_size):
         K = bucket_length(max(units[i].n_score for i in idx), L, minimum=1)
@@ -223,17 +255,12 @@ def score_units(cfg: PLDRConfig, params, units: Sequence[_Unit], n_requests: int
         else:
             res = _score_full(cfg, params, jnp.asarray(inp), jnp.asarray(pos), jnp.asarray(tgt), g_lm)
         pending.append((idx, res))
-    for idx, (lp, gr) in pending:
-        lp, gr = np.asarray(lp, np.float64), np.asarray(gr)
+    for idx, lp, gr in _read_back(pending, progress, len(units)):
         for r, i in enumerate(idx):
             u = units[i]
             sums[u.owner] += lp[r, :u.n_score].sum()
             counts[u.owner] += u.n_score
             greedy[u.owner] &= bool(gr[r, :u.n_score].all())
-        if bar is not None:
-            bar.update(len(idx))
-    if bar is not None:
-        bar.close()
     return sums, counts, greedy
 
 
