@@ -182,7 +182,11 @@ def _drop_decode_attention() -> None:
     def query_only(q, k, v, g_lm, mask, *, heads_first=False, **kw):
         return q if heads_first else real(q, k, v, g_lm, mask, heads_first=heads_first, **kw)
 
+    def write_nothing_attend_nothing(q, g_lm, k_new, v_new, positions, k_buf, v_buf, mask, **kw):
+        return q, k_buf, v_buf          # the native CPU kernel's form (`backend.decode_attention`)
+
     layer_mod.plga_attention = query_only
+    layer_mod.decode_attention_update = write_nothing_attend_nothing
 
 
 def run_one(batch: int, mode: str, dtype: str, prompt_len: int, new_tokens: int, reps: int, preset: str,

@@ -14,7 +14,9 @@ batched `dot_general` over one merged [B * H] axis of `ops.attention.plga_attent
 * ``split2``      ``dots`` over two halves of the rows, two independent products per layer;
 * ``plga``        `ops.attention.plga_attention` itself (heads-first, the step's call);
 * ``plga_chunks`` the same over the live slots only, `--chunk` at a time (`backend.decode_kv_chunk`;
-  live = `--live` slots of the S-slot buffer).
+  live = `--live` slots of the S-slot buffer);
+* ``native``      the native C++ kernel the CPU decode step uses (`pldr_jax.kernels.decode_attention_update`,
+  `backend.decode_attention`; when it builds on this host): reads only the live slots, both cores.
 
 and ``dots`` again under XLA:CPU compile options (``--options``: YNNPACK / XNNPACK / oneDNN
 fusion types, single-threaded Eigen).  Every form is checked against ``dots`` (max |diff|).  The
@@ -159,6 +161,26 @@ def run(batch: int = 32, heads: int = 14, slots: int = 128, head_dim: int = 64, 
         ms, out = time_it(chain(form))
         ref = out if ref is None else ref
         rows[name] = {"ms_per_step": ms, "max_abs_diff": float(jnp.max(jnp.abs(out - ref)))}
+    from pldr_jax.kernels.decode_attention import decode_attention_available, decode_attention_update
+    if decode_attention_available():
+        # the native CPU kernel (`backend.decode_attention`): the buffers carried through the loop
+        # (it updates them in place; a slot outside the buffer, so nothing is written)
+        pos = jnp.full((B,), S, jnp.int32)
+        mask = jnp.broadcast_to(jnp.arange(S) < live, (B, S))
+
+        def native_chain(q, K, KT, V, G):
+            def body(_, c):
+                x, Ks, Vs = c
+                Ks, Vs = list(Ks), list(Vs)
+                for i in range(layers):
+                    new = x[:, None].astype(kvdt)
+                    o, Ks[i], Vs[i] = decode_attention_update(x[:, None], G[i], new, new, pos, Ks[i], Vs[i], mask)
+                    x = o[:, 0].astype(jnp.float32)
+                return x, tuple(Ks), tuple(Vs)
+            return lax.fori_loop(0, steps, body, (q, tuple(K), tuple(V)))[0]
+
+        ms, out = time_it(native_chain)
+        rows["native"] = {"ms_per_step": ms, "max_abs_diff": float(jnp.max(jnp.abs(out - ref)))}
     for name in options:
         try:
             ms, out = time_it(chain(forms["dots"]), OPTIONS[name])

@@ -45,6 +45,14 @@ else:
   whole buffer (XLA:CPU copies each chunk out before its products: batch 8, 600 of 1024 slots live,
   chunks of 256: 30.0 ms per step against 16.6 ms for the whole buffer, same process;
   experiments/README.md "Decode attention over the live KV-cache").
+* ``decode_attention``: "native" = a one-token decode step's per-row KV-cache write and its attention
+  over the cache run as one C++ kernel (`pldr_jax.kernels.decode_attention_update`, built on first use
+  for the host, `pldr_jax.kernels.build`): the buffers updated in place, masked (dead) slots never
+  read, 16-bit buffers read as they are, the (row, head) pairs over XLA's thread pool; "xla" = the
+  `jax.lax` path.  CPU: "native" unless ``PLDR_JAX_CPU_KERNELS=0``; used where `uses_native_decode_attention`
+  says (unsharded, float32 / bfloat16, the kernel built; else the `jax.lax` path).  With it a 16-bit
+  model's KV-cache is kept in its own dtype (``kv_cache_dtype`` is the `jax.lax` path's).
+  Accelerators: "xla".
 * ``decode_embed_f32``: a 16-bit model decoding in 16 bits keeps its embedding table in float32
   (`decode.prepare_params`; the same values) and looks rows up before the cast (`model.embed`
   ``lookup_first``): XLA:CPU runs a bfloat16 gather by converting the whole 32000 x 896 table to
@@ -76,7 +84,7 @@ import os
 import sys
 
 __all__ = ["KERNELS", "KERNELS_ENV", "BackendChoices", "choices", "platform_of", "default_kernels",
-           "check_kernels", "huge_pages_wanted"]
+           "check_kernels", "huge_pages_wanted", "uses_native_decode_attention"]
 
 KERNELS = ("xla", "cpu")
 KERNELS_ENV = "PLDR_JAX_KERNELS"
@@ -98,6 +106,7 @@ class BackendChoices:
     decode_merged_heads: bool = True
     decode_shared_kv_slot: bool = False
     decode_kv_chunk: int = 0
+    decode_attention: str = "xla"
 
 
 def _kernels_override() -> str | None:
@@ -124,7 +133,26 @@ def choices(platform: str | None = None) -> BackendChoices:
                           remat="none" if cpu else "full",
                           head_chunk_bytes=0 if cpu else 2 ** 30, attention_block=0 if cpu else 256,
                           decode_merged_heads=cpu, decode_shared_kv_slot=not cpu,
-                          decode_kv_chunk=0 if cpu else 256)
+                          decode_kv_chunk=0 if cpu else 256,
+                          decode_attention="native" if cpu and _native_kernels_enabled() else "xla")
+
+
+def _native_kernels_enabled() -> bool:
+    from .kernels.build import enabled
+    return enabled()
+
+
+def uses_native_decode_attention(ch: BackendChoices, compute_dtype, *, sharded: bool) -> bool:
+    """Whether a decode step with a KV-cache and per-row slots uses the native kernel (`ch`'s
+    ``decode_attention`` is "native", the decode is not sharded over several devices, the compute
+    dtype is float32 or bfloat16, and the kernel builds on this host: the first call builds it, a
+    failure warns once and answers False)."""
+    if ch.decode_attention != "native" or sharded:
+        return False
+    import numpy as np
+
+    from .kernels.decode_attention import KERNEL_DTYPES, decode_attention_available
+    return np.dtype(compute_dtype).name in KERNEL_DTYPES and decode_attention_available()
 
 
 def platform_of(mesh=None) -> str:

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from .config import PLDRConfig
+from .kernels.decode_attention import decode_attention_update
 from .ops.attention import plga_attention
 from .ops.deductive import derive_g
 from .ops.layers import glu, layer_norm, linear
@@ -113,7 +114,7 @@ def attention_in_query_blocks(q: jax.Array, k: jax.Array, v: jax.Array, g_lm, ma
 
 def attend_and_mix(cfg: PLDRConfig, lp: dict, x: jax.Array, q, k, v, g_lm, mask, kernels: str = "xla",
                    attn_block: int = 0, heads_first: bool = False, new_kv=None,
-                   merged_heads: bool = True, live_len=None, kv_chunk: int = 0) -> jax.Array:
+                   merged_heads: bool = True, live_len=None, kv_chunk: int = 0, att=None) -> jax.Array:
     """Attention with G_LM, output projection, then the post-LN residual blocks.
 
     x [B, Lq, D]; q [B, Lq, H, dk]; k, v [B, Lk, H, dk] (or [B, H, Lk, dk] with `heads_first`, the
@@ -121,15 +122,16 @@ def attend_and_mix(cfg: PLDRConfig, lp: dict, x: jax.Array, q, k, v, g_lm, mask,
     per attention block (`attention_in_query_blocks`; 0 = all; not used with `heads_first`, a
     one-token decode step).  new_kv: the step's own key and value [B, 1, H, dk] when k/v are the
     cache before this step's write (`plga_attention`).  merged_heads, live_len, kv_chunk:
-    `plga_attention`'s (decode).
+    `plga_attention`'s (decode).  att: the attention output [B, Lq, H, dk] when already computed
+    (the native decode kernel, `decoder_layer` native_kv; q, k, v, g_lm, mask are then not used).
     Returns the layer output [B, Lq, D].
     """
     B, L, D = x.shape
     act = ("batch", "length", "embed")
-    if heads_first:
+    if att is None and heads_first:
         att = plga_attention(q, k, v, g_lm, mask, heads_first=True, new_kv=new_kv, merged_heads=merged_heads,
                              live_len=live_len, kv_chunk=kv_chunk)
-    else:
+    elif att is None:
         att = attention_in_query_blocks(q, k, v, g_lm, mask, attn_block)
     att = constrain(att, ("batch", "length", "heads", None)).reshape(B, L, D)
     h = constrain(layer_norm(lp["norm1"], x + linear(lp["dense"], att, kernels), cfg.layer_norm_eps), act)
@@ -140,8 +142,8 @@ def decoder_layer(cfg: PLDRConfig, lp: dict, x: jax.Array, positions: jax.Array,
                   metric_mask: jax.Array | None = None, g_lm: jax.Array | None = None,
                   metric: jax.Array | None = None, kv_buffers: tuple[jax.Array, jax.Array] | None = None,
                   kv_slot: jax.Array | None = None, merged_heads: bool = True, kv_chunk: int = 0,
-                  query_rows: jax.Array | None = None, kernels: str = "xla", attn_block: int = 0,
-                  rope: tuple[jax.Array, jax.Array] | None = None):
+                  native_kv: bool = False, query_rows: jax.Array | None = None, kernels: str = "xla",
+                  attn_block: int = 0, rope: tuple[jax.Array, jax.Array] | None = None):
     """One decoder layer (see the module docstring for which caller passes what).
 
     x [B, L, D] the layer input; positions [B, L] int (RoPE positions); mask [B, 1, L, Lk] bool
@@ -160,6 +162,9 @@ def decoder_layer(cfg: PLDRConfig, lp: dict, x: jax.Array, positions: jax.Array,
     kv_chunk: with `kv_buffers`, attention reads only the slots below the next free one (`kv_slot`,
       or the rows' largest position + 1), kv_chunk at a time (`plga_attention` live_len / kv_chunk;
       `pldr_jax.backend` ``decode_kv_chunk``); 0 = the whole buffer.
+    native_kv: with `kv_buffers` and per-row slots (no `kv_slot`), the cache write and the attention
+      run as the native XLA:CPU kernel (`pldr_jax.kernels.decode_attention_update`; `pldr_jax.backend`
+      ``decode_attention``): the same terms, buffers updated in place, masked slots not read.
     query_rows: [B] int, compute the output only at position query_rows[b] of row b.
     kernels: the matmul implementation ("xla" | "cpu", `pldr_jax.backend`).
     attn_block: the attention's query block length (`attention_in_query_blocks`; 0 = all at once).
@@ -179,6 +184,8 @@ def decoder_layer(cfg: PLDRConfig, lp: dict, x: jax.Array, positions: jax.Array,
         attend = kv_buffers
         k, v = (jax.lax.dynamic_update_slice_in_dim(buf, jnp.swapaxes(t, 1, 2).astype(buf.dtype), kv_slot, axis=2)
                 for buf, t in zip(kv_buffers, (k, v)))
+    elif native_kv:                 # written and attended over by the native kernel, below
+        attend = None
     else:                           # row b's key and value at its own position
         k, v = (buf.at[rows, :, positions[:, 0]].set(t[:, 0].astype(buf.dtype)) for buf, t in zip(kv_buffers, (k, v)))
         attend = (k, v)
@@ -192,7 +199,11 @@ def decoder_layer(cfg: PLDRConfig, lp: dict, x: jax.Array, positions: jax.Array,
     if query_rows is not None:
         x, q = x[rows, query_rows][:, None], q[rows, query_rows][:, None]
         mask = mask[rows, :, query_rows][:, :, None]
+    att = None
+    if attend is None:
+        att, k, v = decode_attention_update(q, ded["G_LM"], k, v, positions[:, 0], *kv_buffers, mask)
+        attend = (k, v)
     out = attend_and_mix(cfg, lp, x, q, *attend, ded["G_LM"], mask, kernels, attn_block,
                          heads_first=kv_buffers is not None, new_kv=new_kv, merged_heads=merged_heads,
-                         live_len=live_len, kv_chunk=kv_chunk)
+                         live_len=live_len, kv_chunk=kv_chunk, att=att)
     return out, ded, (k, v)

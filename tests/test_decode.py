@@ -458,14 +458,18 @@ def test_decode_embedding_table_and_lookup_order(tiny, monkeypatch):
 
 
 def test_wide_kv_cache_for_16bit_models(tiny, monkeypatch):
-    """A bfloat16 model decoding in bfloat16 keeps its keys/values in the platform's KV-cache dtype
-    (`backend.kv_cache_dtype`: float32 on CPU), heads first [B, H, S, dk]: the same tokens and
-    (up to float32 accumulation order) the same logits as bfloat16 buffers, ragged rows, one
-    compilation per bucket."""
+    """On the jax.lax decode path a bfloat16 model decoding in bfloat16 keeps its keys/values in the
+    platform's KV-cache dtype (`backend.kv_cache_dtype`: float32 on CPU), heads first [B, H, S, dk]:
+    the same tokens and (up to float32 accumulation order) the same logits as bfloat16 buffers,
+    ragged rows, one compilation per bucket.  The native CPU kernel (`backend.decode_attention`)
+    keeps bfloat16 buffers: the same tokens again."""
     import dataclasses
 
     from pldr_jax import backend
     from pldr_jax.decode import request
+    from pldr_jax.kernels import build
+    from pldr_jax.kernels.decode_attention import decode_attention_available
+    monkeypatch.setenv(build.ENV_SWITCH, "0")
     cfg, params = tiny
     bf = cfg.replace(dtype="bfloat16")
     prompts = RAGGED * 3                          # 9 rows: decodes in bfloat16 (bf16_min_batch)
@@ -485,3 +489,8 @@ def test_wide_kv_cache_for_16bit_models(tiny, monkeypatch):
     assert narrow.cache.k[0].dtype == jnp.bfloat16
     assert wide.tokens == narrow.tokens
     np.testing.assert_allclose(wide.logits, narrow.logits, atol=2e-2, rtol=2e-2)
+    monkeypatch.undo()
+    if decode_attention_available():
+        native = pldr_jax.Sampler(bf, params)(prompts, **kw)
+        assert native.cache.k[0].dtype == jnp.bfloat16 and native.tokens == wide.tokens
+        np.testing.assert_allclose(native.logits, narrow.logits, atol=2e-2, rtol=2e-2)

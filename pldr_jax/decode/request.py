@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..backend import choices
+from ..backend import choices, uses_native_decode_attention
 from ..config import PLDRConfig
 from ..model import normalize_g_lm
 from .buckets import plan_lengths
@@ -99,7 +99,7 @@ class DecodeRequest:
 
 def make_request(cfg, weights: Callable[[int], tuple], prompts, *, max_new_tokens, kv_cache, g_cache, temperature,
                  top_k, top_p, seed, eos_id, g_lm, shared_g, stop_at_max_seq_len, max_len, return_logits,
-                 return_deductive, platform: str | None = None) -> DecodeRequest:
+                 return_deductive, platform: str | None = None, sharded: bool = False) -> DecodeRequest:
     """Validate `generate`'s arguments (see there) and build the `DecodeRequest`; ValueError if invalid.
 
     weights: batch size -> (run_cfg, run_params), the decode weights for that many rows
@@ -130,16 +130,20 @@ def make_request(cfg, weights: Callable[[int], tuple], prompts, *, max_new_token
     run_cfg, run_params = weights(B)
     given = g_all is not None
     # with a given G the G-cache flag changes nothing (G is fixed anyway): one compilation for both
-    wide = backend.kv_cache_dtype
-    kv_dtype = wide if wide and jnp.dtype(run_cfg.dtype).itemsize < jnp.dtype(wide).itemsize else None
     # one shared KV slot per step (`decode.cache` "KV slots", where the backend wants it) if the buffer
     # holds the longest prompt + the most tokens any row decodes; else (CPU, or stop_at_max_seq_len
     # with unequal prompts) each row's own position
     shared_slot = (bool(kv_cache) and backend.decode_shared_kv_slot
                    and int(lens.max()) + int(limit.max()) <= S)
+    # per-row slots on CPU: the cache write + attention as the native kernel where it builds (its
+    # buffers in the compute dtype), else the jax.lax path (a 16-bit model's buffers wider there)
+    native_kv = bool(kv_cache) and not shared_slot and uses_native_decode_attention(backend, run_cfg.dtype,
+                                                                                     sharded=sharded)
+    wide = None if native_kv else backend.kv_cache_dtype
+    kv_dtype = wide if wide and jnp.dtype(run_cfg.dtype).itemsize < jnp.dtype(wide).itemsize else None
     step = StepSpec(cfg=run_cfg, kv_cache=bool(kv_cache), g_cache=bool(g_cache) or given, given_g=given,
                     kv_dtype=kv_dtype, shared_slot=shared_slot, merged_heads=backend.decode_merged_heads,
-                    kv_chunk=backend.decode_kv_chunk if kv_cache else 0)
+                    kv_chunk=backend.decode_kv_chunk if kv_cache else 0, native_kv=native_kv)
     spec = LoopSpec(step=step, shared_g=bool(shared_g), sampler_kind=sampler.kind,
                     collect_logits=bool(return_logits), collect_deductive=bool(return_deductive))
     t, k, p = (sampler.temperature, sampler.top_k, sampler.top_p) if isinstance(sampler, SamplingParams) else (1.0, 1, 1.0)

@@ -86,7 +86,8 @@ class Sampler:
                             g_cache=g_cache, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                             eos_id=eos_id, g_lm=g_lm, shared_g=shared_g, stop_at_max_seq_len=stop_at_max_seq_len,
                             max_len=max_len, return_logits=return_logits, return_deductive=return_deductive,
-                            platform=platform_of(self.mesh))
+                            platform=platform_of(self.mesh),
+                            sharded=self.mesh is not None and self.mesh.devices.size > 1)
 
     def _prefill(self, req: DecodeRequest):
         tokens, lengths = req.tokens, req.lengths

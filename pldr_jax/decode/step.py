@@ -56,6 +56,8 @@ class StepSpec:
     merged_heads: bool = True  # attention over one [B * H] axis (`backend` decode_merged_heads)
     kv_chunk: int = 0          # attend over the live KV slots, this many at a time, when the buffer
                                # is longer (`backend` decode_kv_chunk; 0 = the whole buffer)
+    native_kv: bool = False    # per-row KV write + attention as the native XLA:CPU kernel
+                               # (`backend` decode_attention; `kernels.decode_attention_update`)
 
     @property
     def fixed_g(self) -> bool:
@@ -64,14 +66,15 @@ class StepSpec:
 
 
 def _run_layers(cfg: PLDRConfig, params, x, positions, mask, *, metric_mask=None, g_lm=None, metric=None,
-                kv_buffers=None, kv_slot=None, merged_heads=True, kv_chunk=0, last_query_rows=None, rope=None):
+                kv_buffers=None, kv_slot=None, merged_heads=True, kv_chunk=0, native_kv=False, last_query_rows=None,
+                rope=None):
     """`decoder_layer` over every layer of per-layer params.
 
     x [B, L, D]; positions, mask, metric_mask as `decoder_layer`.  Per-layer inputs, indexed by layer
     (a tuple or a stacked array), None when unused: g_lm [L][B|1, H, dk, dk], metric (cached A)
     [L][B|1, H, dk, dk], kv_buffers (k, v) each [L][B, H, S, dk]; kv_slot [] int32: the one buffer
     slot every row's new key/value goes to (None: slot = the row's position); merged_heads: see
-    `decoder_layer`; kv_chunk: see `decoder_layer`.  last_query_rows [B]: the last layer's
+    `decoder_layer`; kv_chunk, native_kv: see `decoder_layer`.  last_query_rows [B]: the last layer's
     output only at that position of each row.  rope: the positions' RoPE tables for every layer
     (`decoder_layer`; None: each layer computes them).  Returns (x_out [B, L|1, D], keys [L][B, L, H, dk] (or
     the updated buffers [L][B, H, S, dk]), values, per-layer deductive dicts).
@@ -85,8 +88,8 @@ def _run_layers(cfg: PLDRConfig, params, x, positions, mask, *, metric_mask=None
         kv = None if kv_buffers is None else (kv_buffers[0][i], kv_buffers[1][i])
         x, ded, (k, v) = decoder_layer(cfg, lp, x, positions, mask, metric_mask=metric_mask, g_lm=pick(g_lm, i),
                                        metric=pick(metric, i), kv_buffers=kv, kv_slot=kv_slot,
-                                       merged_heads=merged_heads, kv_chunk=kv_chunk, rope=rope,
-                                       query_rows=last_query_rows if i == len(layers) - 1 else None)
+                                       merged_heads=merged_heads, kv_chunk=kv_chunk, native_kv=native_kv,
+                                       rope=rope, query_rows=last_query_rows if i == len(layers) - 1 else None)
         ks.append(k)
         vs.append(v)
         deds.append(ded)
@@ -177,7 +180,8 @@ def decode_step(spec: StepSpec, params, cache: Cache, token, active):
                                       valid[:, None, None, :], g_lm=g_lm,
                                       metric=None if spec.fixed_g else cache.A,
                                       kv_buffers=(cache.k, cache.v), kv_slot=slot,
-                                      merged_heads=spec.merged_heads, kv_chunk=spec.kv_chunk)
+                                      merged_heads=spec.merged_heads, kv_chunk=spec.kv_chunk,
+                                      native_kv=spec.native_kv and slot is None)
         cache = cache.replace(k=tuple(ks), v=tuple(vs))
         if spec.shared_slot:
             cache = cache.replace(kv_next=cache.kv_next + 1)

@@ -1,0 +1,6 @@
+"""Native XLA:CPU kernels (C++ `jax.ffi` custom calls), built on first use; see `build`."""
+
+from .build import KernelStatus, load
+from .decode_attention import decode_attention_available, decode_attention_update
+
+__all__ = ["KernelStatus", "load", "decode_attention_available", "decode_attention_update"]
