@@ -72,17 +72,24 @@ struct Problem {
   bool round;
 };
 
-// One (row, head) pair; `scratch` holds at least S + dk floats.
+// This step's key and value of (row b, head) `pair` into its buffers K, V [S, dk] at slot pos[b]
+// (nothing outside [0, S)).
+template <typename T>
+inline void write_new(const Problem<T>& P, int64_t pair, int64_t b, int64_t dk, T* K, T* V) {
+  const int32_t pb = P.pos[b];
+  if (pb >= 0 && pb < P.S) {
+    std::memcpy(K + pb * dk, P.k_new + pair * dk, dk * sizeof(T));
+    std::memcpy(V + pb * dk, P.v_new + pair * dk, dk * sizeof(T));
+  }
+}
+
+// One (row, head) pair, any dk (the scalar path); `scratch` holds at least S + dk floats.
 template <typename T>
 void one_pair(const Problem<T>& P, int64_t pair, float* scratch) {
   const int64_t b = pair / P.H, h = pair % P.H, dk = P.dk, S = P.S;
   T* K = P.k + pair * S * dk;
   T* V = P.v + pair * S * dk;
-  const int32_t pb = P.pos[b];
-  if (pb >= 0 && pb < S) {
-    std::memcpy(K + pb * dk, P.k_new + pair * dk, dk * sizeof(T));
-    std::memcpy(V + pb * dk, P.v_new + pair * dk, dk * sizeof(T));
-  }
+  write_new(P, pair, b, dk, K, V);
   float* qg = scratch;
   float* logits = scratch + dk;
   const float* q = P.q + pair * dk;
@@ -185,11 +192,7 @@ void one_pair_fast(const Problem<T>& P, int64_t pair, float* scratch) {
   const int64_t b = pair / P.H, h = pair % P.H, S = P.S;
   T* K = P.k + pair * S * dk;
   T* V = P.v + pair * S * dk;
-  const int32_t pb = P.pos[b];
-  if (pb >= 0 && pb < S) {
-    std::memcpy(K + pb * dk, P.k_new + pair * dk, dk * sizeof(T));
-    std::memcpy(V + pb * dk, P.v_new + pair * dk, dk * sizeof(T));
-  }
+  write_new(P, pair, b, dk, K, V);
   // qg = rnd(q @ G)
   v8f qg[C];
   for (int c = 0; c < C; ++c) qg[c] = splat(0.f);
