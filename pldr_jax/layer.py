@@ -175,8 +175,12 @@ def decoder_layer(cfg: PLDRConfig, lp: dict, x: jax.Array, positions: jax.Array,
     attended over: [B, L, H, dk], or the updated buffers [B, H, S, dk]).
     """
     q, k, v = project_qkv(cfg, lp, x, positions, kernels, rope)
+    if g_lm is not None:
+        ded = {"G_LM": g_lm.astype(jnp.float32)}
+    else:
+        ded = deduce(lp, metric_A(cfg, lp, q, metric_mask, kernels) if metric is None else metric)
     rows = jnp.arange(x.shape[0])
-    new_kv = None
+    new_kv, att = None, None
     if kv_buffers is None:
         attend = (k, v)
     elif kv_slot is not None:       # [B, H, 1, dk] into [B, H, S, dk] at one slot; attention reads the
@@ -184,25 +188,18 @@ def decoder_layer(cfg: PLDRConfig, lp: dict, x: jax.Array, positions: jax.Array,
         attend = kv_buffers
         k, v = (jax.lax.dynamic_update_slice_in_dim(buf, jnp.swapaxes(t, 1, 2).astype(buf.dtype), kv_slot, axis=2)
                 for buf, t in zip(kv_buffers, (k, v)))
-    elif native_kv:                 # written and attended over by the native kernel, below
-        attend = None
+    elif native_kv:                 # written and attended over by the native kernel
+        att, k, v = decode_attention_update(q, ded["G_LM"], k, v, positions[:, 0], *kv_buffers, mask)
+        attend = (k, v)
     else:                           # row b's key and value at its own position
         k, v = (buf.at[rows, :, positions[:, 0]].set(t[:, 0].astype(buf.dtype)) for buf, t in zip(kv_buffers, (k, v)))
         attend = (k, v)
     live_len = None                 # the slots a one-token step attends over: below the next free one
     if kv_buffers is not None and kv_chunk:
         live_len = kv_slot if kv_slot is not None else jnp.max(positions[:, 0]) + 1
-    if g_lm is not None:
-        ded = {"G_LM": g_lm.astype(jnp.float32)}
-    else:
-        ded = deduce(lp, metric_A(cfg, lp, q, metric_mask, kernels) if metric is None else metric)
     if query_rows is not None:
         x, q = x[rows, query_rows][:, None], q[rows, query_rows][:, None]
         mask = mask[rows, :, query_rows][:, :, None]
-    att = None
-    if attend is None:
-        att, k, v = decode_attention_update(q, ded["G_LM"], k, v, positions[:, 0], *kv_buffers, mask)
-        attend = (k, v)
     out = attend_and_mix(cfg, lp, x, q, *attend, ded["G_LM"], mask, kernels, attn_block,
                          heads_first=kv_buffers is not None, new_kv=new_kv, merged_heads=merged_heads,
                          live_len=live_len, kv_chunk=kv_chunk, att=att)

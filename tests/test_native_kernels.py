@@ -131,6 +131,7 @@ def test_bad_arguments_name_the_problem():
 
 
 def test_switch_off_and_failed_build_fall_back(monkeypatch, tmp_path):
+    real_compiler = build._compiler()
     monkeypatch.setenv(build.ENV_SWITCH, "0")
     assert backend.choices("cpu").decode_attention == "xla"
     assert not backend.uses_native_decode_attention(backend.choices("cpu"), "float32", sharded=False)
@@ -147,7 +148,7 @@ def test_switch_off_and_failed_build_fall_back(monkeypatch, tmp_path):
     st = build.load("decode_attention")
     assert not st.available and "compiler" in st.reason
     # a source that does not compile: a warning naming the failure, then the jax.lax path
-    if shutil_which_cxx() is None:
+    if real_compiler is None:
         return
     monkeypatch.undo()
     monkeypatch.setattr(build, "_loaded", {})
@@ -160,10 +161,6 @@ def test_switch_off_and_failed_build_fall_back(monkeypatch, tmp_path):
         st = build.load("decode_attention")
     assert not st.available and "failed" in st.reason
     assert not list((tmp_path / "libs").glob("*.tmp"))         # no half-written library left behind
-
-
-def shutil_which_cxx():
-    return build._compiler()
 
 
 @needs_kernel

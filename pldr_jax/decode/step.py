@@ -181,7 +181,7 @@ def decode_step(spec: StepSpec, params, cache: Cache, token, active):
                                       metric=None if spec.fixed_g else cache.A,
                                       kv_buffers=(cache.k, cache.v), kv_slot=slot,
                                       merged_heads=spec.merged_heads, kv_chunk=spec.kv_chunk,
-                                      native_kv=spec.native_kv and slot is None)
+                                      native_kv=spec.native_kv)
         cache = cache.replace(k=tuple(ks), v=tuple(vs))
         if spec.shared_slot:
             cache = cache.replace(kv_next=cache.kv_next + 1)
