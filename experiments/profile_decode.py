@@ -10,6 +10,8 @@ decode step, grouped by what the operation computes (from the compiled HLO):
 * ``attention dot``: a batched dot (q G_LM, q K^T, p V over the B x H heads);
 * ``softmax``: an exponential, reduction or division over the attention's [B * H, 1, S] logits;
 * ``cache write``: a scatter (the one-token KV-cache writes);
+* ``native attention``: the native XLA:CPU kernel's custom call (`pldr_jax.kernels`: the cache
+  write and the attention in one);
 * ``other``: everything else (norms, RoPE, embedding gather, sampling, loop book-keeping).
 
 Times are thread time (an operation split over the two cores counts on both), so the groups add
@@ -34,7 +36,7 @@ import sys
 import tempfile
 import time
 
-CATEGORIES = ("weight matmul", "attention dot", "softmax", "cache write", "other")
+CATEGORIES = ("weight matmul", "attention dot", "softmax", "cache write", "native attention", "other")
 _WRAPPERS = ("Thunk", "Slinky", "Threadpool", "ThreadPool", "while", "PjRt", "Pjrt", "call")
 
 
@@ -58,6 +60,8 @@ def _computations(hlo: str) -> tuple[dict[str, str], dict[str, str]]:
 def categorize(line: str, comps: dict[str, str], attn_rows: int) -> str:
     """The `CATEGORIES` entry of one compiled HLO instruction (its line; fusions by their body);
     attn_rows = batch x heads (the attention's [attn_rows, 1, S] logits)."""
+    if 'custom_call_target="pldr_' in line:
+        return "native attention"
     called = re.search(r"calls=%([\w.\-]+)", line)
     body = comps.get(called.group(1), line) if called else line
     dots = [ln for ln in body.splitlines() if " dot(" in ln]

@@ -394,6 +394,30 @@ def test_cli_persistent_compile_cache(tmp_path):
     assert not (tmp_path / "off-by-flag-not-used").exists()
 
 
+def test_compile_watch_counts_a_compile_nested_in_a_trace_once():
+    """A function compiled while another is traced (as the decode step's constant RoPE tables are)
+    has its stages inside the outer trace: `CompileWatch.seconds` is the union of the stages'
+    intervals, never more than the call's wall time (a sum counted the nested stages twice)."""
+    import time
+    from pldr_jax.decode.compile_time import CompileWatch
+    x0 = np.arange(5, dtype=np.float32)
+
+    def outer(x):
+        inner = jax.jit(lambda t: jnp.cos(t) * 3.0 + jnp.sin(t))
+        table = np.asarray(inner.lower(x0).compile()(x0))       # compiled during outer's trace
+        return x * 2.0 + table
+
+    t0 = time.perf_counter()
+    with CompileWatch() as watch:
+        jax.block_until_ready(jax.jit(outer)(jnp.ones(5, jnp.float32)))
+    wall = time.perf_counter() - t0
+    summed = watch.trace_s + watch.lower_s + watch.backend_s
+    assert watch.compiles >= 2
+    assert 0 < watch.seconds <= wall
+    assert watch.seconds < summed            # the inner stages lie inside the outer trace
+    assert watch.seconds >= max(watch.trace_s, watch.backend_s)
+
+
 def test_compile_cache_directory_resolution(monkeypatch, tmp_path):
     from pldr_jax.compile_cache import ENV_VAR, default_cache_dir, resolve_cache_dir
     monkeypatch.delenv(ENV_VAR, raising=False)

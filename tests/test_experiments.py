@@ -204,7 +204,7 @@ def test_profile_decode_quick():
     p = run_script("profile_decode.py", "--json", "--top", "50")
     res = json.loads(p.stdout.strip().splitlines()[-1])
     cats = res["thread_ms_per_step"]
-    assert set(cats) == {"weight matmul", "attention dot", "softmax", "cache write", "other"}
+    assert set(cats) == {"weight matmul", "attention dot", "softmax", "cache write", "native attention", "other"}
     assert res["steps"] >= 1 and finite(res["wall_ms_per_step"]) and res["thread_ms_total"] > 0
     assert cats["weight matmul"] > 0 and cats["cache write"] > 0
     assert all(o["category"] in cats and o["ms_per_step"] >= 0 for o in res["ops"])
@@ -222,6 +222,9 @@ def test_profile_decode_quick():
            "  %a = f32[32,1,896]{2,1,0} multiply(%x, %x)"}
     assert categorize("  %x = f32[448,1,128]{2,1,0} fusion(%p), kind=kLoop, calls=%e", exp, 448) == "softmax"
     assert categorize("  %x = f32[32,1]{1,0} fusion(%p), kind=kLoop, calls=%n", exp, 448) == "other"
+    native = ('  %c = (f32[32,14,64]{2,1,0}, bf16[32,14,128,64]{3,2,1,0}) custom-call(%q, %g), '
+              'custom_call_target="pldr_decode_attention", api_version=API_VERSION_TYPED_FFI')
+    assert categorize(native, {}, 448) == "native attention"
 
 
 def test_prefill_ablation_quick():

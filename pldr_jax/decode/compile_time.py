@@ -9,6 +9,7 @@ can report compile time apart from run time (the CLI prints both; `GenerateOutpu
 from __future__ import annotations
 
 import threading
+import time
 
 from jax import monitoring
 
@@ -26,21 +27,37 @@ class CompileWatch:
 
     Attributes: ``trace_s``, ``lower_s``, ``backend_s`` (XLA compile or persistent-cache read),
     ``compiles`` (backend compile events), ``cache_hits`` / ``cache_misses`` (persistent cache).
-    ``seconds`` = trace + lower + backend.  Listeners are process-wide: calls running in other
-    threads at the same time are counted too.
+    ``seconds``: the wall time covered by those stages, each stage's interval ending when its event
+    arrives -- their union, not their sum: a function compiled while another is traced (a constant
+    table made by a compiled function during tracing) has its stages inside the outer trace's,
+    and a sum would count them twice (it could exceed the call's wall time).  The per-stage sums
+    then overlap.  Listeners are process-wide: calls running in other threads at the same time are
+    counted too.
     """
 
     def __init__(self) -> None:
         self.trace_s = self.lower_s = self.backend_s = 0.0
         self.compiles = self.cache_hits = self.cache_misses = 0
+        self._spans: list[tuple[float, float]] = []      # (start, end) perf_counter seconds
         self._lock = threading.Lock()
 
     @property
     def seconds(self) -> float:
-        return self.trace_s + self.lower_s + self.backend_s
+        """Seconds of wall time inside some compile stage (the union of the stages' intervals)."""
+        with self._lock:
+            spans = sorted(self._spans)
+        total, reach = 0.0, float("-inf")
+        for start, end in spans:
+            if end > reach:
+                total += end - max(start, reach)
+                reach = end
+        return total
 
     def _on_duration(self, event: str, duration: float, **_kw) -> None:
+        end = time.perf_counter()
         with self._lock:
+            if event in (_TRACE, _LOWER, _BACKEND):
+                self._spans.append((end - duration, end))
             if event == _TRACE:
                 self.trace_s += duration
             elif event == _LOWER:

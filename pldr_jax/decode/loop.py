@@ -69,7 +69,8 @@ class LoopState:
 
 
 def _record(spec: LoopSpec, st: LoopState, inputs: LoopInputs, logits, deds) -> LoopState:
-    """Sample step st.t from logits [B, V] and book-keep EOS / limits; deds: per-layer deductive dicts."""
+    """Sample step st.t from logits [B, V] (float32, or a 16-bit model's dtype) and book-keep EOS /
+    limits; deds: per-layer deductive dicts."""
     t = st.t
     tok = sample_logits(logits, jax.random.fold_in(st.key, t), inputs.temperature, inputs.top_k, inputs.top_p,
                         kind=spec.sampler_kind)
@@ -79,7 +80,7 @@ def _record(spec: LoopSpec, st: LoopState, inputs: LoopInputs, logits, deds) -> 
     done = st.done | (active & (tok == inputs.eos_id)) | (count >= inputs.limit)
     upd = dict(t=t + 1, token=tok, out=st.out.at[:, t].set(tok), done=done, count=count)
     if spec.collect_logits:
-        upd["logits_buf"] = st.logits_buf.at[t].set(logits)
+        upd["logits_buf"] = st.logits_buf.at[t].set(logits.astype(jnp.float32))
     if spec.collect_deductive:
         B = tok.shape[0]
         upd["ded_buf"] = {n: buf.at[t].set(jnp.stack([jnp.broadcast_to(d[n], (B,) + d[n].shape[1:]) for d in deds]))

@@ -110,11 +110,13 @@ def _kv_buffer(t, S, dtype):
 
 @functools.lru_cache(maxsize=32)
 def prompt_rope_tables(P: int, dk: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
-    """The RoPE (cos, sin) tables [P, dk/2] of prompt positions 0 .. P-1, made once per shape by a
+    """The RoPE (cos, sin) tables [P, dk/2] of positions 0 .. P-1, made once per shape by a
     compiled `ops.rope.rope_tables` (the values a rotation computes in the graph, bit for bit) and
-    used by the traced prefill as constants.  Computed in the graph instead, XLA fuses the cos and
-    sin into every layer's q and k rotation and recomputes them per element and head (~85 % of the
-    rotation's time; experiments/README.md "Prefill against its floor")."""
+    used by the traced prefill (P = the prompt length) and decode step (P = the buffer length; a
+    step gathers its rows' positions) as constants.  Computed in the graph instead, XLA fuses the
+    cos and sin into every layer's q and k rotation and recomputes them per element and head (~85 %
+    of the prefill rotation's time; ~0.1 ms per rotation, 1 ms of a batch-32 decode step:
+    experiments/README.md "Prefill against its floor", "The decode step's remaining overhead")."""
     pos = np.arange(P, dtype=np.int32)
     compiled = jax.jit(rope_tables, static_argnums=(1, 2)).lower(pos, dk, theta).compile()
     cos, sin = compiled(pos)
@@ -158,7 +160,8 @@ def decode_step(spec: StepSpec, params, cache: Cache, token, active):
 
     With the KV-cache only the new token runs, over the cached keys and values; without it the whole
     buffer [B, S] runs again (beyond each row's length = padding), its last layer only at the new
-    token.  Returns (logits [B, V] float32, the new cache, per-layer deductive outputs: {"G_LM"}
+    token.  Returns (logits [B, V] in the compute dtype (every sampler reads them exactly; a
+    float32 copy of a 16-bit model's 32 x 32000 logits cost 0.4-0.8 ms of a batch-32 step), the new cache, per-layer deductive outputs: {"G_LM"}
     (+ the cached "A_LM") with a fixed G, else {"A", "A_LM", "A_P", "G_LM"}, each [B|1, H, dk, dk]).
     """
     cfg = spec.cfg
@@ -167,6 +170,7 @@ def decode_step(spec: StepSpec, params, cache: Cache, token, active):
     tokens = cache.tokens.at[jnp.arange(B), pos].set(token)
     lengths = jnp.where(active, pos + 1, cache.lengths)
     g_lm = cache.G_LM if spec.fixed_g else None
+    rope = tuple(jnp.asarray(t) for t in prompt_rope_tables(S, cfg.head_dim, float(cfg.rope_theta)))  # [S, dk/2]
     if spec.kv_cache:               # the new token only; without a G-cache G comes from the cached A
         slot_ids = jnp.arange(S)[None, :]
         if spec.shared_slot:        # one slot for every row (`cache` "KV slots")
@@ -181,7 +185,8 @@ def decode_step(spec: StepSpec, params, cache: Cache, token, active):
                                       metric=None if spec.fixed_g else cache.A,
                                       kv_buffers=(cache.k, cache.v), kv_slot=slot,
                                       merged_heads=spec.merged_heads, kv_chunk=spec.kv_chunk,
-                                      native_kv=spec.native_kv)
+                                      native_kv=spec.native_kv,
+                                      rope=tuple(t[pos][:, None] for t in rope))    # [B, 1, dk/2]
         cache = cache.replace(k=tuple(ks), v=tuple(vs))
         if spec.shared_slot:
             cache = cache.replace(kv_next=cache.kv_next + 1)
@@ -191,8 +196,8 @@ def decode_step(spec: StepSpec, params, cache: Cache, token, active):
         x, _, _, deds = _run_layers(cfg, params, embed(cfg, params, tokens, lookup_first=True),
                                     positions,
                                     causal_padding_mask(valid, S), metric_mask=valid, g_lm=g_lm,
-                                    last_query_rows=lengths - 1)
+                                    last_query_rows=lengths - 1, rope=rope)
     if spec.fixed_g and cache.A_LM is not None:
         deds = [dict(ded, A_LM=a_lm) for ded, a_lm in zip(deds, cache.A_LM)]
-    logits = linear(params["final"], x[:, 0]).astype(jnp.float32)
+    logits = linear(params["final"], x[:, 0])      # the head's dtype: a sampler converts what it needs
     return logits, cache.replace(tokens=tokens, lengths=lengths), deds

@@ -89,7 +89,7 @@ inline void write_new(const Problem<T>& P, int64_t pair, int64_t b, int64_t dk, 
 
 // One (row, head) pair, any dk (the scalar path); `scratch` holds at least S + dk floats.
 template <typename T>
-void one_pair(const Problem<T>& P, int64_t pair, float* scratch) {
+void one_pair(const Problem<T>& P, int64_t pair, float* scratch, bool /*warm*/) {
   const int64_t b = pair / P.H, h = pair % P.H, dk = P.dk, S = P.S;
   T* K = P.k + pair * S * dk;
   T* V = P.v + pair * S * dk;
@@ -165,11 +165,68 @@ inline float hsum(v8f a) {
 }
 inline v8f splat(float x) { return v8f{x, x, x, x, x, x, x, x}; }
 
-// Bring `bytes` from `p` towards the core ahead of use (the short per-pair streams are too short
-// for the hardware prefetchers to ramp up).
-inline void prefetch(const void* p, int64_t bytes) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 2);
+// The live slots of row b: [lo, hi) holds every slot its mask keeps (hi = lo = 0 if none).
+inline void live_range(const bool* m, int64_t S, int64_t& lo, int64_t& hi) {
+  lo = 0;
+  while (lo < S && !m[lo]) ++lo;
+  hi = S;
+  while (hi > lo && !m[hi - 1]) --hi;
+  if (lo == S) lo = hi = 0;
+}
+
+// One software-prefetch cursor over the bytes a thread reads, in the order it reads them: this
+// pair's G [dk, dk], its live keys, its live values, then the next pair's three -- kept `kAhead`
+// bytes in front of the reads (one 64-byte line per line consumed).  A pair's streams are a few
+// KB each and start on a new 4 KB page every few KB, where the hardware prefetchers stop; a
+// cursor that runs on across them and into the next pair took a plain read of these bytes from
+// ~13 to ~21 GB/s on one core (experiments/README.md "The decode step's remaining overhead").
+// Prefetching never reads values: a masked slot inside [lo, hi) is fetched, never used.
+constexpr int64_t kAhead = 8192;
+
+struct PrefetchStream {
+  const char* p[6];
+  int64_t n[6];
+  int count = 0, s = 0;
+  int64_t o = 0;
+
+  void add(const void* ptr, int64_t bytes) {
+    if (bytes <= 0) return;
+    p[count] = static_cast<const char*>(ptr);
+    n[count++] = bytes;
+  }
+  // issue `lines` prefetches at the cursor and move it on
+  inline void run(int64_t lines) {
+    for (; lines > 0 && s < count; --lines) {
+      __builtin_prefetch(p[s] + o, 0, 2);
+      o += 64;
+      if (o >= n[s]) { ++s; o = 0; }
+    }
+  }
+  // move the cursor `bytes` on, prefetching only when `fetch` (the start of a cold run of pairs)
+  inline void skip(int64_t bytes, bool fetch) {
+    if (fetch) { run((bytes + 63) / 64); return; }
+    while (bytes > 0 && s < count) {
+      const int64_t take = std::min(bytes, n[s] - o);
+      o += take; bytes -= take;
+      if (o >= n[s]) { ++s; o = 0; }
+    }
+  }
+};
+
+// The stream of pair `pair` followed by pair `pair + 1` (if any).
+template <typename T>
+PrefetchStream stream_for(const Problem<T>& P, int64_t pair) {
+  PrefetchStream st;
+  const int64_t dk = P.dk, S = P.S;
+  for (int64_t q = pair; q < std::min(pair + 2, P.B * P.H); ++q) {
+    const int64_t b = q / P.H, h = q % P.H;
+    int64_t lo, hi;
+    live_range(P.mask + b * S, S, lo, hi);
+    st.add(P.g + ((P.Bg == 1 ? 0 : b) * P.H + h) * dk * dk, dk * dk * int64_t(sizeof(float)));
+    st.add(P.k + (q * S + lo) * dk, (hi - lo) * dk * int64_t(sizeof(T)));
+    st.add(P.v + (q * S + lo) * dk, (hi - lo) * dk * int64_t(sizeof(T)));
+  }
+  return st;
 }
 
 // exp(x) for x <= 0 (logits minus their maximum): Cephes' expf (range reduction by ln 2, degree-6
@@ -197,20 +254,24 @@ inline v8f exp8(v8f x) {
 }
 
 template <int C, typename T>   // C = dk / 8 lanes
-void one_pair_fast(const Problem<T>& P, int64_t pair, float* scratch) {
+void one_pair_fast(const Problem<T>& P, int64_t pair, float* scratch, bool warm) {
   constexpr int64_t dk = 8 * C;
+  constexpr int64_t row_lines = dk * sizeof(float) / 64, slot_lines = (dk * sizeof(T) + 63) / 64;
   const int64_t b = pair / P.H, h = pair % P.H, S = P.S;
   T* K = P.k + pair * S * dk;
   T* V = P.v + pair * S * dk;
   write_new(P, pair, b, dk, K, V);
+  // warm: the previous pair on this thread was pair - 1, whose stream already fetched our first
+  // kAhead bytes; else fetch them now
+  PrefetchStream ps = stream_for(P, pair);
+  ps.skip(kAhead, !warm);
   // qg = rnd(q @ G)
   v8f qg[C];
   for (int c = 0; c < C; ++c) qg[c] = splat(0.f);
   const float* q = P.q + pair * dk;
   const float* g = P.g + ((P.Bg == 1 ? 0 : b) * P.H + h) * dk * dk;
-  constexpr int64_t ahead = 8;                       // rows prefetched ahead of use (into L2)
   for (int64_t d = 0; d < dk; ++d) {
-    if (d + ahead < dk) prefetch(g + (d + ahead) * dk, dk * sizeof(float));
+    ps.run(row_lines);
     const v8f qd = splat(q[d]);
     for (int c = 0; c < C; ++c) qg[c] += qd * load8(g + d * dk + 8 * c);
   }
@@ -225,10 +286,8 @@ void one_pair_fast(const Problem<T>& P, int64_t pair, float* scratch) {
   for (int64_t s = 0; s < S; ++s) if (m[s]) live[n++] = int32_t(s);
   float mx = -INFINITY;
   int64_t i = 0;
-  for (int64_t j = 0; j < std::min<int64_t>(n, 2 * ahead); ++j) prefetch(K + live[j] * dk, dk * sizeof(T));
   for (; i + 4 <= n; i += 4) {
-    for (int64_t j = i + 2 * ahead; j < std::min<int64_t>(n, i + 2 * ahead + 4); ++j)
-      prefetch(K + live[j] * dk, dk * sizeof(T));
+    ps.run(4 * slot_lines);
     const T* k0 = K + live[i] * dk; const T* k1 = K + live[i + 1] * dk;
     const T* k2 = K + live[i + 2] * dk; const T* k3 = K + live[i + 3] * dk;
     v8f a0 = splat(0.f), a1 = a0, a2 = a0, a3 = a0;
@@ -240,13 +299,13 @@ void one_pair_fast(const Problem<T>& P, int64_t pair, float* scratch) {
     logits[i + 2] = hsum(a2) * P.scale; logits[i + 3] = hsum(a3) * P.scale;
   }
   for (; i < n; ++i) {
+    ps.run(slot_lines);
     const T* k0 = K + live[i] * dk;
     v8f a0 = splat(0.f);
     for (int c = 0; c < C; ++c) a0 += qg[c] * load8(k0 + 8 * c);
     logits[i] = hsum(a0) * P.scale;
   }
   for (int64_t j = 0; j < n; ++j) mx = std::max(mx, logits[j]);
-  for (int64_t j = 0; j < std::min<int64_t>(n, ahead); ++j) prefetch(V + live[j] * dk, dk * sizeof(T));
   // exp and sum, eight at a time
   float total = 0.f;
   {
@@ -270,7 +329,7 @@ void one_pair_fast(const Problem<T>& P, int64_t pair, float* scratch) {
   v8f o[C];
   for (int c = 0; c < C; ++c) o[c] = splat(0.f);
   for (int64_t j = 0; j < n; ++j) {
-    if (j + ahead < n) prefetch(V + live[j + ahead] * dk, dk * sizeof(T));
+    ps.run(slot_lines);
     float p = logits[j] / total;
     if (P.round) p = round_bf16(p);
     const v8f pv = splat(p);
@@ -282,7 +341,7 @@ void one_pair_fast(const Problem<T>& P, int64_t pair, float* scratch) {
 }
 
 template <typename T>
-using PairFn = void (*)(const Problem<T>&, int64_t, float*);
+using PairFn = void (*)(const Problem<T>&, int64_t, float*, bool);
 
 template <typename T>
 PairFn<T> pick(int64_t dk) {
@@ -309,11 +368,15 @@ template <typename T>
 void work(Shared<T>& st) {
   std::vector<float> scratch(2 * st.P.S + st.P.dk + 8);
   const PairFn<T> fn = pick<T>(st.P.dk);
+  int64_t last = -2;
   for (;;) {
     const int64_t start = st.next.fetch_add(st.per_claim);
     if (start >= st.pairs) return;
     const int64_t end = std::min(st.pairs, start + st.per_claim);
-    for (int64_t p = start; p < end; ++p) fn(st.P, p, scratch.data());
+    for (int64_t p = start; p < end; ++p) {
+      fn(st.P, p, scratch.data(), p == last + 1);
+      last = p;
+    }
     if (st.done.fetch_add(end - start) + (end - start) == st.pairs) {
       std::lock_guard<std::mutex> lock(st.mu);
       st.cv.notify_all();
