@@ -2,7 +2,8 @@
 
 * RoPE tables made once per prompt length (`decode.step.prompt_rope_tables`, constants of the
   compiled prefill) rotate exactly as the tables computed inside each rotation, and the prefill
-  with them equals the prefill that computes them per layer, bit for bit;
+  with them equals the prefill that computes them per layer, bit for bit; so does the decode
+  step, which gathers its rows from the table of the buffer's positions;
 * a call that does not need the prompt's stacked deductive outputs does not stack them in the
   prefill, and its ``prompt_deductive`` (stacked from the final cache when read) equals the stacked
   ones, for a learned G and a given G.
@@ -50,6 +51,23 @@ def test_prefill_with_rope_tables_equals_per_layer_rope(tiny_v510, monkeypatch):
     want = run_prefill()
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+@pytest.mark.parametrize("kv_cache,g_cache", [(True, True), (True, False), (False, False)], ids=["kv_g", "kv", "none"])
+def test_decode_with_rope_tables_equals_per_layer_rope(tiny_v510, monkeypatch, kv_cache, g_cache):
+    """The decode step takes its rows' RoPE from the constant table of the buffer's positions: the
+    same tokens and logits, bit for bit, as every layer computing cos / sin of the positions in the
+    graph (ragged prompts; the whole-buffer mode uses the table as is)."""
+    cfg, params = tiny_v510
+    run = lambda: Sampler(cfg, params)(PROMPTS, max_new_tokens=5, kv_cache=kv_cache, g_cache=g_cache,
+                                       top_k=1, eos_id=None, return_logits=True)
+    got = run()
+    monkeypatch.setattr(decode_step_mod, "prompt_rope_tables", lambda *a: None)   # each layer its own
+    jax.clear_caches()                                   # the loop is traced again without the table
+    want = run()
+    assert got.tokens == want.tokens
+    np.testing.assert_array_equal(np.asarray(got.logits), np.asarray(want.logits))
+    jax.clear_caches()
 
 
 @pytest.mark.parametrize("given_g", [False, True], ids=["learned_g", "given_g"])

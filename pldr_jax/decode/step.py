@@ -161,8 +161,10 @@ def decode_step(spec: StepSpec, params, cache: Cache, token, active):
     With the KV-cache only the new token runs, over the cached keys and values; without it the whole
     buffer [B, S] runs again (beyond each row's length = padding), its last layer only at the new
     token.  Returns (logits [B, V] in the compute dtype (every sampler reads them exactly; a
-    float32 copy of a 16-bit model's 32 x 32000 logits cost 0.4-0.8 ms of a batch-32 step), the new cache, per-layer deductive outputs: {"G_LM"}
-    (+ the cached "A_LM") with a fixed G, else {"A", "A_LM", "A_P", "G_LM"}, each [B|1, H, dk, dk]).
+    float32 copy of a 16-bit model's 32 x 32000 logits cost 0.4-0.8 ms of a batch-32 step), the
+    new cache, per-layer deductive outputs: {"G_LM"} (+ the cached "A_LM") with a fixed G, else
+    {"A", "A_LM", "A_P", "G_LM"}, each [B|1, H, dk, dk]).  The RoPE tables of the step's positions
+    are rows of the constant `prompt_rope_tables` of the buffer's S positions.
     """
     cfg = spec.cfg
     B, S = cache.tokens.shape
@@ -170,7 +172,8 @@ def decode_step(spec: StepSpec, params, cache: Cache, token, active):
     tokens = cache.tokens.at[jnp.arange(B), pos].set(token)
     lengths = jnp.where(active, pos + 1, cache.lengths)
     g_lm = cache.G_LM if spec.fixed_g else None
-    rope = tuple(jnp.asarray(t) for t in prompt_rope_tables(S, cfg.head_dim, float(cfg.rope_theta)))  # [S, dk/2]
+    tables = prompt_rope_tables(S, cfg.head_dim, float(cfg.rope_theta))      # (cos, sin) [S, dk/2]
+    rope = None if tables is None else tuple(jnp.asarray(t) for t in tables)  # None: in the graph
     if spec.kv_cache:               # the new token only; without a G-cache G comes from the cached A
         slot_ids = jnp.arange(S)[None, :]
         if spec.shared_slot:        # one slot for every row (`cache` "KV slots")
@@ -186,7 +189,7 @@ def decode_step(spec: StepSpec, params, cache: Cache, token, active):
                                       kv_buffers=(cache.k, cache.v), kv_slot=slot,
                                       merged_heads=spec.merged_heads, kv_chunk=spec.kv_chunk,
                                       native_kv=spec.native_kv,
-                                      rope=tuple(t[pos][:, None] for t in rope))    # [B, 1, dk/2]
+                                      rope=None if rope is None else tuple(t[pos][:, None] for t in rope))
         cache = cache.replace(k=tuple(ks), v=tuple(vs))
         if spec.shared_slot:
             cache = cache.replace(kv_next=cache.kv_next + 1)
