@@ -7,7 +7,10 @@ the prefill's shapes, the metric learner's included) and prefill_over_floor, per
 per-step matmul floor measured in the same process (`matmul_floor_ms`: the same prepared weights'
 products at that batch, nothing else) and step_over_floor = step_ms / floor_ms, compile time (first
 call minus a warm call) and the peak RSS of the process that ran that configuration (each configuration
-runs in its own subprocess unless --in-process).  The stored reference anchors below are from another
+runs in its own subprocess unless --in-process).  step_over_floor is the median step over the median
+of 3 floor runs timed after all decode runs; step_over_floor_paired is the median over the timed runs of
+(that run's step / one floor run timed right after it), so a drift of the machine's speed during
+the configuration moves both sides of each ratio (`paired_step_over_floor` lists them).  The stored reference anchors below are from another
 day; they are not a same-run comparison (the authors' code ran slower on 2026-11-29: ~33 tok/s at
 batch 1, 108-116 at batch 8): `experiments/bench_reference.py` runs it beside ours in one invocation.
 
@@ -56,9 +59,10 @@ def _cpu_counters() -> tuple[int, int, int]:
         return 0, 0, 0
 
 
-def timed(fn, reps: int, max_tries: int, max_others: float, budget_s: float = 1e9):
+def timed(fn, reps: int, max_tries: int, max_others: float, budget_s: float = 1e9, after=None):
     """Run fn() until `reps` runs saw other processes use < max_others of the machine's CPU
-    (other benchmarks/tests on a shared 2-core box distort timings), or max_tries runs.
+    (other benchmarks/tests on a shared 2-core box distort timings), or max_tries runs.  after:
+    called with no arguments after each run, outside its timing (and its CPU accounting).
 
     Returns (clean times, all times, others' CPU share per run, last result)."""
     clean, all_t, shares, out = [], [], [], None
@@ -75,6 +79,8 @@ def timed(fn, reps: int, max_tries: int, max_others: float, budget_s: float = 1e
         others = (total - (c1[1] - c0[1]) - (c1[2] - c0[2])) / total if total > 0 else 0.0
         all_t.append(dt)
         shares.append(max(others, 0.0))
+        if after is not None:
+            after()
         if others < max_others:
             clean.append(dt)
             if len(clean) >= reps:
@@ -94,14 +100,14 @@ def _layer_products(lp, x, D: int, dff: int):
     return linear(f["w3"], h12[:, :dff])
 
 
-def matmul_floor_ms(run_cfg, run_params, batch: int, steps: int, reps: int = 3) -> float:
-    """The per-step floor of a decode step at `batch` rows: a jitted `fori_loop` of `steps` steps,
-    each a chain of the same prepared weights' products -- every layer's fused q/k/v, output
-    projection, fused w1/w2 and w3 (through `ops.layers.linear`, the decode step's own kernels, in
-    the decode dtype) plus the vocabulary head -- and nothing else (no attention, norms, cache,
-    sampling).  The weights are arguments of the jitted function, as in the decode loop (closed-over
-    weights would be compile-time constants XLA may re-lay out for free).  Median ms per step over
-    `reps` timed runs after a warm-up."""
+def matmul_floor_fn(run_cfg, run_params, batch: int, steps: int):
+    """The per-step floor of a decode step at `batch` rows, as a function: each call runs (and waits
+    for) a jitted `fori_loop` of `steps` steps, each a chain of the same prepared weights' products --
+    every layer's fused q/k/v, output projection, fused w1/w2 and w3 (through `ops.layers.linear`, the
+    decode step's own kernels, in the decode dtype) plus the vocabulary head -- and nothing else (no
+    attention, norms, cache, sampling), and returns its wall ms per step.  The weights are arguments
+    of the jitted function, as in the decode loop (closed-over weights would be compile-time constants
+    XLA may re-lay out for free).  Compiled and run once (a warm-up) before it is returned."""
     import jax
     import jax.numpy as jnp
 
@@ -119,7 +125,20 @@ def matmul_floor_ms(run_cfg, run_params, batch: int, steps: int, reps: int = 3) 
         return x + logits[:, :1].astype(dt) * 1e-30      # the next step depends on the head
 
     fn = jax.jit(lambda w, x: jax.lax.fori_loop(0, steps, lambda _, x: step(w, x), x))
-    return _median_ms(fn, (weights, jnp.ones((batch, D), dt)), reps) / steps
+    x0 = jnp.ones((batch, D), dt)
+    jax.block_until_ready(fn(weights, x0))
+
+    def one_run_ms_per_step() -> float:
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(weights, x0))
+        return 1e3 * (time.perf_counter() - t0) / steps
+    return one_run_ms_per_step
+
+
+def matmul_floor_ms(run_cfg, run_params, batch: int, steps: int, reps: int = 3) -> float:
+    """Median ms per step of `reps` runs of `matmul_floor_fn` (after its warm-up)."""
+    one = matmul_floor_fn(run_cfg, run_params, batch, steps)
+    return statistics.median(one() for _ in range(reps))
 
 
 def _median_ms(fn, args, reps: int) -> float:
@@ -225,13 +244,17 @@ def run_one(batch: int, mode: str, dtype: str, prompt_len: int, new_tokens: int,
         timings.append(out.timings)
         return out
 
-    clean, all_t, shares, out = timed(call, reps, max_tries, max_others, budget_s)
+    steps = max(new_tokens - 1, 1)
+    floor_run = matmul_floor_fn(run_cfg, run_params, batch, steps)
+    paired_floors = []            # one floor run right after each timed decode run
+    clean, all_t, shares, out = timed(call, reps, max_tries, max_others, budget_s,
+                                      after=lambda: paired_floors.append(floor_run()))
     use = clean if clean else all_t
     idx = [all_t.index(t) for t in use]
     total = statistics.median(use)
-    steps = max(new_tokens - 1, 1)
     step_ms = 1e3 * statistics.median(timings[i]["decode_s"] for i in idx) / steps
-    floor_ms = matmul_floor_ms(run_cfg, run_params, batch, steps)
+    paired = [1e3 * timings[i]["decode_s"] / steps / paired_floors[i] for i in idx]
+    floor_ms = statistics.median(floor_run() for _ in range(3))
     prefill_s = statistics.median(timings[i]["prefill_s"] for i in idx)
     pf_floor_ms = prefill_floor_ms(run_cfg, run_params, batch, prompt_len)
     return {
@@ -239,6 +262,8 @@ def run_one(batch: int, mode: str, dtype: str, prompt_len: int, new_tokens: int,
         "tokens_per_s": batch * new_tokens / total,
         "prefill_s": prefill_s, "prefill_floor_ms": pf_floor_ms, "prefill_over_floor": 1e3 * prefill_s / pf_floor_ms,
         "step_ms": step_ms, "floor_ms": floor_ms, "step_over_floor": step_ms / floor_ms,
+        "paired_floor_ms": [paired_floors[i] for i in idx], "paired_step_over_floor": paired,
+        "step_over_floor_paired": statistics.median(paired),
         "compile_s": max(first_total - total, 0.0),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
         "total_s": total, "best_tokens_per_s": batch * new_tokens / min(use), "clean_runs": len(clean),
@@ -264,7 +289,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-others", type=float, default=0.15,
                     help="a run counts as clean when other processes used less than this share of the CPU")
     ap.add_argument("--budget", type=float, default=120.0, help="seconds of timed runs per configuration at most")
-    ap.add_argument("--bf16-min-batch", type=int, default=8)
+    ap.add_argument("--bf16-min-batch", type=int, default=None,
+                    help="a bfloat16 model decodes in float32 below this batch (default: the platform's, pldr_jax.backend)")
     ap.add_argument("--in-process", action="store_true", help="run every configuration in this process")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--ablate-attention", action="store_true",
@@ -294,9 +320,10 @@ def main(argv=None) -> int:
     def one_process(b, m, d, without_attention=False):
         cmd = [sys.executable, os.path.abspath(__file__), "--one", f"{b},{m},{d}", "--reps", str(reps),
                "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
-               "--preset", args.preset, "--bf16-min-batch", str(args.bf16_min_batch),
+               "--preset", args.preset,
                "--max-tries", str(args.max_tries), "--max-others", str(args.max_others),
-               "--budget", str(args.budget)] + (["--without-attention"] if without_attention else [])
+               "--budget", str(args.budget)] + (["--without-attention"] if without_attention else []) + (
+               ["--bf16-min-batch", str(args.bf16_min_batch)] if args.bf16_min_batch is not None else [])
         p = subprocess.run(cmd, capture_output=True, text=True)
         if p.returncode != 0:
             print(p.stderr, file=sys.stderr)
@@ -315,6 +342,7 @@ def main(argv=None) -> int:
             abl = one_process(b, m, d, without_attention=True)
             res.update(step_ms_without_attention=abl["step_ms"], floor_ms_without_attention=abl["floor_ms"],
                        without_attention_over_floor=abl["step_over_floor"],
+                       without_attention_over_floor_paired=abl["step_over_floor_paired"],
                        ablated_ids_differ=abl["first_ids"] != res["first_ids"])
         results.append(res)
         if not args.json:
@@ -323,7 +351,7 @@ def main(argv=None) -> int:
             print(f"batch {b:3d} {m:5s} {d:9s} [{res['compute_dtype']:8s}] {res['tokens_per_s']:8.1f} tok/s  "
                   f"prefill {res['prefill_s'] * 1e3:7.1f} ms (floor {res['prefill_floor_ms']:6.1f}, "
                   f"{res['prefill_over_floor']:.2f}x)  step {res['step_ms']:7.2f} ms  floor {res['floor_ms']:6.2f} ms "
-                  f"({res['step_over_floor']:.2f}x)  "
+                  f"({res['step_over_floor']:.2f}x, paired {res['step_over_floor_paired']:.2f}x)  "
                   f"compile {res['compile_s']:5.1f} s  peak {res['peak_rss_mb']:6.0f} MB{x}", flush=True)
             if "step_ms_without_attention" in res:
                 print(f"          without the decode attention: step {res['step_ms_without_attention']:7.2f} ms  "
@@ -331,8 +359,9 @@ def main(argv=None) -> int:
                       f"({res['without_attention_over_floor']:.2f}x)", flush=True)
     if args.json:
         keys = ("batch", "mode", "dtype", "tokens_per_s", "prefill_s", "prefill_floor_ms", "prefill_over_floor",
-                "step_ms", "floor_ms", "step_over_floor",
-                "compile_s", "peak_rss_mb", "step_ms_without_attention", "without_attention_over_floor")
+                "step_ms", "floor_ms", "step_over_floor", "step_over_floor_paired",
+                "compile_s", "peak_rss_mb", "step_ms_without_attention", "without_attention_over_floor",
+                "without_attention_over_floor_paired")
         print(json.dumps({"results": [{k: r[k] for k in keys if k in r} for r in results],
                           "details": results,
                           "skipped": [{"batch": b, "mode": m, "dtype": d} for b, m, d in skipped],

@@ -457,7 +457,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tries", type=int, default=8)
     ap.add_argument("--max-others", type=float, default=0.15)
     ap.add_argument("--budget", type=float, default=90.0, help="seconds of timed runs per configuration at most")
-    ap.add_argument("--bf16-min-batch", type=int, default=8)
+    ap.add_argument("--bf16-min-batch", type=int, default=None,
+                    help="ours: a bfloat16 model decodes in float32 below this batch (default: the platform's)")
     ap.add_argument("--what", default="decode", help="comma list of decode,scoring")
     ap.add_argument("--requests", type=int, default=64, help="scoring: (context, continuation) requests")
     ap.add_argument("--score-batch-size", type=int, default=32, help="scoring: our batch size")
@@ -549,7 +550,8 @@ def _drive(args) -> int:
 
     def run_ours(batch, m, d, rnd):
         o = _run_json([sys.executable, os.path.join(HERE, "bench_decode.py"), "--one", f"{batch},{m},{d}",
-                       "--preset", args.preset, "--bf16-min-batch", str(args.bf16_min_batch), *gen, *common],
+                       "--preset", args.preset, *(["--bf16-min-batch", str(args.bf16_min_batch)]
+                                                  if args.bf16_min_batch is not None else []), *gen, *common],
                       f"ours at batch {batch} {m} {d}")
         o["side"], o["round"] = "ours", rnd
         ours.append(o)

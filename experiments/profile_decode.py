@@ -6,7 +6,8 @@ the trace back (`jax.profiler.ProfileData`) and sums each executed XLA:CPU opera
 decode step, grouped by what the operation computes (from the compiled HLO):
 
 * ``weight matmul``: a dot without batch dimensions (the model's weight products, with whatever
-  XLA fused into them: bias, GLU activation, residual, layer norm);
+  XLA fused into them: bias, GLU activation, residual, layer norm), or the native packed matmul's
+  custom call (a float32 decode on CPU, `pldr_jax.kernels.packed_matmul`);
 * ``attention dot``: a batched dot (q G_LM, q K^T, p V over the B x H heads);
 * ``softmax``: an exponential, reduction or division over the attention's [B * H, 1, S] logits;
 * ``cache write``: a scatter (the one-token KV-cache writes);
@@ -60,6 +61,8 @@ def _computations(hlo: str) -> tuple[dict[str, str], dict[str, str]]:
 def categorize(line: str, comps: dict[str, str], attn_rows: int) -> str:
     """The `CATEGORIES` entry of one compiled HLO instruction (its line; fusions by their body);
     attn_rows = batch x heads (the attention's [attn_rows, 1, S] logits)."""
+    if 'custom_call_target="pldr_packed_matmul"' in line:
+        return "weight matmul"          # the native packed matmul (`backend.decode_matmul`)
     if 'custom_call_target="pldr_' in line:
         return "native attention"
     called = re.search(r"calls=%([\w.\-]+)", line)

@@ -263,7 +263,7 @@ def _decode_parts(cfg, batch, seq_len, mesh):
     from .train.sharding import batch_sharding, logical_to_spec, replicated
     P = max(seq_len // 2, 1)
     N = max(seq_len - P, 1)
-    params = jax.eval_shape(lambda p: prepare_params(cfg, p, batch, bf16_min_batch=0, transpose=False,
+    params = jax.eval_shape(lambda p: prepare_params(cfg, p, batch, bf16_min_batch=0, transpose=False, pack=False,
                                                        embed_f32=False)[1],
                             abstract_params(cfg))
     rules = decode_rules(mesh)

@@ -14,11 +14,23 @@ else:
   forward values are the same either way), the training step to `choices(platform).kernels`.
 * ``unroll_layers``: a Python loop over the layers (CPU: ~15% faster steps) or `lax.scan`
   (accelerators: compile time flat in depth).
-* ``bf16_min_batch``: a bfloat16 model decodes in float32 below this batch (CPU: its 16-bit
-  matrix-vector path is slow; accelerators: 0, never).
+* ``bf16_min_batch``: a bfloat16 model decodes in float32 below this batch (CPU: 16 with the packed
+  float32 matmul (``decode_matmul``), which at 8 rows outruns XLA:CPU's bfloat16 products (v51 110M
+  weight products per step: 9.4 vs 11.9 ms; at 16 rows 14.3 vs 14.6, at 32 25.4 vs 22.4), else 8:
+  its 16-bit matrix-vector path is slow; accelerators: 0, never).
 * ``decode_transposed``: the decode dtypes whose weights are stored as [out, in] (CPU: float32,
   for its matrix-vector products; XLA:CPU's bfloat16 matmuls (YNNPACK) want [in, out] and would
   copy [out, in] weights back at the start of every call).
+* ``decode_matmul``: "packed" = a float32 decode stores every weight matrix in 16-output panels
+  (`decode.prepare_params`, `pldr_jax.kernels.pack_kernel`) and multiplies by them with a C++
+  kernel (`pldr_jax.kernels.packed_matmul`, built on first use like ``decode_attention``): each panel
+  one contiguous stream read once per call, where XLA:CPU's float32 products of 8-32 rows run far
+  below the bandwidth the weights' bytes allow (v51 110M weight products per step: batch 8 23.8 ->
+  9.4 ms, batch 32 40.4 -> 25.4 ms, batch 1 9.8 -> 9.1 ms, 512 rows the same;
+  `experiments/bench_packed_matmul.py`).  CPU: "packed"
+  unless ``PLDR_JAX_CPU_KERNELS=0``; not for a sharded decode (`decode.Sampler` with a mesh of
+  several devices) nor bfloat16 (XLA:CPU's bfloat16 products are faster from 16 rows).  "xla"
+  elsewhere.
 * ``kv_cache_dtype``: the dtype of a 16-bit model's KV-cache buffers ("float32" on CPU: XLA:CPU
   runs a bfloat16 scatter and batched dot by converting the whole buffer to float32 and back every
   step (v51 110M batch 32: 132 -> 61-70 ms per step); the bfloat16 values held in float32 give the same
@@ -107,6 +119,7 @@ class BackendChoices:
     decode_shared_kv_slot: bool = False
     decode_kv_chunk: int = 0
     decode_attention: str = "xla"
+    decode_matmul: str = "xla"
 
 
 def _kernels_override() -> str | None:
@@ -127,14 +140,17 @@ def choices(platform: str | None = None) -> BackendChoices:
     platform = platform.lower()
     cpu = platform == "cpu"
     kernels = _kernels_override() or ("cpu" if cpu else "xla")
-    return BackendChoices(platform=platform, kernels=kernels, unroll_layers=cpu, bf16_min_batch=8 if cpu else 0,
+    native = cpu and _native_kernels_enabled()
+    return BackendChoices(platform=platform, kernels=kernels, unroll_layers=cpu,
+                          bf16_min_batch=(16 if native else 8) if cpu else 0,
                           decode_transposed=("float32",) if cpu else (), kv_cache_dtype="float32" if cpu else None,
                           decode_embed_f32=cpu,
                           remat="none" if cpu else "full",
                           head_chunk_bytes=0 if cpu else 2 ** 30, attention_block=0 if cpu else 256,
                           decode_merged_heads=cpu, decode_shared_kv_slot=not cpu,
                           decode_kv_chunk=0 if cpu else 256,
-                          decode_attention="native" if cpu and _native_kernels_enabled() else "xla")
+                          decode_attention="native" if native else "xla",
+                          decode_matmul="packed" if native else "xla")
 
 
 def _native_kernels_enabled() -> bool:

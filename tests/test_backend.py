@@ -148,7 +148,11 @@ def test_attention_in_query_blocks_same_values_and_gradients(tiny):
 def test_choices_by_platform_and_override(monkeypatch):
     monkeypatch.delenv(backend.KERNELS_ENV, raising=False)
     cpu, tpu = backend.choices("cpu"), backend.choices("tpu")
-    assert (cpu.kernels, cpu.unroll_layers, cpu.bf16_min_batch, cpu.decode_transposed) == ("cpu", True, 8, ("float32",))
+    native = backend._native_kernels_enabled()
+    assert (cpu.kernels, cpu.unroll_layers, cpu.decode_transposed) == ("cpu", True, ("float32",))
+    # the packed float32 matmul outruns XLA:CPU's bfloat16 products below 16 rows: bfloat16 from 16
+    assert cpu.bf16_min_batch == (16 if native else 8) and cpu.decode_matmul == ("packed" if native else "xla")
+    assert tpu.decode_matmul == "xla"
     assert (tpu.kernels, tpu.unroll_layers, tpu.bf16_min_batch, tpu.decode_transposed) == ("xla", False, 0, ())
     assert (cpu.kv_cache_dtype, tpu.kv_cache_dtype) == ("float32", None)
     assert cpu.decode_embed_f32 and not tpu.decode_embed_f32      # float32 decode embedding table on CPU

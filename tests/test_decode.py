@@ -21,7 +21,9 @@ import pytest
 
 import pldr_jax
 import pldr_jax.io
+from pldr_jax import backend
 from pldr_jax.decode import GenerateOutput, decode_dtype, generate, init_cache, prepare_params
+from pldr_jax.decode.weights import packs_weights
 from pldr_jax.decode.cache import cache_logical_axes, cache_partition_specs
 from pldr_jax.decode.loop import compiled_counts
 from pldr_jax.decode.request import normalize_prompts
@@ -255,17 +257,21 @@ def test_init_cache_shapes_and_axes(tiny):
 def test_dtype_policy(tiny):
     cfg, params = tiny
     bf = cfg.replace(dtype="bfloat16", param_dtype="bfloat16")
-    assert decode_dtype(bf, 1) == "float32" and decode_dtype(bf, 8) == "bfloat16"
+    mb = backend.choices().bf16_min_batch             # 16 on CPU with the packed float32 matmul
+    assert decode_dtype(bf, 1) == "float32" and decode_dtype(bf, mb - 1) == "float32"
+    assert decode_dtype(bf, mb) == "bfloat16" and decode_dtype(bf, 8, bf16_min_batch=8) == "bfloat16"
     assert decode_dtype(bf, 1, bf16_min_batch=0) == "bfloat16" and decode_dtype(cfg, 1) == "float32"
+    kernel = lambda w: w.get("kernel_p", w.get("kernel_t", w.get("kernel")))    # the decode layout's
     p16 = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params)
     rc, rp = prepare_params(bf, p16, 2)
-    assert rc.dtype == "float32" and rp["layers"][0]["wqkv"]["kernel_t"].dtype == jnp.float32
-    rc, rp = prepare_params(cfg.replace(dtype="bfloat16"), params, 8)
+    assert rc.dtype == "float32" and kernel(rp["layers"][0]["wqkv"]).dtype == jnp.float32
+    assert ("kernel_p" in rp["layers"][0]["wqkv"]) == packs_weights("float32")   # packed where the platform wants it
+    rc, rp = prepare_params(cfg.replace(dtype="bfloat16"), params, mb)
     w12 = rp["layers"][0]["ffn"]["w12"]      # [out, in] only where the platform wants it (backend)
-    assert rc.dtype == "bfloat16" and w12.get("kernel_t", w12.get("kernel")).dtype == jnp.bfloat16
+    assert rc.dtype == "bfloat16" and kernel(w12).dtype == jnp.bfloat16
     assert rp["layers"][0]["plga"]["W"].dtype == jnp.float32        # deductive weights stay float32
     rc, rp = prepare_params(cfg, params, 1)
-    assert rp["layers"][0]["wqkv"]["kernel_t"] is params["layers"][0]["wqkv"]["kernel_t"]   # no copy
+    assert kernel(rp["layers"][0]["wqkv"]) is kernel(params["layers"][0]["wqkv"])   # no copy
     # the fused decode layout gives the same forward pass as the reference layout
     raw = pldr_jax.io.state_dict_to_params(cfg, dict(np.load(ref_path("tiny_v510_params.npz"))))
     toks = jnp.array([PROMPT + [0] * 3])
@@ -359,8 +365,9 @@ def test_sampler_prepares_weights_once_and_equals_generate(tiny_v510, monkeypatc
     assert got == want.tokens and len(calls) == 1
     bf = cfg.replace(dtype="bfloat16")        # a 16-bit config: one layout per decode dtype, each made once
     s16 = pldr_jax.Sampler(bf, raw)
-    assert s16.weights(1)[0].dtype == "float32" and s16.weights(8)[0].dtype == "bfloat16"
-    assert s16.weights(2) is s16.weights(1) and s16.weights(32) is s16.weights(8)
+    mb = backend.choices().bf16_min_batch
+    assert s16.weights(1)[0].dtype == "float32" and s16.weights(mb)[0].dtype == "bfloat16"
+    assert s16.weights(mb - 1) is s16.weights(1) and s16.weights(32) is s16.weights(mb)
     with pytest.raises(ValueError, match="mesh"):
         pldr_jax.Sampler(cfg, raw, mesh="data")
 
@@ -454,7 +461,7 @@ def test_decode_embedding_table_and_lookup_order(tiny, monkeypatch):
     np.testing.assert_array_equal(np.asarray(embed(bf, wide, tokens, lookup_first=True), np.float32),
                                   np.asarray(embed(bf, bparams, tokens), np.float32))
     assert backend.choices("cpu").decode_embed_f32 and not backend.choices("tpu").decode_embed_f32
-    prompts = RAGGED * 3                          # 9 rows: decodes in bfloat16 (bf16_min_batch)
+    prompts = RAGGED * 6                          # 18 rows: decodes in bfloat16 (bf16_min_batch 16)
     kw = dict(max_new_tokens=10, kv_cache=True, g_cache=True, top_k=1, eos_id=None)
     real = backend.choices
     outs, table_copy = {}, {}
@@ -474,7 +481,7 @@ def test_decode_embedding_table_and_lookup_order(tiny, monkeypatch):
     monkeypatch.setattr(weights, "choices", real)
     for explicit in (True, False):                # the platform's choice overridden (AOT compiles for TPU)
         want = jnp.float32 if explicit else jnp.bfloat16
-        assert weights.prepare_params(bf, bparams, 9, embed_f32=explicit)[1]["embed"]["embedding"].dtype == want
+        assert weights.prepare_params(bf, bparams, 18, embed_f32=explicit)[1]["embed"]["embedding"].dtype == want
     assert outs[True].compute_dtype == "bfloat16"
     assert outs[True].tokens == outs[False].tokens
     np.testing.assert_array_equal(outs[True].logits, outs[False].logits)
@@ -496,7 +503,7 @@ def test_wide_kv_cache_for_16bit_models(tiny, monkeypatch):
     monkeypatch.setenv(build.ENV_SWITCH, "0")
     cfg, params = tiny
     bf = cfg.replace(dtype="bfloat16")
-    prompts = RAGGED * 3                          # 9 rows: decodes in bfloat16 (bf16_min_batch)
+    prompts = RAGGED * 6                          # 18 rows: decodes in bfloat16 (bf16_min_batch 16)
     kw = dict(max_new_tokens=12, kv_cache=True, g_cache=True, top_k=1, eos_id=None, return_logits=True)
     sampler = pldr_jax.Sampler(bf, params)
     before = compiled_counts()["loop"]
@@ -504,7 +511,7 @@ def test_wide_kv_cache_for_16bit_models(tiny, monkeypatch):
     assert wide.compute_dtype == "bfloat16"
     want = backend.choices().kv_cache_dtype or "bfloat16"
     assert wide.cache.k[0].dtype == jnp.dtype(want)
-    assert wide.cache.k[0].shape == (9, cfg.num_heads, wide.cache.max_len, cfg.head_dim)
+    assert wide.cache.k[0].shape == (len(prompts), cfg.num_heads, wide.cache.max_len, cfg.head_dim)
     again = sampler([p[::-1] for p in prompts], **kw)            # same bucket: no new compilation
     assert compiled_counts()["loop"] - before <= 1 and again.compute_dtype == "bfloat16"
     real = backend.choices

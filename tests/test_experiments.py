@@ -13,6 +13,7 @@ import csv
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -164,6 +165,11 @@ def test_bench_decode_ablate_attention_quick():
     for k in ("step_ms", "floor_ms", "step_ms_without_attention", "floor_ms_without_attention"):
         assert finite(r[k]) and r[k] > 0, k
     assert r["without_attention_over_floor"] == pytest.approx(r["step_ms_without_attention"] / r["floor_ms_without_attention"])
+    # paired: one floor run after each timed decode run, the median of the per-run ratios
+    assert len(r["paired_floor_ms"]) == len(r["paired_step_over_floor"]) >= 1
+    assert all(finite(f) and f > 0 for f in r["paired_floor_ms"])
+    assert r["step_over_floor_paired"] == pytest.approx(statistics.median(r["paired_step_over_floor"]))
+    assert finite(r["without_attention_over_floor_paired"])
 
 
 def test_bench_decode_attention_quick():
@@ -225,6 +231,9 @@ def test_profile_decode_quick():
     native = ('  %c = (f32[32,14,64]{2,1,0}, bf16[32,14,128,64]{3,2,1,0}) custom-call(%q, %g), '
               'custom_call_target="pldr_decode_attention", api_version=API_VERSION_TYPED_FFI')
     assert categorize(native, {}, 448) == "native attention"
+    packed = ('  %m = f32[32,2688]{1,0} custom-call(%x, %w, %b), custom_call_target="pldr_packed_matmul", '
+              'api_version=API_VERSION_TYPED_FFI')
+    assert categorize(packed, {}, 448) == "weight matmul"
 
 
 def test_prefill_ablation_quick():
@@ -276,3 +285,16 @@ def test_notebook_runs(name, monkeypatch):
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
               if "image/png" in o.get("data", {})]
     assert images, "the notebook should draw plots"
+
+
+def test_bench_packed_matmul_quick():
+    """Both forms of the decode weight products run and agree with a float64 product; the ratio is
+    printed, not asserted (a timing)."""
+    p = run_script("bench_packed_matmul.py", "--preset", "tiny", "--rows", "1,9", "--dtypes", "float32,bfloat16",
+                   "--json")
+    res = json.loads(p.stdout.strip().splitlines()[-1])["results"]
+    assert [(r["rows"], r["dtype"]) for r in res] == [(1, "float32"), (9, "float32"), (1, "bfloat16"), (9, "bfloat16")]
+    for r in res:
+        assert finite(r["xla_ms"]) and finite(r["packed_ms"]) and r["ratio"] == pytest.approx(r["xla_ms"] / r["packed_ms"])
+        tol = 1e-5 if r["dtype"] == "float32" else 0.1
+        assert r["max_err_packed"] < tol and r["max_err_xla"] < tol, r

@@ -177,24 +177,110 @@ def test_build_is_cached_by_source_and_host(monkeypatch, tmp_path):
 @needs_kernel
 @pytest.mark.parametrize("dtype,mode", [("float32", "kv_g"), ("float32", "kv"), ("bfloat16", "kv_g")])
 def test_generate_native_equals_jax_lax_path(tiny_v510, monkeypatch, dtype, mode):
-    """Whole generations, ragged batch of 8 (a bfloat16 model decodes in bfloat16 from batch 8):
-    the same ids and logits with the native kernel and with the jax.lax path."""
+    """Whole generations, ragged batch of 8 (a bfloat16 model decoding in bfloat16: bf16_min_batch 8):
+    the same ids and logits with the native kernels and with the jax.lax path.  float32 also runs
+    the native attention over unpacked weights: the attention alone changes the logits by < 2e-5;
+    the packed matmul (`backend.decode_matmul`, float32 only) groups every product's sum differently,
+    < 1e-4 after two layers and six steps."""
     import pldr_jax
+    from pldr_jax.decode import prepare_params
     from pldr_jax.decode.step import MODES
     cfg, params = tiny_v510
     cfg = cfg.replace(dtype=dtype)
     prompts = [[70, 48, 9, 8, 68, 61, 1], [5, 17, 99], [12, 40, 33, 7, 7, 81, 2, 64, 90, 11], [3],
                [70, 48], [9, 9, 9, 9, 9], [100, 7, 55, 23, 1, 1], [44, 2, 8]]
     kv, gc = MODES[mode]
+    kw = dict(max_new_tokens=6, kv_cache=kv, g_cache=gc, top_k=1)
     outs = {}
-    for native in (True, False):
+    for native, pack in ((True, None), (True, False), (False, None)):
         monkeypatch.setenv(build.ENV_SWITCH, "1" if native else "0")
-        sampler = pldr_jax.Sampler(cfg, params)
-        req = sampler._request(prompts, max_new_tokens=6, kv_cache=kv, g_cache=gc, top_k=1)
-        assert req.spec.step.native_kv == native
+        weights = params if pack is None else prepare_params(cfg, params, len(prompts), pack=pack, bf16_min_batch=8)[1]
+        sampler = pldr_jax.Sampler(cfg, weights, bf16_min_batch=8)
+        req = sampler._request(prompts, **kw)
+        assert req.spec.step.native_kv == native and req.spec.step.cfg.dtype == dtype
         assert req.spec.step.kv_dtype == (None if native or dtype == "float32" else "float32")
-        outs[native] = sampler(prompts, max_new_tokens=6, kv_cache=kv, g_cache=gc, top_k=1, eos_id=None,
-                               return_logits=True)
-    np.testing.assert_array_equal(outs[True].ids, outs[False].ids)
+        packed = "kernel_p" in req.params["layers"][0]["wqkv"]
+        assert packed == (native and pack is None and dtype == "float32")
+        outs[native, pack] = sampler(prompts, eos_id=None, return_logits=True, **kw)
+    logits = {k: np.asarray(o.logits) for k, o in outs.items()}
+    for k in outs:
+        np.testing.assert_array_equal(outs[k].ids, outs[False, None].ids)
     tol = 2e-5 if dtype == "float32" else 5e-2
-    np.testing.assert_allclose(np.asarray(outs[True].logits), np.asarray(outs[False].logits), rtol=0, atol=tol)
+    np.testing.assert_allclose(logits[True, False], logits[False, None], rtol=0, atol=tol)
+    np.testing.assert_allclose(logits[True, None], logits[False, None], rtol=0, atol=1e-4 if dtype == "float32" else tol)
+
+
+
+
+needs_packed = pytest.mark.skipif(not build.enabled() or build._compiler() is None,
+                                  reason="native kernels off or no C++ compiler")
+
+
+@needs_packed
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("M,K,N", [(1, 96, 64), (3, 37, 21), (8, 200, 100), (13, 300, 48), (33, 130, 17)])
+def test_packed_matmul_matches_the_dot(dtype, M, K, N):
+    """`packed_matmul` against a float64 product and XLA's dot (`ops.layers.linear`'s decode layout):
+    within float32 rounding (bfloat16: the same rounding steps as the dot, the bias added in bfloat16);
+    rows past 8 (several passes over a panel), N not a multiple of 16, one or several k chunks; the
+    values are the same for 1, 2 and 3 threads (each output one sum in a fixed order)."""
+    from pldr_jax.kernels import pack_kernel, packed_matmul, packed_matmul_available
+    from pldr_jax.kernels.packed_matmul import unpack_kernel
+    from pldr_jax.ops.layers import linear
+    assert packed_matmul_available()
+    r = np.random.default_rng(M * 1000 + K)
+    dt = jnp.dtype(dtype)
+    W = jnp.asarray(r.normal(size=(K, N)) / np.sqrt(K), dt)
+    b = jnp.asarray(r.normal(size=N), dt)
+    x = jnp.asarray(r.normal(size=(2, M, K)), dt)                  # leading axes are flattened
+    panels = pack_kernel(W)
+    assert panels.shape == (-(-N // 16), K, 16) and (unpack_kernel(panels, N) == W).all()
+    y = jax.jit(packed_matmul)(x, panels, b)
+    assert y.shape == (2, M, N) and y.dtype == dt
+    assert (jax.jit(lambda x: linear({"kernel_p": panels, "bias": b}, x))(x) == y).all()
+    exact = np.asarray(x, np.float64) @ np.asarray(W, np.float64) + np.asarray(b, np.float64)
+    dot = np.asarray(linear({"kernel_t": W.T, "bias": b}, x), np.float64)
+    err, dot_err = np.abs(np.asarray(y, np.float64) - exact).max(), np.abs(dot - exact).max()
+    if dtype == "float32":
+        assert err < 4e-6 and err <= 2 * dot_err + 1e-6, (err, dot_err)
+    else:                      # rounded to bfloat16 twice (the sum, then with the bias), as the dot
+        assert np.abs(np.asarray(y, np.float64) - dot).max() <= 2 ** -7 * np.abs(dot).max()
+    for t in (1, 2, 3):
+        assert (jax.jit(lambda x, t=t: packed_matmul(x, panels, b, threads=t))(x) == y).all()
+
+
+@needs_packed
+def test_packed_matmul_rejects_mismatched_shapes():
+    from pldr_jax.kernels import pack_kernel, packed_matmul
+    W = jnp.ones((8, 20), jnp.float32)
+    with pytest.raises(ValueError, match="do not match"):
+        packed_matmul(jnp.ones((2, 9), jnp.float32), pack_kernel(W), jnp.ones(20, jnp.float32))
+    with pytest.raises(ValueError, match="do not match"):
+        packed_matmul(jnp.ones((2, 8), jnp.float32), pack_kernel(W), jnp.ones(40, jnp.float32))
+    with pytest.raises(ValueError, match="handles"):
+        packed_matmul(jnp.ones((2, 8), jnp.int32), pack_kernel(W), jnp.ones(20, jnp.float32))
+
+
+@needs_packed
+def test_float32_decode_weights_are_packed_once_and_decode_like_unpacked(tiny_v510):
+    """On CPU a float32 decode stores its matmul kernels packed (`backend.decode_matmul`), re-preparing
+    prepared weights copies nothing, the forward pass over them matches the unpacked layout, and a
+    sharded Sampler (a mesh of several devices) leaves them unpacked."""
+    import pldr_jax
+    from pldr_jax.decode import prepare_params
+    from pldr_jax.decode.weights import packs_weights
+    cfg, params = tiny_v510
+    assert backend.choices("cpu").decode_matmul == "packed" and packs_weights("float32")
+    assert not packs_weights("bfloat16") and not packs_weights("float32", sharded=True)
+    _, packed = prepare_params(cfg, params, 4)
+    _, plain = prepare_params(cfg, params, 4, pack=False)
+    lp = packed["layers"][0]
+    assert "kernel_p" in lp["wqkv"] and "kernel_p" in lp["ffn"]["w3"] and "kernel_p" in packed["final"]
+    assert "kernel_t" in plain["layers"][0]["wqkv"]
+    again = prepare_params(cfg, packed, 4)[1]
+    assert again["layers"][0]["wqkv"]["kernel_p"] is lp["wqkv"]["kernel_p"]             # no copy
+    toks = jnp.array([[70, 48, 9, 8, 68, 61, 1, 0], [5, 17, 99, 3, 3, 3, 3, 3]])
+    np.testing.assert_allclose(pldr_jax.forward(cfg, packed, toks).logits, pldr_jax.forward(cfg, plain, toks).logits,
+                               rtol=0, atol=2e-5)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    assert "kernel_p" in pldr_jax.Sampler(cfg, params, mesh=mesh).weights(4)[1]["layers"][0]["wqkv"]

@@ -71,7 +71,9 @@ class Sampler:
         decode dtype, then reused."""
         dt = decode_dtype(self.cfg, batch, self.bf16_min_batch)
         if dt not in self._weights:
-            run_cfg, run_params = prepare_params(self.cfg, self._params, batch, bf16_min_batch=self.bf16_min_batch)
+            sharded = self.mesh is not None and self.mesh.devices.size > 1
+            run_cfg, run_params = prepare_params(self.cfg, self._params, batch, bf16_min_batch=self.bf16_min_batch,
+                                                 pack=False if sharded else None)
             if self.mesh is not None:
                 from .sharding import shard_params
                 run_params = shard_params(run_params, self.mesh, self.rules)

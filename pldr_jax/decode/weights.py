@@ -1,11 +1,15 @@
 """Weights for decoding: the compute-dtype policy and the decode weight layout.
 
-Dtype policy (`decode_dtype`): XLA:CPU's bfloat16 matrix-vector products are slow, so on CPU a
-bfloat16 config decodes in float32 when the batch is below ``bf16_min_batch`` (None = the
-platform's, `pldr_jax.backend`: 8 on CPU, 0 on accelerators); bfloat16 weights are then up-cast
-once, before the loop (`prepare_params`).  Otherwise a bfloat16 config decodes in bfloat16 (the
-deductive path, softmax and logits stay float32).  Pass ``bf16_min_batch=0`` (or 1) to force the
-configured dtype.
+Dtype policy (`decode_dtype`): on CPU a bfloat16 config decodes in float32 when the batch is below
+``bf16_min_batch`` (None = the platform's, `pldr_jax.backend`: 16 on CPU with the native packed
+float32 matmul, which outruns XLA:CPU's bfloat16 products there, 8 without it; 0 on accelerators);
+bfloat16 weights are then up-cast once, before the loop (`prepare_params`).  Otherwise a bfloat16
+config decodes in bfloat16 (the deductive path, softmax and logits stay float32).  Pass
+``bf16_min_batch=0`` (or 1) to force the configured dtype.
+
+Layout (`prepare_params`): per-layer weights, fused q/k/v and w1/w2; on CPU in float32 either packed
+in 16-output panels for the native matmul (`pldr_jax.kernels.packed_matmul`,
+`pldr_jax.backend` ``decode_matmul``) or, without it, transposed to [out, in] (``decode_transposed``).
 """
 
 from __future__ import annotations
@@ -17,20 +21,31 @@ from ..backend import choices
 from ..config import PLDRConfig
 from ..params import fuse_projections, unstack_layers
 
-__all__ = ["decode_dtype", "prepare_params"]
+__all__ = ["decode_dtype", "packs_weights", "prepare_params"]
 
 _MATMUL_LAYER_KEYS = ("wq", "wk", "wv", "wqkv", "dense", "ffn")
 
 
 def decode_dtype(cfg: PLDRConfig, batch: int, bf16_min_batch: int | None = None) -> str:
     """Compute dtype used to decode `batch` rows: a 16-bit config runs in float32 below
-    `bf16_min_batch` rows (None = the platform's; XLA:CPU's 16-bit matrix-vector path is slow),
+    `bf16_min_batch` rows (None = the platform's, `pldr_jax.backend`),
     else cfg.dtype."""
     if bf16_min_batch is None:
         bf16_min_batch = choices().bf16_min_batch
     if cfg.dtype in ("bfloat16", "float16") and batch < bf16_min_batch:
         return "float32"
     return cfg.dtype
+
+
+def _pack_linear(p: dict) -> dict:
+    """{"kernel" [in, out], "bias"} -> {"kernel_p" [ceil(out / 16), in, 16], "bias"} (the native
+    packed matmul's panels, `pldr_jax.kernels.pack_kernel`; see `ops.layers.linear`)."""
+    from ..kernels.packed_matmul import pack_kernel
+    if "kernel" not in p:
+        return p
+    q = dict(p)
+    q["kernel_p"] = pack_kernel(q.pop("kernel"))
+    return q
 
 
 def _transpose_linear(p: dict) -> dict:
@@ -42,18 +57,30 @@ def _transpose_linear(p: dict) -> dict:
     return q
 
 
-def _transpose_layer(lp: dict) -> dict:
-    """One layer's params with every decode-time matmul kernel transposed (`_transpose_linear`)."""
+def _relayout_layer(lp: dict, relayout) -> dict:
+    """One layer's params with every decode-time matmul kernel re-laid out by `relayout`
+    (`_transpose_linear` or `_pack_linear`)."""
     lp = dict(lp)
     for name in ("wq", "wk", "wv", "wqkv", "dense"):
         if name in lp:
-            lp[name] = _transpose_linear(lp[name])
-    lp["ffn"] = {k: _transpose_linear(v) for k, v in lp["ffn"].items()}
+            lp[name] = relayout(lp[name])
+    lp["ffn"] = {k: relayout(v) for k, v in lp["ffn"].items()}
     return lp
 
 
+def packs_weights(dtype, *, sharded: bool = False) -> bool:
+    """Whether a decode in `dtype` stores its weights packed for the native matmul (`pldr_jax.backend`
+    ``decode_matmul`` is "packed", float32, not sharded over several devices, and the kernel builds
+    on this host: the first call builds it, a failure warns once and answers False)."""
+    if choices().decode_matmul != "packed" or sharded or jnp.dtype(dtype) != jnp.float32:
+        return False
+    from ..kernels.packed_matmul import packed_matmul_available
+    return packed_matmul_available()
+
+
 def prepare_params(cfg: PLDRConfig, params: dict, batch: int, *, bf16_min_batch: int | None = None,
-                   fuse: bool = True, transpose: bool | None = None, embed_f32: bool | None = None):
+                   fuse: bool = True, transpose: bool | None = None, embed_f32: bool | None = None,
+                   pack: bool | None = None):
     """(run_cfg, run_params) for decoding `batch` rows.
 
     Per-layer weight arrays (`unstack_layers`: no weight-slice copies inside the decode loop), the
@@ -64,6 +91,10 @@ def prepare_params(cfg: PLDRConfig, params: dict, batch: int, *, bf16_min_batch:
     table is float32 with `embed_f32`; None = where the platform wants it, ``decode_embed_f32``: CPU).  The result is a decode
     layout (`forward` accepts it too).  A no-op, no copy, when already prepared: call it once and
     pass the result to `generate` to keep the conversion out of every call.
+    pack: store the matmul kernels in the native packed matmul's panels instead ("kernel_p", see
+    `packs_weights`; None = where the platform wants it for the decode dtype: float32 on CPU, where
+    it supersedes `transpose`).  Pass False for weights that will be sharded over several devices
+    (`decode.Sampler` does) or compiled for another platform.
     """
     run = decode_dtype(cfg, batch, bf16_min_batch)
     if transpose is None:
@@ -85,9 +116,12 @@ def prepare_params(cfg: PLDRConfig, params: dict, batch: int, *, bf16_min_batch:
     if fuse:
         layers = tuple(fuse_projections(lp) for lp in layers)
     final = jax.tree_util.tree_map(cast, params["final"])
-    if transpose:
-        layers = tuple(_transpose_layer(lp) for lp in layers)
-        final = _transpose_linear(final)
+    if pack is None:
+        pack = packs_weights(run)
+    if pack or transpose:
+        relayout = _pack_linear if pack else _transpose_linear
+        layers = tuple(_relayout_layer(lp, relayout) for lp in layers)
+        final = relayout(final)
     # a 16-bit decode on CPU keeps a float32 table (`backend` decode_embed_f32; rows cast after the lookup)
     wide_table = dt != jnp.float32 and (choices().decode_embed_f32 if embed_f32 is None else embed_f32)
     table_cast = (lambda x: jnp.asarray(x).astype(jnp.float32)) if wide_table else cast

@@ -2,5 +2,7 @@
 
 from .build import KernelStatus, load
 from .decode_attention import decode_attention_available, decode_attention_update
+from .packed_matmul import pack_kernel, packed_matmul, packed_matmul_available
 
-__all__ = ["KernelStatus", "load", "decode_attention_available", "decode_attention_update"]
+__all__ = ["KernelStatus", "load", "decode_attention_available", "decode_attention_update", "pack_kernel",
+           "packed_matmul", "packed_matmul_available"]

@@ -37,7 +37,8 @@ _FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fP
 _SRC_DIR = Path(__file__).resolve().parent
 
 #: kernel name -> (source file, {FFI target name: exported handler symbol})
-KERNELS = {"decode_attention": ("decode_attention.cc", {"pldr_decode_attention": "PldrDecodeAttention"})}
+KERNELS = {"decode_attention": ("decode_attention.cc", {"pldr_decode_attention": "PldrDecodeAttention"}),
+           "packed_matmul": ("packed_matmul.cc", {"pldr_packed_matmul": "PldrPackedMatmul"})}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -79,8 +79,13 @@ def linear(p: dict, x: jax.Array, kernels: str = "xla") -> jax.Array:
     float32 for 16-bit x).  kernels: "xla" (plain dot_general) or "cpu" (`dense`).
 
     p may hold "kernel_t" [out, in] (the transposed kernel, as decode-prepared params do: XLA:CPU's
-    matrix-vector product is faster contracting the weight's last axis) instead of "kernel".
+    matrix-vector product is faster contracting the weight's last axis) or "kernel_p" [ceil(out /
+    16), in, 16] (float32 decode weights on CPU: `pldr_jax.kernels.packed_matmul`, a native kernel;
+    the same terms, the sum grouped differently) instead of "kernel".
     """
+    if "kernel_p" in p:   # decode layout on CPU (`pldr_jax.backend` decode_matmul), never differentiated
+        from ..kernels.packed_matmul import packed_matmul
+        return packed_matmul(x, p["kernel_p"], p["bias"])
     if "kernel_t" in p:   # decode layout, never differentiated
         low = jnp.dtype(x.dtype).itemsize < 4
         y = jax.lax.dot_general(x, p["kernel_t"].astype(x.dtype), (((x.ndim - 1,), (1,)), ((), ())),
