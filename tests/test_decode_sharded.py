@@ -45,6 +45,14 @@ SCRIPT = textwrap.dedent("""
         for r in np.flatnonzero(step.active):
             streamed[r].append(int(step.tokens[r]))
     res["stream_same"] = streamed == one(prompts, max_new_tokens=12, top_k=1, eos_id=None).tokens
+    from pldr_jax.decode import prepare_params       # weights packed for unsharded CPU decoding
+    packed = prepare_params(cfg, params, 4)[1]
+    res["packed_one_device"] = "kernel_p" in packed["layers"][0]["wqkv"]
+    try:
+        pldr_jax.Sampler(cfg, packed, mesh=mesh)(prompts, max_new_tokens=2)
+        res["packed_refused"] = ""
+    except ValueError as e:
+        res["packed_refused"] = str(e)
     print(json.dumps(res))
 """)
 
@@ -66,3 +74,8 @@ def test_sharded_decoding_equals_one_device():
             assert r["k_spec"] == "P('data', 'tensor')" and r["k_devices"] == 8, r
     assert "tensor" in res["wqkv_spec"]
     assert res["stream_same"]
+    # float32 weights prepared on one CPU device are packed for the native matmul; a mesh refuses them
+    from pldr_jax.decode.weights import packs_weights
+    assert res["packed_one_device"] == packs_weights("float32")
+    if res["packed_one_device"]:
+        assert "pack=False" in res["packed_refused"], res["packed_refused"]

@@ -38,6 +38,12 @@ from .weights import decode_dtype, prepare_params
 __all__ = ["Sampler"]
 
 
+def _has_packed_kernels(params) -> bool:
+    """Whether any linear layer of `params` holds the native packed matmul's "kernel_p" panels."""
+    paths = jax.tree_util.tree_flatten_with_path(params)[0]
+    return any(getattr(path[-1], "key", None) == "kernel_p" for path, _ in paths if path)
+
+
 class Sampler:
     """Batched generation from one model (see the module docstring).
 
@@ -74,6 +80,10 @@ class Sampler:
             sharded = self.mesh is not None and self.mesh.devices.size > 1
             run_cfg, run_params = prepare_params(self.cfg, self._params, batch, bf16_min_batch=self.bf16_min_batch,
                                                  pack=False if sharded else None)
+            if sharded and _has_packed_kernels(run_params):
+                raise ValueError("these weights were prepared for unsharded CPU decoding (packed 'kernel_p' "
+                                 "panels, `prepare_params` pack=True): pass unprepared weights, or prepare "
+                                 "them with pack=False, to decode on a mesh of several devices")
             if self.mesh is not None:
                 from .sharding import shard_params
                 run_params = shard_params(run_params, self.mesh, self.rules)
