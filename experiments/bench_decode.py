@@ -4,7 +4,7 @@ For each (batch, mode, dtype) it reports tokens/s (all new tokens of the batch /
 whole `generate` call, prefill included, median over timed runs after a warm-up, as the
 reference's figures), prefill time beside its floor (`prefill_floor_ms`: the same weights' products at
 the prefill's shapes, the metric learner's included) and prefill_over_floor, per-step decode time, the
-per-step matmul floor measured in the same process (`matmul_floor_ms`: the same prepared weights'
+per-step matmul floor measured in the same process (`matmul_floor_fn`: the same prepared weights'
 products at that batch, nothing else) and step_over_floor = step_ms / floor_ms, compile time (first
 call minus a warm call) and the peak RSS of the process that ran that configuration (each configuration
 runs in its own subprocess unless --in-process).  step_over_floor is the median step over the median
@@ -133,12 +133,6 @@ def matmul_floor_fn(run_cfg, run_params, batch: int, steps: int):
         jax.block_until_ready(fn(weights, x0))
         return 1e3 * (time.perf_counter() - t0) / steps
     return one_run_ms_per_step
-
-
-def matmul_floor_ms(run_cfg, run_params, batch: int, steps: int, reps: int = 3) -> float:
-    """Median ms per step of `reps` runs of `matmul_floor_fn` (after its warm-up)."""
-    one = matmul_floor_fn(run_cfg, run_params, batch, steps)
-    return statistics.median(one() for _ in range(reps))
 
 
 def _median_ms(fn, args, reps: int) -> float:

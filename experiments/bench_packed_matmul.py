@@ -1,13 +1,13 @@
 """The decode weights' products: XLA:CPU's dot against the native packed-panel matmul, same process.
 
-For each row count M it times two jitted `fori_loop`s of one decode step's weight products (every
-layer's fused q/k/v, output projection, fused w1/w2 and w3, then the vocabulary head, random weights
-of the preset's shapes, chained so each product depends on the previous one): one through
-`ops.layers.linear` with the [out, in] weights XLA:CPU is given without the kernel
-(`decode.prepare_params(pack=False)`), one with the same weights packed in 16-output panels
-(`pldr_jax.kernels.packed_matmul`, what a float32 decode uses on CPU).  Runs alternate (xla, packed,
-xla, ...); each figure is the minimum ms per step over the rounds, and ratio = xla / packed.  It
-also prints each form's largest error against a float64 product of one layer's fused w1/w2 at that M.
+For each row count M it times `bench_decode.matmul_floor_fn` (a jitted `fori_loop` of one decode
+step's weight products: every layer's fused q/k/v, output projection, fused w1/w2 and w3, then the
+vocabulary head, chained) over the preset's random-init weights prepared twice by
+`decode.prepare_params` in the dtype asked for: packed in 16-output panels (`pldr_jax.kernels.
+packed_matmul`, what a float32 decode uses on CPU) and, with pack=False, as XLA:CPU is given them
+without the kernel.  Runs alternate (xla, packed, xla, ...); each figure is the minimum ms per step
+over the rounds, and ratio = xla / packed.  It also prints each form's largest error against a
+float64 product of the first layer's fused w1/w2 at that M.
 
     python experiments/bench_packed_matmul.py                        # v51-110m, M = 1, 8, 16, 32, 64
     python experiments/bench_packed_matmul.py --dtypes bfloat16 --rows 8,16,32
@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
+import os
+import sys
 
 
 def run(preset: str, rows: list[int], dtype: str, rounds: int, steps: int) -> list[dict]:
@@ -27,48 +28,34 @@ def run(preset: str, rows: list[int], dtype: str, rounds: int, steps: int) -> li
     import numpy as np
 
     import pldr_jax
-    from pldr_jax.kernels import pack_kernel, packed_matmul_available
+    from pldr_jax.decode import prepare_params
+    from pldr_jax.kernels import packed_matmul_available
+    from pldr_jax.kernels.packed_matmul import unpack_kernel
     from pldr_jax.ops.layers import linear
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_decode import matmul_floor_fn
 
     if not packed_matmul_available():
         raise SystemExit("the native packed matmul is unavailable here (PLDR_JAX_CPU_KERNELS=0 or no C++ compiler)")
-    cfg = pldr_jax.PLDRConfig.preset(preset)
-    D, F, V = cfg.d_model, cfg.dff, cfg.vocab_size
-    shapes = [(D, 3 * D), (D, D), (D, 2 * F), (F, D)] * cfg.num_layers + [(D, V)]     # [in, out]
-    dt = jnp.dtype(dtype)
+    cfg = pldr_jax.PLDRConfig.preset(preset, dtype=dtype, param_dtype=dtype)
+    params = jax.jit(pldr_jax.init_params, static_argnums=0)(cfg, jax.random.key(0))
+    run_cfg, packed = prepare_params(cfg, params, 1, bf16_min_batch=0, pack=True)
+    plain = prepare_params(cfg, params, 1, bf16_min_batch=0, pack=False)[1]
+    w12 = {name: p["layers"][0]["ffn"]["w12"] for name, p in (("xla", plain), ("packed", packed))}
+    bias = w12["packed"]["bias"]
+    kernel = unpack_kernel(w12["packed"]["kernel_p"], bias.shape[0])          # [D, 2F]
     r = np.random.default_rng(0)
-    kernels = [jnp.asarray(r.normal(size=s) / np.sqrt(s[0]), dt) for s in shapes]
-    biases = [jnp.asarray(r.normal(size=s[1]) * 0.1, dt) for s in shapes]
-    plain = [{"kernel_t": k.T, "bias": b} for k, b in zip(kernels, biases)]
-    packed = [{"kernel_p": pack_kernel(k), "bias": b} for k, b in zip(kernels, biases)]
-
-    def step_fn(layout):
-        def run_chain(ws, x):
-            def body(_, x):
-                h = x
-                for w, (k_in, _) in zip(ws, shapes):
-                    h = linear(w, h[:, :k_in] if h.shape[1] >= k_in else jnp.pad(h, ((0, 0), (0, k_in - h.shape[1]))))
-                return x + h[:, :1] * jnp.asarray(1e-30, x.dtype)
-            return jax.lax.fori_loop(0, steps, body, x)
-        return jax.jit(run_chain), layout
-
-    forms = {"xla": step_fn(plain), "packed": step_fn(packed)}
     out = []
     for M in rows:
-        x = jnp.asarray(r.normal(size=(M, D)), dt)
-        for fn, ws in forms.values():
-            jax.block_until_ready(fn(ws, x))
-        best = {k: float("inf") for k in forms}
+        floors = {"xla": matmul_floor_fn(run_cfg, plain, M, steps), "packed": matmul_floor_fn(run_cfg, packed, M, steps)}
+        best = {k: float("inf") for k in floors}
         for _ in range(rounds):
-            for name, (fn, ws) in forms.items():
-                t0 = time.perf_counter()
-                jax.block_until_ready(fn(ws, x))
-                best[name] = min(best[name], (time.perf_counter() - t0) / steps * 1e3)
-        w12 = 2                          # shapes[2]: the first layer's fused w1/w2, [D, 2F]
-        xe = jnp.asarray(r.normal(size=(M, D)), dt)
-        exact = np.asarray(xe, np.float64) @ np.asarray(kernels[w12], np.float64) + np.asarray(biases[w12], np.float64)
-        err = {name: float(np.abs(np.asarray(linear(ws[w12], xe), np.float64) - exact).max())
-               for name, (_, ws) in forms.items()}
+            for name, one_run in floors.items():
+                best[name] = min(best[name], one_run())
+        x = jnp.asarray(r.normal(size=(M, cfg.d_model)), run_cfg.dtype)
+        exact = np.asarray(x, np.float64) @ np.asarray(kernel, np.float64) + np.asarray(bias, np.float64)
+        err = {name: float(np.abs(np.asarray(linear(w, x), np.float64) - exact).max()) for name, w in w12.items()}
         out.append({"rows": M, "dtype": dtype, "xla_ms": best["xla"], "packed_ms": best["packed"],
                     "ratio": best["xla"] / best["packed"], "max_err_xla": err["xla"], "max_err_packed": err["packed"]})
     return out

@@ -72,15 +72,19 @@ class Sampler:
         self._weights: dict[str, tuple[PLDRConfig, Any]] = {}
 
     # ------------------------------------------------------------------ weights
+    @property
+    def sharded(self) -> bool:
+        """Whether this sampler decodes over a mesh of several devices."""
+        return self.mesh is not None and self.mesh.devices.size > 1
+
     def weights(self, batch: int) -> tuple[PLDRConfig, Any]:
         """(run_cfg, run_params) for decoding `batch` rows: prepared on the first call for that
         decode dtype, then reused."""
         dt = decode_dtype(self.cfg, batch, self.bf16_min_batch)
         if dt not in self._weights:
-            sharded = self.mesh is not None and self.mesh.devices.size > 1
             run_cfg, run_params = prepare_params(self.cfg, self._params, batch, bf16_min_batch=self.bf16_min_batch,
-                                                 pack=False if sharded else None)
-            if sharded and _has_packed_kernels(run_params):
+                                                 pack=False if self.sharded else None)
+            if self.sharded and _has_packed_kernels(run_params):
                 raise ValueError("these weights were prepared for unsharded CPU decoding (packed 'kernel_p' "
                                  "panels, `prepare_params` pack=True): pass unprepared weights, or prepare "
                                  "them with pack=False, to decode on a mesh of several devices")
@@ -99,7 +103,7 @@ class Sampler:
                             eos_id=eos_id, g_lm=g_lm, shared_g=shared_g, stop_at_max_seq_len=stop_at_max_seq_len,
                             max_len=max_len, return_logits=return_logits, return_deductive=return_deductive,
                             platform=platform_of(self.mesh),
-                            sharded=self.mesh is not None and self.mesh.devices.size > 1)
+                            sharded=self.sharded)
 
     def _prefill(self, req: DecodeRequest):
         tokens, lengths = req.tokens, req.lengths

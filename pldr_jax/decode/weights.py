@@ -37,24 +37,25 @@ def decode_dtype(cfg: PLDRConfig, batch: int, bf16_min_batch: int | None = None)
     return cfg.dtype
 
 
-def _pack_linear(p: dict) -> dict:
-    """{"kernel" [in, out], "bias"} -> {"kernel_p" [ceil(out / 16), in, 16], "bias"} (the native
-    packed matmul's panels, `pldr_jax.kernels.pack_kernel`; see `ops.layers.linear`)."""
-    from ..kernels.packed_matmul import pack_kernel
+def _relayout_linear(p: dict, name: str, relayout) -> dict:
+    """{"kernel" [in, out], "bias"} -> {name: relayout(kernel), "bias"}; anything else as it is."""
     if "kernel" not in p:
         return p
     q = dict(p)
-    q["kernel_p"] = pack_kernel(q.pop("kernel"))
+    q[name] = relayout(q.pop("kernel"))
     return q
+
+
+def _pack_linear(p: dict) -> dict:
+    """The "kernel" as "kernel_p" [ceil(out / 16), in, 16], the native packed matmul's panels
+    (`pldr_jax.kernels.pack_kernel`; see `ops.layers.linear`)."""
+    from ..kernels.packed_matmul import pack_kernel
+    return _relayout_linear(p, "kernel_p", pack_kernel)
 
 
 def _transpose_linear(p: dict) -> dict:
-    """{"kernel" [in, out], "bias"} -> {"kernel_t" [out, in], "bias"} (see `ops.layers.linear`)."""
-    if "kernel" not in p:
-        return p
-    q = dict(p)
-    q["kernel_t"] = jnp.asarray(q.pop("kernel")).T
-    return q
+    """The "kernel" as "kernel_t" [out, in] (see `ops.layers.linear`)."""
+    return _relayout_linear(p, "kernel_t", lambda k: jnp.asarray(k).T)
 
 
 def _relayout_layer(lp: dict, relayout) -> dict:
