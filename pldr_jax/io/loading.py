@@ -258,16 +258,20 @@ def _orbax_root(path: Path, step: int | None) -> tuple[Path, int | None]:
 
 
 def _run_file(root: Path, stored: str | None, default_name: str) -> Path | None:
-    """A file recorded in the run config (absolute when written), else the workdir's own copy
-    (the run folder may have moved)."""
+    """A file of the run whose CheckpointManager directory is `root`: the run folder's own copy
+    (``<workdir>/<default_name>``) wins, so a copied or moved run uses its own files; else the path
+    recorded in the run config (relative to the run folder; an absolute one, written by older
+    versions, only when the run folder has no copy of its own)."""
+    own = root.parent / default_name
+    if own.is_file():
+        return own
     if stored:
         p = Path(stored)
         if not p.is_absolute():
             p = root.parent / p
         if p.is_file():
             return p
-    p = root.parent / default_name
-    return p if p.is_file() else None
+    return None
 
 
 def _load_orbax(path: Path, step: int | None):
