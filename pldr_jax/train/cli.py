@@ -44,7 +44,8 @@ RECIPES: dict[str, dict[str, Any]] = {
                 batch_size=16, seq_len=128, log_every=10, eval_every=100, eval_batches=20, save_every=250,
                 keep_checkpoints=3),
 }
-_PRESET_RECIPE = {"v51-110m": "paper", "v51-dag-110m": "paper-dag", "v51g-106m": "paper"}
+_PRESET_RECIPE = {"v51-110m": "paper", "v51-dag-110m": "paper-dag", "v51g-106m": "paper", "v51-1b": "paper",
+                  "v51-8b": "paper"}
 
 #: The README main job's model: 4 layers, d_model 192, 6 heads (dk 32), learned G with a
 #: 1-unit x 2-GLU metric learner, a 2000-piece tokenizer trained on the embedded corpus.
@@ -212,6 +213,26 @@ def train_config(args, recipe: dict, cfg):
     return TrainConfig(**kw)
 
 
+# --------------------------------------------------------------------------- preset defaults
+def preset_recipe(args, cfg) -> tuple[str, dict]:
+    """(recipe name, its TrainConfig defaults fitted to the model): the recipe of ``--recipe``, else
+    the preset's (`_PRESET_RECIPE`, "cpu" otherwise), with its sequence length cut to the model's
+    ``max_seq_len`` so that ``pldr-jax train --preset NAME`` runs with no other flag."""
+    name = args.recipe or _PRESET_RECIPE.get(args.preset or "", "cpu")
+    recipe = dict(RECIPES[name])
+    if "seq_len" in recipe:
+        recipe["seq_len"] = min(recipe["seq_len"], cfg.max_seq_len)
+    return name, recipe
+
+
+def check_fits_model(cfg, tcfg) -> None:
+    """Settings the model cannot take, refused in one line before any work (tokenizer training,
+    data, compilation)."""
+    if tcfg.seq_len > cfg.max_seq_len:
+        raise ValueError(f"--seq-len {tcfg.seq_len} exceeds the model's max_seq_len {cfg.max_seq_len}: pass "
+                         f"--seq-len {cfg.max_seq_len} or less, or --set max_seq_len={tcfg.seq_len}")
+
+
 def _init_distributed(args):
     from .multihost import DEFAULT_HEARTBEAT_S, init_distributed
     hb = args.heartbeat_timeout if args.heartbeat_timeout is not None else DEFAULT_HEARTBEAT_S
@@ -227,8 +248,9 @@ def run(args) -> int:
         return main_job(args)
     _init_distributed(args)
     cfg = model_config(args)
-    recipe_name = args.recipe or _PRESET_RECIPE.get(args.preset or "", "cpu")
-    tcfg = train_config(args, RECIPES[recipe_name], cfg)
+    recipe_name, recipe = preset_recipe(args, cfg)
+    tcfg = train_config(args, recipe, cfg)
+    check_fits_model(cfg, tcfg)
     if args.print_config:
         print(json.dumps({"model": cfg.to_dict(), "train": tcfg.to_dict(), "recipe": recipe_name}, indent=2))
         return 0
@@ -282,6 +304,7 @@ def main_job(args) -> int:
     if args.vocab_size is not None and "vocab_size" not in {s.split("=", 1)[0] for s in args.set}:
         cfg = cfg.replace(vocab_size=args.vocab_size)
     tcfg = train_config(args, recipe, cfg)
+    check_fits_model(cfg, tcfg)
     if not tcfg.resume:
         tcfg = tcfg.replace(overwrite=True)  # the demo starts afresh unless --resume
     if args.print_config:
