@@ -86,3 +86,49 @@ def test_explicit_tokenizer_overrides_with_a_warning(tmp_path, other_tokenizer):
     shutil.copyfile(run / "tokenizer.model", same)
     resolve_tokenizer(run, same, warn=said.append)
     assert said == []
+
+
+# --------------------------------------------------------------------------- damaged checkpoints
+@pytest.fixture
+def damaged_run(tmp_path):
+    """The old run with two checkpoints, the newest one's largest array file truncated."""
+    run = _place_run(tmp_path / "run")
+    shutil.copytree(run / "checkpoints" / "4", run / "checkpoints" / "2")
+    biggest = max((run / "checkpoints" / "4" / "state").rglob("d/*"), key=lambda f: f.stat().st_size)
+    with open(biggest, "r+b") as f:
+        f.truncate(100)
+    return run
+
+
+@pytest.mark.parametrize("argv", [
+    ["generate", "{run}", "--ids", "5 6 7", "--max-new-tokens", "1"],
+    ["eval", "perplexity", "{run}", "--data", "{ids}", "--no-progress"],
+    ["convert", "{run}", "{out}", "--to", "hf"],
+])
+def test_truncated_checkpoint_is_one_line_naming_the_step_that_loads(damaged_run, tmp_path, capsys, argv):
+    from pldr_jax.cli import main
+    ids = tmp_path / "ids.jsonl"
+    ids.write_text(json.dumps({"input_ids": [5, 6, 7, 8]}) + "\n")
+    argv = [a.format(run=damaged_run, ids=ids, out=tmp_path / "out") for a in argv]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert str(damaged_run / "checkpoints" / "4") in err[0] and "pass --step 2" in err[0], err[0]
+
+
+def test_step_flag_loads_the_earlier_checkpoint(damaged_run, capsys):
+    from pldr_jax.cli import main
+    from pldr_jax.io import load_model
+    cfg, params, _ = load_model(damaged_run, step=2)
+    assert cfg.num_layers == 2
+    capsys.readouterr()
+    assert main(["generate", str(damaged_run), "--step", "2", "--ids", "5 6 7", "--max-new-tokens", "2",
+                 "--greedy", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["results"][0]["ids"]) == 2
+
+
+def test_empty_prompt_is_the_documented_error(capsys):
+    from pldr_jax.cli import main
+    assert main(["generate", "preset:tiny", "--prompt", "  ", "--max-new-tokens", "1"]) == 2
+    assert "prompt 0 is empty" in capsys.readouterr().err
