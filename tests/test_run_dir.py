@@ -17,6 +17,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 OLD_RUN = Path(__file__).parent / "data" / "old_run"
@@ -132,3 +133,56 @@ def test_empty_prompt_is_the_documented_error(capsys):
     from pldr_jax.cli import main
     assert main(["generate", "preset:tiny", "--prompt", "  ", "--max-new-tokens", "1"]) == 2
     assert "prompt 0 is empty" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- data positions across versions
+def _corpus():
+    from pldr_jax.data import TokenizedCorpus
+    rng = np.random.default_rng(0)
+    lens = rng.integers(5, 40, 60)
+    return TokenizedCorpus(rng.integers(4, 90, int(lens.sum())), np.concatenate([[0], np.cumsum(lens)]))
+
+
+def _ds(**kw):
+    from pldr_jax.data.pipeline import PretrainDataset
+    return PretrainDataset(_corpus(), **{"seq_len": 16, "batch_size": 4, "seed": 3, **kw})
+
+
+def _v0_state(ds, n):
+    """The state the version-0 pipeline saved after n batches for ds's inputs (its fingerprint formula)."""
+    return {"next_index": n, "pipeline": ds.legacy_fingerprints[0][0]}
+
+
+def _batch_at(ds, n):
+    return ds[n]["inputs"]
+
+
+def test_state_of_this_and_earlier_versions_continue_exactly():
+    from pldr_jax.data.pipeline import PIPELINE_VERSION, restore_position
+    ds = _ds()
+    it = ds.iterator()
+    for _ in range(3):
+        next(it)
+    st = it.get_state()
+    assert st["pipeline_version"] == PIPELINE_VERSION and st["next_index"] == 3
+    v1 = {"next_index": 3, "pipeline": st["pipeline"]}  # written before versions were stored
+    for state in (st, v1, _v0_state(ds, 3)):
+        it2 = ds.iterator()
+        assert restore_position(it2, state) is None
+        np.testing.assert_array_equal(next(it2)["inputs"], _batch_at(ds, 3))
+
+
+def test_state_that_cannot_continue_exactly_names_the_choices():
+    from pldr_jax.data.pipeline import DataStateMismatch, restore_position
+    two = _ds(shard_count=2, batch_size=2)  # version 0 sharded rows per process: another order
+    other_inputs = _ds(seq_len=8)
+    for ds, state, why in ((two, _v0_state(two, 5), "version 0"),
+                           (other_inputs, _ds().iterator(5).get_state(), "other inputs")):
+        with pytest.raises(DataStateMismatch, match=why) as e:
+            restore_position(ds.iterator(), state)
+        assert "--data-state restart" in str(e.value) and "--data-state skip (past the first 5 batches)" in str(e.value)
+        it = ds.iterator()
+        assert "restart" in restore_position(it, state, "restart") and it.step == 0
+        it = ds.iterator()
+        assert "skip" in restore_position(it, state, "skip") and it.step == 5
+        np.testing.assert_array_equal(next(it)["inputs"], _batch_at(ds, 5))
