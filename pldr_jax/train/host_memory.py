@@ -1,12 +1,10 @@
 """Host allocator setting for CPU runs: back large buffers with transparent huge pages.
 
-XLA:CPU allocates a step's temporaries (2 GB for the v51 110M training step at batch 4 x 256) and
-large outputs afresh on every call; glibc maps such blocks with `mmap` and unmaps them on free, so
-every step page-faults its whole working set back in, 4 KiB at a time (~550,000 faults and ~0.3 s
-per v51 step on the 2-core CI machine; experiments/README.md).  With glibc's tunable
-``glibc.malloc.hugetlb=1`` (glibc >= 2.35) malloc asks for transparent huge pages on those maps:
-~1,700 faults per step.  (Keeping freed memory in the heap instead, via `mallopt`, removed the
-faults too but fragmented the heap: peak memory doubled in half of the runs.)
+XLA:CPU allocates a step's temporaries and large outputs afresh on every call; glibc maps such
+blocks with `mmap` and unmaps them on free, so every step page-faults its whole working set back in,
+4 KiB at a time.  With glibc's tunable ``glibc.malloc.hugetlb=1`` (glibc >= 2.35) malloc asks for
+transparent huge pages on those maps, and the faults almost vanish (measured, with the `mallopt`
+alternative that fragmented the heap: experiments/README.md "Training step, v51 110M").
 
 glibc reads tunables once, at process start, so the setting is an environment variable:
 `pldr-jax` re-executes itself once with it (`reexec_with_huge_pages`, skipped when the variable
