@@ -148,9 +148,19 @@ def test_kernels_build_where_a_compiler_is(name):
     st = build.load(name)
     assert st.available, st.reason
     lib = Path(st.library)
-    assert lib.parent == build.kernel_dir() and stat.S_IMODE(os.stat(lib.parent).st_mode) & 0o022 == 0
+    assert lib.parent == build.kernel_dir().expanduser().absolute() and stat.S_IMODE(os.stat(lib.parent).st_mode) & 0o022 == 0
     entry = build._read_manifest(lib.parent)[name]
     assert entry["library"] == lib.name and entry["library_sha256"] == build._sha256(lib)
+
+
+@needs_kernel
+def test_switching_off_stops_choosing_a_registered_kernel_not_using_it(monkeypatch):
+    """Weights packed while the kernels were on still multiply after the switch is turned off; the
+    backend no longer chooses the kernels."""
+    assert build.load("packed_matmul").available
+    monkeypatch.setenv(build.ENV_SWITCH, "off")
+    assert build.load("packed_matmul").available
+    assert backend.choices("cpu").decode_matmul == "xla" == backend.choices("cpu").decode_attention
 
 
 FAKE_CC = """#!/bin/sh
@@ -193,7 +203,8 @@ def _give_to_another_user(path, monkeypatch):
         os.chown(path, 65534, 65534)
         return
     real = os.lstat
-    other = lambda p, *a, **k: os.stat_result((*real(p)[:4], 65534, *real(p)[5:])) if str(p) == str(path) else real(p)
+    other = lambda p, *a, **k: (os.stat_result((*real(p)[:4], 65534, *real(p)[5:])) if str(p) == str(path)
+                                else real(p, *a, **k))
     monkeypatch.setattr(build.os, "lstat", other)
 
 

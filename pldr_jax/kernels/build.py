@@ -318,14 +318,16 @@ def _unavailable(name: str, reason: str) -> KernelStatus:
 
 def load(name: str) -> KernelStatus:
     """Build if needed (`build`, announced), verify and register kernel `name` with XLA:CPU (once per
-    process).  Never raises for a failure: it is a status with its reason, warned once."""
+    process).  Never raises for a failure: it is a status with its reason, warned once.  The off
+    switch stops a build and a registration; a kernel registered before it was turned off stays
+    usable (`pldr_jax.backend` no longer chooses it)."""
     if name not in KERNELS:
         raise ValueError(f"unknown native kernel {name!r}; known: {sorted(KERNELS)}")
-    if not enabled():
-        return KernelStatus(name, False, f"turned off by {ENV_SWITCH}")
     with _lock:
-        if name in _registered:
+        if name in _registered:      # usable (e.g. by weights packed for it) even if switched off since
             return _registered[name]
+        if not enabled():
+            return KernelStatus(name, False, f"turned off by {ENV_SWITCH}")
         cc = _compiler()
         key = (name, str(kernel_dir()), cc)
         if key in _failed:
