@@ -4,11 +4,13 @@ tests/data/old_run is a `pldr-jax train` run directory written by commit 586d482
 (the pipeline fingerprint before the global-batch data positions, absolute paths in its run config):
 
     git worktree add /work/wt/old28 586d482 && cd /work/wt/old28
-    JAX_PLATFORMS=cpu python -m pldr_jax.cli train --preset tiny --seq-len 32 --batch-size 4 --steps 4 \\
-        --save-every 0 --eval-every 0 --eval-batches 1 --log-every 1 --keep 1 --workdir /tmp/runs28/old_run \\
-        --no-progress --no-plot --sync-checkpoints          # then its tensorboard/ folder removed
+    JAX_PLATFORMS=cpu python -m pldr_jax.cli train --preset tiny --seq-len 32 --batch-size 4 --steps 6 \\
+        --save-every 4 --eval-every 0 --eval-batches 1 --log-every 1 --keep 2 --workdir /tmp/runs28/old_run \\
+        --no-progress --no-plot --sync-checkpoints
 
-Its run config records its tokenizer as ``/tmp/runs28/old_run/tokenizer.model``.
+then its tensorboard/ folder and its checkpoint 6 removed (as if it had died after saving step 4: its
+metrics.jsonl keeps the rows of steps 5 and 6).  Its run config records its tokenizer as
+``/tmp/runs28/old_run/tokenizer.model``.
 """
 
 from __future__ import annotations
