@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     except (RuntimeError, TimeoutError) as e:  # resume impossible, a save failed, a cross-process wait timed out
         if not isinstance(e, _run_failures()):
+            _exit_if_lost_peer(args, e)
             if _distributed_started():
                 traceback.print_exc()
                 _exit_now_if_multiprocess(1)
@@ -61,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pldr-jax {args.command}: error: {e}", file=sys.stderr)
         _exit_now_if_multiprocess(4, e)
         return 4
-    except Exception:  # a bug or an unforeseen failure: the traceback, and no hang of the other processes
+    except Exception as e:  # a bug or an unforeseen failure: the traceback, and no hang of the other processes
+        _exit_if_lost_peer(args, e)
         if _distributed_started():
             traceback.print_exc()
             _exit_now_if_multiprocess(1)
@@ -85,6 +87,24 @@ def _exit_now_if_multiprocess(code: int, error: BaseException | None = None) -> 
             except Exception:  # a process already gone: leave anyway
                 pass
         os._exit(code)
+
+
+def _exit_if_lost_peer(args, error: BaseException) -> None:
+    """A multi-process run stopped because another process died: one line naming the newest complete
+    checkpoint and how to resume (`train.faults.peer_failure_message`), not a page of collective
+    errors; then exit 4 at once."""
+    if not _distributed_started():
+        return
+    from pathlib import Path
+
+    from .train.faults import is_peer_failure, peer_failure_message
+    if not is_peer_failure(error):
+        return
+    from .train.cli import DEFAULT_WORKDIR
+    workdir = getattr(args, "workdir", None) or DEFAULT_WORKDIR
+    print(f"pldr-jax {args.command}: error: {peer_failure_message(error, Path(workdir) / 'checkpoints')}",
+          file=sys.stderr)
+    _exit_now_if_multiprocess(4)
 
 
 _EXIT_BARRIER_S = 30.0  # how long a process waits for the others to report an error raised on every process

@@ -8,8 +8,9 @@ one CPU device per process, mesh fsdp = process count):
 | resume a 2-process run with 4 processes            | continues (params re-sharded, data position global)   |
 | newest checkpoint corrupted in process 1's files   | both processes agree on step 4; step 8 moved aside    |
 | kill -9 of every process (seeded random moment)    | resume is exact (bitwise losses, same final step)     |
-| kill -9 of one process                             | the other stops within the heartbeat timeout, with a  |
-|                                                    | message; resume (4 processes) continues               |
+| kill -9 of one process                             | the other stops within a minute with one line naming  |
+|                                                    | the newest complete checkpoint and --resume (no       |
+|                                                    | traceback); resume (4 processes) continues            |
 | disk full while saving step 8 (2 procs, tmpfs)     | both exit non-zero naming the failed save; step 4     |
 |                                                    | intact; resume after freeing space is exact           |
 | only process 0's write of step 8 fails (injected   | both stop within seconds naming the failed save       |
@@ -226,9 +227,12 @@ def test_kill_one_process_stops_the_other_then_resume_on_four(runs, data):
         stopped_after = time.monotonic() - t_kill
     finally:
         _wait(procs, 5)
-    assert procs[0].returncode != 0 and stopped_after < HEARTBEAT_S + 60
+    assert procs[0].returncode != 0 and stopped_after < 60
     out = _log(wd, 0)
-    assert "another task died" in out or "Gloo" in out or "heartbeat" in out, out[-3000:]
+    err = [ln for ln in out.splitlines() if ln.startswith("pldr-jax train: error:")]
+    assert len(err) == 1 and "another process of this run died" in err[0], out[-3000:]
+    assert "the newest complete checkpoint is step" in err[0] and "--resume" in err[0], err[0]
+    assert "Traceback" not in out, out[-3000:]
     ck = complete_checkpoint_steps(wd / "checkpoints")
     assert ck and max(ck) < 12
     _run(data, wd, 4, 12, ["--resume"])

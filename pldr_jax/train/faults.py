@@ -11,6 +11,10 @@ Pure helpers that the loop / step wire in with a few lines (nothing here imports
 * `apply_gradients_guarded` -- the jit-side half: one optimiser update, skipped (`lax.cond`) when
   the loss or the gradients are not finite; returns ``(state, ok)``.  `NonFiniteMonitor` is the
   host-side half (counting, logging, the stop decision).
+* `peer_failure_message` -- a multi-process run whose collective failed because another process
+  died or became unreachable (Gloo's "Connection reset by peer", the coordination service's "another
+  task died"): one line naming the newest complete checkpoint and how to resume, instead of the
+  library's traceback (`pldr_jax.cli` prints it and exits).
 * `preflight_checkpoint_dir` -- before training starts: the directory can be created, a probe
   file can be written + fsynced + deleted, and the disk has room for one more checkpoint
   (`estimate_checkpoint_bytes`); `CheckpointDirError` (a ValueError) otherwise.
@@ -35,7 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["FaultPolicy", "NonFiniteError", "NonFiniteMonitor", "tree_all_finite", "apply_gradients_guarded",
-           "CheckpointDirError", "estimate_checkpoint_bytes", "preflight_checkpoint_dir"]
+           "CheckpointDirError", "estimate_checkpoint_bytes", "preflight_checkpoint_dir", "is_peer_failure",
+           "peer_failure_message"]
 
 NONFINITE_POLICIES = ("skip", "stop", "off")
 
@@ -146,6 +151,53 @@ class NonFiniteMonitor:
             f"training stopped: non-finite loss or gradients at step {self.stop_step} ({why}){where}. "
             "Lower the learning rate, enable clipping, check the data or the DAG coefficients; resume "
             "with resume=True (--resume) to continue past that batch")
+
+
+# =========================================================================== a lost peer
+#: Words of the errors a collective or a coordination-service call raises when another process died.
+_PEER_FAILURE_MARKERS = ("Gloo", "gloo", "Connection reset by peer", "Connection closed by peer", "another task died",
+                         "task died", "heartbeat", "Socket closed", "UNAVAILABLE")
+
+
+def _error_chain(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """Whether `exc` (or an error it came from) is a collective or coordination failure caused by
+    another process of a multi-process run going away (a runtime error of JAX naming Gloo, a closed
+    connection, a dead task or missed heartbeats)."""
+    for e in _error_chain(exc):
+        if type(e).__name__ in ("JaxRuntimeError", "XlaRuntimeError") and any(m in str(e) for m in _PEER_FAILURE_MARKERS):
+            return True
+    return False
+
+
+def complete_checkpoint_steps(ckpt_dir: str | os.PathLike) -> list[int]:
+    """Steps whose checkpoint save finished (orbax writes ``_CHECKPOINT_METADATA`` last; a save cut off
+    leaves an ``*.orbax-checkpoint-tmp-*`` folder or a step folder without it)."""
+    d = Path(ckpt_dir)
+    if not d.is_dir():
+        return []
+    return sorted(int(p.name) for p in d.iterdir()
+                  if p.is_dir() and p.name.isdigit() and (p / "_CHECKPOINT_METADATA").exists())
+
+
+def peer_failure_message(exc: BaseException, ckpt_dir: str | os.PathLike) -> str:
+    """One line for a run stopped by a lost peer: what failed, the newest complete checkpoint in
+    `ckpt_dir` and how to go on."""
+    cause = next((e for e in _error_chain(exc) if any(m in str(e) for m in _PEER_FAILURE_MARKERS)), exc)
+    what = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+    what = what if len(what) <= 200 else what[:197] + "..."
+    steps = complete_checkpoint_steps(ckpt_dir)
+    kept = (f"the newest complete checkpoint is step {steps[-1]} in {ckpt_dir}" if steps else
+            f"no complete checkpoint exists yet in {ckpt_dir}")
+    return (f"another process of this run died or became unreachable ({what}); {kept}. Start every process again "
+            f"with the same command plus --resume" + (" (it continues from that step)" if steps else ""))
 
 
 # =========================================================================== checkpoint directory preflight
