@@ -291,6 +291,8 @@ def _assert_failed_save_of_step_8(wd: Path, ckpt: Path, *also: str) -> None:
         err = [ln for ln in _log(wd, i).splitlines() if ln.startswith("pldr-jax train: error:")]
         assert err and "the save of step 8" in err[0] and "the disk is full" in err[0], _log(wd, i)[-3000:]
         assert "step 4, is intact" in err[0] and "--resume" in err[0] and all(a in err[0] for a in also)
+        log = _log(wd, i)  # the one line, not the libraries' pages (orbax tracebacks, asyncio's closed loop)
+        assert "Event loop is closed" not in log and "Traceback" not in log, log[-3000:]
     assert complete_checkpoint_steps(ckpt) == [4]
     assert not (ckpt.parent / "checkpoints.corrupt").exists()
 

@@ -385,6 +385,8 @@ def run(args) -> int:
     if args.main_job:
         return main_job(args)
     _init_distributed(args)
+    from .faults import quiet_background_save_errors
+    quiet_background_save_errors()
     cfg, tcfg, recipe_name = run_settings(args)
     check_fits_model(cfg, tcfg)
     if args.print_config:

@@ -15,6 +15,10 @@ Pure helpers that the loop / step wire in with a few lines (nothing here imports
   died or became unreachable (Gloo's "Connection reset by peer", the coordination service's "another
   task died"): one line naming the newest complete checkpoint and how to resume, instead of the
   library's traceback (`pldr_jax.cli` prints it and exits).
+* `quiet_background_save_errors` -- after a failed background save, orbax's writer threads report
+  the error themselves (absl ERROR records with tracebacks) and tensorstore callbacks that outlive
+  orbax's event loop print asyncio's "Event loop is closed" by the dozen; the run reports the
+  failure in one line of its own (`CheckpointSaveError`), so these are kept to one line each / dropped.
 * `preflight_checkpoint_dir` -- before training starts: the directory can be created, a probe
   file can be written + fsynced + deleted, and the disk has room for one more checkpoint
   (`estimate_checkpoint_bytes`); `CheckpointDirError` (a ValueError) otherwise.
@@ -27,9 +31,11 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import logging
 import math
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -40,7 +46,7 @@ import numpy as np
 
 __all__ = ["FaultPolicy", "NonFiniteError", "NonFiniteMonitor", "tree_all_finite", "apply_gradients_guarded",
            "CheckpointDirError", "estimate_checkpoint_bytes", "preflight_checkpoint_dir", "is_peer_failure",
-           "peer_failure_message"]
+           "peer_failure_message", "quiet_background_save_errors"]
 
 NONFINITE_POLICIES = ("skip", "stop", "off")
 
@@ -198,6 +204,45 @@ def peer_failure_message(exc: BaseException, ckpt_dir: str | os.PathLike) -> str
             f"no complete checkpoint exists yet in {ckpt_dir}")
     return (f"another process of this run died or became unreachable ({what}); {kept}. Start every process again "
             f"with the same command plus --resume" + (" (it continues from that step)" if steps else ""))
+
+
+# =========================================================================== library noise after a failed save
+def _is_closed_loop_error(exc) -> bool:
+    return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
+class _OneLineOrbaxErrors(logging.Filter):
+    """absl records from orbax's background threads keep their message, lose their traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and "orbax" in (record.pathname or ""):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+_QUIET_INSTALLED: list = []
+
+
+def quiet_background_save_errors() -> None:
+    """Process-wide, idempotent: asyncio "Event loop is closed" errors that tensorstore callbacks raise
+    after orbax's writer loop ended are not printed (through `sys.excepthook` and
+    `sys.unraisablehook`), and orbax's absl error records print without tracebacks.  For the
+    ``pldr-jax train`` command, whose own message names the failed save."""
+    if _QUIET_INSTALLED:
+        return
+    prev_hook, prev_unraisable = sys.excepthook, sys.unraisablehook
+
+    def excepthook(exc_type, exc, tb):
+        if not _is_closed_loop_error(exc):
+            prev_hook(exc_type, exc, tb)
+
+    def unraisablehook(info):
+        if not _is_closed_loop_error(info.exc_value):
+            prev_unraisable(info)
+
+    sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
+    logging.getLogger("absl").addFilter(_OneLineOrbaxErrors())
+    _QUIET_INSTALLED.append(True)
 
 
 # =========================================================================== checkpoint directory preflight
