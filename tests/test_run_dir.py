@@ -188,3 +188,47 @@ def test_state_that_cannot_continue_exactly_names_the_choices():
         it = ds.iterator()
         assert "skip" in restore_position(it, state, "skip") and it.step == 5
         np.testing.assert_array_equal(next(it)["inputs"], _batch_at(ds, 5))
+
+
+# --------------------------------------------------------------------------- resuming the old run
+OLD_LOSS_STEP_5 = 4.756786346435547  # tests/data/old_run/metrics.jsonl: the old run's loss at step 5
+
+
+def _summary_last_step(out: str) -> int:
+    line = next(ln for ln in out.splitlines() if ln.startswith("train loss:"))
+    return int(line.rsplit("(step ", 1)[1].split(")")[0])
+
+
+def test_old_run_resumes_where_it_left_off_and_reads_as_one_history(tmp_path, capsys):
+    """Written by 586d482 (another data-pipeline version, absolute paths): `--resume` continues at its
+    data position (one process: the same batches) with its own settings; the rows of its lost steps 5-6
+    give way to the resumed run's in the summary and metrics."""
+    from pldr_jax.cli import main
+    from pldr_jax.train import read_metrics
+    run = _place_run(tmp_path / "run")
+    capsys.readouterr()
+    assert main(["train", "--workdir", str(run), "--resume", "--steps", "5", "--no-progress", "--no-plot"]) == 0
+    out = capsys.readouterr().out
+    assert "changed by the flags given: steps 6 -> 5" in out and "trained steps 4 -> 5" in out, out
+    assert _summary_last_step(out) == 5
+    rows = [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert rows[-1]["loss"] == pytest.approx(OLD_LOSS_STEP_5, abs=1e-4)  # the old run's batch 5 (not batch 0)
+    conf = json.loads((run / "run_config.json").read_text())
+    assert conf["tokenizer"] == "tokenizer.model"  # relative: the folder can move
+
+
+def test_old_run_with_other_data_settings_needs_a_data_state_choice(tmp_path, capsys):
+    from pldr_jax.cli import main
+    run = _place_run(tmp_path / "run")
+    before = (run / "run_config.json").read_text()
+    argv = ["train", "--workdir", str(run), "--resume", "--steps", "5", "--seq-len", "16", "--no-progress",
+            "--no-plot"]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--data-state restart" in err[0] and "--data-state skip" in err[0], err
+    assert (run / "run_config.json").read_text() == before  # nothing written on a refused resume
+    assert main([*argv, "--data-state", "skip"]) == 0
+    out = capsys.readouterr().out
+    assert "data continues after its first 4 batches" in out and "trained steps 4 -> 5" in out, out
