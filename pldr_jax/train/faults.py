@@ -44,6 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .integrity import _chain as _error_chain
+
 __all__ = ["FaultPolicy", "NonFiniteError", "NonFiniteMonitor", "tree_all_finite", "apply_gradients_guarded",
            "CheckpointDirError", "estimate_checkpoint_bytes", "preflight_checkpoint_dir", "is_peer_failure",
            "peer_failure_message", "quiet_background_save_errors"]
@@ -163,14 +165,6 @@ class NonFiniteMonitor:
 #: Words of the errors a collective or a coordination-service call raises when another process died.
 _PEER_FAILURE_MARKERS = ("Gloo", "gloo", "Connection reset by peer", "Connection closed by peer", "another task died",
                          "task died", "heartbeat", "Socket closed", "UNAVAILABLE")
-
-
-def _error_chain(exc: BaseException):
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        exc = exc.__cause__ or exc.__context__
 
 
 def is_peer_failure(exc: BaseException) -> bool:
