@@ -267,14 +267,20 @@ def _check_record(d: dict, where: str) -> None:
 
 def stored_run(workdir) -> dict | None:
     """The settings a run in `workdir` was trained with: the config saved with its newest
-    checkpoint, else its run_config.json; None when it has neither."""
+    checkpoint whose config reads (a damaged one is left to the resume's own checks), else its
+    run_config.json; None when it has neither."""
     from ..io.orbax_params import checkpoint_steps, read_run_config
     ckpt = Path(workdir) / "checkpoints"
-    if checkpoint_steps(ckpt):
-        where, d = f"{ckpt}/{checkpoint_steps(ckpt)[-1]}/config", read_run_config(ckpt)
-    elif (Path(workdir) / "run_config.json").is_file():
+    where = d = None
+    for step in reversed(checkpoint_steps(ckpt)):
+        try:
+            where, d = f"{ckpt}/{step}/config", read_run_config(ckpt, step)
+            break
+        except Exception:  # noqa: BLE001 -- unreadable: the previous checkpoint's record
+            continue
+    if d is None and (Path(workdir) / "run_config.json").is_file():
         where, d = str(Path(workdir) / "run_config.json"), json.loads((Path(workdir) / "run_config.json").read_text())
-    else:
+    if d is None:
         return None
     if not isinstance(d.get("model"), dict) or not isinstance(d.get("train"), dict):
         raise ValueError(f"{where}: not a pldr-jax run record (no 'model' / 'train' sections)")
