@@ -311,6 +311,47 @@ def test_one_process_background_write_failing_stops_every_process(data):
     assert took < 150, f"the processes took {took:.0f} s to stop"
 
 
+def test_lost_peer_message_names_the_checkpoint_to_resume_from(tmp_path):
+    """The classification and the line behind the kill -9 test, without processes."""
+    import jax
+
+    from pldr_jax.train.faults import is_peer_failure, peer_failure_message
+    ckpt = tmp_path / "checkpoints"
+    for step, done in ((4, True), (8, True), (12, False)):  # 12: a save cut off (no metadata written)
+        (ckpt / str(step)).mkdir(parents=True)
+        if done:
+            (ckpt / str(step) / "_CHECKPOINT_METADATA").write_text("{}")
+    gloo = jax.errors.JaxRuntimeError("UNKNOWN: Gloo all-reduce failed: [pair.cc:538] Read error: Connection reset by peer")
+    try:
+        try:
+            raise gloo
+        except Exception as inner:
+            raise RuntimeError("while reading the metrics") from inner
+    except RuntimeError as outer:
+        wrapped = outer
+    assert is_peer_failure(gloo) and is_peer_failure(wrapped)
+    assert not is_peer_failure(jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: out of memory"))
+    assert not is_peer_failure(ValueError("Gloo"))
+    line = peer_failure_message(wrapped, ckpt)
+    assert "\n" not in line and "Connection reset by peer" in line and "--resume" in line
+    assert f"the newest complete checkpoint is step 8 in {ckpt}" in line
+
+
+def test_closed_event_loop_noise_is_dropped(capsys):
+    import sys
+
+    from pldr_jax.train.faults import quiet_background_save_errors
+    saved = sys.excepthook, sys.unraisablehook
+    try:
+        quiet_background_save_errors()
+        sys.excepthook(RuntimeError, RuntimeError("Event loop is closed"), None)
+        assert capsys.readouterr().err == ""
+        sys.excepthook(RuntimeError, RuntimeError("something else"), None)
+        assert "something else" in capsys.readouterr().err
+    finally:
+        sys.excepthook, sys.unraisablehook = saved
+
+
 def _full_disk_launch(spec: dict) -> int:
     """Inside the mount namespace (the workdir is the small tmpfs): run the processes, copy the workdir out."""
     data = {k: Path(v) for k, v in spec["data"].items()}
