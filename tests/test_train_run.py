@@ -80,6 +80,36 @@ def test_step_cache_follows_backend_options_and_env(monkeypatch):
     assert compiled_steps(CFG, tc, mesh, resolve_backend(tc, mesh), FAST_COMPILE) is cpu
 
 
+def _batches(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [{"inputs": rng.integers(1, 64, (2, 8), dtype=np.int32),
+             "targets": rng.integers(1, 64, (2, 8), dtype=np.int32)} for _ in range(n)]
+
+
+def _tc(workdir, **kw):
+    return TrainConfig(workdir=str(workdir), batch_size=2, seq_len=8, warmup_steps=1, log_every=5, eval_every=0,
+                       save_every=0, progress=False, plot=False, tensorboard=False, mesh=(1, 1, 1), **kw)
+
+
+def test_accelerator_choices_through_train_give_the_cpu_path_losses(tmp_path, monkeypatch):
+    """The whole train step with the accelerator choices (plain dot_general, lax.scan over layers,
+    full remat, attention in query blocks, the head + loss in chunks), set as backend options of a
+    run on CPU: the CPU path's losses over 3 steps."""
+    from pldr_jax.train.loop import train
+    monkeypatch.delenv(backend.KERNELS_ENV, raising=False)
+    cfg = CFG.replace(num_layers=2)
+    accel = {"kernels": "xla", "unroll_layers": False, "remat": "full", "attention_block": 4,
+             "head_chunk_bytes": 1024}  # [2, 8, 64] float32 logits = 4 KiB: 4 chunks
+    kw = dict(train_data=_batches(3), devices=jax.devices()[:1], compiler_options=FAST_COMPILE,
+              log=lambda *a, **k: None)
+    cpu = train(cfg, _tc(tmp_path / "cpu", steps=3), **kw)
+    acc = train(cfg, _tc(tmp_path / "acc", steps=3, backend_options=accel), **kw)
+    assert json.loads((tmp_path / "acc" / "run_config.json").read_text())["train"]["backend_options"] == \
+        [[k, v] for k, v in sorted(accel.items())]
+    assert len(cpu.losses) == len(acc.losses) == 3
+    np.testing.assert_allclose(acc.losses, cpu.losses, rtol=1e-5)
+
+
 def test_a_stop_check_ends_the_run_at_that_step_with_its_checkpoint(tmp_path, monkeypatch):
     """`TrainRun.stop_checks` (where a preemption signal or deadline is asked after every step):
     the first message ends the loop, and the run finishes as at its last step -- the metrics row
@@ -94,13 +124,8 @@ def test_a_stop_check_ends_the_run_at_that_step_with_its_checkpoint(tmp_path, mo
         run.stop_checks.append(lambda step: "asked to stop" if step == 3 else None)
         return run
     monkeypatch.setattr(loop, "setup_run", setup_with_stop)
-    rng = np.random.default_rng(0)
-    batches = [{"inputs": rng.integers(1, 64, (2, 8), dtype=np.int32),
-                "targets": rng.integers(1, 64, (2, 8), dtype=np.int32)} for _ in range(10)]
-    tc = TrainConfig(workdir=str(tmp_path / "run"), steps=10, batch_size=2, seq_len=8, warmup_steps=1, log_every=5,
-                     eval_every=0, save_every=0, progress=False, plot=False, tensorboard=False, mesh=(1, 1, 1))
     said = []
-    r = loop.train(CFG, tc, train_data=batches, devices=jax.devices()[:1], compiler_options=FAST_COMPILE,
+    r = loop.train(CFG, _tc(tmp_path / "run", steps=10), train_data=_batches(10), devices=jax.devices()[:1], compiler_options=FAST_COMPILE,
                    log=lambda *a, **k: said.append(" ".join(map(str, a))))
     assert r.end_step == 3 and len(r.losses) == 3
     assert checkpoint_steps(tmp_path / "run" / "checkpoints") == [3]

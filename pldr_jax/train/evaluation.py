@@ -57,4 +57,5 @@ class ValidationEval:
                      run.tcfg.eval_batches)
         self.reporter.eval_result({"kind": "eval", "step": step, **r})
 
-    final = run
+    def final(self, step: int) -> None:
+        self.run(step)

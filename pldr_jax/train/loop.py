@@ -102,8 +102,6 @@ def train(model_cfg: PLDRConfig, tcfg: TrainConfig, *, train_data: Iterable | No
     else:
         init_state(run)
     reporter = Reporter(run)
-    if run.resume_point is not None:
-        reporter.resumed(run.resume_point)
     run_steps(run, reporter, saver, periodic=[ValidationEval(run, reporter)])
     return _result(run, reporter, plot_run(run))
 

@@ -1,6 +1,6 @@
 """Reporting of a training run: metrics.jsonl rows, TensorBoard scalars, the progress bar, the loss plot.
 
-`Reporter(run)` collects the step loop's metrics: ``step_done`` after every step (the first one, which
+`Reporter(run)` collects the step loop's metrics (after a ``resume`` row when the run resumed): ``step_done`` after every step (the first one, which
 compiles, is timed apart: an ``info`` row), ``flush`` every ``log_every`` steps (one ``train`` row of
 the interval's means, tokens/s, step time), ``eval_result`` (an ``eval`` row), ``exclude`` (time spent
 outside training, e.g. evaluation, kept out of tokens/s).  Every row goes to each of its ``writers``
@@ -106,6 +106,10 @@ class Reporter:
                 tb = TensorBoardWriter.open(run.workdir / "tensorboard")
                 if tb is not None:
                     self.writers.append(tb)
+        if run.resume_point is not None:
+            point = run.resume_point
+            self.write({"kind": "resume", "step": point.step, "quarantined": point.quarantined,
+                        "notes": point.notes, "process_count": jax.process_count()})
         self.bar = None
         if tcfg.progress and run.main and run.start_step < tcfg.steps:
             from tqdm.auto import tqdm
@@ -123,10 +127,6 @@ class Reporter:
     def write(self, record: dict) -> None:
         for w in self.writers:
             w.write(record)
-
-    def resumed(self, point) -> None:
-        self.write({"kind": "resume", "step": point.step, "quarantined": point.quarantined, "notes": point.notes,
-                    "process_count": jax.process_count()})
 
     def step_done(self, step: int, metrics) -> None:
         """The (device) metrics of the step that reached `step`, read back at the next `flush`."""
