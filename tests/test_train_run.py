@@ -131,3 +131,22 @@ def test_a_stop_check_ends_the_run_at_that_step_with_its_checkpoint(tmp_path, mo
     assert checkpoint_steps(tmp_path / "run" / "checkpoints") == [3]
     assert [m["step"] for m in read_metrics(tmp_path / "run" / "metrics.jsonl") if m["kind"] == "train"] == [3]
     assert any("stopping after step 3: asked to stop" in s for s in said)
+
+
+def test_a_failing_tensorboard_write_warns_once_and_never_raises(tmp_path, capsys):
+    """A full disk under the TensorBoard files must not replace the run's own error (a failed
+    checkpoint save) nor stop process 0 alone: like metrics.jsonl, one warning, training goes on."""
+    from pldr_jax.train.reporting import TensorBoardWriter
+
+    class FullDisk:
+        def add_scalar(self, *a):
+            raise OSError(28, "No space left on device")
+
+        close = add_scalar
+
+    w = TensorBoardWriter(FullDisk(), tmp_path / "tensorboard")
+    w.write({"kind": "train", "step": 1, "loss": 2.0})
+    w.write({"kind": "train", "step": 2, "loss": 1.0})
+    w.close()
+    err = capsys.readouterr().err
+    assert err.count("warning: cannot write") == 1 and "No space left on device" in err

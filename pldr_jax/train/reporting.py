@@ -31,14 +31,27 @@ class MetricsWriter(Protocol):
     def close(self) -> None: ...
 
 
-class JsonlWriter:
-    """Appends one JSON line per record; a failed write (e.g. disk full) is reported once and
-    training goes on (checkpoints decide whether the run stops; only process 0 logs, so raising here
-    would split the processes)."""
+class _WarnOnce:
+    """A writer whose failed writes (e.g. disk full) are reported once while training goes on:
+    checkpoints decide whether the run stops, and only process 0 writes metrics, so raising here
+    would split the processes (or mask the checkpoint error in flight)."""
 
     def __init__(self, path: Path):
         self.path = path
         self._warned = False
+
+    def _warn(self, e: OSError) -> None:
+        if not self._warned:
+            self._warned = True
+            print(f"warning: cannot write {self.path} ({e}); training continues, further metrics may be "
+                  "missing", file=sys.stderr, flush=True)
+
+
+class JsonlWriter(_WarnOnce):
+    """Appends one JSON line per record."""
+
+    def __init__(self, path: Path):
+        super().__init__(path)
         # a run killed mid-write leaves a partial last line: start on a fresh line after it
         torn = path.exists() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
         self._f = open(path, "a")
@@ -52,12 +65,6 @@ class JsonlWriter:
         except OSError as e:
             self._warn(e)
 
-    def _warn(self, e: OSError) -> None:
-        if not self._warned:
-            self._warned = True
-            print(f"warning: cannot write {self.path} ({e}); training continues, further metrics lines may be "
-                  "missing", file=sys.stderr, flush=True)
-
     def close(self) -> None:
         try:
             self._f.close()
@@ -65,10 +72,11 @@ class JsonlWriter:
             self._warn(e)
 
 
-class TensorBoardWriter:
+class TensorBoardWriter(_WarnOnce):
     """The finite numbers of every record as TensorBoard scalars at the record's step."""
 
-    def __init__(self, writer):
+    def __init__(self, writer, directory: Path):
+        super().__init__(directory)
         self._tb = writer
 
     @classmethod
@@ -81,15 +89,21 @@ class TensorBoardWriter:
                 from torch.utils.tensorboard import SummaryWriter  # type: ignore
             except ImportError:
                 return None
-        return cls(SummaryWriter(str(directory)))
+        return cls(SummaryWriter(str(directory)), directory)
 
     def write(self, record: dict) -> None:
-        for k, v in record.items():
-            if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-                self._tb.add_scalar(k, v, record["step"])
+        try:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                    self._tb.add_scalar(k, v, record["step"])
+        except OSError as e:
+            self._warn(e)
 
     def close(self) -> None:
-        self._tb.close()
+        try:
+            self._tb.close()
+        except OSError as e:
+            self._warn(e)
 
 
 class Reporter:
