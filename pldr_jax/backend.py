@@ -94,14 +94,15 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import os
 import sys
 
-__all__ = ["KERNELS", "KERNELS_ENV", "BackendChoices", "choices", "check_options", "parse_backend_options", "platform_of",
-           "default_kernels", "check_kernels", "huge_pages_wanted", "uses_native_decode_attention"]
+from . import settings
+
+__all__ = ["KERNELS", "KERNELS_ENV", "BackendChoices", "choices", "check_options", "parse_backend_options",
+           "platform_of", "default_kernels", "check_kernels", "huge_pages_wanted", "uses_native_decode_attention"]
 
 KERNELS = ("xla", "cpu")
-KERNELS_ENV = "PLDR_JAX_KERNELS"
+KERNELS_ENV = settings.KERNELS_ENV
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,12 +126,7 @@ class BackendChoices:
 
 
 def _kernels_override() -> str | None:
-    v = os.environ.get(KERNELS_ENV, "").strip().lower()
-    if not v:
-        return None
-    if v not in KERNELS:
-        raise ValueError(f"{KERNELS_ENV}={v!r}: expected one of {KERNELS}")
-    return v
+    return settings.kernels_override()
 
 
 def _coerce_option(name: str, value, field_type: str):
@@ -202,21 +198,20 @@ def choices(platform: str | None = None, options=None) -> BackendChoices:
     kernels = _kernels_override() or ("cpu" if cpu else "xla")
     native = cpu and _native_kernels_enabled()
     ch = BackendChoices(platform=platform, kernels=kernels, unroll_layers=cpu,
-                          bf16_min_batch=(16 if native else 8) if cpu else 0,
-                          decode_transposed=("float32",) if cpu else (), kv_cache_dtype="float32" if cpu else None,
-                          decode_embed_f32=cpu,
-                          remat="none" if cpu else "full",
-                          head_chunk_bytes=0 if cpu else 2 ** 30, attention_block=0 if cpu else 256,
-                          decode_merged_heads=cpu, decode_shared_kv_slot=not cpu,
-                          decode_kv_chunk=0 if cpu else 256,
-                          decode_attention="native" if native else "xla",
-                          decode_matmul="packed" if native else "xla")
+                      bf16_min_batch=(16 if native else 8) if cpu else 0,
+                      decode_transposed=("float32",) if cpu else (), kv_cache_dtype="float32" if cpu else None,
+                      decode_embed_f32=cpu,
+                      remat="none" if cpu else "full",
+                      head_chunk_bytes=0 if cpu else 2 ** 30, attention_block=0 if cpu else 256,
+                      decode_merged_heads=cpu, decode_shared_kv_slot=not cpu,
+                      decode_kv_chunk=0 if cpu else 256,
+                      decode_attention="native" if native else "xla",
+                      decode_matmul="packed" if native else "xla")
     return _apply_options(ch, options)
 
 
 def _native_kernels_enabled() -> bool:
-    from .kernels.build import enabled
-    return enabled()
+    return settings.native_kernels_enabled()
 
 
 def uses_native_decode_attention(ch: BackendChoices, compute_dtype, *, sharded: bool) -> bool:
@@ -255,10 +250,9 @@ def huge_pages_wanted(env=None) -> bool:
     """Whether this process will run XLA:CPU (so the huge-page re-exec helps), decided without
     starting JAX: Linux, and either JAX_PLATFORMS names cpu first or no accelerator plugin (libtpu,
     CUDA / ROCm plugins) is installed."""
-    env = os.environ if env is None else env
     if not sys.platform.startswith("linux"):
         return False
-    plats = env.get("JAX_PLATFORMS", "").strip().lower()
+    plats = settings.jax_platforms(env)
     if plats:
         return plats.split(",")[0] == "cpu"
     for mod in ("libtpu", "jax_plugins.xla_cuda12", "jax_plugins.xla_cuda13", "jax_plugins.xla_rocm7",
