@@ -340,7 +340,8 @@ def run_settings(args):
                          f"{old['batch_size']} (or leave it out), or start a new run")
     changes = [f"{k} {getattr(stored_cfg, k)!r} -> {getattr(cfg, k)!r}" for k in changed_model]
     changes += [f"{k} {old[k]!r} -> {v!r}" for k, v in tcfg.to_dict().items()
-                if k in old and k not in _INVOCATION_FIELDS and _jsonish(old[k]) != _jsonish(v)]
+                if k in old and k not in _INVOCATION_FIELDS and _jsonish(old[k]) != _jsonish(v)
+                and not (k == "tokenizer" and args.tokenizer is None)]  # the run's own copy: not a change
     _say("resume: the run's stored model and training settings" + (f", changed by the flags given: "
                                                                     f"{'; '.join(changes)}" if changes else ""),
          to_stderr=args.print_config)
