@@ -96,11 +96,11 @@ def train(model_cfg: PLDRConfig, tcfg: TrainConfig, *, train_data: Iterable | No
     run.resume_point = decide_resume(run)
     saver = CheckpointCadence(run)
     prepare_inputs(run, train_data, val_data, tokenizer, documents)
-    record_run_config(run)
     if run.resume_point is not None:
         restore_position(run)
     else:
         init_state(run)
+    record_run_config(run)  # after the data position is settled: a refused resume writes nothing
     reporter = Reporter(run)
     run_steps(run, reporter, saver, periodic=[ValidationEval(run, reporter)])
     return _result(run, reporter, plot_run(run))
