@@ -1,0 +1,123 @@
+"""The engine's device side: a batch of decode slots, the jitted admission of one prefilled request
+into a free slot, and the jitted generate step that advances every slot.
+
+The model is the project's decode path: `decode.loop.prefill_cache` (`decode.step.prefill`) fills
+one request's cache; `admit` samples its first token from the prompt's logits and writes its cache
+into row ``slot`` of the slots' cache; `generate_step` runs `decode.step.decode_step` over every
+slot and samples one token per live slot.  The slots' cache is one `decode.cache.Cache` of
+``slots`` rows and S positions; each row writes its keys/values at its own position (per-row KV
+slots: requests join at different steps, so there is no common write slot).  With a shared G (the
+authors' ``cache_first_G``, or a given G) the G-cache has one row for every slot.
+
+**Sampling per row.**  Each slot has its own temperature, top-k, top-p and PRNG key (per-slot
+arrays: changing them never recompiles).  A request's t-th token (t = 0 from the prompt's logits)
+is drawn exactly as `decode.Sampler` draws the t-th token of that prompt alone with the same seed:
+``categorical(fold_in(key(seed), t), filter_logits(logits[1, V], ...))`` (`decode.loop._record`
+with one row: the batch of one row is the key's whole draw), vmapped over the slots with each
+slot's key and token count; a slot with top_k == 1 takes the argmax (`sampling.greedy_tokens`), as
+the Sampler's greedy path.  So a request's tokens do not depend on which other requests share the
+batch, nor on the step it arrived at.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from ..decode.cache import Cache
+from ..decode.sampling import filter_logits, greedy_tokens
+from ..decode.step import StepSpec, decode_step
+
+__all__ = ["SlotParams", "TOP_LOGPROBS", "sample_rows", "token_logprobs", "empty_slots", "admit", "generate_step"]
+
+#: How many of the most likely tokens a step reports per slot (OpenAI's ``logprobs`` is at most 5).
+TOP_LOGPROBS = 5
+
+
+@flax.struct.dataclass
+class SlotParams:
+    """Per-slot host values of one step (small arrays sent with every step; never recompile).
+
+    live [B] bool: the slot holds a request.  count [B] int32: tokens the slot's request has sampled
+    (the next token's index t).  key [B, 2] uint32: the raw PRNG key of each request's seed.
+    temperature [B] float32, top_k [B] int32 (1 = greedy), top_p [B] float32."""
+    live: Any
+    count: Any
+    key: Any
+    temperature: Any
+    top_k: Any
+    top_p: Any
+
+
+def sample_rows(logits, p: SlotParams):
+    """One token per row of logits [B, V]: row b as `decode.sampling.sample_logits` draws row 0 of a
+    one-row batch with key ``fold_in(key_b, count_b)`` (see the module docstring) -> int32 [B]."""
+    def one(row, key, t, temperature, top_k, top_p):
+        x = filter_logits(row[None], temperature, top_k, top_p)
+        return jax.random.categorical(jax.random.fold_in(jax.random.wrap_key_data(key), t), x, axis=-1)[0]
+
+    drawn = jax.vmap(one)(logits, p.key, p.count, p.temperature, p.top_k, p.top_p).astype(jnp.int32)
+    return jnp.where(p.top_k == 1, greedy_tokens(logits), drawn)
+
+
+def token_logprobs(logits, tokens):
+    """log p of tokens [B] under logits [B, V] (the model's distribution, before any sampling
+    filter), and the TOP_LOGPROBS most likely (ids [B, K], log p [B, K])."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    top_lp, top_ids = jax.lax.top_k(logp, TOP_LOGPROBS)
+    return jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0], top_ids.astype(jnp.int32), top_lp
+
+
+def empty_slots(one: Cache, slots: int, shared_g: bool) -> Cache:
+    """A zero cache of `slots` rows shaped like `one` (a one-row prefill's cache or its shape);
+    the G-cache keeps one row when `shared_g`."""
+    def rows(x, keep_one=False):
+        if x is None:
+            return None
+        return jnp.zeros(((1 if keep_one else slots),) + tuple(x.shape[1:]), x.dtype)
+
+    per = lambda t, keep_one=False: None if t is None else tuple(rows(a, keep_one) for a in t)
+    return Cache(k=per(one.k), v=per(one.v), A=per(one.A, shared_g), A_LM=per(one.A_LM, shared_g),
+                 G_LM=per(one.G_LM, shared_g), tokens=rows(one.tokens), lengths=rows(one.lengths),
+                 prompt_lengths=rows(one.prompt_lengths),
+                 kv_next=None if one.kv_next is None else jnp.zeros((), jnp.int32))
+
+
+def _put(big, small, slot):
+    return jax.lax.dynamic_update_slice_in_dim(big, small.astype(big.dtype), slot, axis=0)
+
+
+@functools.partial(jax.jit, static_argnames=("shared_g", "take_g", "with_logprobs"),
+                   donate_argnames=("cache", "tokens"))
+def admit(cache: Cache, tokens, one: Cache, logits0, p: SlotParams, slot, *, shared_g: bool, take_g: bool,
+          with_logprobs: bool):
+    """Sample a request's first token from its prompt's logits0 [1, V] (p: its one-row SlotParams)
+    and write its one-row cache `one` into row `slot` of the slots' `cache` (donated) and the token
+    into `tokens` [B] (donated).  With `shared_g` the G-cache is one row for every slot: taken from
+    `one` when `take_g` (the first request), else left as it is.
+    Returns (cache, tokens, token0 [1], logprobs (token_logprobs of token0) or None)."""
+    tok = sample_rows(logits0, p)
+    put = lambda big, small: None if big is None else tuple(_put(b, s, slot) for b, s in zip(big, small))
+    keep_g = lambda big, small: (tuple(s.astype(b.dtype) for b, s in zip(big, small)) if take_g else big) \
+        if shared_g else put(big, small)
+    new = cache.replace(k=put(cache.k, one.k), v=put(cache.v, one.v), A=keep_g(cache.A, one.A),
+                        A_LM=keep_g(cache.A_LM, one.A_LM), G_LM=keep_g(cache.G_LM, one.G_LM),
+                        tokens=_put(cache.tokens, one.tokens, slot), lengths=_put(cache.lengths, one.lengths, slot),
+                        prompt_lengths=None if cache.prompt_lengths is None else
+                        _put(cache.prompt_lengths, one.prompt_lengths, slot))
+    lp = token_logprobs(logits0, tok) if with_logprobs else None
+    return new, _put(tokens, tok, slot), tok, lp
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "with_logprobs"), donate_argnames=("cache", "tokens"))
+def generate_step(spec: StepSpec, params, cache: Cache, tokens, p: SlotParams, *, with_logprobs: bool):
+    """One `decode.step.decode_step` of every slot on its last token (tokens [B]; a slot's length
+    grows where p.live), then one token per slot (`sample_rows`; 0 where not live).
+    Returns (cache, new tokens [B], logprobs (`token_logprobs`) or None)."""
+    logits, cache, _ = decode_step(spec, params, cache, tokens, p.live)
+    tok = jnp.where(p.live, sample_rows(logits, p), 0)
+    return cache, tok, token_logprobs(logits, tok) if with_logprobs else None
