@@ -193,7 +193,7 @@ def create_app(engine: Engine, *, model_name: str = "pldr-llm", drain_timeout: f
                 r = Request(prompt=ids, max_tokens=16 if body.max_tokens is None else body.max_tokens,
                             temperature=temperature, top_k=top_k, top_p=1.0 if body.top_p is None else body.top_p,
                             seed=seed, stop=tuple(stop), logprobs=body.logprobs is not None,
-                            prompt_logprobs=body.echo and body.logprobs is not None)
+                            prompt_logprobs=body.echo and body.logprobs is not None, ignore_eos=body.ignore_eos)
                 engine.validate(r)
                 reqs.append(r)
         return reqs

@@ -91,8 +91,8 @@ class Request:
     log-probabilities only).  temperature > 0, top_k >= 0 (1 = greedy), top_p in (0, 1]; seed: the
     PRNG seed (`decode.Sampler`'s ``seed``; None: a random one).  stop: stop strings.  logprobs:
     report each new token's log p and the most likely tokens; prompt_logprobs: the prompt's too
-    (`scoring`).  on_output: called from the engine thread with every `Output` (default: a queue
-    read by `outputs`)."""
+    (`scoring`).  ignore_eos: do not end at the engine's EOS id.  on_output: called from the engine
+    thread with every `Output` (default: a queue read by `outputs`)."""
     prompt: list
     max_tokens: int = 16
     temperature: float = 1.0
@@ -102,6 +102,7 @@ class Request:
     stop: tuple = ()
     logprobs: bool = False
     prompt_logprobs: bool = False
+    ignore_eos: bool = False
     on_output: Callable[[Output], None] | None = None
     id: int = dataclasses.field(default_factory=lambda: next(_ids))
     # filled by the engine
@@ -311,7 +312,7 @@ class Engine:
             r.first_token_time = time.perf_counter()
         r.tokens.append(tok)
         self.generated += 1
-        eos = self.eos_id is not None and tok == self.eos_id
+        eos = self.eos_id is not None and tok == self.eos_id and not r.ignore_eos
         text = "" if eos else r._text.add(tok)
         out = Output(tokens=[tok], text=text, logprobs=[lp] if lp is not None else None)
         if eos or r._text.stopped:

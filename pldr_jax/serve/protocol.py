@@ -3,7 +3,7 @@ errors), the engine requests it becomes, and the response / stream-chunk bodies.
 
 Follows OpenAI's legacy ``/v1/completions`` (and vLLM's extensions ``top_k``, ``seed``): a prompt
 is text, token ids, or a list of either; ``temperature`` 0 means greedy (``top_k`` 1, as
-`decode.sampling`); ``logprobs`` (0..5) gives each token's log p and the most likely tokens, with
+`decode.sampling`); ``ignore_eos``; ``logprobs`` (0..5) gives each token's log p and the most likely tokens, with
 ``echo`` also the prompt's (the first prompt token has none), which is how lm-evaluation-harness's
 ``local-completions`` scores log-likelihoods.  ``n`` completions per prompt are n engine requests
 (seeds ``seed``, ``seed + 1``, ...).
@@ -49,6 +49,7 @@ class CompletionRequest(BaseModel):
     logit_bias: dict[str, float] | None = Field(None, max_length=0)
     suffix: Literal[""] | None = None
     user: str | None = None
+    ignore_eos: bool = False            # vLLM's extension: generate max_tokens tokens whatever comes
 
 
 class TokenizeRequest(BaseModel):
