@@ -1,0 +1,71 @@
+"""`pldr-jax serve` as a real process: it prints its URL and one line per compiled program, serves, and
+on SIGTERM refuses new connections, finishes the request in flight and exits 0."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+import httpx  # noqa: E402
+
+from tests.test_serve_http import make_model_folder  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_sigterm_finishes_the_stream_in_flight_and_exits_0(tmp_path):
+    folder = make_model_folder(tmp_path / "model")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "pldr_jax.cli", "serve", str(folder), "--port", "0", "--slots", "2",
+                             "--max-seq-len", "64", "--drain-timeout", "60"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
+    lines = []
+    try:
+        url = None
+        deadline = time.time() + 300
+        while url is None and time.time() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if line.startswith("serving "):
+                url = line.split(" on ")[1].split()[0].removesuffix("/v1")
+        assert url and url.startswith("http://127.0.0.1:"), "".join(lines)
+        compiled = [ln for ln in lines if ln.startswith("compiled prefill bucket")]
+        assert [int(ln.split()[3].rstrip(":")) for ln in compiled] == [16, 32, 64], "".join(lines)
+        chunks: list[dict] = []
+        started = threading.Event()
+
+        def stream():
+            body = {"prompt": "The cat", "max_tokens": 60, "stream": True, "temperature": 0, "ignore_eos": True}
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        chunks.append(json.loads(line[6:]))
+                        started.set()
+        th = threading.Thread(target=stream)
+        th.start()
+        assert started.wait(120)
+        proc.send_signal(signal.SIGTERM)
+        th.join(120)
+        out, _ = proc.communicate(timeout=120)
+        lines.append(out)
+        assert proc.returncode == 0, "".join(lines)
+        assert "server stopped" in out
+        finals = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
+        assert finals[-1] == "length" and chunks[-1]["usage"]["completion_tokens"] == 60
+        with pytest.raises(httpx.TransportError):
+            httpx.get(url + "/health", timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
