@@ -35,11 +35,11 @@ def _staggered(engine, prompts, kws, max_tokens):
     return reqs
 
 
-@pytest.mark.parametrize("mode", ["kv_g", "kv"])
-def test_requests_equal_sampler_alone(tiny_v510, sampler, mode):
+@pytest.mark.parametrize("mode,steps", [("kv_g", 4), ("kv", 1)])
+def test_requests_equal_sampler_alone(tiny_v510, sampler, mode, steps):
     cfg, params = tiny_v510
     kv, g = {"kv_g": (True, True), "kv": (True, False)}[mode]
-    engine = Engine(cfg, params, slots=3, mode=mode, eos_id=None, max_len=48)
+    engine = Engine(cfg, params, slots=3, mode=mode, eos_id=None, max_len=48, steps_per_sync=steps)
     kws = [dict(SAMPLING[i % len(SAMPLING)]) for i in range(len(PROMPTS))]
     max_tokens = [14 - i for i in range(len(PROMPTS))]
     reqs = _staggered(engine, PROMPTS, kws, max_tokens)

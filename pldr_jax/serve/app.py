@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import json
 import re
+import threading
 import time
 import uuid
 
@@ -78,12 +79,35 @@ class _Specials:
         return out
 
 
+class _Handover:
+    """Outputs from the engine thread to the event loop's queues: one loop wake-up for all the
+    outputs that arrive before it runs (an engine step hands over one per live request)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._pending: list = []
+
+    def put(self, loop, q, out) -> None:
+        with self._lock:
+            self._pending.append((q, out))
+            first = len(self._pending) == 1
+        if first:
+            loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self._lock:
+            items, self._pending = self._pending, []
+        for q, out in items:
+            q.put_nowait(out)
+
+
 def create_app(engine: Engine, *, model_name: str = "pldr-llm", drain_timeout: float = 30.0,
                start_engine: bool = True) -> FastAPI:
     """The FastAPI app serving `engine` as `model_name` (see the module docstring)."""
     tok = engine.tokenizer
     specials = _Specials(tok) if tok is not None else None
     metrics = ServeMetrics(engine)
+    handover = _Handover()
     state = {"accepting": True}
 
     @contextlib.asynccontextmanager
@@ -202,7 +226,7 @@ def create_app(engine: Engine, *, model_name: str = "pldr-llm", drain_timeout: f
         def sink(r, q):
             def on_output(out):
                 metrics.observe(r, out)
-                loop.call_soon_threadsafe(q.put_nowait, out)
+                handover.put(loop, q, out)
             return on_output
 
         for r, q in zip(reqs, queues):

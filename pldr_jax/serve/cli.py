@@ -47,6 +47,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--g", dest="g_source", default=None, help="fix G_LM: a G source spec (pldr_jax.g_sources)")
     p.add_argument("--mesh", default=None, metavar="DATA,FSDP,TENSOR",
                    help="decode on a device mesh (slots over data, heads over tensor), e.g. 4,1,2")
+    p.add_argument("--steps-per-sync", type=int, default=4,
+                   help="generate steps per device call (admissions and stop strings wait for its end)")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before HTTP 429")
     p.add_argument("--model-name", default=None, help="the model id in responses (default: the checkpoint name)")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish requests on shutdown")
@@ -69,7 +71,7 @@ def run(args) -> int:
     from .app import create_app
     from .engine import Engine
 
-    for name in ("slots", "max_queue"):
+    for name in ("slots", "max_queue", "steps_per_sync"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 0 <= args.port < 65536:
@@ -86,7 +88,7 @@ def run(args) -> int:
         mesh = make_mesh(*parse_mesh_shape(args.mesh))
     engine = Engine(cfg, params, slots=args.slots, max_len=args.max_seq_len, mode=args.mode, shared_g=args.shared_g,
                     g_lm=g_lm, tokenizer=tok, eos_id=int(tok.eos_id) if tok is not None else 3,
-                    max_queue=args.max_queue, mesh=mesh, log=_log)
+                    max_queue=args.max_queue, steps_per_sync=args.steps_per_sync, mesh=mesh, log=_log)
     _log(f"model {args.checkpoint}: {cfg.num_layers} layers, d_model {cfg.d_model}, {args.slots} slots of "
          f"{engine.max_len} tokens, mode {args.mode}{', shared G' if engine.shared_g else ''}"
          f"{', tokenizer ' + str(getattr(tok, 'path', '')) if tok is not None else ', no tokenizer (token ids only)'}")

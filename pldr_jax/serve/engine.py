@@ -12,8 +12,9 @@ Or driven by hand (tests, benchmarks): ``engine.submit(...)`` then ``engine.step
 Each `step` (1) admits waiting requests into free slots: the prompt is prefilled alone
 (`decode.loop.prefill_cache`, the prompt padded to a power-of-two bucket: one compilation per
 bucket), its first token sampled from the prompt's logits and its cache written into the slot
-(`slots.admit`), while the other slots keep their state; (2) runs one jitted generate step over every
-slot (`slots.generate_step`: `decode.step.decode_step` + per-slot sampling); (3) hands each live
+(`slots.admit`), while the other slots keep their state; (2) runs ``steps_per_sync`` generate steps of
+every slot in one jitted call (`slots.generate_step`: `decode.step.decode_step` + per-slot sampling;
+a slot stops at its EOS or max_tokens on the device); (3) hands each live
 request its token and frees the slots whose requests ended: EOS, a stop string, ``max_tokens`` or
 cancellation (`Request.cancel`).  A request's tokens equal `decode.Sampler`'s for its prompt alone
 with the same seed (`slots`: per-row sampling keys), whatever else is in the batch.
@@ -144,17 +145,22 @@ class Engine:
     shared_g: see the module docstring.  g_lm: a fixed G_LM (predefined-G models default to theirs).
     tokenizer: for stop strings and text (``decode(ids)``; None: ids only).  eos_id: a request ends
     after it (None: never).  max_queue: waiting requests beyond the slots before `submit` raises
-    `QueueFull`.  mesh / rules / bf16_min_batch: as `decode.Sampler`.  log: called with one line
+    `QueueFull`.  steps_per_sync: generate steps per device call (`slots.generate_step`: a slot
+    stops inside the block at its EOS or max_tokens; stop strings, cancellations and admissions
+    wait for the block's end).  mesh / rules / bf16_min_batch: as `decode.Sampler`.  log: called with one line
     per compiled program (prefill bucket, generate step).
     """
 
     def __init__(self, cfg: PLDRConfig, params, *, slots: int = 8, max_len: int | None = None, mode: str = "kv_g",
                  shared_g: bool = False, g_lm=None, tokenizer=None, eos_id: int | None = 3, max_queue: int = 256,
-                 mesh=None, rules=None, bf16_min_batch: int | None = None, log: Callable[[str], None] | None = None):
+                 steps_per_sync: int = 4, mesh=None, rules=None, bf16_min_batch: int | None = None,
+                 log: Callable[[str], None] | None = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
-        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
-            raise ValueError(f"slots must be an int >= 1, got {slots!r}")
+        for name, v in (("slots", slots), ("steps_per_sync", steps_per_sync)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        self.steps_per_sync = steps_per_sync
         S = cfg.max_seq_len if max_len is None else int(max_len)
         if not 2 <= S <= cfg.max_seq_len:
             raise ValueError(f"max_len must be in [2, max_seq_len={cfg.max_seq_len}], got {max_len!r}")
@@ -191,6 +197,8 @@ class Engine:
         self._temp = np.ones(slots, np.float32)
         self._top_k = np.ones(slots, np.int32)
         self._top_p = np.ones(slots, np.float32)
+        self._limit = np.zeros(slots, np.int32)
+        self._eos = np.full(slots, -1, np.int32)
         self._waiting: deque[Request] = deque()
         self._lock = threading.Condition()
         self._accepting = True
@@ -364,6 +372,8 @@ class Engine:
         self._count[slot] = 1
         self._key[slot] = key
         self._temp[slot], self._top_k[slot], self._top_p[slot] = r.temperature, r.top_k, r.top_p
+        self._limit[slot] = r.max_tokens
+        self._eos[slot] = -1 if self.eos_id is None or r.ignore_eos else self.eos_id
 
     def _free(self, slot: int) -> None:
         self._slot_req[slot] = None
@@ -393,20 +403,30 @@ class Engine:
             return 0
         want_lp = any(r is not None and r.logprobs for r in rows)
         t0 = time.perf_counter()
-        self.cache, self.tokens, lps = generate_step(self.spec, self.params, self.cache, self.tokens,
-                                                     self._slot_params(rows), with_logprobs=want_lp)
-        toks, lps = jax.device_get((self.tokens, lps))
+        self.cache, self.tokens, new, live, lps = generate_step(
+            self.spec, self.params, self.cache, self.tokens, self._slot_params(rows), self._limit, self._eos,
+            with_logprobs=want_lp, steps=self.steps_per_sync)
+        new, live, lps = jax.device_get((new, live, lps))
         self._note_compile(("generate step" + (" with logprobs" if want_lp else ""),), t0)
-        self.steps += 1
+        self.steps += self.steps_per_sync
         for b, r in enumerate(rows):
             if r is None:
                 continue
-            self._count[b] += 1
-            out = self._token(r, int(toks[b]), self._lp(lps, b) if r.logprobs else None)
+            self._count[b] += int(live[:, b].sum())
+            out = Output(tokens=[], logprobs=[] if r.logprobs else None)
+            for j in np.flatnonzero(live[:, b]):        # the slot's tokens of this block, in order
+                o = self._token(r, int(new[j, b]), self._lp([x[j] for x in lps], b) if r.logprobs else None)
+                out.tokens += o.tokens
+                out.text += o.text
+                if r.logprobs:
+                    out.logprobs += o.logprobs
+                if o.finished:          # EOS or the limit (the device stopped the slot too), a stop string
+                    out.finished, out.finish_reason = True, o.finish_reason
+                    break
             if out.finished:
                 self._free(b)
                 self._finish(r, out.finish_reason, out)
-            else:
+            elif out.tokens:
                 self._emit(r, out)
         return self.live_slots
 

@@ -4,9 +4,9 @@ into a free slot, and the jitted generate step that advances every slot.
 The model is the project's decode path: `decode.loop.prefill_cache` (`decode.step.prefill`) fills
 one request's cache; `admit` samples its first token from the prompt's logits and writes its cache
 into row ``slot`` of the slots' cache; `generate_step` runs `decode.step.decode_step` over every
-slot and samples one token per live slot.  The slots' cache is one `decode.cache.Cache` of
-``slots`` rows and S positions; each row writes its keys/values at its own position (per-row KV
-slots: requests join at different steps, so there is no common write slot).  With a shared G (the
+slot and samples one token per live slot, ``steps`` times per call.  The slots' cache is one
+`decode.cache.Cache` of ``slots`` rows and S positions; each row writes its keys/values at its own
+position (per-row KV slots: requests join at different steps, so there is no common write slot).  With a shared G (the
 authors' ``cache_first_G``, or a given G) the G-cache has one row for every slot.
 
 **Sampling per row.**  Each slot has its own temperature, top-k, top-p and PRNG key (per-slot
@@ -56,12 +56,24 @@ class SlotParams:
 def sample_rows(logits, p: SlotParams):
     """One token per row of logits [B, V]: row b as `decode.sampling.sample_logits` draws row 0 of a
     one-row batch with key ``fold_in(key_b, count_b)`` (see the module docstring) -> int32 [B]."""
-    def one(row, key, t, temperature, top_k, top_p):
-        x = filter_logits(row[None], temperature, top_k, top_p)
+    def one(row, key, t, temperature, top_k, top_p, filtered):
+        x = filter_logits(row[None], temperature, top_k, top_p) if filtered else \
+            row[None].astype(jnp.float32) / temperature
         return jax.random.categorical(jax.random.fold_in(jax.random.wrap_key_data(key), t), x, axis=-1)[0]
 
-    drawn = jax.vmap(one)(logits, p.key, p.count, p.temperature, p.top_k, p.top_p).astype(jnp.int32)
-    return jnp.where(p.top_k == 1, greedy_tokens(logits), drawn)
+    def draw(filtered):
+        return lambda: jax.vmap(lambda *a: one(*a, filtered))(
+            logits, p.key, p.count, p.temperature, p.top_k, p.top_p).astype(jnp.int32)
+
+    greedy = greedy_tokens(logits)
+    sampled = p.live & (p.top_k != 1)
+    # only what some row needs: a vocabulary sort where a row filters (top-k > 1 or top-p < 1; an
+    # unfiltered row's filter_logits is its logits / temperature, the same values), a draw where a
+    # row samples (lax.cond runs one branch)
+    filtered = jnp.any(sampled & ((p.top_k > 1) | (p.top_p < 1.0)))
+    drawn = jax.lax.cond(jnp.any(sampled), lambda: jax.lax.cond(filtered, draw(True), draw(False)),
+                         lambda: greedy)
+    return jnp.where(p.top_k == 1, greedy, drawn)
 
 
 def token_logprobs(logits, tokens):
@@ -113,11 +125,24 @@ def admit(cache: Cache, tokens, one: Cache, logits0, p: SlotParams, slot, *, sha
     return new, _put(tokens, tok, slot), tok, lp
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "with_logprobs"), donate_argnames=("cache", "tokens"))
-def generate_step(spec: StepSpec, params, cache: Cache, tokens, p: SlotParams, *, with_logprobs: bool):
-    """One `decode.step.decode_step` of every slot on its last token (tokens [B]; a slot's length
-    grows where p.live), then one token per slot (`sample_rows`; 0 where not live).
-    Returns (cache, new tokens [B], logprobs (`token_logprobs`) or None)."""
-    logits, cache, _ = decode_step(spec, params, cache, tokens, p.live)
-    tok = jnp.where(p.live, sample_rows(logits, p), 0)
-    return cache, tok, token_logprobs(logits, tok) if with_logprobs else None
+@functools.partial(jax.jit, static_argnames=("spec", "with_logprobs", "steps"), donate_argnames=("cache", "tokens"))
+def generate_step(spec: StepSpec, params, cache: Cache, tokens, p: SlotParams, limit, eos, *, with_logprobs: bool,
+                  steps: int = 1):
+    """`steps` iterations (one ``lax.scan``) of: one `decode.step.decode_step` of every slot on its
+    last token (tokens [B]; a slot's length grows where it is live), then one token per live slot
+    (`sample_rows`).  A slot stops inside the block after its EOS (eos [B] int32, -1 = none) or its
+    limit-th token (limit [B] int32, counted with p.count), so the tokens are the one-step-at-a-time
+    ones.  Returns (cache, last tokens [B], new tokens [steps, B] (0 where not live), live [steps, B]
+    (the token of that step is the slot's), logprobs (`token_logprobs`, each [steps, B, ...]) or None)."""
+    def body(carry, _):
+        cache, tok, count, live = carry
+        logits, cache, _ = decode_step(spec, params, cache, tok, live)
+        new = jnp.where(live, sample_rows(logits, p.replace(live=live, count=count)), 0)
+        lps = token_logprobs(logits, new) if with_logprobs else None
+        count = count + live.astype(count.dtype)
+        done = live & ((new == eos) | (count >= limit))
+        return (cache, jnp.where(live, new, tok), count, live & ~done), (new, live, lps)
+
+    (cache, tokens, _, _), (new, live, lps) = jax.lax.scan(body, (cache, tokens, p.count, p.live), None,
+                                                           length=steps)
+    return cache, tokens, new, live, lps
