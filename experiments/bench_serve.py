@@ -15,7 +15,8 @@ first token (send -> first streamed token) and time per output token (per reques
 token) / (tokens - 1)) at p50 and p99; and the static batches: the same requests in arrival order,
 ``--slots`` per `Sampler` call (greedy, no EOS, ``max_new_tokens`` = the batch's longest, so every
 row waits for it: the useful tokens are each request's own), each batch shape compiled before it
-is timed.  ``ratio`` = server tokens/s / static tokens/s.  Acceptance (issue 30): mixed >= 1.5,
+is timed.  Each workload runs ``--repeats`` times, server and static alternated; the numbers are
+the median run's, ``ratio`` the median of the paired server tokens/s / static tokens/s.  Acceptance (issue 30): mixed >= 1.5,
 equal >= 0.85.  The static batches are timed without arrival gaps (all requests present at once),
 which favours them.
 
@@ -54,10 +55,11 @@ def draw(workload: str, n: int, vocab: int, rate: float, seed: int) -> list[dict
     return out
 
 
-def start_server(preset: str, slots: int, max_len: int) -> tuple[subprocess.Popen, str, list[str]]:
+def start_server(preset: str, slots: int, max_len: int, steps_per_sync: int) -> tuple[subprocess.Popen, str, list[str]]:
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "pldr_jax.cli", "serve", f"preset:{preset}", "--port", "0",
-                             "--slots", str(slots), "--max-seq-len", str(max_len), "--max-queue", "1024"],
+                             "--slots", str(slots), "--max-seq-len", str(max_len), "--max-queue", "1024",
+                             "--steps-per-sync", str(steps_per_sync)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines = []
     while True:
@@ -107,12 +109,13 @@ async def run_load(url: str, reqs: list[dict], max_in_flight: int) -> dict:
             "tpot_p99_ms": ms(tpot, 99)}
 
 
-def run_static(sampler, reqs: list[dict], slots: int) -> dict:
+def run_static(sampler, reqs: list[dict], slots: int, warm: bool = False) -> dict:
     batches = [reqs[i:i + slots] for i in range(0, len(reqs), slots)]
     call = lambda b: sampler([r["prompt"] for r in b], max_new_tokens=max(r["max_tokens"] for r in b), top_k=1,
                              eos_id=None)
-    for b in batches:          # compile every batch shape first
-        call(b)
+    if warm:                   # compile every batch shape first
+        for b in batches:
+            call(b)
     t0 = time.perf_counter()
     latencies = []
     for b in batches:
@@ -126,6 +129,11 @@ def run_static(sampler, reqs: list[dict], slots: int) -> dict:
             "rows_computed": sum(len(b) * max(r["max_tokens"] for r in b) for b in batches)}
 
 
+def _median_run(runs: list[dict]) -> dict:
+    """The run with the median tokens/s (its other numbers with it)."""
+    return sorted(runs, key=lambda r: r["tokens_per_s"])[len(runs) // 2]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="small")
@@ -135,35 +143,38 @@ def main() -> int:
     ap.add_argument("--max-in-flight", type=int, default=64, help="open requests at most (the load's bound)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workloads", default="mixed,equal")
+    ap.add_argument("--steps-per-sync", type=int, default=4, help="the server's generate steps per device call")
+    ap.add_argument("--repeats", type=int, default=3, help="server / static runs per workload, alternated")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
 
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     sys.path.insert(0, str(ROOT))
-    from pldr_jax.config import PLDRConfig
     from pldr_jax.decode import Sampler
     from pldr_jax.g_sources import load_model_spec
 
-    cfg = PLDRConfig.preset(args.preset)
-    max_len = cfg.max_seq_len
-    proc, url, log = start_server(args.preset, args.slots, max_len)
-    out = {"preset": args.preset, "slots": args.slots, "requests": args.requests, "rate": args.rate,
-           "max_in_flight": args.max_in_flight, "seed": args.seed, "server_log": log, "workloads": {}}
+    cfg, params, _ = load_model_spec(f"preset:{args.preset}")     # the server's weights (same preset seed)
+    sampler = Sampler(cfg, params)
+    proc, url, log = start_server(args.preset, args.slots, cfg.max_seq_len, args.steps_per_sync)
+    out = {"preset": args.preset, "slots": args.slots, "steps_per_sync": args.steps_per_sync, "requests": args.requests, "rate": args.rate,
+           "max_in_flight": args.max_in_flight, "seed": args.seed, "repeats": args.repeats, "server_log": log,
+           "workloads": {}}
     try:
-        loads = {}
         for w in args.workloads.split(","):
             reqs = draw(w, args.requests, cfg.vocab_size, args.rate, args.seed)
-            asyncio.run(run_load(url, reqs[:args.slots], args.max_in_flight))   # warm: connections, admission
-            loads[w] = (reqs, asyncio.run(run_load(url, reqs, args.max_in_flight)))
+            asyncio.run(run_load(url, reqs[:args.slots], args.max_in_flight))   # warm: connections
+            run_static(sampler, reqs, args.slots, warm=True)                     # compile the batch shapes
+            servers, statics = [], []
+            for _ in range(args.repeats):       # alternated, so a drift of the machine's speed hits both
+                servers.append(asyncio.run(run_load(url, reqs, args.max_in_flight)))
+                statics.append(run_static(sampler, reqs, args.slots))
+            ratios = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(servers, statics)]
+            out["workloads"][w] = {"server": _median_run(servers), "static": _median_run(statics),
+                                   "ratio": round(float(np.median(ratios)), 3),
+                                   "paired_ratios": [round(r, 3) for r in ratios]}
     finally:
         proc.terminate()
         proc.wait(timeout=120)
-    cfg, params, _ = load_model_spec(f"preset:{args.preset}")
-    sampler = Sampler(cfg, params)
-    for w, (reqs, server) in loads.items():
-        static = run_static(sampler, reqs, args.slots)
-        out["workloads"][w] = {"server": server, "static": static,
-                               "ratio": round(server["tokens_per_s"] / static["tokens_per_s"], 3)}
     need = {"mixed": 1.5, "equal": 0.85}
     out["acceptance"] = {w: {"ratio": r["ratio"], "needed": need[w], "ok": r["ratio"] >= need[w]}
                          for w, r in out["workloads"].items() if w in need}

@@ -40,8 +40,9 @@ def test_sigterm_finishes_the_stream_in_flight_and_exits_0(tmp_path):
             if line.startswith("serving "):
                 url = line.split(" on ")[1].split()[0].removesuffix("/v1")
         assert url and url.startswith("http://127.0.0.1:"), "".join(lines)
-        compiled = [ln for ln in lines if ln.startswith("compiled prefill bucket")]
-        assert [int(ln.split()[3].rstrip(":")) for ln in compiled] == [16, 32, 64], "".join(lines)
+        compiled = [ln.split(":")[0].split("bucket ")[1] for ln in lines if ln.startswith("compiled prefill bucket")]
+        assert compiled == [f"{n} x {P}" for n in (1, 2) for P in (16, 32, 64)], "".join(lines)
+        assert sum(ln.startswith("compiled generate step") for ln in lines) == 2
         chunks: list[dict] = []
         started = threading.Event()
 

@@ -9,9 +9,9 @@
 
 Or driven by hand (tests, benchmarks): ``engine.submit(...)`` then ``engine.step()`` until idle.
 
-Each `step` (1) admits waiting requests into free slots: the prompt is prefilled alone
-(`decode.loop.prefill_cache`, the prompt padded to a power-of-two bucket: one compilation per
-bucket), its first token sampled from the prompt's logits and its cache written into the slot
+Each `step` (1) admits waiting requests into free slots: their prompts are prefilled together
+(`decode.loop.prefill_cache`; rows and prompt length padded to powers of two: one compilation per
+(rows, length) bucket; each row as it would alone), each first token sampled from the prompt's logits and its cache written into the slot
 (`slots.admit`), while the other slots keep their state; (2) runs ``steps_per_sync`` generate steps of
 every slot in one jitted call (`slots.generate_step`: `decode.step.decode_step` + per-slot sampling;
 a slot stops at its EOS or max_tokens on the device); (3) hands each live
@@ -273,25 +273,31 @@ class Engine:
             self.log(f"compiled {what[0]}" + (f" bucket {what[1]}" if len(what) > 1 else "")
                      + f": first call {time.perf_counter() - t0:.2f} s (compilation included)")
 
-    def warmup(self, prompt_buckets=None, logprobs: bool = True) -> None:
-        """Compile the prefill of every prompt bucket (default: 16 .. max_len - 1 by powers of two)
-        and the generate step, before any request (each logged once)."""
-        if prompt_buckets is None:
-            prompt_buckets, b = [], bucket_length(1)
-            while b < self.max_len:
-                prompt_buckets.append(b)
-                b *= 2
-            prompt_buckets.append(bucket_length(self.max_len - 1))
-        for P in sorted(set(prompt_buckets)):
-            n = min(P, self.max_len - 1)
-            r = self.submit(Request(prompt=[1] * n, max_tokens=1, top_k=1, seed=0, logprobs=logprobs))
-            while not r.finished:
-                self.step()
-        r = self.submit(Request(prompt=[1], max_tokens=2, top_k=1, seed=0, logprobs=logprobs))
-        while not r.finished:
-            self.step()
-        if logprobs:
-            r = self.submit(Request(prompt=[1], max_tokens=2, top_k=1, seed=0))
+    def buckets(self) -> tuple[list[int], list[int]]:
+        """The admission prefill's (row buckets, prompt-length buckets): powers of two up to the
+        slots, and from 16 up to the bucket of max_len - 1."""
+        rows, b = [], 1
+        while b < self.slots:
+            rows.append(b)
+            b *= 2
+        lengths, b = [], bucket_length(1)
+        while b < self.max_len - 1:
+            lengths.append(b)
+            b *= 2
+        return rows + [self.slots], sorted(set(lengths + [min(bucket_length(self.max_len - 1), self.max_len)]))
+
+    def warmup(self, rows=None, lengths=None) -> None:
+        """Compile the admission prefill of every (rows, prompt length) bucket (`buckets`) and the
+        generate step with and without log-probabilities, before any request (each logged once)."""
+        all_rows, all_lengths = self.buckets()
+        for n in rows or all_rows:
+            for P in lengths or all_lengths:
+                reqs = [self.submit(Request(prompt=[1] * min(P, self.max_len - 1), max_tokens=1, top_k=1, seed=0))
+                        for _ in range(n)]
+                while not all(r.finished for r in reqs):
+                    self.step()
+        for lp in (False, True):
+            r = self.submit(Request(prompt=[1], max_tokens=2, top_k=1, seed=0, logprobs=lp))
             while not r.finished:
                 self.step()
 
@@ -335,45 +341,64 @@ class Engine:
         lp, ids, top = lps
         return float(lp[b]), {int(i): float(v) for i, v in zip(ids[b], top[b])}
 
-    def _admit(self, r: Request, slot: int) -> None:
-        """Prefill r alone, sample its first token and put it into `slot` (unless it ends at once)."""
-        first = Output(tokens=[])
-        if r.prompt_logprobs:
-            lp, ids, top = prompt_logprobs(self.cfg, self._raw_params, r.prompt, self._g)
-            first.prompt_logprobs = [None] + [(float(lp[i]), {int(a): float(b) for a, b in zip(ids[i], top[i])})
-                                              for i in range(len(lp))]
-        if r.max_tokens == 0:
-            self._finish(r, "length", first)
+    def _admit(self, reqs: list, free: list) -> None:
+        """Prefill reqs together (rows padded to a power of two, at most the slots; prompts to the
+        longest one's bucket), sample their first tokens and put them into the free slots (those
+        that do not end at once)."""
+        firsts = {}
+        for r in reqs:
+            first = Output(tokens=[])
+            if r.prompt_logprobs:
+                lp, ids, top = prompt_logprobs(self.cfg, self._raw_params, r.prompt, self._g)
+                first.prompt_logprobs = [None] + [(float(lp[i]), {int(a): float(b) for a, b in zip(ids[i], top[i])})
+                                                  for i in range(len(lp))]
+            if r.max_tokens == 0:
+                self._finish(r, "length", first)
+            else:
+                firsts[r.id] = first
+        reqs = [r for r in reqs if r.id in firsts]
+        if not reqs:
             return
-        n = len(r.prompt)
-        P = min(bucket_length(n), self.max_len)
-        tokens = np.zeros((1, P), np.int32)
-        tokens[0, :n] = r.prompt
+        n = len(reqs)
+        B = min(bucket_length(n, 1), self.slots)
+        P = min(bucket_length(max(len(r.prompt) for r in reqs)), self.max_len)
+        tokens = np.zeros((B, P), np.int32)
+        tokens[:, 0] = 1                                  # filler rows: one token, dropped at admission
+        lengths = np.ones(B, np.int32)
+        keys = np.zeros((B, 2), np.uint32)
+        temp, top_k, top_p = np.ones(B, np.float32), np.ones(B, np.int32), np.ones(B, np.float32)
+        slots = np.full(B, self.slots, np.int32)
+        for i, r in enumerate(reqs):
+            tokens[i, :len(r.prompt)] = r.prompt
+            lengths[i] = len(r.prompt)
+            keys[i] = np.asarray(jax.random.key_data(jax.random.key(r.seed)), np.uint32)
+            temp[i], top_k[i], top_p[i], slots[i] = r.temperature, r.top_k, r.top_p, free[i]
         t0 = time.perf_counter()
-        one, logits0, _ = prefill_cache(self.loop_spec, self.params, jnp.asarray(tokens),
-                                        jnp.asarray([n], jnp.int32), self._g, self.max_len, stack_deductive=False)
-        key = np.asarray(jax.random.key_data(jax.random.key(r.seed)), np.uint32)
-        p = SlotParams(live=np.ones(1, bool), count=np.zeros(1, np.int32), key=key[None],
-                       temperature=np.float32([r.temperature]), top_k=np.int32([r.top_k]),
-                       top_p=np.float32([r.top_p]))
+        new, logits0, _ = prefill_cache(self.loop_spec, self.params, jnp.asarray(tokens), jnp.asarray(lengths),
+                                        self._g, self.max_len, stack_deductive=False)
+        p = SlotParams(live=np.ones(B, bool), count=np.zeros(B, np.int32), key=keys, temperature=temp,
+                       top_k=top_k, top_p=top_p)
         take_g = self.shared_g and not self._g_taken
-        self.cache, self.tokens, tok, lps = admit(self.cache, self.tokens, one, logits0, p, np.int32(slot),
-                                                  shared_g=self.shared_g, take_g=take_g, with_logprobs=r.logprobs)
+        want_lp = any(r.logprobs for r in reqs)
+        self.cache, self.tokens, tok, lps = admit(self.cache, self.tokens, new, logits0, p, slots,
+                                                  shared_g=self.shared_g, take_g=take_g, with_logprobs=want_lp)
         self._g_taken = self._g_taken or take_g
         tok, lps = jax.device_get((tok, lps))
-        self._note_compile(("prefill", P), t0)
-        out = self._token(r, int(tok[0]), self._lp(lps, 0) if r.logprobs else None)
-        out.prompt_logprobs = first.prompt_logprobs
-        if out.finished:
-            self._finish(r, out.finish_reason, out)
-            return
-        self._emit(r, out)
-        self._slot_req[slot] = r
-        self._count[slot] = 1
-        self._key[slot] = key
-        self._temp[slot], self._top_k[slot], self._top_p[slot] = r.temperature, r.top_k, r.top_p
-        self._limit[slot] = r.max_tokens
-        self._eos[slot] = -1 if self.eos_id is None or r.ignore_eos else self.eos_id
+        self._note_compile(("prefill", f"{B} x {P}"), t0)
+        for i, r in enumerate(reqs):
+            out = self._token(r, int(tok[i]), self._lp(lps, i) if r.logprobs else None)
+            out.prompt_logprobs = firsts[r.id].prompt_logprobs
+            if out.finished:
+                self._finish(r, out.finish_reason, out)
+                continue
+            self._emit(r, out)
+            b = free[i]
+            self._slot_req[b] = r
+            self._count[b] = 1
+            self._key[b] = keys[i]
+            self._temp[b], self._top_k[b], self._top_p[b] = r.temperature, r.top_k, r.top_p
+            self._limit[b] = r.max_tokens
+            self._eos[b] = -1 if self.eos_id is None or r.ignore_eos else self.eos_id
 
     def _free(self, slot: int) -> None:
         self._slot_req[slot] = None
@@ -387,17 +412,18 @@ class Engine:
             if r is not None and r._cancel:
                 self._free(b)
                 self._finish(r, "cancelled")
-        # admissions
-        while True:
-            free = [b for b, r in enumerate(self._slot_req) if r is None]
-            with self._lock:
-                if not free or not self._waiting:
-                    break
+        # admissions: as many waiting requests as there are free slots, prefilled together
+        free = [b for b, r in enumerate(self._slot_req) if r is None]
+        batch = []
+        with self._lock:
+            while self._waiting and len(batch) < len(free):
                 r = self._waiting.popleft()
-            if r._cancel:
-                self._finish(r, "cancelled")
-                continue
-            self._admit(r, free[0])
+                if r._cancel:
+                    self._finish(r, "cancelled")
+                else:
+                    batch.append(r)
+        if batch:
+            self._admit(batch, free)
         rows = list(self._slot_req)
         if not any(r is not None for r in rows):
             return 0

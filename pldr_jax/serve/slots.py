@@ -1,9 +1,9 @@
-"""The engine's device side: a batch of decode slots, the jitted admission of one prefilled request
-into a free slot, and the jitted generate step that advances every slot.
+"""The engine's device side: a batch of decode slots, the jitted admission of prefilled requests
+into free slots, and the jitted generate step that advances every slot.
 
 The model is the project's decode path: `decode.loop.prefill_cache` (`decode.step.prefill`) fills
-one request's cache; `admit` samples its first token from the prompt's logits and writes its cache
-into row ``slot`` of the slots' cache; `generate_step` runs `decode.step.decode_step` over every
+the cache of the requests admitted together; `admit` samples their first tokens from the prompts'
+logits and writes their rows into free rows of the slots' cache; `generate_step` runs `decode.step.decode_step` over every
 slot and samples one token per live slot, ``steps`` times per call.  The slots' cache is one
 `decode.cache.Cache` of ``slots`` rows and S positions; each row writes its keys/values at its own
 position (per-row KV slots: requests join at different steps, so there is no common write slot).  With a shared G (the
@@ -99,30 +99,28 @@ def empty_slots(one: Cache, slots: int, shared_g: bool) -> Cache:
                  kv_next=None if one.kv_next is None else jnp.zeros((), jnp.int32))
 
 
-def _put(big, small, slot):
-    return jax.lax.dynamic_update_slice_in_dim(big, small.astype(big.dtype), slot, axis=0)
-
-
 @functools.partial(jax.jit, static_argnames=("shared_g", "take_g", "with_logprobs"),
                    donate_argnames=("cache", "tokens"))
-def admit(cache: Cache, tokens, one: Cache, logits0, p: SlotParams, slot, *, shared_g: bool, take_g: bool,
+def admit(cache: Cache, tokens, new: Cache, logits0, p: SlotParams, slots, *, shared_g: bool, take_g: bool,
           with_logprobs: bool):
-    """Sample a request's first token from its prompt's logits0 [1, V] (p: its one-row SlotParams)
-    and write its one-row cache `one` into row `slot` of the slots' `cache` (donated) and the token
-    into `tokens` [B] (donated).  With `shared_g` the G-cache is one row for every slot: taken from
-    `one` when `take_g` (the first request), else left as it is.
-    Returns (cache, tokens, token0 [1], logprobs (token_logprobs of token0) or None)."""
+    """Sample the first token of n prefilled requests from their prompts' logits0 [n, V] (p: their
+    n-row SlotParams) and write their n-row cache `new` into rows `slots` [n] of the slots' `cache`
+    (donated), the tokens into `tokens` [B] (donated); a slot index >= B drops its row (filler rows
+    of a padded batch).  With `shared_g` the G-cache is one row for every slot: taken from row 0 of
+    `new` when `take_g` (the first request), else left as it is.
+    Returns (cache, tokens, first tokens [n], logprobs (`token_logprobs`) or None)."""
     tok = sample_rows(logits0, p)
-    put = lambda big, small: None if big is None else tuple(_put(b, s, slot) for b, s in zip(big, small))
-    keep_g = lambda big, small: (tuple(s.astype(b.dtype) for b, s in zip(big, small)) if take_g else big) \
-        if shared_g else put(big, small)
-    new = cache.replace(k=put(cache.k, one.k), v=put(cache.v, one.v), A=keep_g(cache.A, one.A),
-                        A_LM=keep_g(cache.A_LM, one.A_LM), G_LM=keep_g(cache.G_LM, one.G_LM),
-                        tokens=_put(cache.tokens, one.tokens, slot), lengths=_put(cache.lengths, one.lengths, slot),
+    put = lambda big, small: big.at[slots].set(small.astype(big.dtype), mode="drop")
+    per = lambda big, small: None if big is None else tuple(put(b, s) for b, s in zip(big, small))
+    keep_g = lambda big, small: (tuple(s[:1].astype(b.dtype) for b, s in zip(big, small)) if take_g else big) \
+        if shared_g else per(big, small)
+    out = cache.replace(k=per(cache.k, new.k), v=per(cache.v, new.v), A=keep_g(cache.A, new.A),
+                        A_LM=keep_g(cache.A_LM, new.A_LM), G_LM=keep_g(cache.G_LM, new.G_LM),
+                        tokens=put(cache.tokens, new.tokens), lengths=put(cache.lengths, new.lengths),
                         prompt_lengths=None if cache.prompt_lengths is None else
-                        _put(cache.prompt_lengths, one.prompt_lengths, slot))
+                        put(cache.prompt_lengths, new.prompt_lengths))
     lp = token_logprobs(logits0, tok) if with_logprobs else None
-    return new, _put(tokens, tok, slot), tok, lp
+    return out, put(tokens, tok), tok, lp
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "with_logprobs", "steps"), donate_argnames=("cache", "tokens"))
