@@ -59,8 +59,8 @@ def test_eos_frees_the_slot_and_sampled_rows_differ_by_seed(tiny_v510, sampler):
     assert a.tokens != b.tokens
     # an EOS id that greedy decoding produces ends the request there, with the EOS as its last token
     greedy = sampler([PROMPTS[1]], max_new_tokens=10, top_k=1, eos_id=None).tokens[0]
-    eos = greedy[4]
-    engine = Engine(cfg, params, slots=1, eos_id=eos, max_len=48)
+    eos = next(t for i, t in enumerate(greedy) if i >= 3 and t not in greedy[:i])
+    engine = Engine(cfg, params, slots=1, eos_id=eos, max_len=48, steps_per_sync=1)
     r = engine.submit(Request(prompt=PROMPTS[1], max_tokens=10, top_k=1))
     other = engine.submit(Request(prompt=PROMPTS[2], max_tokens=3, top_k=1))
     engine.step()
