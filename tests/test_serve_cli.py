@@ -3,6 +3,7 @@ on SIGTERM refuses new connections, finishes the request in flight and exits 0."
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -70,3 +71,17 @@ def test_sigterm_finishes_the_stream_in_flight_and_exits_0(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason='libtpu not installed (pip install "jax[tpu]==<jax version>")')
+def test_compile_what_serve_lowers_the_engine_step_for_a_tpu_topology():
+    import pldr_jax
+    from pldr_jax import aot
+    rep = aot.compile_report(topology="v5e:2x2", preset="tiny", overrides={"num_layers": 1}, mesh=(2, 1, 2), batch=4,
+                             seq_len=32, what="serve")
+    assert rep["what"] == "serve" and rep["fits"] and rep["chips"] == 4
+    cfg = pldr_jax.PLDRConfig.preset("tiny", num_layers=1)
+    assert rep["flops_per_chip"] == pytest.approx(aot.model_flops(cfg, 4, 32, "serve") / 4)
+    assert rep["collectives"]           # slots over data, heads over tensor: the step communicates

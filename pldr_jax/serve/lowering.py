@@ -12,10 +12,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["lower_generate_step"]
+__all__ = ["lower_generate_step", "SERVE_STEPS"]
+
+#: generate steps per call compiled by ``pldr-jax compile --what serve`` (`Engine`'s default)
+SERVE_STEPS = 4
 
 
-def lower_generate_step(cfg, slots: int, max_len: int, mesh, *, steps: int = 4, mode: str = "kv_g"):
+def lower_generate_step(cfg, slots: int, max_len: int, mesh, *, steps: int = SERVE_STEPS, mode: str = "kv_g"):
     """`slots.generate_step` for `slots` slots of `max_len` positions, `steps` steps per call,
     lowered for `mesh` (returns the ``jax.stages.Lowered``)."""
     from jax.sharding import NamedSharding, PartitionSpec
