@@ -18,7 +18,8 @@ row waits for it: the useful tokens are each request's own), each batch shape co
 is timed.  Each workload runs ``--repeats`` times, server and static alternated; the numbers are
 the median run's, ``ratio`` the median of the paired server tokens/s / static tokens/s.  Acceptance (issue 30): mixed >= 1.5,
 equal >= 0.85.  The static batches are timed without arrival gaps (all requests present at once),
-which favours them.
+which favours them.  ``engine_in_process``: the same requests through `Engine` in this process, all
+present at once (no HTTP), ``engine_ratio`` its paired ratio to the static batches.
 
     python experiments/bench_serve.py                  # small preset, 8 slots, 48 requests per workload
     python experiments/bench_serve.py --json           # one JSON object
@@ -41,10 +42,13 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKLOADS = {"mixed": dict(prompt=(8, 96), output=(8, 128)), "equal": dict(prompt=(64, 64), output=(64, 64))}
 
 
-def draw(workload: str, n: int, vocab: int, rate: float, seed: int) -> list[dict]:
-    """n requests {"prompt", "max_tokens", "at"} (arrival offsets in seconds) of a workload."""
+def draw(workload: str, n: int, vocab: int, rate: float, seed: int, max_len: int = 256) -> list[dict]:
+    """n requests {"prompt", "max_tokens", "at"} (arrival offsets in seconds) of a workload; lengths
+    scaled down (same proportions) when prompt + output could exceed max_len."""
     rng = np.random.default_rng(seed)
     w = WORKLOADS[workload]
+    scale = min(1.0, max_len / (w["prompt"][1] + w["output"][1]))
+    w = {k: (max(1, int(a * scale)), max(1, int(b * scale))) for k, (a, b) in w.items()}
     at = np.cumsum(rng.exponential(1.0 / rate, size=n))
     at -= at[0]
     out = []
@@ -129,6 +133,19 @@ def run_static(sampler, reqs: list[dict], slots: int, warm: bool = False) -> dic
             "rows_computed": sum(len(b) * max(r["max_tokens"] for r in b) for b in batches)}
 
 
+def run_engine(engine, reqs: list[dict]) -> dict:
+    """The same requests through `pldr_jax.serve.Engine` in this process, all present at once (no
+    HTTP, no arrival gaps): what the continuous batching gives without the server around it."""
+    from pldr_jax.serve import Request
+    t0 = time.perf_counter()
+    for r in reqs:
+        engine.submit(Request(prompt=r["prompt"], max_tokens=r["max_tokens"], top_k=1, ignore_eos=True))
+    engine.run_until_idle()
+    wall = time.perf_counter() - t0
+    tokens = sum(r["max_tokens"] for r in reqs)
+    return {"tokens": tokens, "seconds": round(wall, 3), "tokens_per_s": round(tokens / wall, 1)}
+
+
 def _median_run(runs: list[dict]) -> dict:
     """The run with the median tokens/s (its other numbers with it)."""
     return sorted(runs, key=lambda r: r["tokens_per_s"])[len(runs) // 2]
@@ -152,26 +169,35 @@ def main() -> int:
     sys.path.insert(0, str(ROOT))
     from pldr_jax.decode import Sampler
     from pldr_jax.g_sources import load_model_spec
+    from pldr_jax.serve import Engine
 
     cfg, params, _ = load_model_spec(f"preset:{args.preset}")     # the server's weights (same preset seed)
     sampler = Sampler(cfg, params)
+    engine = Engine(cfg, params, slots=args.slots, max_len=cfg.max_seq_len, eos_id=None,
+                    steps_per_sync=args.steps_per_sync)
+    engine.warmup()
     proc, url, log = start_server(args.preset, args.slots, cfg.max_seq_len, args.steps_per_sync)
     out = {"preset": args.preset, "slots": args.slots, "steps_per_sync": args.steps_per_sync, "requests": args.requests, "rate": args.rate,
            "max_in_flight": args.max_in_flight, "seed": args.seed, "repeats": args.repeats, "server_log": log,
            "workloads": {}}
     try:
         for w in args.workloads.split(","):
-            reqs = draw(w, args.requests, cfg.vocab_size, args.rate, args.seed)
+            reqs = draw(w, args.requests, cfg.vocab_size, args.rate, args.seed, cfg.max_seq_len)
             asyncio.run(run_load(url, reqs[:args.slots], args.max_in_flight))   # warm: connections
             run_static(sampler, reqs, args.slots, warm=True)                     # compile the batch shapes
-            servers, statics = [], []
-            for _ in range(args.repeats):       # alternated, so a drift of the machine's speed hits both
+            run_engine(engine, reqs[:args.slots])
+            servers, statics, engines = [], [], []
+            for _ in range(args.repeats):       # alternated, so a drift of the machine's speed hits all
                 servers.append(asyncio.run(run_load(url, reqs, args.max_in_flight)))
                 statics.append(run_static(sampler, reqs, args.slots))
+                engines.append(run_engine(engine, reqs))
             ratios = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(servers, statics)]
+            e_ratios = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(engines, statics)]
             out["workloads"][w] = {"server": _median_run(servers), "static": _median_run(statics),
+                                   "engine_in_process": _median_run(engines),
                                    "ratio": round(float(np.median(ratios)), 3),
-                                   "paired_ratios": [round(r, 3) for r in ratios]}
+                                   "paired_ratios": [round(r, 3) for r in ratios],
+                                   "engine_ratio": round(float(np.median(e_ratios)), 3)}
     finally:
         proc.terminate()
         proc.wait(timeout=120)
@@ -186,7 +212,8 @@ def main() -> int:
             s, st = r["server"], r["static"]
             print(f"{w:6s} server {s['tokens_per_s']:8.1f} tok/s  TTFT p50/p99 {s['ttft_p50_ms']}/{s['ttft_p99_ms']} ms  "
                   f"TPOT p50/p99 {s['tpot_p50_ms']}/{s['tpot_p99_ms']} ms | static {st['tokens_per_s']:8.1f} tok/s | "
-                  f"ratio {r['ratio']:.2f}")
+                  f"ratio {r['ratio']:.2f} | engine in-process {r['engine_in_process']['tokens_per_s']:8.1f} tok/s "
+                  f"(ratio {r['engine_ratio']:.2f})")
     return 0
 
 

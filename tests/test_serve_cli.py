@@ -85,3 +85,19 @@ def test_compile_what_serve_lowers_the_engine_step_for_a_tpu_topology():
     cfg = pldr_jax.PLDRConfig.preset("tiny", num_layers=1)
     assert rep["flops_per_chip"] == pytest.approx(aot.model_flops(cfg, 4, 32, "serve") / 4)
     assert rep["collectives"]           # slots over data, heads over tensor: the step communicates
+
+
+def test_bench_serve_quick():
+    """experiments/bench_serve.py end to end at a tiny size: the server's and the static batches'
+    numbers and their ratio (no speed is asserted: the benchmark's acceptance lives in its output)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    p = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_serve.py"), "--preset", "tiny", "--slots", "2",
+                        "--requests", "4", "--repeats", "1", "--workloads", "mixed", "--json"],
+                       capture_output=True, text=True, env=env, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout)
+    w = out["workloads"]["mixed"]
+    assert w["server"]["tokens"] == w["static"]["tokens"] > 0
+    assert w["ratio"] == pytest.approx(w["server"]["tokens_per_s"] / w["static"]["tokens_per_s"], rel=1e-2)
+    assert w["server"]["ttft_p99_ms"] >= w["server"]["ttft_p50_ms"] > 0
+    assert "mixed" in out["acceptance"]

@@ -240,41 +240,25 @@ def test_echo_logprobs_as_lm_eval_reads_them(client, model, sampler):
     assert [c.text for c in sorted(two.choices, key=lambda c: c.index)] == [tok.decode(w) for w in want]
 
 
-def _write_tasks(folder):
-    from tests.test_lm_eval import DOCS, MC_ITEMS
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in MC_ITEMS))
-    (folder / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in DOCS))
-
-    def task(name, file, body):
-        (folder / f"{name}.yaml").write_text(
-            f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder / file}\n"
-            f"  cache_dir: {folder / 'hf_cache'}\ntest_split: test\n{body}metadata:\n  version: 1.0\n")
-
-    task("serve_mc", "mc.jsonl", "output_type: multiple_choice\ndoc_to_text: '{{context}}'\n"
-         "doc_to_choice: '{{choices}}'\ndoc_to_target: label\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n")
-    task("serve_rolling", "docs.jsonl", "output_type: loglikelihood_rolling\ndoc_to_text: ''\n"
-         "doc_to_target: '{{text}}'\nmetric_list:\n  - metric: bits_per_byte\n  - metric: word_perplexity\n")
-
-
 def test_lm_eval_local_completions_equals_pldr_jax_eval_harness(server, model_dir, tmp_path, capsys):
     lm_eval = pytest.importorskip("lm_eval")
     from lm_eval.tasks import TaskManager
 
     from pldr_jax.cli import main
+    from tests.test_lm_eval import _write_tasks
     url, _ = server
     tasks = tmp_path / "tasks"
     _write_tasks(tasks)
     out = tmp_path / "harness"
-    assert main(["eval", "harness", str(model_dir), "--tasks", "serve_mc,serve_rolling", "--include_path", str(tasks),
+    assert main(["eval", "harness", str(model_dir), "--tasks", "local_mc,local_rolling", "--include_path", str(tasks),
                  "--output_path", str(out)]) == 0
     capsys.readouterr()
     want = json.loads(next(out.rglob("results_*.json")).read_text())["results"]
     got = lm_eval.simple_evaluate(
-        model="local-completions", tasks=["serve_mc", "serve_rolling"], task_manager=TaskManager(include_path=str(tasks)),
+        model="local-completions", tasks=["local_mc", "local_rolling"], task_manager=TaskManager(include_path=str(tasks)),
         model_args=f"base_url={url}/v1/completions,tokenizer_backend=remote,max_length=128,batch_size=3,"
                    "num_concurrent=2")["results"]
     for m in ("acc,none", "acc_norm,none"):
-        assert got["serve_mc"][m] == want["serve_mc"][m], m
+        assert got["local_mc"][m] == want["local_mc"][m], m
     for m in ("bits_per_byte,none", "word_perplexity,none"):
-        assert got["serve_rolling"][m] == pytest.approx(want["serve_rolling"][m], rel=1e-6), m
+        assert got["local_rolling"][m] == pytest.approx(want["local_rolling"][m], rel=1e-6), m

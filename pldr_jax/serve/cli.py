@@ -63,11 +63,9 @@ def _log(line: str) -> None:
 
 
 def run(args) -> int:
-    import jax
     import uvicorn
 
-    from ..decode.cli import _find_tokenizer, _load
-    from ..g_sources import make_g
+    from ..decode.cli import load_for_decoding
     from .app import create_app
     from .engine import Engine
 
@@ -76,12 +74,7 @@ def run(args) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
-    cfg, params, g_lm = _load(args)
-    if args.dtype:
-        cfg = cfg.replace(dtype=args.dtype)
-    if args.g_source:
-        g_lm = make_g(cfg, args.g_source, jax.random.key(args.seed))
-    tok = _find_tokenizer(args)
+    cfg, params, g_lm, tok = load_for_decoding(args)
     mesh = None
     if args.mesh:
         from ..train.sharding import make_mesh, parse_mesh_shape
