@@ -6,7 +6,6 @@ stop strings and streamed text."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from pldr_jax.decode import Sampler

@@ -29,7 +29,7 @@ import threading
 import time
 import uuid
 
-from fastapi import FastAPI, Request as HTTPRequest
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
@@ -247,7 +247,7 @@ def create_app(engine: Engine, *, model_name: str = "pldr-llm", drain_timeout: f
         return tok.decode(ids) if tok is not None else ""
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, http: HTTPRequest):
+    async def completions(body: CompletionRequest):
         metrics.requests.inc()
         if not state["accepting"]:
             return _error("the server is shutting down", 503, "service_unavailable")

@@ -21,7 +21,7 @@ SERVE_STEPS = 4
 def lower_generate_step(cfg, slots: int, max_len: int, mesh, *, steps: int = SERVE_STEPS, mode: str = "kv_g"):
     """`slots.generate_step` for `slots` slots of `max_len` positions, `steps` steps per call,
     lowered for `mesh` (returns the ``jax.stages.Lowered``)."""
-    from jax.sharding import NamedSharding, PartitionSpec
+    from jax.sharding import NamedSharding
 
     from ..backend import choices, platform_of
     from ..decode.cache import cache_logical_axes
