@@ -21,6 +21,7 @@ COMMANDS = {
     "data": "pldr_jax.data.cli",
     "compile": "pldr_jax.aot_cli",
     "kernels": "pldr_jax.kernels.cli",
+    "serve": "pldr_jax.serve.cli",
 }
 
 

@@ -86,6 +86,20 @@ def _load(args):
     return load_model(args.checkpoint, config=args.config, step=args.step)
 
 
+def load_for_decoding(args):
+    """(cfg, params, g_lm, tokenizer or None) of a decoding command's ``checkpoint``, ``--config``,
+    ``--dtype``, ``--g`` (with ``--seed``) and ``--tokenizer`` (`pldr-jax generate`, `pldr-jax serve`)."""
+    import jax
+
+    from ..g_sources import make_g
+    cfg, params, g_lm = _load(args)
+    if args.dtype:
+        cfg = cfg.replace(dtype=args.dtype)
+    if args.g_source:
+        g_lm = make_g(cfg, args.g_source, jax.random.key(args.seed))
+    return cfg, params, g_lm, _find_tokenizer(args)
+
+
 def _find_tokenizer(args):
     """--tokenizer, else the checkpoint's own (`pldr_jax.io.run_tokenizer.resolve_tokenizer`)."""
     from ..io.run_tokenizer import resolve_tokenizer
@@ -125,12 +139,10 @@ def _load_native_kernels() -> None:
 
 
 def run(args) -> int:
-    import jax
     import numpy as np
 
     from ..compile_cache import enable_compile_cache
 
-    from ..g_sources import make_g
     from .compile_time import CompileWatch
     from .sampler import Sampler
     from .sampling import validate_sampling
@@ -146,12 +158,7 @@ def run(args) -> int:
     cache_dir = enable_compile_cache(args.compile_cache, enabled=not args.no_compile_cache)
     cache_dir = None if cache_dir is None else str(cache_dir)
     items = _collect_prompts(args)
-    cfg, params, g_lm = _load(args)
-    if args.dtype:
-        cfg = cfg.replace(dtype=args.dtype)
-    if args.g_source:
-        g_lm = make_g(cfg, args.g_source, jax.random.key(args.seed))
-    tok = _find_tokenizer(args)
+    cfg, params, g_lm, tok = load_for_decoding(args)
     text_items = [it for it in items if "prompt" in it]
     if text_items and tok is None:
         raise ValueError("text prompts need a tokenizer: pass --tokenizer FILE.model (or use --ids)")
