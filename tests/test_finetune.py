@@ -14,7 +14,7 @@ from pldr_jax import PLDRConfig, init_params
 from pldr_jax.cli import main
 from pldr_jax.finetune import data as D
 from pldr_jax.finetune import metrics as M
-from pldr_jax.finetune.loop import sft_loss
+from pldr_jax.finetune.loop import sft_loss, sft_targets
 from pldr_jax.finetune.tasks import embedded_records
 
 
@@ -36,29 +36,23 @@ def _ft(lm, tmp_path, *extra, capsys=None):
 
 
 def test_sft_loss_counts_response_tokens_only():
+    from pldr_jax import forward
+    from pldr_jax.losses import masked_loss
     cfg = PLDRConfig.preset("tiny")
     params = init_params(cfg, jax.random.key(0))
     tokens = jnp.array([[5, 6, 7, 8, 9, 10, 3, 0]])
-    mask = jnp.array([[False, False, False, True, True, True, True, False]])    # prompt 5 6 7
-    base = float(sft_loss(cfg, params, tokens, mask)[0])
-    # the target of position 1 is the prompt token 7: changing it changes nothing ...
-    # (the logits at positions < 2 see only tokens before it, so change the last prompt token's target
-    # through the mask's view: a different prompt token at position 2 also changes the inputs, so
-    # compare against the loss of the same inputs with that target masked either way)
-    t2 = tokens.at[0, 1].set(40)   # target of position 0 (a prompt token): masked out
-    l_prompt_target = sft_loss(cfg, params, t2, mask)
-    logits = __import__("pldr_jax").forward(cfg, params, tokens[:, :-1]).logits
-    logits2 = __import__("pldr_jax").forward(cfg, params, t2[:, :-1]).logits
-    # position 0's logits are unchanged (causal); only its target changed, and it is not counted
-    np.testing.assert_array_equal(np.asarray(logits[0, 0]), np.asarray(logits2[0, 0]))
-    from pldr_jax.losses import masked_loss
-    tgt = jnp.where(mask[:, 1:], tokens[:, 1:], 0)
-    tgt_changed = tgt.at[0, 0].set(jnp.where(mask[0, 1], 41, 0))
-    assert float(masked_loss(logits, tgt_changed)[0]) == float(masked_loss(logits, tgt)[0]) == base
-    assert float(l_prompt_target[1]) == 4
-    # a response token's target does count
-    t3 = tokens.at[0, 5].set(41)
-    assert float(sft_loss(cfg, params, t3, mask)[0]) != base
+    mask = jnp.array([[False, False, False, True, True, True, True, False]])    # prompt 5 6 7, EOS 3
+    inputs, targets = sft_targets(tokens, mask)
+    np.testing.assert_array_equal(np.asarray(targets), [[0, 0, 8, 9, 10, 3, 0]])
+    logits = forward(cfg, params, inputs).logits
+    base, n = sft_loss(cfg, params, tokens, mask)
+    assert float(n) == 4 and abs(float(base) - float(masked_loss(logits, targets)[0])) < 1e-6
+    # a prompt token's target changed (position 0 asked to predict 41, not 6): the loss is the same
+    changed = jnp.where(mask[:, 1:], tokens[:, 1:].at[0, 0].set(41), 0)
+    assert float(masked_loss(logits, changed)[0]) == float(masked_loss(logits, targets)[0])
+    # a response target changed: the loss moves
+    moved = targets.at[0, 3].set(41)
+    assert float(masked_loss(logits, moved)[0]) != float(masked_loss(logits, targets)[0])
 
 
 def test_encode_and_errors():

@@ -131,8 +131,10 @@ def prepare(args):
             head = jax.device_get(init_head(cfg, hcfg, jax.random.key(args.seed + 1)))
         if "final" in params:
             params = {k: v for k, v in params.items() if k != "final"}
-    train = D.encode(args.task, records, tok, max_len, fields, labels, problem_type, where)
-    valid = D.encode(args.task, v_records, tok, max_len, fields, labels, problem_type, v_where)
+    embedded = args.train == "embedded"
+    train = D.encode(args.task, records, tok, max_len, fields, labels, problem_type, where, drop_long=embedded)
+    valid = D.encode(args.task, v_records, tok, max_len, fields, labels, problem_type, v_where,
+                     drop_long=embedded and not args.valid)
     recipe = Recipe(learning_rate=args.lr, warmup_steps=args.warmup_steps, clip_norm=args.clip_norm,
                     epochs=args.epochs, min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay,
                     batch_size=args.batch_size, seed=args.seed, eval_every=args.eval_every,

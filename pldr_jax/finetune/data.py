@@ -137,8 +137,9 @@ def _pad(rows: list[list[int]], max_len: int) -> np.ndarray:
 
 
 def encode(task: str, records: list[dict], tok, max_len: int, fields: Fields, labels: tuple[str, ...] = (),
-           problem_type: str | None = None, where: str = "data") -> Encoded:
-    """Check and tokenise records for `task` (see the module docstring)."""
+           problem_type: str | None = None, where: str = "data", drop_long: bool = False) -> Encoded:
+    """Check and tokenise records for `task` (see the module docstring).  drop_long: QA records
+    whose answer lies past `max_len` are left out instead of raising (the embedded task set)."""
     if not records:
         raise ValueError(f"{where}: no records (empty data)")
     eos = tok.eos_id
@@ -209,11 +210,15 @@ def encode(task: str, records: list[dict], tok, max_len: int, fields: Fields, la
             en = st + len(mid) - 1
             row = (q_ids + pre + mid + post)[:max_len - 1] + [eos]
             if en >= max_len - 1:
+                if drop_long:
+                    continue
                 raise ValueError(f"{where}: record {i}: the answer lies past --max-length {max_len} tokens")
             rows.append(row)
             starts.append(st)
             ends.append(en)
             meta.append({"answers": [str(t) for t in texts], "context_start": len(q_ids)})
+        if not rows:
+            raise ValueError(f"{where}: no record's answer fits in --max-length {max_len} tokens")
         return Encoded(_pad(rows, max_len), (np.asarray(starts, np.int32), np.asarray(ends, np.int32)), meta)
     if task == "sft":
         rows, masks = [], []

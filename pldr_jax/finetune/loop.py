@@ -35,7 +35,7 @@ from ..train.optimizer import lr_schedule, make_optimizer
 from . import metrics as M
 from .data import Encoded
 
-__all__ = ["Recipe", "sft_loss", "run_finetune", "evaluate"]
+__all__ = ["Recipe", "sft_targets", "sft_loss", "run_finetune", "evaluate"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,13 +56,17 @@ class Recipe:
     max_steps: int = 0           # stop after this many steps (0: the epochs' count); for tests / kills
 
 
+def sft_targets(tokens: jax.Array, response_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(inputs [B, L-1], targets [B, L-1]) of next-token SFT: the target of position t is
+    tokens[t + 1] where response_mask[t + 1], else 0 (masked: prompt and padding targets)."""
+    return tokens[:, :-1], jnp.where(response_mask[:, 1:], tokens[:, 1:], 0)
+
+
 def sft_loss(cfg: PLDRConfig, params, tokens: jax.Array, response_mask: jax.Array, g_lm=None):
-    """Mean next-token cross-entropy over response tokens only: the target at position t is
-    tokens[t + 1], counted when response_mask[t + 1] (prompt and padding targets are masked out)."""
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    """(mean next-token cross-entropy over response targets only, their count)."""
+    inputs, targets = sft_targets(tokens, response_mask)
     logits = forward(cfg, params, inputs, g_lm).logits
-    tgt = jnp.where(response_mask[:, 1:], targets, 0)
-    return masked_loss(logits, tgt, pad_id=0)[0], jnp.sum(response_mask[:, 1:])
+    return masked_loss(logits, targets, pad_id=0)[0], jnp.sum(targets != 0)
 
 
 def _objective(cfg, hcfg, task):

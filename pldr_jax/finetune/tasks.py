@@ -63,7 +63,7 @@ def embedded_records(task: str, *, classes: int = 4, words: int = 24, limit: int
         for doc in default_corpus_documents():
             for sent in re.split(r"(?<=[.!?])\s+", " ".join(doc.split())):
                 ws = sent.split()
-                if not 5 <= len(ws) <= 45:
+                if not 5 <= len(ws) <= 25:
                     continue
                 at = next((i for i, w in enumerate(ws) if w in ("return", "returns")), None)
                 if at is None or at == 0 or at > len(ws) - 2:
