@@ -4,7 +4,7 @@
              the `classes` longest standard-library module docstrings, labelled with the module.
   token-cls  tag identifiers: the words of corpus sentences, "B-ID" for a Python identifier with an
              underscore, a dot or call parentheses (``sys.path``, ``__init__``, ``open()``), else "O".
-  qa         "what does X return?": corpus sentences with the word "return(s)", X the first identifier
+  qa         "what does X return?": corpus sentences (5-25 words) with the word "return(s)", X the first identifier
              before it (else the first word), the answer the words after it to the sentence's end
              (SQuAD records).
   sft        prompt "Describe the Python module NAME." -> response: the first sentence of its docstring.
