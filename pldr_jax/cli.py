@@ -22,6 +22,7 @@ COMMANDS = {
     "compile": "pldr_jax.aot_cli",
     "kernels": "pldr_jax.kernels.cli",
     "serve": "pldr_jax.serve.cli",
+    "finetune": "pldr_jax.finetune.cli",
 }
 
 

@@ -29,7 +29,7 @@ DEDUCTIVE_KEYS = ("A", "A_LM", "A_P", "G_LM")
 class ForwardOutput:
     """Result of `forward`.
 
-    logits: [B, L, V] float32.
+    logits: [B, L, V] float32 (None when params have no "final" output head).
     deductive: {"A", "A_LM", "A_P", "G_LM"} each [num_layers, B, H, dk, dk] float32 for a model
       that derives G; with a given G (predefined-G model or `g_lm=`) only "G_LM" is present,
       [num_layers, B|1, H, dk, dk].
@@ -175,6 +175,7 @@ def forward(cfg: PLDRConfig, params: dict, tokens: jax.Array, g_lm: jax.Array | 
         ded, extra = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *outs)
     else:
         x, (ded, extra) = jax.lax.scan(lambda c, xs: body(c, *xs), x0, (layers, g_all))
-    logits = linear(params["final"], x, kernels).astype(jnp.float32)
+    # params without "final" (a task head's decoder, `pldr_jax.heads`): no LM logits
+    logits = linear(params["final"], x, kernels).astype(jnp.float32) if "final" in params else None
     inter = {"embed": x0, **extra} if collect else None
     return ForwardOutput(logits=logits, deductive=ded, hidden=x, intermediates=inter)

@@ -6,6 +6,11 @@ reference state-dict names (see `state_dict.py`).  Predefined-G models (`custom_
 have no metric-learner/PLGA weights and carry G in the buffer `decoder.past_G_values`
 [layers, 3, 1, H, dk, dk] (slots: A, A_LM, G_LM) plus `decoder.past_G_values_status` [layers] bool.
 
+Task-head folders (`PldrllmForSequenceClassification` / `...ForTokenClassification` /
+`...ForQuestionAnswering`, `pldr_jax.heads`) hold the decoder without `final_layer` plus the head
+(`score.weight` [n, D], `score.bias` for token classification, `qa_outputs.{weight,bias}` [2, D]) and
+`id2label` / `label2id` / `problem_type` in config.json: `load_hf_head` / `save_hf(..., head=)`.
+
 Interleaved RoPE (`reference_rope: true`) in the authors' code is a table of
 `max_position_embeddings` rows; `PLDRConfig.max_seq_len` carries that limit.
 """
@@ -20,15 +25,18 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ..config import PLDRConfig
+from ..heads import HEAD_NAMES, TASK_OF_ARCHITECTURE, HeadConfig
 from .safetensors_io import read_safetensors
 from .state_dict import params_to_state_dict, state_dict_to_params
 from .torch_pickle import load_torch_state_dict
 
-__all__ = ["HFMeta", "load_hf", "load_hf_meta", "save_hf", "hf_config_to_pldr", "pldr_to_hf_config",
-           "read_hf_state_dict"]
+__all__ = ["HFMeta", "load_hf", "load_hf_head", "load_hf_meta", "save_hf", "hf_config_to_pldr",
+           "hf_head_config", "pldr_to_hf_config", "read_hf_state_dict"]
 
 G_BUFFER = "decoder.past_G_values"
 G_STATUS_BUFFER = "decoder.past_G_values_status"
@@ -135,11 +143,13 @@ def hf_config_to_pldr(d: Mapping[str, Any], *, dtype: str | None = None, param_d
         raise ValueError(f"{where}: config does not describe a valid PLDR-LLM: {e}") from e
 
 
-def pldr_to_hf_config(cfg: PLDRConfig, *, pad_token_id: int = 0, bos_token_id: int = 2,
-                      eos_token_id: int = 3) -> dict:
-    """PLDRConfig -> pldrllm config.json dict (read back by `hf_config_to_pldr` to an equal cfg)."""
-    return {
-        "architectures": ["PldrllmForCausalLM"],
+def pldr_to_hf_config(cfg: PLDRConfig, *, pad_token_id: int | None = 0, bos_token_id: int = 2,
+                      eos_token_id: int = 3, head: HeadConfig | None = None) -> dict:
+    """PLDRConfig -> pldrllm config.json dict (read back by `hf_config_to_pldr` to an equal cfg);
+    with `head`, the task head's architecture, id2label / label2id and problem_type
+    (`hf_head_config` reads them back)."""
+    d = {
+        "architectures": [head.architecture if head is not None else "PldrllmForCausalLM"],
         "model_type": "pldrllm",
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model,
@@ -172,6 +182,50 @@ def pldr_to_hf_config(cfg: PLDRConfig, *, pad_token_id: int = 0, bos_token_id: i
         "dtype": cfg.param_dtype,
         _PLDR_JAX_KEY: {"dtype": cfg.dtype, "init": cfg.init},
     }
+    if head is not None:
+        id2label = head.id2label()
+        d["id2label"] = {str(i): name for i, name in id2label.items()}
+        d["label2id"] = {name: i for i, name in id2label.items()}
+        if head.problem_type is not None:
+            d["problem_type"] = head.problem_type
+    return d
+
+
+def hf_head_config(d: Mapping[str, Any], where: str = _CONFIG) -> HeadConfig | None:
+    """The task head a pldrllm config.json describes (its `architectures`), or None for
+    `PldrllmForCausalLM` / `PldrllmModel` / no architectures.  num_labels = len(id2label) (else
+    `num_labels`, else 2: transformers' default); label names from id2label."""
+    archs = d.get("architectures") or ["PldrllmForCausalLM"]
+    if not isinstance(archs, list) or len(archs) != 1:
+        raise ValueError(f"{where}: architectures must list one class, got {archs!r}")
+    arch = archs[0]
+    if arch in ("PldrllmForCausalLM", "PldrllmModel"):
+        return None
+    if arch not in TASK_OF_ARCHITECTURE:
+        raise ValueError(f"{where}: unknown architecture {arch!r}; pldr_jax reads PldrllmForCausalLM, "
+                         + ", ".join(sorted(TASK_OF_ARCHITECTURE)))
+    task = TASK_OF_ARCHITECTURE[arch]
+    id2label = d.get("id2label")
+    labels: tuple[str, ...] = ()
+    if id2label:
+        try:
+            ids = sorted(int(k) for k in id2label)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: id2label keys must be integers, got {sorted(id2label)}") from e
+        if ids != list(range(len(ids))):
+            raise ValueError(f"{where}: id2label keys must be 0..{len(ids) - 1}, got {ids}")
+        labels = tuple(str(id2label[str(i)] if str(i) in id2label else id2label[i]) for i in ids)
+        num_labels = len(labels)
+    else:
+        num_labels = int(d.get("num_labels", 2))
+    if task == "qa":
+        num_labels, labels = 2, ()
+    try:
+        return HeadConfig(task=task, num_labels=num_labels,
+                          problem_type=d.get("problem_type") if task == "seq-cls" else None,
+                          pad_token_id=d.get("pad_token_id", HF_DEFAULTS["pad_token_id"]), labels=labels)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from e
 
 
 # --------------------------------------------------------------------------- weights
@@ -240,6 +294,58 @@ def load_hf_meta(folder: str | os.PathLike) -> HFMeta:
                   tokenizer=tok if tok.is_file() else None, config=d)
 
 
+def _head_state_dict(hcfg: HeadConfig, sd: Mapping[str, np.ndarray], D: int, where: str) -> dict:
+    name = HEAD_NAMES[hcfg.task]
+    keys = [f"{name}.weight"] + ([f"{name}.bias"] if hcfg.has_bias else [])
+    missing = [k for k in keys if k not in sd]
+    if missing:
+        raise ValueError(f"{where}: a {hcfg.architecture} folder needs {keys}; missing {missing}")
+    w = np.asarray(sd[f"{name}.weight"])
+    if w.shape != (hcfg.num_labels, D):
+        raise ValueError(f"{where}: {name}.weight has shape {w.shape}; expected [num_labels="
+                         f"{hcfg.num_labels}, hidden={D}] (config.json id2label / num_labels)")
+    head = {"kernel": np.ascontiguousarray(w.T)}
+    if hcfg.has_bias:
+        head["bias"] = np.asarray(sd[f"{name}.bias"])
+    return head
+
+
+def load_hf_head(folder: str | os.PathLike, *, dtype: str | None = None, param_dtype: str | None = None,
+                 stacked: bool = True):
+    """Load any pldrllm folder -> (cfg, params, g_lm, head_cfg, head).
+
+    Causal-LM folders: head_cfg = head = None and params as `load_hf`.  Task-head folders
+    (`pldr_jax.heads`): params are the decoder without "final", head = {"kernel": [D, n],
+    "bias": [n]} (no bias for sequence classification) in cfg.param_dtype, head_cfg from config.json.
+    """
+    folder = Path(folder)
+    d = _read_config(folder)
+    where = str(folder / _CONFIG)
+    cfg = hf_config_to_pldr(d, dtype=dtype, param_dtype=param_dtype, where=where)
+    hcfg = hf_head_config(d, where)
+    sd = dict(read_hf_state_dict(folder))
+    buffers = (G_BUFFER, G_STATUS_BUFFER)
+    g_lm = None if cfg.learned_g else _g_from_buffer(cfg, sd, str(folder))
+    head = None
+    if hcfg is not None:
+        pdt = np.dtype(jnp.dtype(cfg.param_dtype))
+        head = {k: v.astype(pdt) for k, v in _head_state_dict(hcfg, sd, cfg.d_model, str(folder)).items()}
+        for k in [k for k in sd if k.startswith(HEAD_NAMES[hcfg.task] + ".")]:
+            del sd[k]
+        if "final_layer.weight" in sd or "final_layer.bias" in sd:
+            raise ValueError(f"{folder}: a {hcfg.architecture} folder has no final_layer, but this one does")
+        # the decoder alone: a placeholder output head lets the state-dict mapping run, then goes
+        sd["final_layer.weight"] = np.zeros((cfg.vocab_size, cfg.d_model), np.float32)
+        sd["final_layer.bias"] = np.zeros((cfg.vocab_size,), np.float32)
+    try:
+        params = state_dict_to_params(cfg, sd, stacked=stacked, ignore=buffers)
+    except ValueError as e:
+        raise ValueError(f"{folder}: weights do not match config.json: {e}") from e
+    if hcfg is not None:
+        del params["final"]
+    return cfg, params, g_lm, hcfg, head
+
+
 def load_hf(folder: str | os.PathLike, *, dtype: str | None = None, param_dtype: str | None = None,
             stacked: bool = True) -> tuple[PLDRConfig, dict, np.ndarray | None]:
     """Load a pldrllm Hugging Face folder -> (cfg, params, g_lm).
@@ -247,35 +353,44 @@ def load_hf(folder: str | os.PathLike, *, dtype: str | None = None, param_dtype:
     g_lm: None for learned-G models, else float32 [layers, H, dk, dk] (slot 2 of the
     `decoder.past_G_values` buffer).  params: host numpy arrays in cfg.param_dtype (default: the
     folder's dtype); compute dtype float32 unless `dtype` says otherwise.  Token ids etc.:
-    `load_hf_meta(folder)`.
+    `load_hf_meta(folder)`.  A task-head folder (no LM head) raises: read it with `load_hf_head`.
     """
     folder = Path(folder)
-    cfg = hf_config_to_pldr(_read_config(folder), dtype=dtype, param_dtype=param_dtype,
-                            where=str(folder / _CONFIG))
-    sd = read_hf_state_dict(folder)
-    buffers = (G_BUFFER, G_STATUS_BUFFER)
-    g_lm = None if cfg.learned_g else _g_from_buffer(cfg, sd, str(folder))
-    try:
-        params = state_dict_to_params(cfg, sd, stacked=stacked, ignore=buffers)
-    except ValueError as e:
-        raise ValueError(f"{folder}: weights do not match config.json: {e}") from e
+    hcfg = hf_head_config(_read_config(folder), str(folder / _CONFIG))
+    if hcfg is not None:
+        raise ValueError(f"{folder} is a {hcfg.architecture} folder (a task head, no language-model "
+                         f"head): load it with pldr_jax.io.hf.load_hf_head")
+    cfg, params, g_lm, _, _ = load_hf_head(folder, dtype=dtype, param_dtype=param_dtype, stacked=stacked)
     return cfg, params, g_lm
 
 
 def save_hf(cfg: PLDRConfig, params: Mapping, folder: str | os.PathLike, g_lm=None,
-            tokenizer_model: str | os.PathLike | None = None, *, pad_token_id: int = 0,
-            bos_token_id: int = 2, eos_token_id: int = 3) -> Path:
+            tokenizer_model: str | os.PathLike | None = None, *, pad_token_id: int | None = 0,
+            bos_token_id: int = 2, eos_token_id: int = 3, head_cfg: HeadConfig | None = None,
+            head: Mapping | None = None) -> Path:
     """Write a pldrllm folder (config.json, model.safetensors, optional tokenizer.model).
 
     Predefined-G configs also store `decoder.past_G_values` [layers, 3, 1, H, dk, dk] float32
     (A and A_LM slots zero, slot 2 = g_lm [layers, H, dk, dk] or [layers, 1, H, dk, dk];
     an "identity" config defaults to the identity) and `decoder.past_G_values_status` (all true).
+    With `head_cfg` and `head` (`pldr_jax.heads`): a task-head folder (its architecture, the head's
+    weights under the port's names, no final_layer; params' "final", if any, is not written).
     Returns the folder path.
     """
     from safetensors.numpy import save_file
     folder = Path(folder)
     L, H, dk = cfg.num_layers, cfg.num_heads, cfg.head_dim
+    if (head_cfg is None) != (head is None):
+        raise ValueError("save_hf needs both head_cfg and head for a task-head folder (or neither)")
+    if head_cfg is not None:
+        head_sd = _head_to_state_dict(head_cfg, head, cfg.d_model)
+        if "final" not in params:   # placeholder for the mapping, dropped below
+            params = {**params, "final": {"kernel": np.zeros((cfg.d_model, cfg.vocab_size), np.float32),
+                                          "bias": np.zeros((cfg.vocab_size,), np.float32)}}
     sd = params_to_state_dict(cfg, params)
+    if head_cfg is not None:
+        del sd["final_layer.weight"], sd["final_layer.bias"]
+        sd.update(head_sd)
     if cfg.learned_g:
         if g_lm is not None:
             raise ValueError("g_lm is only stored for predefined-G configs (custom_G_type set); "
@@ -305,10 +420,23 @@ def save_hf(cfg: PLDRConfig, params: Mapping, folder: str | os.PathLike, g_lm=No
     folder.mkdir(parents=True, exist_ok=True)
     save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
     config = pldr_to_hf_config(cfg, pad_token_id=pad_token_id, bos_token_id=bos_token_id,
-                               eos_token_id=eos_token_id)
+                               eos_token_id=eos_token_id, head=head_cfg)
     with open(folder / _CONFIG, "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
         f.write("\n")
     if tok is not None and tok.resolve() != (folder / "tokenizer.model").resolve():
         shutil.copyfile(tok, folder / "tokenizer.model")
     return folder
+
+
+def _head_to_state_dict(hcfg: HeadConfig, head: Mapping, D: int) -> dict[str, np.ndarray]:
+    name = HEAD_NAMES[hcfg.task]
+    k = np.asarray(jax.device_get(head["kernel"]))
+    if k.shape != (D, hcfg.num_labels):
+        raise ValueError(f"head kernel has shape {k.shape}; expected [hidden={D}, num_labels={hcfg.num_labels}]")
+    sd = {f"{name}.weight": np.ascontiguousarray(k.T)}
+    if hcfg.has_bias:
+        sd[f"{name}.bias"] = np.ascontiguousarray(np.asarray(jax.device_get(head["bias"])))
+    elif "bias" in head:
+        raise ValueError(f"a {hcfg.architecture} head has no bias (the port's score is bias-free)")
+    return sd
