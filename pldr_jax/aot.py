@@ -30,164 +30,17 @@ counts them, so the two compare), per chip.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import re
 import time
 from typing import Any
 
-from .hlo_traffic import hbm_traffic, while_trip
+from .hlo import collectives_per_step
+from .hlo_traffic import hbm_traffic
+from .targets import CHIPS, CUDA_INSTALL, LIBTPU_INSTALL, ChipSpec, chip_of, topology_devices
 
-__all__ = ["CHIPS", "ChipSpec", "LIBTPU_INSTALL", "topology_devices", "collectives_per_step", "compile_report",
-           "largest_fitting", "max_batch", "format_report", "model_flops", "executed_flops"]
-
-LIBTPU_INSTALL = 'pip install "jax[tpu]==<your jax version>"  (or: pip install -e ".[tpu]")'
-
-
-@dataclasses.dataclass(frozen=True)
-class ChipSpec:
-    """Published per-chip figures: peak bf16 FLOP/s, HBM bytes, HBM bytes/s, ICI bytes/s
-    (bidirectional, all links), and where they come from."""
-    name: str
-    peak_bf16_flops: float
-    hbm_bytes: int
-    hbm_bw: float
-    ici_bw: float
-    source: str
-
-
-CHIPS: dict[str, ChipSpec] = {
-    "v5e": ChipSpec("v5e", 197e12, 16 * 10 ** 9, 819e9, 400e9, "https://cloud.google.com/tpu/docs/v5e"),
-    "v5p": ChipSpec("v5p", 459e12, 95 * 2 ** 30, 2765e9, 1200e9, "https://cloud.google.com/tpu/docs/v5p"),
-    "v6e": ChipSpec("v6e", 918e12, 32 * 10 ** 9, 1638e9, 800e9, "https://cloud.google.com/tpu/docs/v6e"),
-}
-
-
-def chip_of(topology: str) -> ChipSpec:
-    gen = topology.split(":")[0].lower().replace("litepod", "").replace("-", "")
-    if gen not in CHIPS:
-        raise ValueError(f"no chip figures for topology {topology!r}; known generations: {sorted(CHIPS)} "
-                         f"(e.g. v5e:2x2, v5p:2x2x1, v6e:2x2)")
-    return CHIPS[gen]
-
-
-def topology_devices(topology: str) -> list:
-    """The TPU devices of `topology` (e.g. "v5e:2x2"), for compiling on any host.  ValueError with
-    the install command when libtpu is absent."""
-    import importlib.util
-    if importlib.util.find_spec("libtpu") is None:
-        raise ValueError(f"compiling for a TPU topology needs the libtpu wheel: {LIBTPU_INSTALL}")
-    from jax.experimental import topologies
-    try:
-        return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
-    except Exception as e:  # libtpu's errors are RuntimeError / XlaRuntimeError with long traces
-        msg = str(e).splitlines()[0]
-        if "lockfile" in msg:
-            msg += (" (another process has libtpu loaded; compiling for a topology uses no TPU, so "
-                    "ALLOW_MULTIPLE_LIBTPU_LOAD=1 lets both run)")
-        raise ValueError(f"cannot describe TPU topology {topology!r}: {msg}") from None
-
-
-# --------------------------------------------------------------------------- HLO collectives
-_DT = {"f32": 4, "bf16": 2, "s32": 4, "u32": 4, "f16": 2, "pred": 1, "s8": 1, "u8": 1, "f64": 8, "s64": 8,
-       "u64": 8, "s16": 2, "u16": 2, "f8e4m3fn": 1, "f8e5m2": 1}
-_COLL_OPS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
-_COLL = re.compile(r"=\s*(.+?)\s+(all-gather|reduce-scatter|all-reduce|all-to-all|collective-permute)(-start)?\(")
-_SHAPE = re.compile(r"\b(" + "|".join(_DT) + r")\[([0-9,]*)\]")
-_COMP = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
-_CALLS = re.compile(r"\b(body|condition|calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)")
-_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
-_CHANNEL = re.compile(r"channel_id=(\d+)")
-_LAYOUT = re.compile(r"\{[^}]*\}")
-
-def _shape_bytes(text: str) -> int:
-    total = 0
-    for dt, dims in _SHAPE.findall(text):
-        n = 1
-        for d in dims.split(","):
-            if d:
-                n *= int(d)
-        total += n * _DT[dt]
-    return total
-
-
-def collectives_per_step(hlo_text: str, unknown_trip: int = 1) -> tuple[dict, int]:
-    """({op: {"count", "bytes", "max_bytes"}}, unknown_trip_loops) of a compiled HLO module, per
-    execution of its entry computation: every computation's collectives are multiplied by how many
-    times it runs (a while body / condition by the loop's trip count: the compiler's
-    known_trip_count, else read from a counted loop's condition, `hlo_traffic.while_trip`; a loop
-    with neither -- the decode loop's early-exit while -- counts `unknown_trip` times and is
-    reported in unknown_trip_loops).  Async collectives count at their start."""
-    comps: dict[str, list[str]] = {}
-    entry = None
-    cur = None
-    for line in hlo_text.splitlines():
-        if cur is None:
-            m = _COMP.match(line)
-            if m:
-                cur = m.group(1)
-                comps[cur] = []
-                if line.startswith("ENTRY"):
-                    entry = cur
-            continue
-        if line.startswith("}"):
-            cur = None
-            continue
-        comps[cur].append(line)
-    if entry is None:
-        raise ValueError("no ENTRY computation in the HLO text")
-    calls: dict[str, list[tuple[str, int]]] = {c: [] for c in comps}
-    unknown = 0
-    for c, lines in comps.items():
-        for line in lines:
-            trip = 1
-            if " while(" in line:
-                known = while_trip(line, comps)
-                if known is not None:
-                    trip = known
-                else:
-                    unknown += 1
-                    trip = unknown_trip
-            for kind, callee in _CALLS.findall(line):
-                if callee in comps:
-                    calls[c].append((callee, trip if kind in ("body", "condition") else 1))
-            for group in _BRANCHES.findall(line):
-                for callee in group.split(","):
-                    callee = callee.strip().lstrip("%")
-                    if callee in comps:
-                        calls[c].append((callee, 1))
-    mult: dict[str, int] = collections.Counter()
-
-    def visit(c, m, depth=0):
-        mult[c] += m
-        if depth < 64:
-            for callee, f in calls[c]:
-                visit(callee, m * f, depth + 1)
-
-    visit(entry, 1)
-    # One collective can be printed many times: the TPU compiler spreads an async collective over
-    # several "async_collective_fusion" computations (each shows the op with its full result shape,
-    # same channel_id).  Such copies are one transfer: ops are keyed by (kind, channel_id, shape) and
-    # counted once, as often as the computation that runs them most often.
-    ops: dict = {}
-    for c, lines in comps.items():
-        if not mult[c]:
-            continue
-        for i, line in enumerate(lines):
-            m = _COLL.search(line)
-            if m:
-                chan = _CHANNEL.search(line)
-                shape = _LAYOUT.sub("", m.group(1))
-                key = (m.group(2), chan.group(1), shape) if chan else (m.group(2), c, i)
-                b, n = ops.get(key, (_shape_bytes(m.group(1)), 0))
-                ops[key] = (b, max(n, mult[c]))
-    out = {}
-    for (kind, *_), (b, n) in ops.items():
-        o = out.setdefault(kind, {"count": 0, "bytes": 0, "max_bytes": 0})
-        o["count"] += n
-        o["bytes"] += b * n
-        o["max_bytes"] = max(o["max_bytes"], b)
-    return {k: out[k] for k in _COLL_OPS if k in out}, unknown
+__all__ = ["CHIPS", "ChipSpec", "LIBTPU_INSTALL", "CUDA_INSTALL", "chip_of", "topology_devices",
+           "collectives_per_step", "compile_report", "largest_fitting", "max_batch", "format_report", "model_flops",
+           "executed_flops"]
 
 
 def _forward_flops(cfg, rows: int, q_len: int, k_len: int) -> tuple[float, float]:
@@ -379,12 +232,10 @@ def _decode_step_bytes(cfg, batch, seq_len, mesh) -> dict:
     that against the must-read bytes."""
     lowered, need, chunks = _lower_decode_step(cfg, batch, seq_len, mesh)
     compiled = lowered.compile()
-    ca = compiled.cost_analysis()
-    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-    acc = float(ca.get("bytes accessed", 0.0))
+    text = compiled.as_text()
+    acc = float(_cost_analysis(compiled).get("bytes accessed", 0.0)) or hbm_traffic(text, chunks["mean"])["total"]
     base = need["weights"] + need["embedding_rows"] + need["g_cache"]
     must_mean, must_last = base + need["kv_live_mean"], base + need["kv_live_last"]
-    text = compiled.as_text()
     hbm = hbm_traffic(text, unknown_trip=chunks["mean"])     # the attention's chunk loops, mean step
     hbm.pop("by_opcode")
     hbm_last = hbm_traffic(text, unknown_trip=chunks["last"])["total"]
@@ -395,6 +246,13 @@ def _decode_step_bytes(cfg, batch, seq_len, mesh) -> dict:
             "ratio_mean": ratio(acc, must_mean), "ratio_last": ratio(acc, must_last), "hbm": hbm,
             "hbm_ratio_mean": ratio(hbm["total"], must_mean), "hbm_ratio_last": ratio(hbm_last, must_last),
             "temporaries": compiled.memory_analysis().temp_size_in_bytes}
+
+
+def _cost_analysis(compiled) -> dict:
+    """XLA's cost analysis of a compiled program ({} where the platform has none: GPUs)."""
+    ca = compiled.cost_analysis()
+    ca = ca[0] if isinstance(ca, (list, tuple)) and ca else ca
+    return dict(ca) if ca else {}
 
 
 def compile_report(*, topology: str = "v5e:2x2", preset: str | None = "tiny", config: str | None = None,
@@ -457,19 +315,22 @@ def compile_report(*, topology: str = "v5e:2x2", preset: str | None = "tiny", co
     args, temps, outs = ma.argument_size_in_bytes, ma.temp_size_in_bytes, ma.output_size_in_bytes
     alias = getattr(ma, "alias_size_in_bytes", 0)
     total = args + temps + outs - alias
-    ca = compiled.cost_analysis()
-    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+    ca = _cost_analysis(compiled)
     xla_flops = float(ca.get("flops", 0.0))      # XLA's count: a while/scan body counted once
     flops = model_flops(cfg, batch, seq_len, what) / len(devices)
     from .backend import choices
     from .model import remat_policy
     policy = remat_policy(choices(str(devices[0].platform)).remat if remat is None else remat)
     hw_flops = executed_flops(cfg, batch, seq_len, what, policy) / len(devices)
-    bytes_acc = float(ca.get("bytes accessed", 0.0))     # loop bodies once: a lower bound
     n_new = max(seq_len - max(seq_len // 2, 1), 1)
     # decode: the while loop runs once per new token (at most); the step is the whole generate call
     hlo = compiled.as_text()
-    coll, unknown = collectives_per_step(hlo, unknown_trip=n_new if what == "decode" else 1)
+    trips = n_new if what == "decode" else 1
+    hbm = hbm_traffic(hlo, unknown_trip=trips)
+    hbm.pop("by_opcode")
+    # TPU: XLA's bytes accessed (loop bodies once: a lower bound); GPU (no cost analysis): the HBM traffic
+    bytes_acc = float(ca["bytes accessed"]) if "bytes accessed" in ca else hbm["total"]
+    coll, unknown = collectives_per_step(hlo, unknown_trip=trips)
     coll_bytes = sum(v["bytes"] for v in coll.values())
     t_flops, t_hbm, t_ici = hw_flops / chip.peak_bf16_flops, bytes_acc / chip.hbm_bw, coll_bytes / chip.ici_bw
     est = max(t_flops, t_hbm, t_ici)
@@ -481,6 +342,8 @@ def compile_report(*, topology: str = "v5e:2x2", preset: str | None = "tiny", co
                            "total": total},
         "fits": total <= chip.hbm_bytes, "flops_per_chip": flops, "executed_flops_per_chip": hw_flops,
         "xla_flops_per_chip": xla_flops, "bytes_accessed_per_chip": bytes_acc,
+        "bytes_accessed_source": "cost_analysis" if "bytes accessed" in ca else "hlo_traffic",
+        "hbm_traffic_per_chip": hbm,
         "collectives": coll, "collective_bytes": coll_bytes, "loops_without_trip_count": unknown,
         "est_step_s": est, "est_terms_s": {"flops": t_flops, "hbm": t_hbm, "ici": t_ici},
         # model FLOPs (no recomputation) over what the chip could do in the estimated step time
