@@ -152,3 +152,44 @@ def test_splash_compiles_for_v5e_sharded_over_batch_and_heads():
     hlo = lowered.compile().as_text()
     assert "tpu_custom_call" in hlo
     assert "all-to-all" not in hlo and not any("all-gather" in ln and f"{L}" in ln for ln in hlo.splitlines())
+
+
+@pytest.mark.parametrize("impl,preset", [("splash_interpret", "tiny"), ("xla_sdpa", "tiny-g")])
+def test_training_loss_and_gradients_with_the_accelerator_attention(impl, preset):
+    """The training step's loss terms and gradients with a fused attention (`StepOptions.attention_impl`)
+    equal the query-block path's, learned and predefined G_LM, with right-padded and all-pad rows
+    (finite: an all-pad row's keys are not attended over nothing)."""
+    from pldr_jax.config import PLDRConfig
+    from pldr_jax.params import init_params
+    from pldr_jax.train.step import StepOptions, loss_terms
+    cfg = PLDRConfig.preset(preset, max_seq_len=128)
+    params = init_params(cfg, jax.random.PRNGKey(1))
+    tok = jax.random.randint(jax.random.PRNGKey(2), (3, 129), 1, cfg.vocab_size)
+    tok = tok.at[1, 90:].set(0).at[2].set(0)                          # right-padded and all-pad rows
+    g = None if cfg.learned_g else jnp.broadcast_to(jnp.eye(cfg.head_dim), (cfg.num_layers, 1, cfg.num_heads,
+                                                                             cfg.head_dim, cfg.head_dim))
+    loss = lambda impl: lambda p: (lambda t: t["ce_sum"] / t["count"])(loss_terms(
+        cfg, p, tok[:, :-1], tok[:, 1:], g, StepOptions(attention_impl=impl, attention_block=32, kernels="xla",
+                                                        remat="full", unroll_layers=False)))
+    blocks_of_32 = "length=4"                   # the query blocks' lax.map over 128 / 32 blocks
+    assert blocks_of_32 in str(jax.make_jaxpr(loss("blocks"))(params))
+    assert blocks_of_32 not in str(jax.make_jaxpr(loss(impl))(params))
+    (want, gw), (got, gg) = (jax.value_and_grad(loss(i))(params) for i in ("blocks", impl))
+    assert np.isfinite(float(got)) and abs(float(got) - float(want)) <= 1e-5 * abs(float(want))
+    for a, b in zip(jax.tree_util.tree_leaves(gg), jax.tree_util.tree_leaves(gw)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_attention_impl_is_a_backend_choice_and_validated():
+    from pldr_jax.backend import choices
+    from pldr_jax.kernels.fused_attention import FusedAttention, attention_strategy
+    from pldr_jax.train.step import StepOptions
+    assert [choices(p).attention_impl for p in ("cpu", "gpu", "tpu")] == ["blocks", "cudnn", "splash"]
+    assert StepOptions().resolved("gpu").attention_impl == "cudnn"
+    assert StepOptions(attention_impl="blocks").resolved("tpu").attention_impl == "blocks"
+    assert attention_strategy("blocks") is None and attention_strategy("splash_interpret") == FusedAttention("splash", True)
+    with pytest.raises(ValueError, match="attention_impl must be one of"):
+        StepOptions(attention_impl="flash")
+    # where a kernel does not apply the layer keeps its query blocks
+    q = jnp.zeros((1, 100, 2, 8), jnp.float32)
+    assert FusedAttention("splash")(q, q, q, None, None) is None and FusedAttention("cudnn")(q, q, q, None, None) is None

@@ -32,16 +32,20 @@ scale is folded into q' for splash (exact when dk is a power of two, as in every
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["FUSED", "power_law_query", "key_valid_of", "visible_keys", "fused_attention", "splash_block"]
+__all__ = ["FUSED", "IMPLEMENTATIONS", "FusedAttention", "attention_strategy", "power_law_query", "key_valid_of", "visible_keys", "fused_attention", "splash_block"]
 
-#: the fused implementations this module runs (the `backend` choice ``attention_impl`` also has "blocks")
+#: the fused implementations this module runs
 FUSED = ("cudnn", "splash", "xla_sdpa")
+#: the values of the backend choice ``attention_impl``: "blocks" (the layer's own query blocks), the
+#: fused ones, and "splash_interpret" (the splash kernel in Pallas interpret mode: any platform)
+IMPLEMENTATIONS = ("blocks",) + FUSED + ("splash_interpret",)
 
 
 def power_law_query(q: jax.Array, g_lm: jax.Array | None, scale: float = 1.0) -> jax.Array:
@@ -160,3 +164,41 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, g_lm: jax.Array | 
     impl = "cudnn" if implementation == "cudnn" else "xla"
     pad = padding or ("lengths" if impl == "cudnn" else "mask")
     return _sdpa(qp, k.astype(q.dtype), v.astype(q.dtype), key_valid, impl, pad).astype(q.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedAttention:
+    """The attention a training step / full-sequence forward hands the decoder layer
+    (`model.forward` ``attention``): called as attention(q, k, v, g_lm, mask) with the layer's
+    q, k, v [B, L, H, dk], g_lm and causal-padding mask [B, 1, L, L]; returns the attention output
+    [B, L, H, dk], or None where this implementation does not apply -- the layer then runs its
+    query blocks: cuDNN with float32 inputs (it takes 16-bit ones), splash with a sequence length
+    that is no multiple of 128, keys that are not the queries' own (a KV-cache).  Hashable: part
+    of the jit cache key."""
+    implementation: str
+    interpret: bool = False
+
+    def __post_init__(self):
+        if self.implementation not in FUSED:
+            raise ValueError(f"fused attention implementation must be one of {FUSED}, got {self.implementation!r}")
+
+    def __call__(self, q, k, v, g_lm, mask):
+        if k.shape != q.shape or v.shape != q.shape:
+            return None
+        if self.implementation == "cudnn" and jnp.dtype(q.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+            return None
+        if self.implementation == "splash" and not splash_block(q.shape[1]):
+            return None
+        return fused_attention(q, k, v, g_lm, key_valid_of(mask), self.implementation, interpret=self.interpret)
+
+
+def attention_strategy(impl: str) -> FusedAttention | None:
+    """The `FusedAttention` for a backend choice ``attention_impl`` (`IMPLEMENTATIONS`; None for
+    "blocks"); ValueError naming the choices otherwise."""
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"attention_impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
+    if impl == "blocks":
+        return None
+    if impl == "splash_interpret":
+        return FusedAttention("splash", interpret=True)
+    return FusedAttention(impl)
