@@ -79,7 +79,7 @@ def executed_flops(cfg, batch: int, seq_len: int, what: str = "train", remat: st
 
 
 # --------------------------------------------------------------------------- lowering
-def _lower_train(cfg, tcfg, mesh):
+def _lower_train(cfg, tcfg, mesh, attention_impl: str | None = None):
     import jax
     import jax.numpy as jnp
     from .train.loop import make_g_lm
@@ -87,7 +87,8 @@ def _lower_train(cfg, tcfg, mesh):
     from .train.step import make_train_step
     check_batch_size(tcfg.batch_size, mesh, tcfg.grad_accum)
     tx, schedule = tcfg.optimizer()
-    step = make_train_step(cfg, tx, schedule, opts=tcfg.step_options(), mesh=mesh)
+    opts = dataclasses.replace(tcfg.step_options(), attention_impl=attention_impl)
+    step = make_train_step(cfg, tx, schedule, opts=opts, mesh=mesh)
     state = abstract_train_state(cfg, tx, mesh)
     tok = jax.ShapeDtypeStruct((tcfg.batch_size, tcfg.seq_len), jnp.int32)
     g = make_g_lm(cfg, tcfg)
@@ -259,7 +260,7 @@ def compile_report(*, topology: str = "v5e:2x2", preset: str | None = "tiny", co
                    overrides: dict | None = None, mesh: tuple[int, int, int] = (1, -1, 1), batch: int = 8,
                    seq_len: int = 64, dtype: str | None = None, what: str = "train", remat: Any = None,
                    unroll_layers: bool | None = None, recipe: str | None = None, keep_hlo: bool = False,
-                   cfg=None) -> dict:
+                   cfg=None, attention_impl: str | None = None) -> dict:
     """Compile the training step (or decode loop) for `topology` and report it (see the module
     docstring; keys as `pldr-jax compile --json`; with keep_hlo also "hlo": the compiled HLO text).
     The model: `cfg` (a PLDRConfig; `preset` is then only its label), else `config` (a JSON file)
@@ -291,7 +292,7 @@ def compile_report(*, topology: str = "v5e:2x2", preset: str | None = "tiny", co
         kw = {k: v for k, v in RECIPES[rname].items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
         kw.update(batch_size=batch, seq_len=seq_len, remat=remat, unroll_layers=unroll_layers,
                   mesh=tuple(m.shape[a] for a in m.axis_names), vocab_size=cfg.vocab_size)
-        lowered = _lower_train(cfg, TrainConfig(**kw), m)
+        lowered = _lower_train(cfg, TrainConfig(**kw), m, attention_impl)
     else:
         lowered = _lower_decode(cfg, batch, seq_len, m)
     fits, oom = True, None
@@ -338,6 +339,7 @@ def compile_report(*, topology: str = "v5e:2x2", preset: str | None = "tiny", co
     rep.update({
         "remat": policy if what == "train" else None,
         "attention_block": choices(str(devices[0].platform)).attention_block if what == "train" else None,
+        "attention_impl": (attention_impl or choices(str(devices[0].platform)).attention_impl) if what == "train" else None,
         "per_chip_bytes": {"arguments": args, "temporaries": temps, "outputs": outs, "aliased": alias,
                            "total": total},
         "fits": total <= chip.hbm_bytes, "flops_per_chip": flops, "executed_flops_per_chip": hw_flops,

@@ -32,6 +32,9 @@ def add_parser(subparsers):
     p.add_argument("--what", choices=("train", "decode"), default="train")
     p.add_argument("--remat", choices=("none", "dots", "full"), default=None,
                    help="rematerialisation policy (default: the platform's, 'full' on TPU)")
+    p.add_argument("--attention-impl", default=None,
+                   help="the training step's attention: blocks, cudnn, splash, xla_sdpa (default: the platform's, "
+                        "cudnn on GPUs, splash on TPUs)")
     p.add_argument("--recipe", default=None, help="training recipe (default: the preset's, as pldr-jax train)")
     p.add_argument("--max-batch", action="store_true",
                    help="search the largest global batch that fits the chip's HBM (compiles several times; "
@@ -48,7 +51,7 @@ def run(args) -> int:
     cfg = model_config(args)      # --preset / --config, --set, --dtype: as `pldr-jax train` reads them
     kw = dict(topology=args.topology, cfg=cfg, preset=args.config or args.preset or "small",
               mesh=parse_mesh_shape(args.mesh), batch=args.batch, seq_len=args.seq_len, what=args.what,
-              remat=args.remat, recipe=args.recipe)
+              remat=args.remat, recipe=args.recipe, attention_impl=args.attention_impl)
     if args.max_batch:
         from .aot import max_batch
         best, rep = max_batch(**kw)
