@@ -1,12 +1,15 @@
-"""Ahead-of-time compilation of the real training step or decode loop for a TPU topology.
+"""Ahead-of-time compilation of the real training step or decode loop for a TPU topology or GPUs.
 
-`compile_report(...)` compiles, for the devices of a TPU topology given by name (e.g. "v5e:2x2";
-no TPU needed, only the `libtpu` wheel: ``pip install "jax[tpu]==<jax version>"`` or
-``pip install -e .[tpu]``):
+`compile_report(...)` compiles, for the devices of a topology given by name (`pldr_jax.targets`:
+a TPU topology such as "v5e:2x2", needing only the `libtpu` wheel, ``pip install -e .[tpu]``; or
+NVIDIA GPUs such as "h100:1x8" (hosts x GPUs per host), needing only the CUDA plugin,
+``pip install -e .[cuda]``, and described by the XLA GPU target configs shipped in
+`pldr_jax.targets`; no accelerator either way):
 
 * ``what="train"``: the step `pldr-jax train` runs (`train.step.make_train_step`: the recipe's
   optimizer and schedule, the non-finite guard, the mesh and the sharding rules, the platform's
-  backend choices, `pldr_jax.backend`), over the abstract sharded train state (nothing allocated);
+  backend choices, `pldr_jax.backend`, its fused attention unless ``attention_impl`` says otherwise),
+  over the abstract sharded train state (nothing allocated);
 * ``what="decode"``: prefill + the `lax.while_loop` of `decode.generate` (greedy, KV- and G-cache),
   for `batch` prompts of `seq_len // 2` tokens and `seq_len // 2` new tokens, weights / rows / cache
   placed as `decode.sharding` places them (rows over the data axes, heads over "tensor"); plus
@@ -14,15 +17,17 @@ no TPU needed, only the `libtpu` wheel: ``pip install "jax[tpu]==<jax version>"`
   must read (weights, the live KV-cache, the G-cache) as a ratio (`_decode_step_bytes`),
 
 and reports per-chip memory (`memory_analysis`), FLOPs (`model_flops`: the step's matmul FLOPs over the chips;
-XLA's `cost_analysis` counts a while/scan body once, its figure is kept as xla_flops_per_chip),
-bytes accessed (`cost_analysis`: loop bodies once, so a lower bound), the collectives per step
-*as executed* (from the compiled HLO; an op in a while/scan body counts once per iteration) and a
-roofline estimate of the step time: the largest of the executed FLOPs (`executed_flops`: with the
-remat policy's recomputation, 4x the forward for "full") / peak bf16 FLOP/s, bytes accessed / HBM
-bandwidth and collective bytes / ICI bandwidth from the chip's published figures (`CHIPS`), i.e.
-perfect overlap.  est_mfu = model FLOPs / (est_step_s x peak): an upper bound, not a measurement --
-at most 75% with full remat (the backward pass recomputes the forward); below that when the ICI
-term (or the HBM lower bound) exceeds the FLOPs term.  `pldr-jax compile` prints it.
+XLA's `cost_analysis` counts a while/scan body once, its figure is kept as xla_flops_per_chip; on
+GPU there is none), bytes accessed (TPU: `cost_analysis`, loop bodies once, so a lower bound; GPU:
+the HBM traffic), the HBM traffic read off the compiled HLO (`hlo_traffic`, loops per trip), the
+collectives per step *as executed* (`hlo.collectives_per_step`; an op in a while/scan body counts
+once per iteration) and a roofline estimate of the step time: the largest of the executed FLOPs
+(`executed_flops`: with the remat policy's recomputation, 4x the forward for "full") / peak bf16
+FLOP/s, bytes accessed / HBM bandwidth and collective bytes / chip-to-chip bandwidth (ICI, NVLink)
+from the chip's published figures (`targets.CHIPS`), i.e. perfect overlap.  est_mfu = model FLOPs /
+(est_step_s x peak): an upper bound, not a measurement -- at most 75% with full remat (the backward
+pass recomputes the forward); below that when the ICI term (or the HBM lower bound) exceeds the
+FLOPs term.  `pldr-jax compile` prints it.
 
 Collective bytes are the result-shape bytes of each collective (as ../shared/tpu/fsdp_anchor.py
 counts them, so the two compare), per chip.
@@ -416,7 +421,9 @@ def format_report(rep: dict) -> str:
     lines += [f"  per chip           arguments {gb(pc['arguments'])}, temporaries {gb(pc['temporaries'])}, "
               f"outputs {gb(pc['outputs'])}, total {gb(pc['total'])} of {gb(rep['hbm_bytes'])} HBM -> "
               f"{'fits' if rep['fits'] else 'DOES NOT FIT'}",
-              f"  FLOPs per chip     {rep['flops_per_chip']:.4g}   bytes accessed {rep['bytes_accessed_per_chip']:.4g}",
+              f"  FLOPs per chip     {rep['flops_per_chip']:.4g}   bytes accessed {rep['bytes_accessed_per_chip']:.4g}   "
+              f"HBM traffic {gb(rep['hbm_traffic_per_chip']['total'])} per step"
+              + (f"   attention {rep['attention_impl']}" if rep.get("attention_impl") else ""),
               "  collectives per step (as executed):"]
     lines.append(f"    {'op':<20}{'count':>8}{'bytes':>16}{'largest':>16}")
     for op, v in rep["collectives"].items():

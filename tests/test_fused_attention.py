@@ -193,3 +193,25 @@ def test_attention_impl_is_a_backend_choice_and_validated():
     # where a kernel does not apply the layer keeps its query blocks
     q = jnp.zeros((1, 100, 2, 8), jnp.float32)
     assert FusedAttention("splash")(q, q, q, None, None) is None and FusedAttention("cudnn")(q, q, q, None, None) is None
+
+
+@pytest.mark.slow
+def test_accelerator_check_runs_on_cpu_with_the_accelerator_choices(tmp_path):
+    """experiments/accelerator_check.py at tiny size: golden forward and four-mode decode, a few
+    training steps with a TPU's choices (scan, full remat, splash attention in interpret mode)
+    against the CPU choices, speed; one JSON whose checks pass."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "check.json"
+    r = subprocess.run([sys.executable, str(root / "experiments" / "accelerator_check.py"), "--train-steps", "3",
+                        "--bench-batch", "2", "--bench-seq-len", "32", "--repeats", "1", "--out", str(out)],
+                       capture_output=True, text=True, timeout=900,
+                       env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.loads(out.read_text())
+    assert rep["ok"] and rep["platform"] == "cpu" and set(rep["golden_decode"]) == {"kv_g", "kv", "g", "none"}
+    assert rep["train"]["options"]["attention_impl"] == "splash_interpret" and rep["train"]["options"]["remat"] == "full"
+    assert len(rep["train"]["losses"]) == 3 and rep["speed"]["train_tokens_per_s"] > 0 and rep["speed"]["decode_s"] > 0

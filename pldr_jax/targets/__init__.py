@@ -21,8 +21,8 @@ import importlib.resources
 import importlib.util
 import os
 
-__all__ = ["ChipSpec", "CHIPS", "LIBTPU_INSTALL", "CUDA_INSTALL", "chip_of", "topology_devices", "target_config",
-           "gpu_topology"]
+__all__ = ["ChipSpec", "CHIPS", "LIBTPU_INSTALL", "CUDA_INSTALL", "chip_of", "chip_of_device", "topology_devices",
+           "target_config", "gpu_topology"]
 
 LIBTPU_INSTALL = 'pip install "jax[tpu]==<your jax version>"  (or: pip install -e ".[tpu]")'
 CUDA_INSTALL = 'pip install "jax-cuda12-plugin[with-cuda]==<your jax version>"  (or: pip install -e ".[cuda]")'
@@ -67,6 +67,18 @@ def chip_of(topology: str) -> ChipSpec:
     return CHIPS[gen]
 
 
+#: substrings of a device's ``device_kind`` -> its `CHIPS` entry (first match)
+_DEVICE_KINDS = (("h100", "h100"), ("a100", "a100"), ("v5 lite", "v5e"), ("v5e", "v5e"), ("v5p", "v5p"),
+                 ("v6 lite", "v6e"), ("v6e", "v6e"))
+
+
+def chip_of_device(device) -> ChipSpec | None:
+    """The `CHIPS` entry of a (real or described) device, by its ``device_kind`` ("NVIDIA H100 80GB
+    HBM3", "TPU v5 lite", ...); None for a chip without figures here (a CPU)."""
+    kind = str(getattr(device, "device_kind", "")).lower()
+    return next((CHIPS[name] for sub, name in _DEVICE_KINDS if sub in kind), None)
+
+
 def target_config(chip: ChipSpec) -> str:
     """The text of a GPU chip's XLA target config (shipped in this package)."""
     if not chip.target_config:
@@ -84,13 +96,10 @@ def gpu_topology(topology: str) -> tuple[int, int]:
 
 
 def _cuda_plugin_installed() -> bool:
-    for mod in ("jax_plugins.xla_cuda12", "jax_cuda12_plugin"):
-        try:
-            if importlib.util.find_spec(mod) is not None:
-                return True
-        except (ImportError, ValueError):
-            continue
-    return False
+    try:
+        return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def topology_devices(topology: str) -> list:
