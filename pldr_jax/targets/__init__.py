@@ -19,7 +19,8 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import importlib.util
-import os
+
+from ..settings import allow_cuda_without_driver
 
 __all__ = ["ChipSpec", "CHIPS", "LIBTPU_INSTALL", "CUDA_INSTALL", "chip_of", "chip_of_device", "topology_devices",
            "target_config", "gpu_topology"]
@@ -111,9 +112,7 @@ def topology_devices(topology: str) -> list:
         hosts, per_host = gpu_topology(topology)
         if not _cuda_plugin_installed():
             raise ValueError(f"compiling for a GPU topology needs the CUDA plugin: {CUDA_INSTALL}")
-        # the plugin checks the CUDA libraries against a local GPU driver unless told not to: none is
-        # needed to compile (set before the plugin is first initialised: a fresh process)
-        os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+        allow_cuda_without_driver()         # no GPU driver is needed to compile
         try:
             return list(topologies.get_topology_desc(platform="cuda", target_config=target_config(chip),
                                                      topology=f"1x{hosts}x{per_host}").devices)
