@@ -159,6 +159,9 @@ def forward(cfg: PLDRConfig, params: dict, tokens: jax.Array, g_lm: jax.Array | 
     B, L = tokens.shape
     valid = tokens != 0
     positions = jnp.broadcast_to(jnp.arange(L), (B, L)) if positions is None else positions
+    if attn_mask is not None and attention is not None:
+        raise ValueError("a fused attention implements the causal-padding mask only: pass attention=None with "
+                         "attn_mask (a packed mask)")
     mask = causal_padding_mask(valid, L) if attn_mask is None else attn_mask
     token_mask_A = metric_mask if metric_mask is not None else (valid if pad_aware_A else None)
     x0 = constrain(embed(cfg, params, tokens), ("batch", "length", "embed"))

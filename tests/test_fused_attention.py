@@ -215,3 +215,15 @@ def test_accelerator_check_runs_on_cpu_with_the_accelerator_choices(tmp_path):
     assert rep["ok"] and rep["platform"] == "cpu" and set(rep["golden_decode"]) == {"kv_g", "kv", "g", "none"}
     assert rep["train"]["options"]["attention_impl"] == "splash_interpret" and rep["train"]["options"]["remat"] == "full"
     assert len(rep["train"]["losses"]) == 3 and rep["speed"]["train_tokens_per_s"] > 0 and rep["speed"]["decode_s"] > 0
+
+
+def test_forward_refuses_a_fused_attention_with_a_packed_mask():
+    from pldr_jax.config import PLDRConfig
+    from pldr_jax.kernels.fused_attention import FusedAttention
+    from pldr_jax.model import forward
+    from pldr_jax.params import init_params
+    cfg = PLDRConfig.preset("tiny")
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    tok = jnp.ones((1, 8), jnp.int32)
+    with pytest.raises(ValueError, match="packed mask"):
+        forward(cfg, params, tok, attn_mask=jnp.ones((1, 1, 8, 8), bool), attention=FusedAttention("xla_sdpa"))
