@@ -1,12 +1,15 @@
-"""Ahead-of-time compilation of the real training step or decode loop for a TPU topology.
+"""Ahead-of-time compilation of the real training step or decode loop for a TPU topology or GPUs.
 
-`compile_report(...)` compiles, for the devices of a TPU topology given by name (e.g. "v5e:2x2";
-no TPU needed, only the `libtpu` wheel: ``pip install "jax[tpu]==<jax version>"`` or
-``pip install -e .[tpu]``):
+`compile_report(...)` compiles, for the devices of a topology given by name (`pldr_jax.targets`:
+a TPU topology such as "v5e:2x2", needing only the `libtpu` wheel, ``pip install -e .[tpu]``; or
+NVIDIA GPUs such as "h100:1x8" (hosts x GPUs per host), needing only the CUDA plugin,
+``pip install -e .[cuda]``, and described by the XLA GPU target configs shipped in
+`pldr_jax.targets`; no accelerator either way):
 
 * ``what="train"``: the step `pldr-jax train` runs (`train.step.make_train_step`: the recipe's
   optimizer and schedule, the non-finite guard, the mesh and the sharding rules, the platform's
-  backend choices, `pldr_jax.backend`), over the abstract sharded train state (nothing allocated);
+  backend choices, `pldr_jax.backend`, its fused attention unless ``attention_impl`` says otherwise),
+  over the abstract sharded train state (nothing allocated);
 * ``what="decode"``: prefill + the `lax.while_loop` of `decode.generate` (greedy, KV- and G-cache),
   for `batch` prompts of `seq_len // 2` tokens and `seq_len // 2` new tokens, weights / rows / cache
   placed as `decode.sharding` places them (rows over the data axes, heads over "tensor"); plus
@@ -14,15 +17,17 @@ no TPU needed, only the `libtpu` wheel: ``pip install "jax[tpu]==<jax version>"`
   must read (weights, the live KV-cache, the G-cache) as a ratio (`_decode_step_bytes`),
 
 and reports per-chip memory (`memory_analysis`), FLOPs (`model_flops`: the step's matmul FLOPs over the chips;
-XLA's `cost_analysis` counts a while/scan body once, its figure is kept as xla_flops_per_chip),
-bytes accessed (`cost_analysis`: loop bodies once, so a lower bound), the collectives per step
-*as executed* (from the compiled HLO; an op in a while/scan body counts once per iteration) and a
-roofline estimate of the step time: the largest of the executed FLOPs (`executed_flops`: with the
-remat policy's recomputation, 4x the forward for "full") / peak bf16 FLOP/s, bytes accessed / HBM
-bandwidth and collective bytes / ICI bandwidth from the chip's published figures (`CHIPS`), i.e.
-perfect overlap.  est_mfu = model FLOPs / (est_step_s x peak): an upper bound, not a measurement --
-at most 75% with full remat (the backward pass recomputes the forward); below that when the ICI
-term (or the HBM lower bound) exceeds the FLOPs term.  `pldr-jax compile` prints it.
+XLA's `cost_analysis` counts a while/scan body once, its figure is kept as xla_flops_per_chip; on
+GPU there is none), bytes accessed (TPU: `cost_analysis`, loop bodies once, so a lower bound; GPU:
+the HBM traffic), the HBM traffic read off the compiled HLO (`hlo_traffic`, loops per trip), the
+collectives per step *as executed* (`hlo.collectives_per_step`; an op in a while/scan body counts
+once per iteration) and a roofline estimate of the step time: the largest of the executed FLOPs
+(`executed_flops`: with the remat policy's recomputation, 4x the forward for "full") / peak bf16
+FLOP/s, bytes accessed / HBM bandwidth and collective bytes / chip-to-chip bandwidth (ICI, NVLink)
+from the chip's published figures (`targets.CHIPS`), i.e. perfect overlap.  est_mfu = model FLOPs /
+(est_step_s x peak): an upper bound, not a measurement -- at most 75% with full remat (the backward
+pass recomputes the forward); below that when the ICI term (or the HBM lower bound) exceeds the
+FLOPs term.  `pldr-jax compile` prints it.
 
 Collective bytes are the result-shape bytes of each collective (as ../shared/tpu/fsdp_anchor.py
 counts them, so the two compare), per chip.
@@ -30,164 +35,17 @@ counts them, so the two compare), per chip.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import re
 import time
 from typing import Any
 
-from .hlo_traffic import hbm_traffic, while_trip
+from .hlo import collectives_per_step
+from .hlo_traffic import hbm_traffic
+from .targets import CHIPS, CUDA_INSTALL, LIBTPU_INSTALL, ChipSpec, chip_of, topology_devices
 
-__all__ = ["CHIPS", "ChipSpec", "LIBTPU_INSTALL", "topology_devices", "collectives_per_step", "compile_report",
-           "largest_fitting", "max_batch", "format_report", "model_flops", "executed_flops"]
-
-LIBTPU_INSTALL = 'pip install "jax[tpu]==<your jax version>"  (or: pip install -e ".[tpu]")'
-
-
-@dataclasses.dataclass(frozen=True)
-class ChipSpec:
-    """Published per-chip figures: peak bf16 FLOP/s, HBM bytes, HBM bytes/s, ICI bytes/s
-    (bidirectional, all links), and where they come from."""
-    name: str
-    peak_bf16_flops: float
-    hbm_bytes: int
-    hbm_bw: float
-    ici_bw: float
-    source: str
-
-
-CHIPS: dict[str, ChipSpec] = {
-    "v5e": ChipSpec("v5e", 197e12, 16 * 10 ** 9, 819e9, 400e9, "https://cloud.google.com/tpu/docs/v5e"),
-    "v5p": ChipSpec("v5p", 459e12, 95 * 2 ** 30, 2765e9, 1200e9, "https://cloud.google.com/tpu/docs/v5p"),
-    "v6e": ChipSpec("v6e", 918e12, 32 * 10 ** 9, 1638e9, 800e9, "https://cloud.google.com/tpu/docs/v6e"),
-}
-
-
-def chip_of(topology: str) -> ChipSpec:
-    gen = topology.split(":")[0].lower().replace("litepod", "").replace("-", "")
-    if gen not in CHIPS:
-        raise ValueError(f"no chip figures for topology {topology!r}; known generations: {sorted(CHIPS)} "
-                         f"(e.g. v5e:2x2, v5p:2x2x1, v6e:2x2)")
-    return CHIPS[gen]
-
-
-def topology_devices(topology: str) -> list:
-    """The TPU devices of `topology` (e.g. "v5e:2x2"), for compiling on any host.  ValueError with
-    the install command when libtpu is absent."""
-    import importlib.util
-    if importlib.util.find_spec("libtpu") is None:
-        raise ValueError(f"compiling for a TPU topology needs the libtpu wheel: {LIBTPU_INSTALL}")
-    from jax.experimental import topologies
-    try:
-        return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
-    except Exception as e:  # libtpu's errors are RuntimeError / XlaRuntimeError with long traces
-        msg = str(e).splitlines()[0]
-        if "lockfile" in msg:
-            msg += (" (another process has libtpu loaded; compiling for a topology uses no TPU, so "
-                    "ALLOW_MULTIPLE_LIBTPU_LOAD=1 lets both run)")
-        raise ValueError(f"cannot describe TPU topology {topology!r}: {msg}") from None
-
-
-# --------------------------------------------------------------------------- HLO collectives
-_DT = {"f32": 4, "bf16": 2, "s32": 4, "u32": 4, "f16": 2, "pred": 1, "s8": 1, "u8": 1, "f64": 8, "s64": 8,
-       "u64": 8, "s16": 2, "u16": 2, "f8e4m3fn": 1, "f8e5m2": 1}
-_COLL_OPS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
-_COLL = re.compile(r"=\s*(.+?)\s+(all-gather|reduce-scatter|all-reduce|all-to-all|collective-permute)(-start)?\(")
-_SHAPE = re.compile(r"\b(" + "|".join(_DT) + r")\[([0-9,]*)\]")
-_COMP = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
-_CALLS = re.compile(r"\b(body|condition|calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)")
-_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
-_CHANNEL = re.compile(r"channel_id=(\d+)")
-_LAYOUT = re.compile(r"\{[^}]*\}")
-
-def _shape_bytes(text: str) -> int:
-    total = 0
-    for dt, dims in _SHAPE.findall(text):
-        n = 1
-        for d in dims.split(","):
-            if d:
-                n *= int(d)
-        total += n * _DT[dt]
-    return total
-
-
-def collectives_per_step(hlo_text: str, unknown_trip: int = 1) -> tuple[dict, int]:
-    """({op: {"count", "bytes", "max_bytes"}}, unknown_trip_loops) of a compiled HLO module, per
-    execution of its entry computation: every computation's collectives are multiplied by how many
-    times it runs (a while body / condition by the loop's trip count: the compiler's
-    known_trip_count, else read from a counted loop's condition, `hlo_traffic.while_trip`; a loop
-    with neither -- the decode loop's early-exit while -- counts `unknown_trip` times and is
-    reported in unknown_trip_loops).  Async collectives count at their start."""
-    comps: dict[str, list[str]] = {}
-    entry = None
-    cur = None
-    for line in hlo_text.splitlines():
-        if cur is None:
-            m = _COMP.match(line)
-            if m:
-                cur = m.group(1)
-                comps[cur] = []
-                if line.startswith("ENTRY"):
-                    entry = cur
-            continue
-        if line.startswith("}"):
-            cur = None
-            continue
-        comps[cur].append(line)
-    if entry is None:
-        raise ValueError("no ENTRY computation in the HLO text")
-    calls: dict[str, list[tuple[str, int]]] = {c: [] for c in comps}
-    unknown = 0
-    for c, lines in comps.items():
-        for line in lines:
-            trip = 1
-            if " while(" in line:
-                known = while_trip(line, comps)
-                if known is not None:
-                    trip = known
-                else:
-                    unknown += 1
-                    trip = unknown_trip
-            for kind, callee in _CALLS.findall(line):
-                if callee in comps:
-                    calls[c].append((callee, trip if kind in ("body", "condition") else 1))
-            for group in _BRANCHES.findall(line):
-                for callee in group.split(","):
-                    callee = callee.strip().lstrip("%")
-                    if callee in comps:
-                        calls[c].append((callee, 1))
-    mult: dict[str, int] = collections.Counter()
-
-    def visit(c, m, depth=0):
-        mult[c] += m
-        if depth < 64:
-            for callee, f in calls[c]:
-                visit(callee, m * f, depth + 1)
-
-    visit(entry, 1)
-    # One collective can be printed many times: the TPU compiler spreads an async collective over
-    # several "async_collective_fusion" computations (each shows the op with its full result shape,
-    # same channel_id).  Such copies are one transfer: ops are keyed by (kind, channel_id, shape) and
-    # counted once, as often as the computation that runs them most often.
-    ops: dict = {}
-    for c, lines in comps.items():
-        if not mult[c]:
-            continue
-        for i, line in enumerate(lines):
-            m = _COLL.search(line)
-            if m:
-                chan = _CHANNEL.search(line)
-                shape = _LAYOUT.sub("", m.group(1))
-                key = (m.group(2), chan.group(1), shape) if chan else (m.group(2), c, i)
-                b, n = ops.get(key, (_shape_bytes(m.group(1)), 0))
-                ops[key] = (b, max(n, mult[c]))
-    out = {}
-    for (kind, *_), (b, n) in ops.items():
-        o = out.setdefault(kind, {"count": 0, "bytes": 0, "max_bytes": 0})
-        o["count"] += n
-        o["bytes"] += b * n
-        o["max_bytes"] = max(o["max_bytes"], b)
-    return {k: out[k] for k in _COLL_OPS if k in out}, unknown
+__all__ = ["CHIPS", "ChipSpec", "LIBTPU_INSTALL", "CUDA_INSTALL", "chip_of", "topology_devices",
+           "collectives_per_step", "compile_report", "largest_fitting", "max_batch", "format_report", "model_flops",
+           "executed_flops"]
 
 
 def _forward_flops(cfg, rows: int, q_len: int, k_len: int) -> tuple[float, float]:
@@ -229,7 +87,7 @@ def executed_flops(cfg, batch: int, seq_len: int, what: str = "train", remat: st
 
 
 # --------------------------------------------------------------------------- lowering
-def _lower_train(cfg, tcfg, mesh):
+def _lower_train(cfg, tcfg, mesh, attention_impl: str | None = None):
     import jax
     import jax.numpy as jnp
     from .train.loop import make_g_lm
@@ -237,7 +95,8 @@ def _lower_train(cfg, tcfg, mesh):
     from .train.step import make_train_step
     check_batch_size(tcfg.batch_size, mesh, tcfg.grad_accum)
     tx, schedule = tcfg.optimizer()
-    step = make_train_step(cfg, tx, schedule, opts=tcfg.step_options(), mesh=mesh)
+    opts = dataclasses.replace(tcfg.step_options(), attention_impl=attention_impl)
+    step = make_train_step(cfg, tx, schedule, opts=opts, mesh=mesh)
     state = abstract_train_state(cfg, tx, mesh)
     tok = jax.ShapeDtypeStruct((tcfg.batch_size, tcfg.seq_len), jnp.int32)
     g = make_g_lm(cfg, tcfg)
@@ -382,12 +241,10 @@ def _decode_step_bytes(cfg, batch, seq_len, mesh) -> dict:
     that against the must-read bytes."""
     lowered, need, chunks = _lower_decode_step(cfg, batch, seq_len, mesh)
     compiled = lowered.compile()
-    ca = compiled.cost_analysis()
-    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-    acc = float(ca.get("bytes accessed", 0.0))
+    text = compiled.as_text()
+    acc = float(_cost_analysis(compiled).get("bytes accessed", 0.0)) or hbm_traffic(text, chunks["mean"])["total"]
     base = need["weights"] + need["embedding_rows"] + need["g_cache"]
     must_mean, must_last = base + need["kv_live_mean"], base + need["kv_live_last"]
-    text = compiled.as_text()
     hbm = hbm_traffic(text, unknown_trip=chunks["mean"])     # the attention's chunk loops, mean step
     hbm.pop("by_opcode")
     hbm_last = hbm_traffic(text, unknown_trip=chunks["last"])["total"]
@@ -400,11 +257,18 @@ def _decode_step_bytes(cfg, batch, seq_len, mesh) -> dict:
             "temporaries": compiled.memory_analysis().temp_size_in_bytes}
 
 
+def _cost_analysis(compiled) -> dict:
+    """XLA's cost analysis of a compiled program ({} where the platform has none: GPUs)."""
+    ca = compiled.cost_analysis()
+    ca = ca[0] if isinstance(ca, (list, tuple)) and ca else ca
+    return dict(ca) if ca else {}
+
+
 def compile_report(*, topology: str = "v5e:2x2", preset: str | None = "tiny", config: str | None = None,
                    overrides: dict | None = None, mesh: tuple[int, int, int] = (1, -1, 1), batch: int = 8,
                    seq_len: int = 64, dtype: str | None = None, what: str = "train", remat: Any = None,
                    unroll_layers: bool | None = None, recipe: str | None = None, keep_hlo: bool = False,
-                   cfg=None) -> dict:
+                   cfg=None, attention_impl: str | None = None) -> dict:
     """Compile the training step (or decode loop) for `topology` and report it (see the module
     docstring; keys as `pldr-jax compile --json`; with keep_hlo also "hlo": the compiled HLO text).
     The model: `cfg` (a PLDRConfig; `preset` is then only its label), else `config` (a JSON file)
@@ -436,7 +300,7 @@ def compile_report(*, topology: str = "v5e:2x2", preset: str | None = "tiny", co
         kw = {k: v for k, v in RECIPES[rname].items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
         kw.update(batch_size=batch, seq_len=seq_len, remat=remat, unroll_layers=unroll_layers,
                   mesh=tuple(m.shape[a] for a in m.axis_names), vocab_size=cfg.vocab_size)
-        lowered = _lower_train(cfg, TrainConfig(**kw), m)
+        lowered = _lower_train(cfg, TrainConfig(**kw), m, attention_impl)
     elif what == "serve":       # `pldr_jax.serve`'s generate step: `batch` slots of seq_len positions
         from .serve.lowering import SERVE_STEPS, lower_generate_step
         lowered = lower_generate_step(cfg, batch, seq_len, m, steps=SERVE_STEPS)
@@ -463,22 +327,25 @@ def compile_report(*, topology: str = "v5e:2x2", preset: str | None = "tiny", co
     args, temps, outs = ma.argument_size_in_bytes, ma.temp_size_in_bytes, ma.output_size_in_bytes
     alias = getattr(ma, "alias_size_in_bytes", 0)
     total = args + temps + outs - alias
-    ca = compiled.cost_analysis()
-    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+    ca = _cost_analysis(compiled)
     xla_flops = float(ca.get("flops", 0.0))      # XLA's count: a while/scan body counted once
     flops = model_flops(cfg, batch, seq_len, what) / len(devices)
     from .backend import choices
     from .model import remat_policy
     policy = remat_policy(choices(str(devices[0].platform)).remat if remat is None else remat)
     hw_flops = executed_flops(cfg, batch, seq_len, what, policy) / len(devices)
-    bytes_acc = float(ca.get("bytes accessed", 0.0))     # loop bodies once: a lower bound
     n_new = max(seq_len - max(seq_len // 2, 1), 1)
     if what == "serve":
         from .serve.lowering import SERVE_STEPS
         n_new = SERVE_STEPS
     # decode: the while loop runs once per new token (at most); the step is the whole generate call
     hlo = compiled.as_text()
-    coll, unknown = collectives_per_step(hlo, unknown_trip=n_new if what in ("decode", "serve") else 1)
+    trips = n_new if what in ("decode", "serve") else 1
+    hbm = hbm_traffic(hlo, unknown_trip=trips)
+    hbm.pop("by_opcode")
+    # TPU: XLA's bytes accessed (loop bodies once: a lower bound); GPU (no cost analysis): the HBM traffic
+    bytes_acc = float(ca["bytes accessed"]) if "bytes accessed" in ca else hbm["total"]
+    coll, unknown = collectives_per_step(hlo, unknown_trip=trips)
     coll_bytes = sum(v["bytes"] for v in coll.values())
     t_flops, t_hbm, t_ici = hw_flops / chip.peak_bf16_flops, bytes_acc / chip.hbm_bw, coll_bytes / chip.ici_bw
     est = max(t_flops, t_hbm, t_ici)
@@ -486,10 +353,13 @@ def compile_report(*, topology: str = "v5e:2x2", preset: str | None = "tiny", co
     rep.update({
         "remat": policy if what == "train" else None,
         "attention_block": choices(str(devices[0].platform)).attention_block if what == "train" else None,
+        "attention_impl": (attention_impl or choices(str(devices[0].platform)).attention_impl) if what == "train" else None,
         "per_chip_bytes": {"arguments": args, "temporaries": temps, "outputs": outs, "aliased": alias,
                            "total": total},
         "fits": total <= chip.hbm_bytes, "flops_per_chip": flops, "executed_flops_per_chip": hw_flops,
         "xla_flops_per_chip": xla_flops, "bytes_accessed_per_chip": bytes_acc,
+        "bytes_accessed_source": "cost_analysis" if "bytes accessed" in ca else "hlo_traffic",
+        "hbm_traffic_per_chip": hbm,
         "collectives": coll, "collective_bytes": coll_bytes, "loops_without_trip_count": unknown,
         "est_step_s": est, "est_terms_s": {"flops": t_flops, "hbm": t_hbm, "ici": t_ici},
         # model FLOPs (no recomputation) over what the chip could do in the estimated step time
@@ -560,7 +430,9 @@ def format_report(rep: dict) -> str:
     lines += [f"  per chip           arguments {gb(pc['arguments'])}, temporaries {gb(pc['temporaries'])}, "
               f"outputs {gb(pc['outputs'])}, total {gb(pc['total'])} of {gb(rep['hbm_bytes'])} HBM -> "
               f"{'fits' if rep['fits'] else 'DOES NOT FIT'}",
-              f"  FLOPs per chip     {rep['flops_per_chip']:.4g}   bytes accessed {rep['bytes_accessed_per_chip']:.4g}",
+              f"  FLOPs per chip     {rep['flops_per_chip']:.4g}   bytes accessed {rep['bytes_accessed_per_chip']:.4g}   "
+              f"HBM traffic {gb(rep['hbm_traffic_per_chip']['total'])} per step"
+              + (f"   attention {rep['attention_impl']}" if rep.get("attention_impl") else ""),
               "  collectives per step (as executed):"]
     lines.append(f"    {'op':<20}{'count':>8}{'bytes':>16}{'largest':>16}")
     for op, v in rep["collectives"].items():

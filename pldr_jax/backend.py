@@ -79,6 +79,12 @@ else:
   (`layer.attention_in_query_blocks`; accelerators: 256, so a layer holds [B * H, 256, L] float32
   logits instead of [B * H, L, L]: v51-8b, 8 rows of 1024 per chip, 2.1 GB per such buffer; CPU: 0 =
   all at once, as before).
+* ``attention_impl``: how the training step's attention runs (`pldr_jax.kernels.fused_attention`):
+  "blocks" = ``attention_block`` queries at a time by the layer's own `plga_attention` (CPU, and the
+  fallback where a fused kernel does not apply), "cudnn" = cuDNN's fused attention on q' = q G_LM
+  (GPUs), "splash" = Pallas splash attention (TPUs): no [B * H, block, L] logits written through
+  HBM (experiments/README.md "Fused attention on accelerators"); also "xla_sdpa" and
+  "splash_interpret" (any platform: the formulation and the kernel in interpret mode, for tests).
 * ``remat``: the default rematerialisation policy of the training step ("none" on CPU, "full" on
   accelerators, where memory, not FLOPs, bounds the batch: v51 110M bf16 on v5e:2x2, batch 32 x
   1024, needs 1.7 GB of temporaries per chip with "full", 5.4 GB with "dots").
@@ -123,6 +129,7 @@ class BackendChoices:
     decode_kv_chunk: int = 0
     decode_attention: str = "xla"
     decode_matmul: str = "xla"
+    attention_impl: str = "blocks"
 
 
 def _kernels_override() -> str | None:
@@ -206,8 +213,13 @@ def choices(platform: str | None = None, options=None) -> BackendChoices:
                       decode_merged_heads=cpu, decode_shared_kv_slot=not cpu,
                       decode_kv_chunk=0 if cpu else 256,
                       decode_attention="native" if native else "xla",
-                      decode_matmul="packed" if native else "xla")
+                      decode_matmul="packed" if native else "xla",
+                      attention_impl=_ATTENTION_IMPL.get(platform, "blocks"))
     return _apply_options(ch, options)
+
+
+#: the fused attention per accelerator platform (`BackendChoices.attention_impl`)
+_ATTENTION_IMPL = {"gpu": "cudnn", "cuda": "cudnn", "tpu": "splash"}
 
 
 def _native_kernels_enabled() -> bool:

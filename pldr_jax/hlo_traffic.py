@@ -1,4 +1,5 @@
-"""Off-chip memory traffic of a compiled accelerator program, read from its optimised HLO text.
+"""Off-chip memory traffic of a compiled accelerator program, read from its optimised HLO text
+(`pldr_jax.hlo` reads it).
 
 XLA's ``cost_analysis()["bytes accessed"]`` adds up the operands and results of every instruction
 whatever memory they live in.  On a TPU most of a decode step's instructions read and write
@@ -33,82 +34,18 @@ from __future__ import annotations
 
 import re
 
+from .hlo import array_bytes, arrays, computations, instructions, while_trip
+
 __all__ = ["hbm_traffic", "while_trip"]
 
-_ITEM = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4,
-         "u32": 4, "f64": 8, "s64": 8, "u64": 8}
-_ARRAY = re.compile(r"\b(pred|s8|u8|bf16|f16|s16|u16|f32|s32|u32|f64|s64|u64)\[([\d,]*)\](\{[^}]*\})?")
-_INSTR = re.compile(r"\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*)$")
-_COMP = re.compile(r"^(ENTRY )?%([\w.\-]+) .*\{$")
 _FREE = {"parameter", "tuple", "get-tuple-element", "bitcast", "constant", "copy-done", "slice-done",
          "after-all", "partition-id", "replica-id", "opt-barrier"}
 _SLICERS = {"slice", "dynamic-slice", "gather"}
-_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
-_COND = re.compile(r"condition=%?([\w.\-]+)")
 _BODY = re.compile(r"body=%?([\w.\-]+)")
-_S32_CONST = re.compile(r"s32\[\]\S*\s+constant\((\d+)\)")
 
 
-def _arrays(type_text: str) -> list[tuple[int, bool]]:
-    """(bytes, on_chip) of every array in an HLO type (a tuple type lists several)."""
-    out = []
-    for dt, dims, layout in _ARRAY.findall(type_text):
-        n = 1
-        for d in dims.split(","):
-            if d:
-                n *= int(d)
-        out.append((n * _ITEM[dt], bool(re.search(r"S\(\d+\)", layout or ""))))
-    return out
-
-
-def _hbm(arrays) -> int:
-    return sum(b for b, on_chip in arrays if not on_chip)
-
-
-def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str]:
-    """{computation name: instruction lines}, entry computation name."""
-    comps, entry, cur = {}, None, None
-    for line in hlo_text.splitlines():
-        m = _COMP.match(line)
-        if m:
-            cur = m.group(2)
-            comps[cur] = []
-            if m.group(1):
-                entry = cur
-        elif line.startswith("}"):
-            cur = None
-        elif cur is not None:
-            comps[cur].append(line)
-    if entry is None:
-        raise ValueError("no ENTRY computation in the HLO text")
-    return comps, entry
-
-
-def while_trip(line: str, comps: dict[str, list[str]]) -> int | None:
-    """The trip count of the ``while`` instruction on `line`: the compiler's known_trip_count, else
-    a counted loop's (`lax.scan` / `fori_loop` with a static bound: i from 0, i < N) read from its
-    condition computation in `comps` ({name: instruction lines}: one s32 constant N compared with
-    direction=LT); None when neither says (a runtime trip count)."""
-    known = _TRIP.search(line)
-    if known:
-        return int(known.group(1))
-    cond = _COND.search(line)
-    lines = comps.get(cond.group(1), []) if cond else []
-    consts = {int(c) for ln in lines for c in _S32_CONST.findall(ln)}
-    if len(consts) == 1 and any("compare(" in ln and "direction=LT" in ln for ln in lines):
-        return consts.pop()
-    return None
-
-
-def _parse(lines: list[str]) -> list[tuple[str, str, str, list[str], str]]:
-    """(name, type, opcode, operand names, whole line) per instruction."""
-    out = []
-    for line in lines:
-        m = _INSTR.match(line)
-        if m:
-            args = m.group(4).split("), ")[0]
-            out.append((m.group(1), m.group(2), m.group(3), re.findall(r"%([\w.\-]+)", args), line))
-    return out
+def _hbm(arrs) -> int:
+    return sum(b for b, on_chip in arrs if not on_chip)
 
 
 _CALLED = re.compile(r"calls=%([\w.\-]+)")
@@ -133,7 +70,7 @@ def _fusion_reads(body: list[str], comps: dict[str, list[str]],
     and the update's bytes when its root is a dynamic-update-slice (None otherwise).  A parameter
     passed on to a nested fusion (`comps`: the module's computations; `memo`: see `_called_reads`)
     counts as sliced when the nested fusion only slices it."""
-    instrs = _parse(body)
+    instrs = instructions(body)
     types = {name: typ for name, typ, *_ in instrs}
     params, users = {}, {}
     for name, typ, op, operands, line in instrs:
@@ -144,7 +81,7 @@ def _fusion_reads(body: list[str], comps: dict[str, list[str]],
 
     def sliced_bytes(op, typ, position, line) -> int | None:
         if op in _SLICERS:
-            return sum(b for b, _ in _arrays(typ)) if position == 0 else None
+            return array_bytes(typ) if position == 0 else None
         nested = _called_reads(line, comps, memo) if op == "fusion" else None
         return nested[0].get(position) if nested else None
 
@@ -155,7 +92,7 @@ def _fusion_reads(body: list[str], comps: dict[str, list[str]],
     dus = None
     for name, typ, op, operands, line in instrs:
         if "ROOT" in line.split("=")[0] and op == "dynamic-update-slice" and len(operands) > 1:
-            dus = sum(b for b, _ in _arrays(types.get(operands[1], "")))
+            dus = array_bytes(types.get(operands[1], ""))
     return reads, dus
 
 
@@ -167,14 +104,14 @@ def hbm_traffic(hlo_text: str, unknown_trip: float | None = None) -> dict:
     loop is an error.  Returns {"read", "write", "total"} bytes, "by_opcode" {opcode: bytes} and
     "loops" (how many ``while`` instructions were walked, "unknown_trip" of them at unknown_trip).
     """
-    comps, entry = _computations(hlo_text)
+    comps, entry = computations(hlo_text)
     fused = {}
     totals = {"read": 0.0, "write": 0.0, "loops": 0, "unknown_trip": 0}
     by_op: dict[str, float] = {}
 
     def walk(comp: str, times: float, depth: int = 0) -> None:
         types: dict[str, str] = {}
-        for name, typ, op, operands, line in _parse(comps[comp]):
+        for name, typ, op, operands, line in instructions(comps[comp]):
             types[name] = typ
             if op == "while":
                 body = _BODY.search(line)
@@ -192,25 +129,25 @@ def hbm_traffic(hlo_text: str, unknown_trip: float | None = None) -> dict:
             if op in _FREE:
                 continue
             if op in ("copy-start", "slice-start"):
-                arrs = _arrays(typ)          # copy-start: (destination, source, context);
+                arrs = arrays(typ)          # copy-start: (destination, source, context);
                 if len(arrs) < 2:            # slice-start: ((source), destination, context)
                     continue
                 src, dst = (arrs[1], arrs[0]) if op == "copy-start" else (arrs[0], arrs[1])
                 moved = dst[0]
                 r, w = (0 if src[1] else moved), (0 if dst[1] else moved)
             elif op == "dynamic-update-slice" and len(operands) > 1:
-                upd = sum(b for b, _ in _arrays(types.get(operands[1], "")))
+                upd = array_bytes(types.get(operands[1], ""))
                 r, w = upd, upd
             else:
                 reads, dus = (_called_reads(line, comps, fused) if op == "fusion" else None) or ({}, None)
                 r = 0
                 for i, o in enumerate(operands):
-                    arrs = _arrays(types.get(o, ""))
+                    arrs = arrays(types.get(o, ""))
                     if dus is not None and i == 0:
                         continue                             # the buffer updated in place
                     part = reads.get(i)
                     r += _hbm(arrs) if part is None else (0 if all(c for _, c in arrs) else part)
-                w = _hbm(_arrays(typ))
+                w = _hbm(arrays(typ))
                 if dus is not None:
                     w = min(w, dus)
             totals["read"] += r * times

@@ -114,7 +114,8 @@ def attention_in_query_blocks(q: jax.Array, k: jax.Array, v: jax.Array, g_lm, ma
 
 def attend_and_mix(cfg: PLDRConfig, lp: dict, x: jax.Array, q, k, v, g_lm, mask, kernels: str = "xla",
                    attn_block: int = 0, heads_first: bool = False, new_kv=None,
-                   merged_heads: bool = True, live_len=None, kv_chunk: int = 0, att=None) -> jax.Array:
+                   merged_heads: bool = True, live_len=None, kv_chunk: int = 0, att=None,
+                   attention=None) -> jax.Array:
     """Attention with G_LM, output projection, then the post-LN residual blocks.
 
     x [B, Lq, D]; q [B, Lq, H, dk]; k, v [B, Lk, H, dk] (or [B, H, Lk, dk] with `heads_first`, the
@@ -124,6 +125,9 @@ def attend_and_mix(cfg: PLDRConfig, lp: dict, x: jax.Array, q, k, v, g_lm, mask,
     cache before this step's write (`plga_attention`).  merged_heads, live_len, kv_chunk:
     `plga_attention`'s (decode).  att: the attention output [B, Lq, H, dk] when already computed
     (the native decode kernel, `decoder_layer` native_kv; q, k, v, g_lm, mask are then not used).
+    attention: a fused attention over a causal-padding mask, attention(q, k, v, g_lm, mask) ->
+    [B, Lq, H, dk] or None where it does not apply (then the query blocks); e.g.
+    `pldr_jax.kernels.fused_attention.FusedAttention`.
     Returns the layer output [B, Lq, D].
     """
     B, L, D = x.shape
@@ -131,7 +135,9 @@ def attend_and_mix(cfg: PLDRConfig, lp: dict, x: jax.Array, q, k, v, g_lm, mask,
     if att is None and heads_first:
         att = plga_attention(q, k, v, g_lm, mask, heads_first=True, new_kv=new_kv, merged_heads=merged_heads,
                              live_len=live_len, kv_chunk=kv_chunk)
-    elif att is None:
+    if att is None and attention is not None:
+        att = attention(q, k, v, g_lm, mask)
+    if att is None:
         att = attention_in_query_blocks(q, k, v, g_lm, mask, attn_block)
     att = constrain(att, ("batch", "length", "heads", None)).reshape(B, L, D)
     h = constrain(layer_norm(lp["norm1"], x + linear(lp["dense"], att, kernels), cfg.layer_norm_eps), act)
@@ -143,7 +149,7 @@ def decoder_layer(cfg: PLDRConfig, lp: dict, x: jax.Array, positions: jax.Array,
                   metric: jax.Array | None = None, kv_buffers: tuple[jax.Array, jax.Array] | None = None,
                   kv_slot: jax.Array | None = None, merged_heads: bool = True, kv_chunk: int = 0,
                   native_kv: bool = False, query_rows: jax.Array | None = None, kernels: str = "xla",
-                  attn_block: int = 0, rope: tuple[jax.Array, jax.Array] | None = None):
+                  attn_block: int = 0, rope: tuple[jax.Array, jax.Array] | None = None, attention=None):
     """One decoder layer (see the module docstring for which caller passes what).
 
     x [B, L, D] the layer input; positions [B, L] int (RoPE positions); mask [B, 1, L, Lk] bool
@@ -169,6 +175,7 @@ def decoder_layer(cfg: PLDRConfig, lp: dict, x: jax.Array, positions: jax.Array,
     kernels: the matmul implementation ("xla" | "cpu", `pldr_jax.backend`).
     attn_block: the attention's query block length (`attention_in_query_blocks`; 0 = all at once).
     rope: the RoPE tables of `positions` (`project_qkv`), computed once for every layer (None: here).
+    attention: a fused attention for a full-sequence call (`attend_and_mix`; None = the query blocks).
 
     Returns (x_out [B, L, D] ([B, 1, D] with `query_rows`), deductive outputs: {"A", "A_LM", "A_P",
     "G_LM"} float32 [B, H, dk, dk], or {"G_LM"} with a given `g_lm`, (k, v) the keys and values
@@ -202,5 +209,6 @@ def decoder_layer(cfg: PLDRConfig, lp: dict, x: jax.Array, positions: jax.Array,
         mask = mask[rows, :, query_rows][:, :, None]
     out = attend_and_mix(cfg, lp, x, q, *attend, ded["G_LM"], mask, kernels, attn_block,
                          heads_first=kv_buffers is not None, new_kv=new_kv, merged_heads=merged_heads,
-                         live_len=live_len, kv_chunk=kv_chunk, att=att)
+                         live_len=live_len, kv_chunk=kv_chunk, att=att,
+                         attention=None if kv_buffers is not None or query_rows is not None else attention)
     return out, ded, (k, v)

@@ -125,11 +125,13 @@ def checkpoint_layer(fn, remat: bool | str):
     return jax.checkpoint(fn)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "pad_aware_A", "collect", "remat", "kernels", "attn_block"))
+@functools.partial(jax.jit, static_argnames=("cfg", "pad_aware_A", "collect", "remat", "kernels", "attn_block",
+                                             "attention"))
 def forward(cfg: PLDRConfig, params: dict, tokens: jax.Array, g_lm: jax.Array | None = None, *,
             pad_aware_A: bool = False, collect: bool = False, remat: bool | str = False,
             kernels: str = "xla", attn_block: int = 0, positions: jax.Array | None = None,
-            attn_mask: jax.Array | None = None, metric_mask: jax.Array | None = None) -> ForwardOutput:
+            attn_mask: jax.Array | None = None, metric_mask: jax.Array | None = None,
+            attention=None) -> ForwardOutput:
     """Full-sequence forward pass.
 
     tokens [B, L] int (0 = pad).  g_lm: None (derive G_LM, learned models) or a G_LM override
@@ -141,7 +143,9 @@ def forward(cfg: PLDRConfig, params: dict, tokens: jax.Array, g_lm: jax.Array | 
     (`pldr_jax.backend`): "xla" (default; plain dot_general, so `jax.jvp` / `jax.hessian` work) or
     "cpu" (XLA:CPU's fast backward; reverse mode only).  Same values either way.  attn_block:
     compute attention this many queries at a time (`layer.attention_in_query_blocks`: memory
-    linear, not quadratic, in the sequence length; 0 = all at once).  Same values.
+    linear, not quadratic, in the sequence length; 0 = all at once).  Same values.  attention: a
+    fused attention for the causal-padding mask (`layer.attend_and_mix`; e.g.
+    `pldr_jax.kernels.fused_attention.FusedAttention`, hashable), None = the layer's own.
     positions [B, L] int, attn_mask [B, 1, L, L] bool (True = may attend), metric_mask [B, L] bool
     (True = summed into A): a packed row's RoPE positions, attention mask and metric tokens
     (`eval.shared_context`: the continuations of one context in one row); None = 0..L-1, causal over
@@ -155,13 +159,16 @@ def forward(cfg: PLDRConfig, params: dict, tokens: jax.Array, g_lm: jax.Array | 
     B, L = tokens.shape
     valid = tokens != 0
     positions = jnp.broadcast_to(jnp.arange(L), (B, L)) if positions is None else positions
+    if attn_mask is not None and attention is not None:
+        raise ValueError("a fused attention implements the causal-padding mask only: pass attention=None with "
+                         "attn_mask (a packed mask)")
     mask = causal_padding_mask(valid, L) if attn_mask is None else attn_mask
     token_mask_A = metric_mask if metric_mask is not None else (valid if pad_aware_A else None)
     x0 = constrain(embed(cfg, params, tokens), ("batch", "length", "embed"))
 
     def body(x, lp, g):
         x, ded, (k, v) = decoder_layer(cfg, lp, x, positions, mask, metric_mask=token_mask_A, g_lm=g,
-                                       kernels=kernels, attn_block=attn_block)
+                                       kernels=kernels, attn_block=attn_block, attention=attention)
         extra = {"layer_out": x, "k": k, "v": v} if collect else {}
         return x, (ded, extra)
 

@@ -19,6 +19,9 @@ JAX_PLATFORMS             read to tell whether a process will run XLA:CPU; the `
 PLDR_JAX_NO_HUGE_PAGES    1: the ``pldr-jax`` console script does not re-execute itself with huge pages
 GLIBC_TUNABLES            read to tell whether the huge-page malloc tunable is active
 ========================= =========================================================================
+
+Set (not read): ``JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1``, unless already set, before GPUs are described
+for ahead-of-time compilation (`allow_cuda_without_driver`).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from typing import Mapping
 __all__ = ["KERNELS_ENV", "CPU_KERNELS_ENV", "KERNEL_DIR_ENV", "CXX_ENV", "COMPILE_CACHE_ENV",
            "NO_HUGE_PAGES_ENV", "OFF_WORDS", "VARIABLES", "environment", "kernels_override",
            "native_kernels_enabled", "backend_options_from_env", "cache_home", "kernel_dir",
-           "cxx", "compile_cache_setting", "jax_platforms", "huge_pages_opted_out"]
+           "cxx", "compile_cache_setting", "jax_platforms", "huge_pages_opted_out", "allow_cuda_without_driver"]
 
 KERNELS_ENV = "PLDR_JAX_KERNELS"
 CPU_KERNELS_ENV = "PLDR_JAX_CPU_KERNELS"
@@ -120,3 +123,11 @@ def jax_platforms(env: Mapping[str, str] | None = None) -> str:
 def huge_pages_opted_out(env: Mapping[str, str] | None = None) -> bool:
     """``PLDR_JAX_NO_HUGE_PAGES=1``: no huge-page re-execution."""
     return _get(NO_HUGE_PAGES_ENV, env) == "1"
+
+
+def allow_cuda_without_driver() -> None:
+    """Set ``JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1`` (unless set): the CUDA plugin then initialises
+    without checking its CUDA libraries against a local GPU driver, which compiling for GPUs ahead
+    of time (`pldr_jax.targets.topology_devices`) does not need.  Takes effect before the plugin is
+    first initialised in this process."""
+    environment().setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")

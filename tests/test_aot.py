@@ -1,6 +1,7 @@
 """`pldr_jax.aot` / `pldr-jax compile`: the real training step and decode loop compiled ahead of time
-for a TPU topology (v5e:2x2) on this CPU-only host.  Needs the libtpu wheel (the test extra
-installs it: ``pip install -e .[test]``); skipped with the reason when it is absent."""
+for a TPU topology (v5e:2x2) or NVIDIA GPUs (h100 / a100) on this CPU-only host.  Needs the libtpu
+wheel (the test extra installs it: ``pip install -e .[test]``) or the CUDA plugin
+(``pip install -e .[cuda]``); skipped with the reason when it is absent."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from pldr_jax import aot
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason='libtpu not installed (pip install "jax[tpu]==<jax version>")')
+needs_cuda = pytest.mark.skipif(importlib.util.find_spec("jax_plugins.xla_cuda12") is None,
+                                reason='CUDA plugin not installed (pip install -e ".[cuda]")')
 
 # a tiny model whose weights are large enough that TPU tile padding does not dominate (and a small
 # metric learner and few heads: their [heads, dk, dk] weights are replicated by the default rules), and whose
@@ -167,6 +170,52 @@ def test_missing_libtpu_is_one_line_naming_the_install(monkeypatch, capsys):
     assert main(["compile", "--preset", "tiny"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and 'pip install "jax[tpu]' in err
+
+
+@needs_cuda
+def test_gpu_train_step_with_fsdp_over_two_h100s():
+    """The bf16 training step for two H100s (FSDP 2), compiled here: per-GPU memory, the analytic FLOPs
+    (XLA has no cost analysis on GPU), HBM traffic read off the HLO, FSDP's collectives, and cuDNN's
+    fused attention in the step (forward and backward)."""
+    r = aot.compile_report(topology="h100:1x2", preset="tiny", overrides=dict(dtype="bfloat16", max_seq_len=128),
+                           mesh=(1, 2, 1), batch=4, seq_len=128, keep_hlo=True)
+    assert r["chips"] == 2 and r["device_kind"] == "NVIDIA H100 80GB HBM3" and r["chip"]["platform"] == "gpu"
+    assert r["fits"] and r["per_chip_bytes"]["total"] > 0 and r["attention_impl"] == "cudnn"
+    cfg = __import__("pldr_jax").PLDRConfig.preset("tiny", dtype="bfloat16", max_seq_len=128)
+    assert r["flops_per_chip"] == aot.model_flops(cfg, 4, 128) / 2 and r["xla_flops_per_chip"] == 0
+    assert r["bytes_accessed_source"] == "hlo_traffic" and r["bytes_accessed_per_chip"] == r["hbm_traffic_per_chip"]["total"] > 0
+    assert r["collectives"]["all-gather"]["count"] > 0 and r["collectives"]["reduce-scatter"]["count"] > 0
+    assert "all-to-all" not in r["collectives"] and 0 < r["est_mfu"] <= 1
+    assert "__cudnn$fmhaSoftmax" in r["hlo"] and "__cudnn$fmhaSoftmaxBackward" in r["hlo"]
+
+
+@needs_cuda
+def test_gpu_decode_loop_cli_json(capsys):
+    from pldr_jax.cli import main
+    assert main(["compile", "--topology", "a100:1x1", "--preset", "tiny", "--batch", "2", "--seq-len", "32",
+                 "--what", "decode", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["what"] == "decode" and r["device_kind"] == "NVIDIA A100-SXM4-80GB" and r["fits"]
+    assert r["hbm_bytes"] == aot.CHIPS["a100"].hbm_bytes and r["decode_step"]["bytes_accessed"] > 0
+
+
+def test_missing_cuda_plugin_is_one_line_naming_the_install(monkeypatch, capsys):
+    from pldr_jax.cli import main
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if "cuda" in name else real(name, *a))
+    assert main(["compile", "--topology", "h100:1x8", "--preset", "tiny"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "jax-cuda12-plugin[with-cuda]" in err and ".[cuda]" in err
+
+
+def test_gpu_topology_names():
+    from pldr_jax.targets import gpu_topology, target_config
+    assert gpu_topology("h100:1x8") == (1, 8) and gpu_topology("a100:2x4") == (2, 4)
+    with pytest.raises(ValueError, match="hosts"):
+        gpu_topology("h100:8")
+    assert "NVIDIA H100 80GB HBM3" in target_config(aot.CHIPS["h100"])
+    assert all(c.platform == ("gpu" if c.target_config else "tpu") for c in aot.CHIPS.values())
 
 
 def test_unknown_topology_generation():

@@ -27,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ..backend import BackendChoices, check_kernels, choices, platform_of
 from ..config import PLDRConfig
+from ..kernels.fused_attention import attention_strategy
 from ..losses import dag_loss
 from ..model import forward, remat_policy
 from ..ops.cross_entropy import head_cross_entropy
@@ -63,6 +64,9 @@ class StepOptions:
     attention_block: compute attention this many queries at a time (`layer.attention_in_query_blocks`,
       same values, memory linear in the sequence length); None = the platform's default (0 = all at
       once on CPU, 256 on accelerators).
+    attention_impl: the attention's implementation (`pldr_jax.kernels.fused_attention.IMPLEMENTATIONS`:
+      "blocks" = the layer's query blocks, "cudnn", "splash", ...); None = the platform's default
+      ("blocks" on CPU, "cudnn" on GPUs, "splash" on TPUs, `pldr_jax.backend`).  Same values.
     nonfinite_guard: do not apply an update whose loss or gradients are not finite (params and
       optimiser state keep their values; metrics["nonfinite"] = 1). See `faults`.
     """
@@ -75,6 +79,7 @@ class StepOptions:
     kernels: str | None = None
     head_chunk_bytes: int | None = None
     attention_block: int | None = None
+    attention_impl: str | None = None
 
     def __post_init__(self):
         c = tuple(float(x) for x in self.dag_coeffs)
@@ -88,6 +93,8 @@ class StepOptions:
         if self.attention_block is not None and (isinstance(self.attention_block, bool) or
                                                   not isinstance(self.attention_block, int) or self.attention_block < 0):
             raise ValueError(f"attention_block must be an int >= 0 (0 = all queries at once), got {self.attention_block!r}")
+        if self.attention_impl is not None:
+            attention_strategy(self.attention_impl)
         if isinstance(self.grad_accum, bool) or not isinstance(self.grad_accum, int) or self.grad_accum < 1:
             raise ValueError(f"grad_accum must be an int >= 1, got {self.grad_accum!r}")
 
@@ -98,7 +105,8 @@ class StepOptions:
     def resolved(self, platform: str | None = None, backend: BackendChoices | None = None) -> "StepOptions":
         """These options with every None replaced by `backend`'s value (None =
         `pldr_jax.backend.choices(platform)`, platform None = `jax.default_backend()`)."""
-        if None not in (self.remat, self.unroll_layers, self.kernels, self.head_chunk_bytes, self.attention_block):
+        if None not in (self.remat, self.unroll_layers, self.kernels, self.head_chunk_bytes, self.attention_block,
+                        self.attention_impl):
             return self
         b = backend if backend is not None else choices(platform)
         return dataclasses.replace(
@@ -106,7 +114,8 @@ class StepOptions:
             unroll_layers=b.unroll_layers if self.unroll_layers is None else self.unroll_layers,
             kernels=b.kernels if self.kernels is None else self.kernels,
             head_chunk_bytes=b.head_chunk_bytes if self.head_chunk_bytes is None else self.head_chunk_bytes,
-            attention_block=b.attention_block if self.attention_block is None else self.attention_block)
+            attention_block=b.attention_block if self.attention_block is None else self.attention_block,
+            attention_impl=b.attention_impl if self.attention_impl is None else self.attention_impl)
 
 
 def loss_terms(cfg: PLDRConfig, params: Any, inputs: jax.Array, targets: jax.Array, g_lm=None,
@@ -125,7 +134,7 @@ def loss_terms(cfg: PLDRConfig, params: Any, inputs: jax.Array, targets: jax.Arr
     if (opts.unroll_layers or opts.kernels == "cpu") and not (splits("heads") or splits("mlp")):
         run = fuse_params(run)
     out = forward(cfg, run, inputs, g_lm, pad_aware_A=opts.pad_aware_A, remat=opts.remat, kernels=opts.kernels,
-                  attn_block=opts.attention_block)
+                  attn_block=opts.attention_block, attention=attention_strategy(opts.attention_impl))
     # the output head again, fused with the loss (out.logits is then unused and compiled away)
     nll, correct = head_cross_entropy(out.hidden, params["final"]["kernel"], params["final"]["bias"], targets,
                                       kernels=opts.kernels, max_chunk_bytes=opts.head_chunk_bytes or None)
