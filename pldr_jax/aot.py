@@ -60,6 +60,14 @@ CHIPS: dict[str, ChipSpec] = {
     "v5e": ChipSpec("v5e", 197e12, 16 * 10 ** 9, 819e9, 400e9, "https://cloud.google.com/tpu/docs/v5e"),
     "v5p": ChipSpec("v5p", 459e12, 95 * 2 ** 30, 2765e9, 1200e9, "https://cloud.google.com/tpu/docs/v5p"),
     "v6e": ChipSpec("v6e", 918e12, 32 * 10 ** 9, 1638e9, 800e9, "https://cloud.google.com/tpu/docs/v6e"),
+    # TPU v4: 6 ICI links of 50 GB/s each way (Jouppi et al. 2023, arXiv 2304.01433)
+    "v4": ChipSpec("v4", 275e12, 32 * 2 ** 30, 1200e9, 600e9, "https://cloud.google.com/tpu/docs/v4"),
+    # GPUs: dense bf16 tensor-core peaks; "ici_bw" = NVLink, both directions
+    "a100": ChipSpec("a100", 312e12, 80 * 10 ** 9, 2039e9, 600e9,
+                     "https://www.nvidia.com/en-us/data-center/a100/ (SXM4 80GB)"),
+    "h100": ChipSpec("h100", 989e12, 80 * 10 ** 9, 3350e9, 900e9,
+                     "https://www.nvidia.com/en-us/data-center/h100/ (SXM5)"),
+    "h200": ChipSpec("h200", 989e12, 141 * 10 ** 9, 4800e9, 900e9, "https://www.nvidia.com/en-us/data-center/h200/"),
 }
 
 
