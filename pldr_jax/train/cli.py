@@ -102,10 +102,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="predefined-G models: identity | random_normal[:scale] | uniform[:lo:hi] | external:FILE.npz")
     t.add_argument("--seed", type=int, default=None)
     d = p.add_argument_group("data")
-    d.add_argument("--data", default=None, help="documents: builtin (embedded corpus), a path, jsonl:PATH:FIELD, "
-                                                "parquet:PATH:COLUMN, hf:NAME[:FIELD[:SPLIT]] (tokenized in memory); "
-                                                "tokens:DIR (made by pldr-jax data prepare; rows read in place); "
-                                                "stream:SPEC (tokenized on the fly; needs --tokenizer)")
+    d.add_argument("--data", action="append", default=None,
+                   help="documents: builtin (embedded corpus), a path, jsonl:PATH:FIELD, "
+                        "parquet:PATH:COLUMN, hf:NAME[:FIELD[:SPLIT]] (tokenized in memory); "
+                        "tokens:DIR (made by pldr-jax data prepare; rows read in place); "
+                        "stream:SPEC (tokenized on the fly; needs --tokenizer).  Repeat as SPEC@WEIGHT to mix "
+                        "several sources by weight (pldr_jax.data.mixture)")
     d.add_argument("--tokenizer", default=None, help="sentencepiece .model (default: tokens:DIR's own, else train one "
                                                      "on the data)")
     d.add_argument("--vocab-size", type=int, default=None, help="size of a trained tokenizer")
@@ -145,8 +147,57 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     x.add_argument("--sync-timeout", dest="sync_timeout_s", type=float, default=None, metavar="S",
                    help="longest wait across processes (barriers, agreeing on the checkpoint to resume from) "
                         "before the run stops with a message (default 900)")
+    _add_operations_flags(p)
     p.set_defaults(func=run)
     return p
+
+
+def _add_operations_flags(p: argparse.ArgumentParser) -> None:
+    """Watching, stopping and steering a run: preemption, profiles, TensorBoard, dynamics, in-loop evaluation."""
+    o = p.add_argument_group("operations")
+    o.add_argument("--max-runtime", default=None, metavar="DURATION",
+                   help="stop with a checkpoint after this long (2h, 90m, 1h30m, seconds), as on SIGTERM; "
+                        "--resume continues")
+    o.add_argument("--profile-steps", default=None, metavar="A:B",
+                   help="jax.profiler trace of steps A..B into WORKDIR/profile (TensorBoard's Profile tab)")
+    o.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard events in WORKDIR/tensorboard")
+    o.add_argument("--dynamics-every", type=int, default=None, metavar="N",
+                   help="every N steps: order parameter, G_LM drift and determinant decimals of cached vs "
+                        "recomputed G_LM on a fixed probe batch (learned-G models; 0 = off)")
+    o.add_argument("--dynamics-rows", type=int, default=None, metavar="R", help="probe rows (default 4)")
+    o.add_argument("--dynamics-prompt-len", type=int, default=None, metavar="P",
+                   help="probe tokens whose G_LM is cached (default seq_len / 2)")
+    o.add_argument("--eval-tasks", action="append", default=None, metavar="TASK[,TASK]",
+                   help="lm-evaluation-harness tasks (names or YAML paths of local tasks) run on the in-memory "
+                        "parameters while training")
+    o.add_argument("--eval-tasks-every", type=int, default=None, metavar="N", help="0: at the end only")
+    o.add_argument("--eval-tasks-limit", type=int, default=None, metavar="K", help="examples per task")
+
+
+def _operations_fields(args) -> dict:
+    """TrainConfig fields of the operations flags (and of a repeated --data: a mixture)."""
+    from ..data.mixture import parse_mixture
+    from .preemption import parse_duration
+    from .profiling import parse_profile_steps
+    kw: dict = {}
+    data = getattr(args, "data", None)
+    if isinstance(data, list):
+        if len(data) == 1 and "@" not in data[0]:
+            kw["data"] = data[0]
+        elif data:
+            kw["data_mixture"] = parse_mixture(data)
+    if getattr(args, "max_runtime", None) is not None:
+        kw["max_runtime_s"] = parse_duration(args.max_runtime)
+    if getattr(args, "profile_steps", None) is not None:
+        kw["profile_steps"] = parse_profile_steps(args.profile_steps)
+    if getattr(args, "no_tensorboard", False):
+        kw["tensorboard"] = False
+    for f in ("dynamics_every", "dynamics_rows", "dynamics_prompt_len", "eval_tasks_every", "eval_tasks_limit"):
+        if getattr(args, f, None) is not None:
+            kw[f] = getattr(args, f)
+    if getattr(args, "eval_tasks", None):
+        kw["eval_tasks"] = tuple(t.strip() for item in args.eval_tasks for t in item.split(",") if t.strip())
+    return kw
 
 
 # --------------------------------------------------------------------------- config building
@@ -190,8 +241,9 @@ def train_config(args, recipe: dict, cfg):
     kw = dict(recipe)
     for f in _FLAG_FIELDS:
         v = getattr(args, f, None)
-        if v is not None:
+        if v is not None and f != "data":
             kw[f] = v
+    kw.update(_operations_fields(args))
     if args.clip_value is not None:
         kw["clip_value"] = args.clip_value
     if args.no_clip_value:
