@@ -33,8 +33,8 @@ def test_parse_and_names():
     for bad in ("builtin@x", "builtin@0", "stream:hf:foo@1"):
         with pytest.raises(ValueError):
             parse_mixture([bad])
-    assert source_names(["builtin", "jsonl:data/x.jsonl:text", "builtin"]) == ["0_builtin", "jsonl_data_x_jsonl_text",
-                                                                              "2_builtin"]
+    assert source_names(["builtin", "jsonl:data/web.jsonl:text", "tokens:prep/books/", "hf:org/wiki:text",
+                         "builtin"]) == ["0_builtin", "web", "books", "wiki", "4_builtin"]
 
 
 def test_weights_determinism_and_per_source_tokens():

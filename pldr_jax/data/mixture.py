@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from pathlib import Path
 from typing import Any, Sequence
 
 import grain
@@ -27,6 +28,8 @@ import numpy as np
 
 from .pipeline import PAD_ID, _GlobalBatchSlice, _RowSource, make_dataset
 from .rows import DocumentRows, PackedRows
+
+_KINDS = ("text", "paragraphs", "jsonl", "parquet", "hf", "tokens")
 
 __all__ = ["parse_mixture", "source_names", "MixtureDataset", "MixtureIterator", "make_mixture"]
 
@@ -52,9 +55,14 @@ def parse_mixture(items: Sequence[str]) -> tuple[tuple[str, float], ...]:
 
 
 def source_names(specs: Sequence[str]) -> list[str]:
-    """Short metric names of the sources: the spec with non-word characters as "_" (40 characters at
-    most), prefixed by the position when two would collide."""
-    names = [re.sub(r"\W+", "_", s).strip("_")[-40:] or "source" for s in specs]
+    """Short metric names of the sources: the file or folder name of each spec without its
+    extension ("jsonl:data/web.jsonl:text" -> "web", "tokens:prepared/books" -> "books", "builtin"),
+    non-word characters as "_", prefixed by the position when two would collide."""
+    names = []
+    for s in specs:
+        kind, sep, rest = s.partition(":")
+        path = rest.split(":")[0] if sep and kind in _KINDS else s
+        names.append(re.sub(r"\W+", "_", Path(path.rstrip("/")).stem).strip("_")[-40:] or "source")
     return [f"{i}_{n}" if names.count(n) > 1 else n for i, n in enumerate(names)]
 
 

@@ -318,6 +318,11 @@ def _summary(res) -> str:
     for k in ("checkpoints", "metrics", "plot", "tokenizer"):
         if res.paths.get(k):
             lines.append(f"{k + ':':13s}{res.paths[k]}")
+    if getattr(res, "stopped", None):
+        import sys
+        from .preemption import resume_command, stop_message
+        lines.append(stop_message(res.stopped, res.end_step, str(Path(res.paths["checkpoints"]) / str(res.end_step)),
+                                  resume_command(sys.argv[1:])))
     return "\n".join(lines)
 
 
