@@ -35,6 +35,9 @@ def test_probe_matches_separate_forward_passes_and_tracks_drift(tmp_path):
     ref = compare_runs({"G_LM": np.asarray(cached)}, {"G_LM": np.asarray(full)}, ["G_LM"])["G_LM"]
     assert rec["order_parameter"] == pytest.approx(float(np.mean(ref["order_param"])), rel=1e-4)
     assert rec["det_decimals_min"] == int(np.min(ref["det_decimals"]))
+    from pldr_jax.analysis.invariance import matching_decimals
+    assert rec["logdet_decimals_min"] == int(np.min(matching_decimals(ref["logdet_ref"], ref["logdet_other"])))
+    assert rec["logdet_decimals_min"] < 15 and rec["logdet"] == pytest.approx(float(np.mean(ref["logdet_ref"])))
     assert 0 < rec["order_parameter"] <= rec["order_parameter_max"]  # more text moves an untrained G_LM
 
     assert probe(params, 20)["g_drift"] == 0.0  # same parameters: no drift

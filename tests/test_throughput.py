@@ -76,3 +76,4 @@ def test_phase_clock_and_record():
     assert rec["tokens_per_s_per_device"] == pytest.approx(600 * 10 / 3.0 / 2)
     assert rec["mfu"] == pytest.approx(3e9 * 10 / 3.0 / 2 / 4e10)
     assert rec["data_wait_s"] == 0.5 and rec["goodput"] == pytest.approx(0.5)
+    assert rec["compute_s"] == 2.5 and rec["checkpoint_s"] == 1.0 and "step_s" not in rec

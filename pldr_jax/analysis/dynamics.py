@@ -11,7 +11,10 @@ every N steps on the same probe rows, with the metrics of `pldr_jax.analysis.inv
 * ``order_parameter``: ``order_parameter(recomputed, ref=cached)`` = rmse / |mean(cached)| (0 =
   invariant), mean and max over layers, rows and heads;
 * ``det_decimals``: decimal places to which the determinants of cached and recomputed G_LM agree
-  (`matching_decimals`), the worst matrix and the median;
+  (`matching_decimals`, as `compare_runs` reports them), the worst matrix and the median.  A
+  determinant far below 1 agrees "to 15 decimals" whatever the matrices (both round to 0), so
+  ``logdet_decimals`` gives the same count on log|det| (sign-blind; 15 = equal to float64 rounding),
+  and ``logdet`` the mean log|det| of the cached G_LM, to tell the two cases apart;
 * ``g_drift``: rmse of the cached G_LM from the previous probe's (mean over matrices; NaN at the
   first probe): how much training still moves G_LM.
 
@@ -34,13 +37,13 @@ import numpy as np
 
 from ..config import PLDRConfig
 from ..model import forward
-from .invariance import matching_decimals, determinant, order_parameter, rmse
+from .invariance import determinant, matching_decimals, order_parameter, rmse, slogdet
 
 __all__ = ["DynamicsProbe", "probe_tokens", "plot_dynamics", "DYNAMICS_FIELDS"]
 
 #: the fields of a metrics.jsonl "dynamics" record (besides kind and step)
-DYNAMICS_FIELDS = ("order_parameter", "order_parameter_max", "det_decimals_min", "det_decimals_median", "g_drift",
-                   "probe_s")
+DYNAMICS_FIELDS = ("order_parameter", "order_parameter_max", "det_decimals_min", "det_decimals_median",
+                   "logdet_decimals_min", "logdet_decimals_median", "logdet", "g_drift", "probe_s")
 
 
 def probe_tokens(batch_tokens: np.ndarray, rows: int, prompt_len: int, extra: int) -> np.ndarray:
@@ -103,6 +106,8 @@ class DynamicsProbe:
         cached, recomputed = self.measure(params)
         op = order_parameter(recomputed, cached)
         dec = matching_decimals(determinant(cached), determinant(recomputed))
+        (_, ld_c), (_, ld_r) = slogdet(cached), slogdet(recomputed)
+        ldec = matching_decimals(ld_c, ld_r)
         drift = float(np.mean(rmse(cached, self._previous))) if self._previous is not None else float("nan")
         self._previous = cached
         finite = op[np.isfinite(op)]
@@ -110,6 +115,8 @@ class DynamicsProbe:
                 "order_parameter": float(np.mean(finite)) if finite.size else float("nan"),
                 "order_parameter_max": float(np.max(finite)) if finite.size else float("nan"),
                 "det_decimals_min": int(np.min(dec)), "det_decimals_median": float(np.median(dec)),
+                "logdet_decimals_min": int(np.min(ldec)), "logdet_decimals_median": float(np.median(ldec)),
+                "logdet": float(np.mean(ld_c[np.isfinite(ld_c)])) if np.isfinite(ld_c).any() else float("nan"),
                 "g_drift": drift, "probe_s": time.perf_counter() - t0}
 
 
@@ -131,8 +138,8 @@ def plot_dynamics(records: Sequence[dict], out_path: str | os.PathLike, title: s
                "(rmse / |mean|, recomputed vs cached)", True),
               (axes[1, 0], list(zip(steps, [r["g_drift"] for r in dyn])), "G_LM drift (rmse from previous probe)",
                True),
-              (axes[1, 1], list(zip(steps, [r["det_decimals_median"] for r in dyn])),
-               "det(G_LM) decimals, cached vs recomputed (median)", False)]
+              (axes[1, 1], list(zip(steps, [r.get("logdet_decimals_median", np.nan) for r in dyn])),
+               "decimals of agreement, cached vs recomputed G_LM (median)", False)]
     for ax, pts, label, logy in panels:
         pts = [(s, v) for s, v in pts if v is not None and np.isfinite(v) and (not logy or v > 0)]
         if pts:
@@ -141,9 +148,9 @@ def plot_dynamics(records: Sequence[dict], out_path: str | os.PathLike, title: s
         if logy and pts:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    if dyn and "det_decimals_min" in dyn[0]:
-        axes[1, 1].plot(steps, [r["det_decimals_min"] for r in dyn], lw=1.0, ls="--", label="worst matrix")
-        axes[1, 1].legend(fontsize=8)
+    axes[1, 1].lines[0].set_label("log|det|") if axes[1, 1].lines else None
+    axes[1, 1].plot(steps, [r["det_decimals_median"] for r in dyn], lw=1.0, ls="--", label="det")
+    axes[1, 1].legend(fontsize=8)
     for ax in axes[1]:
         ax.set_xlabel("step")
     fig.suptitle(title or "PLDR-LLM training dynamics", fontsize=10)

@@ -138,8 +138,8 @@ class PhaseClock:
 def throughput_record(steps: int, interval: dict, *, tokens_per_step: int, flops_per_step: float,
                       peak: PeakFlops, num_devices: int) -> dict:
     """metrics.jsonl fields of `steps` optimiser steps timed by `PhaseClock.interval()`:
-    tokens_per_s_per_device, model_flops_per_s_per_device, mfu, goodput, and the phase times
-    (data_wait_s, checkpoint_s, eval_s, ... , compute_s, step_s = per interval)."""
+    tokens_per_s_per_device, model_flops_per_s_per_device, mfu, goodput, and the seconds of each
+    phase in the interval (data_wait_s, checkpoint_s, eval_s, dynamics_s, ..., compute_s)."""
     nan = float("nan")
     step_time = interval["step_s"]
     ok = steps > 0 and step_time > 0
@@ -148,6 +148,6 @@ def throughput_record(steps: int, interval: dict, *, tokens_per_step: int, flops
            "model_flops_per_s_per_device": flops_per_s,
            "mfu": flops_per_s / peak.flops_per_s if ok else nan,
            "goodput": interval["goodput"]}
-    rec.update({k: v for k, v in interval.items() if k.endswith("_s") and k != "wall_s"})
+    rec.update({k: v for k, v in interval.items() if k.endswith("_s") and k not in ("wall_s", "step_s")})
     rec.setdefault("data_wait_s", 0.0)
     return rec
