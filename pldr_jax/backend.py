@@ -92,14 +92,15 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import os
 import sys
+
+from . import settings
 
 __all__ = ["KERNELS", "KERNELS_ENV", "BackendChoices", "choices", "platform_of", "default_kernels",
            "check_kernels", "huge_pages_wanted", "uses_native_decode_attention"]
 
 KERNELS = ("xla", "cpu")
-KERNELS_ENV = "PLDR_JAX_KERNELS"
+KERNELS_ENV = settings.KERNELS_ENV
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,12 +124,7 @@ class BackendChoices:
 
 
 def _kernels_override() -> str | None:
-    v = os.environ.get(KERNELS_ENV, "").strip().lower()
-    if not v:
-        return None
-    if v not in KERNELS:
-        raise ValueError(f"{KERNELS_ENV}={v!r}: expected one of {KERNELS}")
-    return v
+    return settings.kernels_override()
 
 
 def choices(platform: str | None = None) -> BackendChoices:
@@ -154,8 +150,7 @@ def choices(platform: str | None = None) -> BackendChoices:
 
 
 def _native_kernels_enabled() -> bool:
-    from .kernels.build import enabled
-    return enabled()
+    return settings.native_kernels_enabled()
 
 
 def uses_native_decode_attention(ch: BackendChoices, compute_dtype, *, sharded: bool) -> bool:
@@ -194,10 +189,9 @@ def huge_pages_wanted(env=None) -> bool:
     """Whether this process will run XLA:CPU (so the huge-page re-exec helps), decided without
     starting JAX: Linux, and either JAX_PLATFORMS names cpu first or no accelerator plugin (libtpu,
     CUDA / ROCm plugins) is installed."""
-    env = os.environ if env is None else env
     if not sys.platform.startswith("linux"):
         return False
-    plats = env.get("JAX_PLATFORMS", "").strip().lower()
+    plats = settings.jax_platforms(env)
     if plats:
         return plats.split(",")[0] == "cpu"
     for mod in ("libtpu", "jax_plugins.xla_cuda12", "jax_plugins.xla_cuda13", "jax_plugins.xla_rocm7",

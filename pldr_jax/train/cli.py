@@ -332,6 +332,7 @@ def main_job(args) -> int:
     t0 = time.perf_counter()
     import jax
     from ..decode.text import generate_text
+    from ..kernels.cli import build_and_report
     from .checkpoint import load_params
     from .loop import train
     recipe = dict(MAIN_JOB_RECIPE, workdir="runs/main-job")
@@ -347,6 +348,7 @@ def main_job(args) -> int:
     print(f"pldr-jax main job: a {cfg.num_layers}-layer PLDR-LLM (d_model {cfg.d_model}, {cfg.num_heads} heads, "
           f"learned G) on the embedded corpus, {tcfg.steps} steps of {tcfg.batch_size} x {tcfg.seq_len} tokens "
           f"on {jax.device_count()} {jax.devices()[0].platform.upper()} device(s)", flush=True)
+    build_and_report(platform=jax.default_backend())   # the native CPU kernels: built or reused, visibly
     res = train(cfg, tcfg)
     print(_summary(res), flush=True)
 
