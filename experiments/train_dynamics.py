@@ -37,7 +37,7 @@ def summarise(workdir: Path, every: int) -> dict:
             continue
         t = tr.get(d["step"], {})
         rows.append({"step": d["step"], "loss": t.get("loss"), "val_loss": ev.get(d["step"], {}).get("val_loss"),
-                     **{k: d[k] for k in ("order_parameter", "order_parameter_max", "g_drift", "det_decimals_median",
+                     **{k: d[k] for k in ("order_parameter", "order_parameter_mean", "g_drift", "det_decimals_median",
                                           "logdet_decimals_median", "logdet_decimals_min", "logdet")}})
     probe_s = sorted(d["probe_s"] for d in dyn[1:])  # the first includes compiling the probe
     steps_s = sorted(r["step_s"] for r in tr.values() if math.isfinite(r.get("step_s", math.nan)))
