@@ -87,3 +87,21 @@ def test_make_mixture_with_validation():
     assert b["inputs"].shape == (2, L)
     vb = list(val.iterator())
     assert 0 < len(vb) and all(v["inputs"].shape == (2, L) for v in vb)
+
+
+def test_cli_flags_make_the_train_config(capsys):
+    """Repeated --data SPEC@WEIGHT and the operations flags, through `pldr-jax train --print-config`."""
+    import json
+    from pldr_jax.cli import main
+    assert main(["train", "--preset", "tiny", "--data", "builtin@3", "--data", "jsonl:x.jsonl:text@1",
+                 "--max-runtime", "1h30m", "--profile-steps", "2:3", "--dynamics-every", "5", "--eval-tasks",
+                 "arc_easy,piqa", "--eval-tasks", "t.yaml", "--no-tensorboard", "--print-config"]) == 0
+    t = json.loads(capsys.readouterr().out)["train"]
+    assert t["data_mixture"] == [["builtin", 3.0], ["jsonl:x.jsonl:text", 1.0]]
+    assert t["max_runtime_s"] == 5400.0 and t["profile_steps"] == [2, 3] and t["dynamics_every"] == 5
+    assert t["eval_tasks"] == ["arc_easy", "piqa", "t.yaml"] and t["tensorboard"] is False
+    assert main(["train", "--preset", "tiny", "--data", "builtin", "--print-config"]) == 0
+    t = json.loads(capsys.readouterr().out)["train"]
+    assert t["data"] == "builtin" and t["data_mixture"] == []
+    assert main(["train", "--preset", "tiny", "--data", "builtin@x", "--print-config"]) == 2
+    assert "the weight after '@' must be a number" in capsys.readouterr().err
