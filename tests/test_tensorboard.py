@@ -15,7 +15,7 @@ def _accumulator(logdir):
 
 
 def test_records_and_config_read_back(tmp_path):
-    w = TensorBoardWriter(tmp_path / "tb")
+    w = TensorBoardWriter.open(tmp_path / "tb")
     w.write_config({"model": {"d_model": 32}, "train": {"steps": 3}})
     for s in (1, 2, 3):
         w.write({"kind": "train", "step": s, "loss": 5.0 - s, "lr": 1e-3 * s, "grad_norm": 0.5, "mfu": 0.1,
@@ -33,9 +33,17 @@ def test_records_and_config_read_back(tmp_path):
     assert any("run_config" in t for t in texts)
 
 
-def test_disabled_writer_writes_nothing(tmp_path):
-    w = TensorBoardWriter(tmp_path / "tb", enabled=False)
-    w.write({"kind": "train", "step": 1, "loss": 1.0})
+def test_a_failing_write_warns_once_and_never_raises(tmp_path, capsys):
+    class FullDisk:
+        def add_scalar(self, *a):
+            raise OSError(28, "No space left on device")
+
+        add_text = close = add_scalar
+
+    w = TensorBoardWriter(FullDisk(), tmp_path / "tb")
+    w.write_config({"a": 1})
+    w.write({"kind": "train", "step": 1, "loss": 2.0})
     w.close()
-    assert not (tmp_path / "tb").exists()
+    err = capsys.readouterr().err
+    assert err.count("warning: cannot write") == 1 and "No space left on device" in err
     assert scalar_items({"step": 1, "kind": "x", "a": 1, "b": {"c": 2.0}}) == [("a", 1.0), ("b/c", 2.0)]

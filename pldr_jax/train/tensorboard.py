@@ -3,9 +3,10 @@
 Every numeric field of every metrics.jsonl record becomes a scalar tagged ``<kind>/<field>``
 (``train/loss``, ``train/lr``, ``train/grad_norm``, ``train/mfu``, ``eval/val_loss``,
 ``dynamics/order_parameter``, ``lm_eval/<task>/<metric>`` ...) at the record's step; the run
-config is written once as text (``run_config``, JSON).  Only process 0 writes (the loop passes
-`enabled` accordingly).  Without tensorboardX (``pip install "pldr-jax[tensorboard]"``) the writer
-warns once and does nothing: metrics.jsonl stays the record.
+config is written once as text (``run_config``, JSON).  Only process 0 writes (the training
+loop's `reporting.Reporter` opens it there).  Without tensorboardX (``pip install
+"pldr-jax[tensorboard]"``; torch's writer is used when that is installed instead) `open` gives
+None: metrics.jsonl stays the record.
 """
 
 from __future__ import annotations
@@ -35,45 +36,70 @@ def scalar_items(record: Mapping[str, Any], prefix: str = "") -> list[tuple[str,
 
 
 class TensorBoardWriter:
-    """Writes metrics records and the run config into ``logdir`` (see the module docstring)."""
+    """Writes metrics records and the run config through a SummaryWriter (see the module docstring).
 
-    def __init__(self, logdir: str | Path, enabled: bool = True, flush_secs: int = 30):
-        self.logdir = Path(logdir)
-        self._w = None
-        if not enabled:
-            return
+    `open(directory)` makes one (tensorboardX, else torch's; None when neither is installed).  A failed
+    write or close (e.g. a full disk) is reported once and training goes on, as for metrics.jsonl:
+    checkpoints decide whether a run stops, and only process 0 writes, so raising here would split the
+    processes (or mask the checkpoint error in flight)."""
+
+    def __init__(self, writer, directory: str | Path):
+        self._tb = writer
+        self.path = Path(directory)
+        self._warned = False
+
+    @classmethod
+    def open(cls, directory: str | Path, flush_secs: int = 30) -> "TensorBoardWriter | None":
         try:
-            from tensorboardX import SummaryWriter
+            from tensorboardX import SummaryWriter  # type: ignore
+            kw = {"flush_secs": flush_secs}
         except ImportError:
-            print("warning: tensorboardX is not installed: no TensorBoard events (pip install "
-                  "\"pldr-jax[tensorboard]\"); metrics.jsonl has every metric", file=sys.stderr, flush=True)
-            return
-        self.logdir.mkdir(parents=True, exist_ok=True)
-        self._w = SummaryWriter(str(self.logdir), flush_secs=flush_secs)
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # type: ignore
+                kw = {"flush_secs": flush_secs}
+            except ImportError:
+                return None
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        return cls(SummaryWriter(str(directory), **kw), directory)
 
-    @property
-    def active(self) -> bool:
-        return self._w is not None
+    def _warn(self, e: OSError) -> None:
+        if not self._warned:
+            self._warned = True
+            print(f"warning: cannot write {self.path} ({e}); training continues, further metrics may be missing",
+                  file=sys.stderr, flush=True)
 
     def write(self, record: Mapping[str, Any]) -> None:
         """Scalars ``<kind>/<field>`` of one metrics.jsonl record at its step."""
-        if self._w is None or "step" not in record:
+        if self._tb is None or "step" not in record:
             return
         kind = record.get("kind", "train")
-        for tag, v in scalar_items(record):
-            self._w.add_scalar(f"{kind}/{tag}", v, int(record["step"]))
+        try:
+            for tag, v in scalar_items(record):
+                self._tb.add_scalar(f"{kind}/{tag}", v, int(record["step"]))
+        except OSError as e:
+            self._warn(e)
 
     def write_config(self, config: Mapping[str, Any], step: int = 0) -> None:
         """The run config as text (JSON in a code block, which TensorBoard's text plugin renders)."""
-        if self._w is not None:
-            text = json.dumps(config, indent=2, default=str)
-            self._w.add_text("run_config", "    " + text.replace("\n", "\n    "), step)
+        if self._tb is None:
+            return
+        text = json.dumps(config, indent=2, default=str)
+        try:
+            self._tb.add_text("run_config", "    " + text.replace("\n", "\n    "), step)
+        except OSError as e:
+            self._warn(e)
 
     def flush(self) -> None:
-        if self._w is not None:
-            self._w.flush()
+        if self._tb is not None:
+            try:
+                self._tb.flush()
+            except OSError as e:
+                self._warn(e)
 
     def close(self) -> None:
-        if self._w is not None:
-            self._w.close()
-            self._w = None
+        if self._tb is not None:
+            try:
+                self._tb.close()
+            except OSError as e:
+                self._warn(e)
+            self._tb = None
