@@ -416,7 +416,8 @@ def compile_report(*, topology: str = "v5e:2x2", preset: str | None = "tiny", co
     or `preset`, with `overrides` and `dtype`.  ValueError for bad arguments or a missing libtpu."""
     from .config import PLDRConfig
     from .params import count_params
-    from .train.cli import RECIPES, _PRESET_RECIPE
+    from .train.recipes import PRESET_RECIPE as _PRESET_RECIPE
+    from .train.recipes import RECIPES
     from .train.config import TrainConfig
     from .train.sharding import make_mesh
     if what not in ("train", "decode"):
