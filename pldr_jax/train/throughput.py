@@ -46,10 +46,7 @@ def chip_of_device(device):
     kind = str(getattr(device, "device_kind", "")).lower()
     if device.platform == "cpu":
         return None
-    for pattern, key in _KINDS:
-        if pattern in kind:
-            return CHIPS[key]
-    return None
+    return next((CHIPS[key] for pattern, key in _KINDS if pattern in kind and key in CHIPS), None)
 
 
 @functools.lru_cache(maxsize=None)
