@@ -85,7 +85,9 @@ else:
 
 Override: the environment variable ``PLDR_JAX_KERNELS`` = "cpu" | "xla" forces the kernels (e.g.
 to run the accelerator maths on CPU); `choices(platform)` takes the platform explicitly (AOT
-compilation for a TPU topology asks for "tpu"); `StepOptions` fields override per step.
+compilation for a TPU topology asks for "tpu"); `choices(platform, options)` overrides fields
+({field: value}, validated by `check_options`; ``TrainConfig.backend_options``, CLI
+``--backend-option KEY=VALUE`` via `parse_backend_options`); `StepOptions` fields override per step.
 """
 
 from __future__ import annotations
@@ -96,8 +98,8 @@ import sys
 
 from . import settings
 
-__all__ = ["KERNELS", "KERNELS_ENV", "BackendChoices", "choices", "platform_of", "default_kernels",
-           "check_kernels", "huge_pages_wanted", "uses_native_decode_attention"]
+__all__ = ["KERNELS", "KERNELS_ENV", "BackendChoices", "choices", "check_options", "parse_backend_options",
+           "platform_of", "default_kernels", "check_kernels", "huge_pages_wanted", "uses_native_decode_attention"]
 
 KERNELS = ("xla", "cpu")
 KERNELS_ENV = settings.KERNELS_ENV
@@ -127,9 +129,67 @@ def _kernels_override() -> str | None:
     return settings.kernels_override()
 
 
-def choices(platform: str | None = None) -> BackendChoices:
+def _coerce_option(name: str, value, field_type: str):
+    """`value` (a parsed or textual option value) as the type of BackendChoices field `name`."""
+    try:
+        if field_type == "bool":
+            if isinstance(value, str):
+                v = value.strip().lower()
+                if v not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                    raise ValueError
+                return v in ("true", "1", "yes", "on")
+            if not isinstance(value, (bool, int)):
+                raise ValueError
+            return bool(value)
+        if field_type == "int":
+            if isinstance(value, bool):
+                raise ValueError
+            return int(value)
+        if field_type == "str | None":
+            return None if value is None or (isinstance(value, str) and value.lower() == "none") else str(value)
+        if field_type.startswith("tuple"):
+            if isinstance(value, str):
+                return tuple(v.strip() for v in value.split(",") if v.strip())
+            return tuple(str(v) for v in value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"backend option {name}={value!r}: expected a value of type {field_type}") from None
+
+
+def check_options(options) -> dict:
+    """{field of BackendChoices: value} (a mapping or (key, value) pairs), each value coerced to its
+    field's type; an unknown key or a bad value is a ValueError naming it and the valid keys."""
+    types = {f.name: f.type for f in dataclasses.fields(BackendChoices) if f.name != "platform"}
+    items = dict(options)
+    unknown = sorted(set(items) - set(types))
+    if unknown:
+        raise ValueError(f"unknown backend option(s) {unknown}; valid options: {sorted(types)}")
+    kw = {k: _coerce_option(k, v, str(types[k])) for k, v in items.items()}
+    if "kernels" in kw:
+        check_kernels(kw["kernels"])
+    return kw
+
+
+def _apply_options(ch: BackendChoices, options) -> BackendChoices:
+    return dataclasses.replace(ch, **check_options(options)) if options else ch
+
+
+def parse_backend_options(items) -> dict:
+    """``["KEY=VALUE", ...]`` (``--backend-option``, repeatable) -> {field of BackendChoices: value},
+    each value of its field's type; an unknown key or a bad value is a ValueError naming it."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--backend-option expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return check_options(out)
+
+
+def choices(platform: str | None = None, options=None) -> BackendChoices:
     """The settings for `platform` ("cpu", "tpu", "gpu", "cuda", "rocm"; None = `jax.default_backend()`).
-    The kernels follow ``PLDR_JAX_KERNELS`` when it is set."""
+    The kernels follow ``PLDR_JAX_KERNELS`` when it is set.  options: {field: value} overriding the
+    platform's settings (validated: an unknown field or a bad value is a ValueError naming it)."""
     if platform is None:
         import jax
         platform = jax.default_backend()
@@ -137,16 +197,17 @@ def choices(platform: str | None = None) -> BackendChoices:
     cpu = platform == "cpu"
     kernels = _kernels_override() or ("cpu" if cpu else "xla")
     native = cpu and _native_kernels_enabled()
-    return BackendChoices(platform=platform, kernels=kernels, unroll_layers=cpu,
-                          bf16_min_batch=(16 if native else 8) if cpu else 0,
-                          decode_transposed=("float32",) if cpu else (), kv_cache_dtype="float32" if cpu else None,
-                          decode_embed_f32=cpu,
-                          remat="none" if cpu else "full",
-                          head_chunk_bytes=0 if cpu else 2 ** 30, attention_block=0 if cpu else 256,
-                          decode_merged_heads=cpu, decode_shared_kv_slot=not cpu,
-                          decode_kv_chunk=0 if cpu else 256,
-                          decode_attention="native" if native else "xla",
-                          decode_matmul="packed" if native else "xla")
+    ch = BackendChoices(platform=platform, kernels=kernels, unroll_layers=cpu,
+                      bf16_min_batch=(16 if native else 8) if cpu else 0,
+                      decode_transposed=("float32",) if cpu else (), kv_cache_dtype="float32" if cpu else None,
+                      decode_embed_f32=cpu,
+                      remat="none" if cpu else "full",
+                      head_chunk_bytes=0 if cpu else 2 ** 30, attention_block=0 if cpu else 256,
+                      decode_merged_heads=cpu, decode_shared_kv_slot=not cpu,
+                      decode_kv_chunk=0 if cpu else 256,
+                      decode_attention="native" if native else "xla",
+                      decode_matmul="packed" if native else "xla")
+    return _apply_options(ch, options)
 
 
 def _native_kernels_enabled() -> bool:

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ..backend import check_kernels, choices, platform_of
+from ..backend import BackendChoices, check_kernels, choices, platform_of
 from ..config import PLDRConfig
 from ..losses import dag_loss
 from ..model import forward, remat_policy
@@ -95,12 +95,12 @@ class StepOptions:
     def use_dag(self) -> bool:
         return any(self.dag_coeffs)
 
-    def resolved(self, platform: str | None = None) -> "StepOptions":
-        """These options with every None replaced by `pldr_jax.backend.choices(platform)`'s value
-        (platform None = `jax.default_backend()`)."""
+    def resolved(self, platform: str | None = None, backend: BackendChoices | None = None) -> "StepOptions":
+        """These options with every None replaced by `backend`'s value (None =
+        `pldr_jax.backend.choices(platform)`, platform None = `jax.default_backend()`)."""
         if None not in (self.remat, self.unroll_layers, self.kernels, self.head_chunk_bytes, self.attention_block):
             return self
-        b = choices(platform)
+        b = backend if backend is not None else choices(platform)
         return dataclasses.replace(
             self, remat=b.remat if self.remat is None else self.remat,
             unroll_layers=b.unroll_layers if self.unroll_layers is None else self.unroll_layers,
@@ -149,7 +149,8 @@ def _split_micro(x: jax.Array, k: int) -> jax.Array:
 def make_train_step(cfg: PLDRConfig, tx: optax.GradientTransformation, schedule: Callable | None = None, *,
                     opts: StepOptions = StepOptions(), mesh: Mesh | None = None,
                     rules: Mapping[str, Any] | None = None, donate: bool = True,
-                    compiler_options: Mapping[str, Any] | None = None) -> Callable:
+                    compiler_options: Mapping[str, Any] | None = None,
+                    backend: BackendChoices | None = None) -> Callable:
     """A jitted `train_step(state, batch, g_lm=None) -> (state, metrics)`.
 
     batch: {"inputs", "targets"} int32 [B, L] (global arrays; see `sharding.shard_batch`).
@@ -163,12 +164,13 @@ def make_train_step(cfg: PLDRConfig, tx: optax.GradientTransformation, schedule:
     With `mesh`, the step is jitted with in/out shardings (state by the rules, batch over
     ("data", "fsdp")).  donate: donate the input state's buffers (the caller must not reuse it).
     compiler_options: XLA options for `jax.jit` (e.g. {"xla_backend_optimization_level": 0} to
-    compile faster in tests).
+    compile faster in tests).  backend: the resolved backend choices filling `opts`' None fields
+    (None = `pldr_jax.backend.choices` for the mesh's platform).
     """
     if opts.use_dag and not cfg.learned_g:
         raise ValueError("DAG regularisation needs a learned-G model (custom_G_type=None): a predefined "
                          "G_LM is a constant and has no A_LM / A_P")
-    opts = opts.resolved(platform_of(mesh))   # the backend choices of the devices the step runs on
+    opts = opts.resolved(platform_of(mesh), backend)   # the backend choices of the devices the step runs on
     K = opts.grad_accum
 
     def step(state: TrainState, batch, g_lm=None):
@@ -252,10 +254,12 @@ def _with_optional_g(jitted):
 
 def make_eval_step(cfg: PLDRConfig, *, opts: StepOptions = StepOptions(), mesh: Mesh | None = None,
                    rules: Mapping[str, Any] | None = None,
-                   compiler_options: Mapping[str, Any] | None = None) -> Callable:
+                   compiler_options: Mapping[str, Any] | None = None,
+                   backend: BackendChoices | None = None) -> Callable:
     """A jitted `eval_step(params, batch, g_lm=None) -> {"ce_sum", "correct", "count"}` (sums over
-    the batch; combine batches with `reduce_eval`)."""
-    eval_opts = dataclasses.replace(opts, remat=False, dag_coeffs=(0.0, 0.0, 0.0)).resolved(platform_of(mesh))
+    the batch; combine batches with `reduce_eval`).  backend: as in `make_train_step`."""
+    eval_opts = dataclasses.replace(opts, remat=False, dag_coeffs=(0.0, 0.0, 0.0)).resolved(platform_of(mesh),
+                                                                                             backend)
 
     def step(params, batch, g_lm=None):
         if mesh is None:
