@@ -237,7 +237,7 @@ def executed_flops(cfg, batch: int, seq_len: int, what: str = "train", remat: st
 def _lower_train(cfg, tcfg, mesh):
     import jax
     import jax.numpy as jnp
-    from .train.loop import make_g_lm
+    from .train.inputs import make_g_lm
     from .train.sharding import abstract_train_state, check_batch_size
     from .train.step import make_train_step
     check_batch_size(tcfg.batch_size, mesh, tcfg.grad_accum)

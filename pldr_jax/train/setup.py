@@ -78,6 +78,7 @@ class TrainRun:
     state: Any = None
     start_step: int = 0
     step: int = 0
+    stopped: str | None = None  # the reason of a stop request that ended the loop (`operations`)
 
 
 _STEP_CACHE: dict = {}
@@ -159,11 +160,12 @@ def clear_run(workdir: Path, keep: Sequence[str | None] = ()) -> None:
             p.unlink()
 
 
-def record_run_config(run: TrainRun) -> None:
-    """The run's configuration record (saved with every checkpoint; ``workdir/run_config.json``)."""
+def record_run_config(run: TrainRun, extra: Mapping[str, Any] | None = None) -> None:
+    """The run's configuration record (saved with every checkpoint; ``workdir/run_config.json``);
+    `extra`: more top-level entries (e.g. the throughput figures' basis)."""
     run.config_record = {"model": run.model_cfg.to_dict(), "train": run.tcfg.to_dict(), "tokenizer": run.tok_path,
                          "g_lm": str(run.g_path) if run.g_path else None, "mesh": dict(run.mesh.shape),
-                         "process_count": jax.process_count()}
+                         "process_count": jax.process_count(), **(extra or {})}
     if run.main:
         (run.workdir / "run_config.json").write_text(json.dumps(run.config_record, indent=2))
 

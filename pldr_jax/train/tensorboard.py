@@ -89,13 +89,6 @@ class TensorBoardWriter:
         except OSError as e:
             self._warn(e)
 
-    def flush(self) -> None:
-        if self._tb is not None:
-            try:
-                self._tb.flush()
-            except OSError as e:
-                self._warn(e)
-
     def close(self) -> None:
         if self._tb is not None:
             try:
