@@ -218,6 +218,9 @@ def model_flops(cfg, batch: int, seq_len: int, what: str = "train") -> float:
     token per new position (attention over the whole buffer)."""
     if what == "train":
         return 3.0 * _forward_flops(cfg, batch, seq_len, seq_len)[0]
+    if what == "serve":         # the serving engine's block of generate steps over seq_len-long slots
+        from .serve.lowering import SERVE_STEPS
+        return SERVE_STEPS * _forward_flops(cfg, batch, 1, seq_len)[0]
     P = max(seq_len // 2, 1)
     return _forward_flops(cfg, batch, P, P)[0] + (seq_len - P) * _forward_flops(cfg, batch, 1, seq_len)[0]
 
@@ -420,8 +423,8 @@ def compile_report(*, topology: str = "v5e:2x2", preset: str | None = "tiny", co
     from .train.recipes import RECIPES
     from .train.config import TrainConfig
     from .train.sharding import make_mesh
-    if what not in ("train", "decode"):
-        raise ValueError(f"what must be 'train' or 'decode', got {what!r}")
+    if what not in ("train", "decode", "serve"):
+        raise ValueError(f"what must be 'train', 'decode' or 'serve', got {what!r}")
     chip = chip_of(topology)
     devices = topology_devices(topology)
     ov = dict(overrides or {})
@@ -443,6 +446,9 @@ def compile_report(*, topology: str = "v5e:2x2", preset: str | None = "tiny", co
         kw.update(batch_size=batch, seq_len=seq_len, remat=remat, unroll_layers=unroll_layers,
                   mesh=tuple(m.shape[a] for a in m.axis_names), vocab_size=cfg.vocab_size)
         lowered = _lower_train(cfg, TrainConfig(**kw), m)
+    elif what == "serve":       # `pldr_jax.serve`'s generate step: `batch` slots of seq_len positions
+        from .serve.lowering import SERVE_STEPS, lower_generate_step
+        lowered = lower_generate_step(cfg, batch, seq_len, m, steps=SERVE_STEPS)
     else:
         lowered = _lower_decode(cfg, batch, seq_len, m)
     fits, oom = True, None
@@ -476,9 +482,12 @@ def compile_report(*, topology: str = "v5e:2x2", preset: str | None = "tiny", co
     hw_flops = executed_flops(cfg, batch, seq_len, what, policy) / len(devices)
     bytes_acc = float(ca.get("bytes accessed", 0.0))     # loop bodies once: a lower bound
     n_new = max(seq_len - max(seq_len // 2, 1), 1)
+    if what == "serve":
+        from .serve.lowering import SERVE_STEPS
+        n_new = SERVE_STEPS
     # decode: the while loop runs once per new token (at most); the step is the whole generate call
     hlo = compiled.as_text()
-    coll, unknown = collectives_per_step(hlo, unknown_trip=n_new if what == "decode" else 1)
+    coll, unknown = collectives_per_step(hlo, unknown_trip=n_new if what in ("decode", "serve") else 1)
     coll_bytes = sum(v["bytes"] for v in coll.values())
     t_flops, t_hbm, t_ici = hw_flops / chip.peak_bf16_flops, bytes_acc / chip.hbm_bw, coll_bytes / chip.ici_bw
     est = max(t_flops, t_hbm, t_ici)

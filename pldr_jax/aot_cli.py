@@ -29,7 +29,8 @@ def add_parser(subparsers):
     p.add_argument("--batch", type=int, default=8, help="global batch")
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
-    p.add_argument("--what", choices=("train", "decode"), default="train")
+    p.add_argument("--what", choices=("train", "decode", "serve"), default="train",
+                   help="serve: the serving engine's generate step (--batch slots of --seq-len positions)")
     p.add_argument("--remat", choices=("none", "dots", "full"), default=None,
                    help="rematerialisation policy (default: the platform's, 'full' on TPU)")
     p.add_argument("--recipe", default=None, help="training recipe (default: the preset's, as pldr-jax train)")

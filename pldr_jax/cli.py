@@ -21,6 +21,7 @@ COMMANDS = {
     "data": "pldr_jax.data.cli",
     "compile": "pldr_jax.aot_cli",
     "kernels": "pldr_jax.kernels.cli",
+    "serve": "pldr_jax.serve.cli",
 }
 
 
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    use_cpu_without_accelerator()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -53,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     except (RuntimeError, TimeoutError) as e:  # resume impossible, a save failed, a cross-process wait timed out
         if not isinstance(e, _run_failures()):
+            _exit_if_lost_peer(args, e)
             if _distributed_started():
                 traceback.print_exc()
                 _exit_now_if_multiprocess(1)
@@ -60,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pldr-jax {args.command}: error: {e}", file=sys.stderr)
         _exit_now_if_multiprocess(4, e)
         return 4
-    except Exception:  # a bug or an unforeseen failure: the traceback, and no hang of the other processes
+    except Exception as e:  # a bug or an unforeseen failure: the traceback, and no hang of the other processes
+        _exit_if_lost_peer(args, e)
         if _distributed_started():
             traceback.print_exc()
             _exit_now_if_multiprocess(1)
@@ -86,6 +90,24 @@ def _exit_now_if_multiprocess(code: int, error: BaseException | None = None) -> 
         os._exit(code)
 
 
+def _exit_if_lost_peer(args, error: BaseException) -> None:
+    """A multi-process run stopped because another process died: one line naming the newest complete
+    checkpoint and how to resume (`train.faults.peer_failure_message`), not a page of collective
+    errors; then exit 4 at once."""
+    if not _distributed_started():
+        return
+    from pathlib import Path
+
+    from .train.faults import is_peer_failure, peer_failure_message
+    if not is_peer_failure(error):
+        return
+    from .train.cli import DEFAULT_WORKDIR
+    workdir = getattr(args, "workdir", None) or DEFAULT_WORKDIR
+    print(f"pldr-jax {args.command}: error: {peer_failure_message(error, Path(workdir) / 'checkpoints')}",
+          file=sys.stderr)
+    _exit_now_if_multiprocess(4)
+
+
 _EXIT_BARRIER_S = 30.0  # how long a process waits for the others to report an error raised on every process
 
 
@@ -108,10 +130,46 @@ def _run_failures() -> tuple:
     return ResumeError, CheckpointSaveError, CrossProcessTimeout, CheckpointTimeout
 
 
+_TPU_ENV = ("TPU_ACCELERATOR_TYPE", "TPU_NAME", "TPU_WORKER_HOSTNAMES", "TPU_WORKER_ID",
+            "CLOUD_TPU_TASK_ID", "TPU_PROCESS_ADDRESSES")
+_ACCELERATOR_DEVICES = ("/dev/accel*", "/dev/vfio/[0-9]*",  # TPU VMs (v2-v4: accel, v5e and later: vfio)
+                        "/dev/nvidia[0-9]*", "/dev/kfd")     # NVIDIA and AMD GPUs
+
+
+def use_cpu_without_accelerator(environ=os.environ) -> bool:
+    """Set JAX_PLATFORMS=cpu when this machine has no accelerator, so that installed accelerator
+    plugins (libtpu from the test extra, CUDA wheels) do not print their failed initialisation on
+    every command.  Left alone: a JAX_PLATFORMS the user set, a TPU or GPU device file, TPU
+    environment settings, or JAX backends already started.  Returns whether it set it."""
+    import glob
+    if environ.get("JAX_PLATFORMS") or any(environ.get(k) for k in _TPU_ENV):
+        return False
+    if any(glob.glob(pattern) for pattern in _ACCELERATOR_DEVICES) or _pci_tpu_chips() > 0:
+        return False
+    jax = sys.modules.get("jax")
+    if jax is not None:  # imported (pldr_jax imports it) but maybe not started: the config decides
+        from jax._src import xla_bridge
+        if xla_bridge.backends_are_initialized():
+            return False
+        jax.config.update("jax_platforms", "cpu")
+    environ["JAX_PLATFORMS"] = "cpu"
+    return True
+
+
+def _pci_tpu_chips() -> int:
+    """TPU chips on the PCI bus, as JAX's own TPU start-up counts them (0 when that helper is absent)."""
+    try:
+        from jax._src import hardware_utils
+        return int(hardware_utils.num_available_tpu_chips_and_device_id()[0])
+    except Exception:  # another JAX version: the device files above still decide
+        return 0
+
+
 def console_main() -> int:
     """The `pldr-jax` console script: re-executes itself once with huge-page malloc for XLA:CPU's
     large per-step buffers (see `pldr_jax.train.host_memory`; PLDR_JAX_NO_HUGE_PAGES=1 opts out),
     then runs `main`."""
+    use_cpu_without_accelerator()
     from .train.host_memory import reexec_with_huge_pages
     reexec_with_huge_pages(["-c", "import sys; from pldr_jax.cli import main; sys.exit(main())", *sys.argv[1:]])
     return main()

@@ -165,19 +165,21 @@ def default_g(cfg: PLDRConfig, key: jax.Array | None = None, path: str | os.Path
 
 
 # --------------------------------------------------------------------------- models from a spec
-def load_model_spec(spec: str, config: PLDRConfig | str | None = None):
+def load_model_spec(spec: str, config: PLDRConfig | str | None = None, step: int | None = None):
     """Load ``(cfg, params, g_lm)`` from a model spec.
 
     ``"preset:<name>[:<seed>]"`` initialises a random model of a preset (tests, quick experiments;
     g_lm = ``default_g`` of the preset); anything else is a path for ``pldr_jax.io.load_model``
     (reference state dict, Hugging Face folder or training directory).  ``config`` (a PLDRConfig,
-    preset name or JSON file) is passed on to it.
+    preset name or JSON file) and ``step`` (a training directory's checkpoint) are passed on to it.
     """
     if isinstance(spec, str) and spec.startswith("preset:"):
         from .params import init_params
         parts = spec.split(":")
         name = parts[1]
         seed = int(parts[2]) if len(parts) > 2 and parts[2] else 0
+        if step is not None:
+            raise ValueError(f"a step ({step}) applies to training directories, not to {spec!r}")
         cfg = config if isinstance(config, PLDRConfig) else PLDRConfig.preset(name)
         params = init_params(cfg, jax.random.key(seed))
         return cfg, params, default_g(cfg, jax.random.key(seed + 1))
@@ -185,7 +187,7 @@ def load_model_spec(spec: str, config: PLDRConfig | str | None = None):
         from .io import load_model
     except ImportError as e:
         raise ValueError(f"cannot load {spec!r}: pldr_jax.io.load_model is not available ({e})") from None
-    cfg, params, g_lm = load_model(spec, config=config)
+    cfg, params, g_lm = load_model(spec, config=config, step=step)
     params = jax.tree_util.tree_map(jnp.asarray, params)  # host arrays -> device once, not per call
     return cfg, params, (None if g_lm is None else jnp.asarray(g_lm, jnp.float32))
 

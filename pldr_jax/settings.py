@@ -13,7 +13,9 @@ PLDR_JAX_KERNEL_DIR       the native kernels' build directory (default: `cache_h
 CXX                       the C++ compiler tried first for the native kernels (then c++, g++, clang++)
 XDG_CACHE_HOME            the cache root (default ``~/.cache``)
 PLDR_JAX_COMPILE_CACHE    the persistent JAX compilation cache directory, or an off word
-JAX_PLATFORMS             read (never set) to tell whether a process will run XLA:CPU
+JAX_PLATFORMS             read to tell whether a process will run XLA:CPU; the ``pldr-jax`` command sets
+                          it to cpu on a machine with no TPU or GPU (`pldr_jax.cli`, which also reads
+                          the TPU_* variables of a TPU VM)
 PLDR_JAX_NO_HUGE_PAGES    1: the ``pldr-jax`` console script does not re-execute itself with huge pages
 GLIBC_TUNABLES            read to tell whether the huge-page malloc tunable is active
 ========================= =========================================================================

@@ -172,11 +172,12 @@ def test_rolling_loglikelihood_and_perplexity(model, tok, tmp_path):
         lw = _fwd(cfg, p, S[a:e]).logits
         want += sum(_logp(lw, j, S[a + j + 1]) for j in range(e - a - n, e - a))
     assert counts[0] == 20 and sums[0] == pytest.approx(want, abs=1e-3)
-    # perplexity of a text file: each paragraph a document, EOS appended
+    # perplexity of a text file: each paragraph a document; EOS appended only when asked (the harness adds none)
     f = tmp_path / "docs.txt"
     f.write_text(text + "\n\nA short one.\n")
-    r = ppl.perplexity_of_file(cfg, p, f, tok)
+    r = ppl.perplexity_of_file(cfg, p, f, tok, add_eos=True)
     assert r.documents == 2 and r.tokens == len(ids) + 1 + len(tok.encode("A short one.")) + 1
+    assert ppl.perplexity_of_file(cfg, p, f, tok).tokens == r.tokens - 2
     assert r.perplexity == pytest.approx(math.exp(r.nll / r.tokens)) and r.bits_per_byte > 0
     j = tmp_path / "docs.jsonl"
     j.write_text(json.dumps({"input_ids": doc}) + "\n")
@@ -202,7 +203,7 @@ def test_adapter_construction_and_cli(model, tok, tmp_path, monkeypatch, capsys)
     from pldr_jax.cli import build_parser
 
     cfg, p = model
-    monkeypatch.setattr(gs, "load_model_spec", lambda spec, config=None: (cfg, p, None))
+    monkeypatch.setattr(gs, "load_model_spec", lambda spec, config=None, step=None: (cfg, p, None))
     tok_path = str(ref_path("refinedweb-tokenizer-model-pldrllm-kvg-cache-paper.model"))
     lm = harness.PLDRLM.create_from_arg_string(f"pretrained=ckpt,tokenizer={tok_path},batch_size=4,mode=cached",
                                                {"device": "cpu", "batch_size": None})

@@ -237,10 +237,10 @@ def test_eval_harness_equals_eval_mc_and_perplexity(run_dir, lm, tmp_path, capsy
     mc_file.write_text("".join(json.dumps(d) + "\n" for d in MC_ITEMS))
     mc = json.loads(_cli(["eval", "mc", str(run_dir), "--data", str(mc_file)], capsys))
     assert r["local_mc"]["acc,none"] == mc["acc"] and r["local_mc"]["acc_norm,none"] == mc["acc_norm"]
-    # rolling log-likelihood: the numbers of `pldr-jax eval perplexity` (lm-eval adds no EOS)
+    # rolling log-likelihood: the numbers of `pldr-jax eval perplexity` with its defaults (no EOS, as lm-eval)
     docs = tmp_path / "docs.jsonl"
     docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in DOCS))
-    ppl = json.loads(_cli(["eval", "perplexity", str(run_dir), "--data", str(docs), "--no-eos"], capsys))
+    ppl = json.loads(_cli(["eval", "perplexity", str(run_dir), "--data", str(docs)], capsys))
     assert r["local_rolling"]["bits_per_byte,none"] == pytest.approx(ppl["bits_per_byte"], rel=1e-6)
     nll = ppl["nll_per_token"] * ppl["tokens"]
     words = sum(len(t.split()) for t in DOCS)
@@ -263,3 +263,23 @@ def test_eval_harness_refuses_clearly(run_dir, capsys):
     assert "--batch_size" in capsys.readouterr().err
     assert main(["eval", "harness", str(run_dir), "--tasks", "x", "--batch_size", "many"]) == 2
     assert "auto" in capsys.readouterr().err
+    assert main(["eval", "harness", str(run_dir), "--tasks", "x", "--model_args", "mdoe=cached"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "mdoe" in err[0] and "mode" in err[0].split("valid:")[1], err
+    with pytest.raises(ValueError, match="mdoe"):
+        harness.PLDRLM(pretrained=str(run_dir), mdoe="cached")
+
+
+def test_eval_commands_show_progress_unless_told_not_to(run_dir, tmp_path, capsys):
+    from pldr_jax.cli import main
+    mc_file = tmp_path / "mc.jsonl"
+    mc_file.write_text("".join(json.dumps(d) + "\n" for d in MC_ITEMS))
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in DOCS))
+    for task, data in (("mc", mc_file), ("perplexity", docs)):
+        capsys.readouterr()
+        assert main(["eval", task, str(run_dir), "--data", str(data)]) == 0
+        err = capsys.readouterr().err
+        assert f"{task}:" in err and "100%" in err, err
+        assert main(["eval", task, str(run_dir), "--data", str(data), "--no-progress"]) == 0
+        assert f"{task}:" not in capsys.readouterr().err

@@ -8,8 +8,9 @@ one CPU device per process, mesh fsdp = process count):
 | resume a 2-process run with 4 processes            | continues (params re-sharded, data position global)   |
 | newest checkpoint corrupted in process 1's files   | both processes agree on step 4; step 8 moved aside    |
 | kill -9 of every process (seeded random moment)    | resume is exact (bitwise losses, same final step)     |
-| kill -9 of one process                             | the other stops within the heartbeat timeout, with a  |
-|                                                    | message; resume (4 processes) continues               |
+| kill -9 of one process                             | the other stops within a minute with one line naming  |
+|                                                    | the newest complete checkpoint and --resume (no       |
+|                                                    | traceback); resume (4 processes) continues            |
 | disk full while saving step 8 (2 procs, tmpfs)     | both exit non-zero naming the failed save; step 4     |
 |                                                    | intact; resume after freeing space is exact           |
 | only process 0's write of step 8 fails (injected   | both stop within seconds naming the failed save       |
@@ -226,9 +227,12 @@ def test_kill_one_process_stops_the_other_then_resume_on_four(runs, data):
         stopped_after = time.monotonic() - t_kill
     finally:
         _wait(procs, 5)
-    assert procs[0].returncode != 0 and stopped_after < HEARTBEAT_S + 60
+    assert procs[0].returncode != 0 and stopped_after < 60
     out = _log(wd, 0)
-    assert "another task died" in out or "Gloo" in out or "heartbeat" in out, out[-3000:]
+    err = [ln for ln in out.splitlines() if ln.startswith("pldr-jax train: error:")]
+    assert len(err) == 1 and "another process of this run died" in err[0], out[-3000:]
+    assert "the newest complete checkpoint is step" in err[0] and "--resume" in err[0], err[0]
+    assert "Traceback" not in out, out[-3000:]
     ck = complete_checkpoint_steps(wd / "checkpoints")
     assert ck and max(ck) < 12
     _run(data, wd, 4, 12, ["--resume"])
@@ -287,6 +291,8 @@ def _assert_failed_save_of_step_8(wd: Path, ckpt: Path, *also: str) -> None:
         err = [ln for ln in _log(wd, i).splitlines() if ln.startswith("pldr-jax train: error:")]
         assert err and "the save of step 8" in err[0] and "the disk is full" in err[0], _log(wd, i)[-3000:]
         assert "step 4, is intact" in err[0] and "--resume" in err[0] and all(a in err[0] for a in also)
+        log = _log(wd, i)  # the one line, not the libraries' pages (orbax tracebacks, asyncio's closed loop)
+        assert "Event loop is closed" not in log and "Traceback" not in log, log[-3000:]
     assert complete_checkpoint_steps(ckpt) == [4]
     assert not (ckpt.parent / "checkpoints.corrupt").exists()
 
@@ -303,6 +309,47 @@ def test_one_process_background_write_failing_stops_every_process(data):
     assert all(rc not in (0, None, -9) for rc in rcs), (rcs, logs)  # neither hung (killed) nor claimed success
     _assert_failed_save_of_step_8(wd, wd / "checkpoints", "process 0:")
     assert took < 150, f"the processes took {took:.0f} s to stop"
+
+
+def test_lost_peer_message_names_the_checkpoint_to_resume_from(tmp_path):
+    """The classification and the line behind the kill -9 test, without processes."""
+    import jax
+
+    from pldr_jax.train.faults import is_peer_failure, peer_failure_message
+    ckpt = tmp_path / "checkpoints"
+    for step, done in ((4, True), (8, True), (12, False)):  # 12: a save cut off (no metadata written)
+        (ckpt / str(step)).mkdir(parents=True)
+        if done:
+            (ckpt / str(step) / "_CHECKPOINT_METADATA").write_text("{}")
+    gloo = jax.errors.JaxRuntimeError("UNKNOWN: Gloo all-reduce failed: [pair.cc:538] Read error: Connection reset by peer")
+    try:
+        try:
+            raise gloo
+        except Exception as inner:
+            raise RuntimeError("while reading the metrics") from inner
+    except RuntimeError as outer:
+        wrapped = outer
+    assert is_peer_failure(gloo) and is_peer_failure(wrapped)
+    assert not is_peer_failure(jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: out of memory"))
+    assert not is_peer_failure(ValueError("Gloo"))
+    line = peer_failure_message(wrapped, ckpt)
+    assert "\n" not in line and "Connection reset by peer" in line and "--resume" in line
+    assert f"the newest complete checkpoint is step 8 in {ckpt}" in line
+
+
+def test_closed_event_loop_noise_is_dropped(capsys):
+    import sys
+
+    from pldr_jax.train.faults import quiet_background_save_errors
+    saved = sys.excepthook, sys.unraisablehook
+    try:
+        quiet_background_save_errors()
+        sys.excepthook(RuntimeError, RuntimeError("Event loop is closed"), None)
+        assert capsys.readouterr().err == ""
+        sys.excepthook(RuntimeError, RuntimeError("something else"), None)
+        assert "something else" in capsys.readouterr().err
+    finally:
+        sys.excepthook, sys.unraisablehook = saved
 
 
 def _full_disk_launch(spec: dict) -> int:

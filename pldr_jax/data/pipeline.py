@@ -43,7 +43,8 @@ from .sources import DocumentSource, make_source
 from .tokenizer import Tokenizer
 
 __all__ = ["TokenizedCorpus", "tokenize_documents", "split_documents", "make_rows", "PretrainDataset",
-           "PipelineIterator", "make_dataset", "MODES"]
+           "PipelineIterator", "make_dataset", "MODES", "PIPELINE_VERSION", "DATA_STATE_POLICIES", "DataStateMismatch",
+           "restore_position"]
 
 MODES = ("pack", "pad", "nopad")
 PAD_ID = 0
@@ -235,14 +236,34 @@ class _GlobalBatchSlice(grain.MapDataset):
         return f"_GlobalBatchSlice(index={self._index}, count={self._count}, local_batch={self._b})"
 
 
+#: Version of the batch order: bumped whenever the same inputs give other batches.  Version 0
+#: (before 2026-11-29): every process shuffled its own ``rows[i::n]``; version 1: global batches
+#: (this order), states without a version; version 2: this order, the version stored in the state.
+PIPELINE_VERSION = 2
+DATA_STATE_POLICIES = ("exact", "restart", "skip")
+
+
+class DataStateMismatch(ValueError):
+    """A data-iterator state that this pipeline cannot continue exactly (`restore_position`)."""
+
+    def __init__(self, message: str, next_index: int):
+        super().__init__(message)
+        self.next_index = next_index
+
+
 class PipelineIterator(grain.DatasetIterator):
     """Checkpointable batch iterator (a ``grain.DatasetIterator``, so grain/orbax checkpoint handlers
-    accept it). ``get_state()`` → JSON-serialisable dict ``{"next_index": int, "pipeline": str}``;
-    ``set_state`` refuses a state from a differently configured pipeline."""
+    accept it). ``get_state()`` → JSON-serialisable dict ``{"next_index": int, "pipeline": str,
+    "pipeline_version": int}``: the position (global batches consumed), the fingerprint of the
+    inputs (data, seq_len, mode, seed, global batch, ...) and the batch-order version.  ``set_state``
+    continues a state exactly when the inputs are equal and the position means the same batches in
+    this version (`PIPELINE_VERSION`; the states of earlier versions are recognised), and raises
+    `DataStateMismatch` otherwise (see `restore_position` for continuing anyway)."""
 
-    def __init__(self, parent: grain.DatasetIterator, fingerprint: str):
+    def __init__(self, parent: grain.DatasetIterator, fingerprint: str, legacy_fingerprints: dict | None = None):
         super().__init__(parent)
         self._fingerprint = fingerprint
+        self._legacy = dict(legacy_fingerprints or {})  # version -> (fingerprint of these inputs, position carries)
 
     def __next__(self) -> dict[str, np.ndarray]:
         return next(self._parent)
@@ -253,23 +274,72 @@ class PipelineIterator(grain.DatasetIterator):
         return int(self._parent.get_state()["next_index"])
 
     def get_state(self) -> dict[str, Any]:
-        return {**self._parent.get_state(), "pipeline": self._fingerprint}
+        return {**self._parent.get_state(), "pipeline": self._fingerprint, "pipeline_version": PIPELINE_VERSION}
 
     def set_state(self, state: dict[str, Any] | bytes | str) -> None:
         if isinstance(state, (bytes, str)):
             state = json.loads(state)
         if not isinstance(state, dict) or "next_index" not in state:
             raise ValueError(f"state must be a dict from get_state() with 'next_index', got {state!r}")
-        fp = state.get("pipeline")
-        if fp is not None and fp != self._fingerprint:
-            raise ValueError(f"iterator state belongs to a different pipeline (state pipeline={fp!r}, this "
-                             f"pipeline={self._fingerprint!r}): data, seq_len, mode, seed or global batch "
-                             "size changed")
-        inner = {k: v for k, v in state.items() if k != "pipeline"}
+        self._check(state)
+        inner = {k: v for k, v in state.items() if k not in ("pipeline", "pipeline_version")}
         self._parent.set_state(inner)
+
+    def _check(self, state: dict) -> None:
+        fp, version, n = state.get("pipeline"), state.get("pipeline_version"), int(state["next_index"])
+        if fp is None:
+            return
+        if version == PIPELINE_VERSION:
+            if fp != self._fingerprint:
+                raise DataStateMismatch(f"the data position ({n} batches) was saved for other inputs: the data, "
+                                        "seq_len, mode, seed or global batch size changed", n)
+            return
+        if version is None:  # written before versions were stored: version 1 or 0
+            for v in (1, 0):
+                legacy_fp, carries = self._legacy.get(v, (None, False))
+                if fp == legacy_fp:
+                    if carries:
+                        return
+                    raise DataStateMismatch(f"the data position ({n} batches) was saved by data-pipeline version {v}, "
+                                            f"whose batches differ from this version's ({PIPELINE_VERSION}) for "
+                                            "these inputs", n)
+            raise DataStateMismatch(f"the data position ({n} batches) was saved for other inputs (the data, seq_len, "
+                                    "mode, seed or global batch size changed) or by an older data pipeline", n)
+        raise DataStateMismatch(f"the data position ({n} batches) was saved by data-pipeline version {version}, "
+                                f"this is version {PIPELINE_VERSION}", n)
 
     def __str__(self) -> str:
         return f"PipelineIterator(pipeline={self._fingerprint})"
+
+
+def restore_position(iterator, state: dict, policy: str = "exact") -> str | None:
+    """Put a resumed run's data `iterator` at the saved `state`; returns a note for the user, or None.
+
+    policy "exact" (the default): the state is continued exactly, or `DataStateMismatch` names the
+    other choices.  When the state cannot be continued exactly (other inputs, or a batch order of
+    another pipeline version): "restart" starts the data from its first batch, "skip" continues
+    after as many batches as the state had consumed (in this pipeline's order: the examples already
+    seen are skipped only where the order is the same).  Iterators other than `PipelineIterator`
+    (e.g. streamed data) take their state as they are, or start afresh with "restart"."""
+    if policy not in DATA_STATE_POLICIES:
+        raise ValueError(f"data-state policy must be one of {DATA_STATE_POLICIES}, got {policy!r}")
+    try:
+        iterator.set_state(state)
+        return None
+    except DataStateMismatch as e:
+        if policy == "exact":
+            raise DataStateMismatch(f"cannot continue the training data where the checkpoint left it: {e}. To go on "
+                                    "with the checkpoint's model and optimiser state, pass --data-state restart "
+                                    f"(the data from its first batch) or --data-state skip (past the first "
+                                    f"{e.next_index} batches)", e.next_index) from None
+        if policy == "restart":
+            return f"data restarted from its first batch (--data-state restart): {e}"
+        iterator.set_state({"next_index": e.next_index})
+        return f"data continues after its first {e.next_index} batches (--data-state skip): {e}"
+    except ValueError:
+        if policy == "restart":
+            return "data restarted from its first batch (--data-state restart): its saved state does not fit"
+        raise
 
 
 class PretrainDataset:
@@ -343,7 +413,14 @@ class PretrainDataset:
         # fingerprint names the global batch, not this shard, so a state re-shards onto any count.
         cfg = dict(data=data_id, seq_len=self.seq_len, global_batch=global_batch, mode=mode,
                    seed=self.seed, shuffle=bool(shuffle), epochs=num_epochs, drop=bool(drop_remainder))
-        self.fingerprint = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
+        self.fingerprint = _sha16(cfg)
+        # The fingerprints the earlier versions gave these inputs, and whether their positions mean the
+        # same batches here: version 1 had this order; version 0's only with one process (rows[0::1]).
+        v0 = dict(data=data_id, seq_len=self.seq_len, batch=self.batch_size, mode=mode, seed=self.seed,
+                  shuffle=bool(shuffle), shard=[self.shard_index, self.shard_count], epochs=num_epochs,
+                  drop=bool(drop_remainder))
+        self.legacy_fingerprints = {1: (self.fingerprint, True),
+                                    0: (_sha16(v0), self.shard_count == 1 and bool(drop_remainder))}
 
     def __len__(self) -> int:
         return len(self.map_dataset)
@@ -353,7 +430,8 @@ class PretrainDataset:
 
     def iterator(self, start_step: int = 0) -> PipelineIterator:
         """A fresh iterator positioned at batch ``start_step``."""
-        it = PipelineIterator(self.map_dataset.to_iter_dataset(self.read_options).__iter__(), self.fingerprint)
+        it = PipelineIterator(self.map_dataset.to_iter_dataset(self.read_options).__iter__(), self.fingerprint,
+                              self.legacy_fingerprints)
         if start_step:
             it.set_state({"next_index": int(start_step)})
         return it
@@ -365,6 +443,10 @@ class PretrainDataset:
         return (f"PretrainDataset(mode={self.mode!r}, seq_len={self.seq_len}, batch_size={self.batch_size}, "
                 f"rows={len(self.rows)}, batches_per_epoch={self.batches_per_epoch}, "
                 f"shard={self.shard_index}/{self.shard_count}, num_epochs={self.num_epochs})")
+
+
+def _sha16(d: dict) -> str:
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def make_dataset(tokenizer: Tokenizer | None, source, seq_len: int, batch_size: int, mode: str = "pack",

@@ -32,6 +32,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="checkpoint path (pldr_jax.io.load_model: HF folder, .pth/.npz with a "
                                       "config, orbax dir) or 'preset:<name>[:seed]' (random init)")
     p.add_argument("--config", default=None, help="config JSON when the checkpoint has none")
+    p.add_argument("--step", type=int, default=None, metavar="N",
+                   help="training directories: the checkpoint step to load (default: the latest)")
     src = p.add_argument_group("prompts (any mix; at least one)")
     src.add_argument("--prompt", action="append", default=[], help="a text prompt (repeatable)")
     src.add_argument("--prompts-file", default=None, help="file with one text prompt per line ('-' = stdin)")
@@ -79,9 +81,23 @@ def _load(args):
     `pldr_jax.io.load_model` (HF folders, .pth/.npz with a config, orbax training dirs)."""
     if args.checkpoint.startswith("preset:"):
         from ..g_sources import load_model_spec
-        return load_model_spec(args.checkpoint, args.config)
+        return load_model_spec(args.checkpoint, args.config, step=args.step)
     from ..io import load_model
-    return load_model(args.checkpoint, config=args.config)
+    return load_model(args.checkpoint, config=args.config, step=args.step)
+
+
+def load_for_decoding(args):
+    """(cfg, params, g_lm, tokenizer or None) of a decoding command's ``checkpoint``, ``--config``,
+    ``--dtype``, ``--g`` (with ``--seed``) and ``--tokenizer`` (`pldr-jax generate`, `pldr-jax serve`)."""
+    import jax
+
+    from ..g_sources import make_g
+    cfg, params, g_lm = _load(args)
+    if args.dtype:
+        cfg = cfg.replace(dtype=args.dtype)
+    if args.g_source:
+        g_lm = make_g(cfg, args.g_source, jax.random.key(args.seed))
+    return cfg, params, g_lm, _find_tokenizer(args)
 
 
 def _find_tokenizer(args):
@@ -98,6 +114,9 @@ def _parse_ids(s: str) -> list[int]:
 
 
 def _collect_prompts(args) -> list[dict]:
+    for b, t in enumerate(args.prompt):
+        if not t.strip():
+            raise ValueError(f"prompt {b} is empty; give at least one token (text, or --ids)")
     items = [{"prompt": t} for t in args.prompt]
     if args.prompts_file:
         text = sys.stdin.read() if args.prompts_file == "-" else Path(args.prompts_file).read_text()
@@ -108,13 +127,22 @@ def _collect_prompts(args) -> list[dict]:
     return items
 
 
-def run(args) -> int:
+def _load_native_kernels() -> None:
+    """Build (first use: a C++ compile, reported by `pldr_jax.kernels.build`) and load the native CPU
+    kernels before anything is timed, so that the decode rate never includes their build."""
     import jax
+    if jax.default_backend() != "cpu":
+        return
+    from ..kernels.build import KERNELS, load
+    for name in KERNELS:
+        load(name)
+
+
+def run(args) -> int:
     import numpy as np
 
     from ..compile_cache import enable_compile_cache
 
-    from ..g_sources import make_g
     from .compile_time import CompileWatch
     from .sampler import Sampler
     from .sampling import validate_sampling
@@ -130,12 +158,7 @@ def run(args) -> int:
     cache_dir = enable_compile_cache(args.compile_cache, enabled=not args.no_compile_cache)
     cache_dir = None if cache_dir is None else str(cache_dir)
     items = _collect_prompts(args)
-    cfg, params, g_lm = _load(args)
-    if args.dtype:
-        cfg = cfg.replace(dtype=args.dtype)
-    if args.g_source:
-        g_lm = make_g(cfg, args.g_source, jax.random.key(args.seed))
-    tok = _find_tokenizer(args)
+    cfg, params, g_lm, tok = load_for_decoding(args)
     text_items = [it for it in items if "prompt" in it]
     if text_items and tok is None:
         raise ValueError("text prompts need a tokenizer: pass --tokenizer FILE.model (or use --ids)")
@@ -149,6 +172,7 @@ def run(args) -> int:
               shared_g=args.shared_g, stop_at_max_seq_len=args.stop_at_max_seq_len)
     decode = (lambda ids: tok.decode([t for t in ids if t != eos])) if tok is not None else None
     mode = mode_name(not args.no_kv_cache, not args.no_g_cache)
+    _load_native_kernels()
     sampler = Sampler(cfg, params)          # decode weights prepared once, for every batch below
 
     if args.stream and not args.json:

@@ -9,7 +9,11 @@ Examples::
 The tokenizer is the checkpoint's own (a training run's or HF folder's ``tokenizer.model``) unless
 ``--tokenizer`` is given.  ``harness`` runs lm-evaluation-harness (see `pldr_jax.eval.lm_eval_cli`).
 
-``perplexity`` / ``mc`` print their results as JSON (and write them to ``--output`` when given).
+``perplexity`` / ``mc`` print their results as JSON (and write them to ``--output`` when given), with a
+progress bar on stderr (``--no-progress``: none); compiled programs are kept in the persistent
+compilation cache (`pldr_jax.compile_cache`) as with ``generate``.  ``perplexity`` scores each
+document as lm-evaluation-harness's rolling log-likelihood does (no EOS appended: its bits per byte
+are the harness's); ``--eos`` appends EOS to each document, as in pretraining.
 """
 
 from __future__ import annotations
@@ -24,14 +28,27 @@ __all__ = ["add_parser"]
 def _load(args):
     import jax
 
+    from ..compile_cache import enable_compile_cache
     from ..g_sources import load_model_spec, make_g
 
-    cfg, params, g_lm = load_model_spec(args.model, args.config)
+    enable_compile_cache(args.compile_cache, enabled=not args.no_compile_cache)
+
+    cfg, params, g_lm = load_model_spec(args.model, args.config, step=args.step)
     if args.g_source:
         g_lm = make_g(cfg, args.g_source, jax.random.key(args.seed))
     from ..io.run_tokenizer import resolve_tokenizer
     tok = resolve_tokenizer(args.model, args.tokenizer)
     return cfg, params, g_lm, tok
+
+
+def _progress(args, desc: str):
+    """A factory of tqdm bars on stderr (``progress(total=rows)``), or None with --no-progress."""
+    if args.no_progress:
+        return None
+    import sys
+
+    from tqdm.auto import tqdm
+    return lambda total: tqdm(total=total, desc=desc, unit="row", file=sys.stderr, dynamic_ncols=True)
 
 
 def _emit(result: dict, args) -> None:
@@ -48,8 +65,8 @@ def _run_ppl(args) -> int:
 
     cfg, params, g_lm, tok = _load(args)
     res = perplexity_of_file(cfg, params, args.data, tok, split=args.split, max_docs=args.max_docs,
-                             add_eos=not args.no_eos, mode=args.mode, g_lm=g_lm, batch_size=args.batch_size,
-                             stride=args.stride)
+                             add_eos=args.eos, mode=args.mode, g_lm=g_lm, batch_size=args.batch_size,
+                             stride=args.stride, progress=_progress(args, "perplexity"))
     _emit({"task": "perplexity", "data": str(args.data), "mode": args.mode, **res.summary()}, args)
     return 0
 
@@ -62,7 +79,8 @@ def _run_mc(args) -> int:
     if args.max_docs is not None:
         items = items[: args.max_docs]
     res = score_multiple_choice(cfg, params, items, tokenizer=tok, mode=args.mode, g_lm=g_lm,
-                                batch_size=args.batch_size, target_delimiter=args.delimiter)
+                                batch_size=args.batch_size, target_delimiter=args.delimiter,
+                                progress=_progress(args, "mc"))
     _emit({"task": "multiple_choice", "data": str(args.data), "mode": args.mode, **res.summary()}, args)
     return 0
 
@@ -74,6 +92,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="checkpoint path (pldr_jax.io.load_model) or 'preset:<name>[:seed]' (random init)")
     p.add_argument("--data", required=True, help="data file")
     p.add_argument("--config", default=None, help="PLDRConfig JSON file when the checkpoint lacks one")
+    p.add_argument("--step", type=int, default=None, metavar="N",
+                   help="training directories: the checkpoint step to evaluate (default: the latest)")
     p.add_argument("--tokenizer", default=None, help="sentencepiece .model (default: the checkpoint's own, "
                                                      "e.g. a run's tokenizer.model; needed for text)")
     p.add_argument("--mode", choices=MODES, default="full",
@@ -85,6 +105,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-docs", type=int, default=None, help="score only the first N documents/items")
     p.add_argument("--output", default=None, help="also write the JSON result here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--compile-cache", default=None, metavar="DIR",
+                   help="persistent compilation cache directory (default: as pldr-jax generate)")
+    p.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent compilation cache")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -97,7 +121,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     pp.add_argument("--split", choices=("blank", "line", "file"), default="blank",
                     help="documents of a text file: paragraphs (blank), lines, or the whole file")
     pp.add_argument("--stride", type=int, default=None, help="new tokens per window (default: max_seq_len)")
-    pp.add_argument("--no-eos", action="store_true", help="do not append EOS to each document")
+    eos = pp.add_mutually_exclusive_group()
+    eos.add_argument("--eos", dest="eos", action="store_true", default=False,
+                     help="append EOS to each document (as in pretraining); default: no EOS, as "
+                          "lm-evaluation-harness's rolling log-likelihood")
+    eos.add_argument("--no-eos", dest="eos", action="store_false", help="no EOS appended (the default)")
     pp.set_defaults(func=_run_ppl)
     mc = sub.add_parser("mc", aliases=["multiple-choice"], help="multiple-choice accuracy (JSONL of "
                         "{context, choices, label})")

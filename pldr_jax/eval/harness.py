@@ -51,7 +51,7 @@ from .batch_size import DEFAULT_BATCH_SIZE, auto_batch_size, parse_batch_size, r
 from .multiple_choice import EOS_ID, MODES, encode_pair, loglikelihood_tokens, make_encoder
 from .perplexity import doc_loglikelihoods
 
-__all__ = ["PLDRLM", "HAS_LM_EVAL"]
+__all__ = ["PLDRLM", "HAS_LM_EVAL", "model_args", "check_model_args"]
 
 try:  # pragma: no cover - depends on the environment
     from lm_eval.api.model import LM as _Base
@@ -129,6 +129,21 @@ def _is_ids(x) -> bool:
     return isinstance(x, (list, tuple, np.ndarray)) and all(isinstance(t, (int, np.integer)) for t in x)
 
 
+def model_args() -> list[str]:
+    """The keyword arguments `PLDRLM` takes (what ``--model_args`` may set)."""
+    import inspect
+    return [n for n, p in inspect.signature(PLDRLM.__init__).parameters.items()
+            if n != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD]
+
+
+def check_model_args(names) -> None:
+    """ValueError naming any of `names` that `PLDRLM` does not take, with the valid ones."""
+    bad = sorted(set(names) - set(model_args()))
+    if bad:
+        raise ValueError(f"unknown pldr_jax model argument(s) {', '.join(bad)} (--model_args); valid: "
+                         f"{', '.join(model_args())}")
+
+
 class PLDRLM(_Base):
     """lm-eval ``LM`` adapter around ``(cfg, params)`` of a pldr_jax model.
 
@@ -139,12 +154,17 @@ class PLDRLM(_Base):
     predefined-G checkpoints use their own.  mode: "full" | "cached" | "causal".  batch_size: rows
     per forward pass / generate call, ``"auto"`` or None (the run's, else 8); max_batch_size and
     memory_budget_gb bound ``"auto"``.  max_gen_toks: default new-token limit of ``generate_until``.
+    step: a training directory's checkpoint step (default: the latest).  device: accepted because
+    lm-eval passes its ``--device``; JAX places the model itself.  Any other keyword (a misspelt
+    ``--model_args`` key) is refused with the list of valid ones (`check_model_args`).
     """
 
     def __init__(self, cfg=None, params=None, tokenizer=None, *, pretrained: str | None = None, config=None,
                  g_lm=None, g_source: str | None = None, batch_size: int | str | None = None,
                  max_batch_size: int | None = None, memory_budget_gb: float | None = None,
-                 max_gen_toks: int = 256, mode: str = "full", seed: int = 0, **unused):
+                 max_gen_toks: int = 256, mode: str = "full", seed: int = 0, step: int | None = None,
+                 device: str | None = None, **unknown):
+        check_model_args(unknown)
         super().__init__()
         from ..g_sources import load_model_spec, make_g
         from ..io.run_tokenizer import resolve_tokenizer
@@ -154,7 +174,8 @@ class PLDRLM(_Base):
         if cfg is None or params is None:
             if pretrained is None:
                 raise ValueError("PLDRLM needs (cfg, params) or pretrained=<checkpoint path>")
-            cfg, params, g_loaded = load_model_spec(str(pretrained), config)
+            cfg, params, g_loaded = load_model_spec(str(pretrained), config,
+                                                    step=None if step is None else int(step))
             g_lm = g_loaded if g_lm is None else g_lm
         if g_source:
             import jax

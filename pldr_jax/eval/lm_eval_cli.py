@@ -44,6 +44,8 @@ def _own_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=MODES, default=None, help="scoring mode (default: full)")
     p.add_argument("--g-source", default=None, help=f"fix G_LM; {G_SPEC_HELP} (not 'transfer')")
     p.add_argument("--max-gen-toks", type=int, default=None, help="default new-token limit of generation tasks")
+    p.add_argument("--step", type=int, default=None, metavar="N",
+                   help="training directories: the checkpoint step to evaluate (default: the latest)")
     p.add_argument("--memory-budget-gb", type=float, default=None,
                    help="memory budget of --batch_size auto (default: 90%% of the accelerator's memory, "
                         "half the host's available memory on CPU)")
@@ -94,9 +96,10 @@ def lm_eval_namespace(model: str, argv: list[str]) -> argparse.Namespace:
     ns.model = "pldr_jax"
     extra = {"tokenizer": ours.tokenizer, "config": ours.model_config, "mode": ours.mode,
              "g_source": ours.g_source, "max_gen_toks": ours.max_gen_toks,
-             "memory_budget_gb": ours.memory_budget_gb}
+             "memory_budget_gb": ours.memory_budget_gb, "step": ours.step}
     ns.model_args = {"pretrained": str(model), **{k: v for k, v in extra.items() if v is not None},
                      **(getattr(ns, "model_args", None) or {})}
+    harness.check_model_args(ns.model_args)  # before lm-eval loads any task
     if "batch_size" in ns.model_args:
         raise ValueError("give the batch size as --batch_size, not in --model_args")
     if getattr(ns, "batch_size", None) is None:
@@ -111,6 +114,8 @@ def lm_eval_namespace(model: str, argv: list[str]) -> argparse.Namespace:
 def run_harness(model: str, argv: list[str]) -> int:
     """Run lm-eval's ``run`` command in-process on ``model`` (see the module docstring)."""
     ns = lm_eval_namespace(model, argv)
+    from ..compile_cache import enable_compile_cache
+    enable_compile_cache()  # as pldr-jax generate: $PLDR_JAX_COMPILE_CACHE=off turns it off
     from lm_eval.utils import setup_logging
     setup_logging()
     ns.func(ns)

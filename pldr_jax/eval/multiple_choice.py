@@ -420,9 +420,11 @@ def mc_requests(items: Sequence[dict], encode: Callable[[str], list[int]] | None
 
 
 def score_multiple_choice(cfg: PLDRConfig, params, items, *, tokenizer=None, mode: str = "full", g_lm=None,
-                          batch_size: int = 8, target_delimiter: str = " ") -> MCResult:
+                          batch_size: int = 8, target_delimiter: str = " ", progress: Callable | None = None
+                          ) -> MCResult:
     """Accuracy and length-normalised accuracy on multiple-choice items (a list of dicts or a JSONL
-    path; see ``load_jsonl``).  ``tokenizer`` is needed for text items."""
+    path; see ``load_jsonl``).  ``tokenizer`` is needed for text items.  progress: see
+    `score_units`."""
     if isinstance(items, (str, os.PathLike)):
         items = load_jsonl(items)
     items = list(items)
@@ -430,7 +432,7 @@ def score_multiple_choice(cfg: PLDRConfig, params, items, *, tokenizer=None, mod
         raise ValueError("no multiple-choice items")
     encode = make_encoder(tokenizer) if tokenizer is not None else None
     reqs, counts, lengths = mc_requests(items, encode, target_delimiter)
-    res = loglikelihood_tokens(cfg, params, reqs, mode=mode, g_lm=g_lm, batch_size=batch_size)
+    res = loglikelihood_tokens(cfg, params, reqs, mode=mode, g_lm=g_lm, batch_size=batch_size, progress=progress)
     lls, greedy, pred, pred_norm, labels = [], [], [], [], []
     k = 0
     for d, n, lens in zip(items, counts, lengths):

@@ -113,10 +113,11 @@ def perplexity_of_tokens(cfg: PLDRConfig, params, docs: Iterable[Sequence[int]],
     return res
 
 
-def perplexity_of_texts(cfg: PLDRConfig, params, texts: Iterable[str], tokenizer, *, add_eos: bool = True,
+def perplexity_of_texts(cfg: PLDRConfig, params, texts: Iterable[str], tokenizer, *, add_eos: bool = False,
                         **kw) -> PerplexityResult:
     """Perplexity of text documents.  add_eos: append EOS to each document (as in pretraining, so
-    the end of a document is predicted too)."""
+    the end of a document is predicted too); off by default, as lm-evaluation-harness's rolling
+    log-likelihood (so bits per byte equal the harness's)."""
     encode = make_encoder(tokenizer)
     texts = [t for t in texts if t]
     docs = [encode(t) + ([EOS_ID] if add_eos else []) for t in texts]
@@ -153,7 +154,7 @@ def read_documents(path: str | os.PathLike, split: str = "blank", text_field: st
     raise ValueError(f"split must be 'blank', 'line' or 'file', got {split!r}")
 
 
-def perplexity_of_dataset(cfg: PLDRConfig, params, docs: Iterable, tokenizer=None, *, add_eos: bool = True,
+def perplexity_of_dataset(cfg: PLDRConfig, params, docs: Iterable, tokenizer=None, *, add_eos: bool = False,
                           max_docs: int | None = None, text_field: str = "text", **kw) -> PerplexityResult:
     """Perplexity over any iterable of documents: strings, id lists, or dicts with ``text_field`` or
     ``input_ids`` (e.g. rows of a grain / Hugging Face dataset).  Text needs a tokenizer."""

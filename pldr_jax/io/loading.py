@@ -34,7 +34,7 @@ import numpy as np
 
 from ..config import PRESETS, PLDRConfig
 from .hf import hf_config_to_pldr, load_hf, save_hf
-from .orbax_params import read_run_config, restore_params
+from .orbax_params import checkpoint_steps, read_run_config, restore_params
 from .safetensors_io import read_safetensors
 from .state_dict import (_TORCH_SUFFIXES, _open_npz, load_g_lm_list, save_torch_checkpoint,
                          state_dict_to_params)
@@ -258,22 +258,31 @@ def _orbax_root(path: Path, step: int | None) -> tuple[Path, int | None]:
 
 
 def _run_file(root: Path, stored: str | None, default_name: str) -> Path | None:
-    """A file recorded in the run config (absolute when written), else the workdir's own copy
-    (the run folder may have moved)."""
+    """A file of the run whose CheckpointManager directory is `root`: the run folder's own copy
+    (``<workdir>/<default_name>``) wins, so a copied or moved run uses its own files; else the path
+    recorded in the run config (relative to the run folder; an absolute one, written by older
+    versions, only when the run folder has no copy of its own)."""
+    own = root.parent / default_name
+    if own.is_file():
+        return own
     if stored:
         p = Path(stored)
         if not p.is_absolute():
             p = root.parent / p
         if p.is_file():
             return p
-    p = root.parent / default_name
-    return p if p.is_file() else None
+    return None
 
 
 def _load_orbax(path: Path, step: int | None):
     """(cfg, params, g_lm, tokenizer path) of a `pldr-jax train` checkpoint (params only)."""
     root, step = _orbax_root(path, step)
-    cfg, params, conf = restore_params(root, step)
+    try:
+        cfg, params, conf = restore_params(root, step)
+    except FileNotFoundError:  # no such step / no checkpoint: already one clear line
+        raise
+    except Exception as e:  # noqa: BLE001 -- a damaged checkpoint: one line, not orbax's traceback
+        raise ValueError(_unreadable_message(root, step, e)) from None
     g_lm = None
     if not cfg.learned_g:
         g_file = _run_file(root, conf.get("g_lm"), "g_lm.npy")
@@ -286,6 +295,34 @@ def _load_orbax(path: Path, step: int | None):
     return cfg, params, g_lm, tok
 
 
+def _root_cause(e: BaseException) -> str:
+    """The first line of the innermost error (TensorStore's names the file and the bad range)."""
+    seen = set()
+    while id(e) not in seen and (e.__cause__ or e.__context__) is not None:
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _unreadable_message(root: Path, step: int | None, error: BaseException) -> str:
+    """One line: which checkpoint cannot be read, why, and the newest earlier step that loads."""
+    steps = checkpoint_steps(root)
+    bad = step if step is not None else (steps[-1] if steps else None)
+    older = None
+    for s in reversed([s for s in steps if bad is None or s < bad]):
+        try:
+            restore_params(root, s)
+        except Exception:  # noqa: BLE001 -- damaged too: try the one before
+            continue
+        older = s
+        break
+    hint = (f"step {older} loads: pass --step {older}" if older is not None
+            else "no earlier checkpoint of this run loads")
+    return (f"checkpoint {root / str(bad)} cannot be read (corrupt or truncated?): {_root_cause(error)}; "
+            f"{hint}")
+
+
 def source_tokenizer(path: str | os.PathLike, step: int | None = None) -> Path | None:
     """The sentencepiece model that belongs to a checkpoint, if any: `tokenizer.model` of an HF
     folder, or the tokenizer recorded by (or saved in the workdir of) a training run."""
@@ -296,8 +333,9 @@ def source_tokenizer(path: str | os.PathLike, step: int | None = None) -> Path |
         return tok if tok.is_file() else None
     if fmt == "orbax":
         root, step = _orbax_root(path, step)
-        conf = read_run_config(root, step)
-        return _run_file(root, conf.get("tokenizer"), "tokenizer.model")
+        own = _run_file(root, None, "tokenizer.model")
+        return own if own is not None else _run_file(root, read_run_config(root, step).get("tokenizer"),
+                                                     "tokenizer.model")
     return None
 
 

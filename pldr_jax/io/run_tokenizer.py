@@ -5,10 +5,12 @@ harness` and the lm-eval adapter (`pldr_jax.eval.harness.PLDRLM`) use, so a run 
 the same everywhere without ``--tokenizer``:
 
 1. ``tokenizer`` given (a `pldr_jax.data.Tokenizer`, any object with ``encode``/``decode``, or a
-   path to a sentencepiece ``.model`` / a folder holding exactly one): that one (the override);
+   path to a sentencepiece ``.model`` / a folder holding exactly one): that one (the override; a
+   warning names both files when a path differs from the model's own tokenizer);
 2. ``model`` a Hugging Face pldrllm folder: its ``tokenizer.model``; a ``pldr-jax train`` run (its
-   workdir, ``checkpoints/`` or a step folder): the tokenizer its run config recorded, else the
-   workdir's ``tokenizer.model`` (`pldr_jax.io.loading.source_tokenizer`);
+   workdir, ``checkpoints/`` or a step folder): the workdir's own ``tokenizer.model`` (so a copied
+   or moved run uses its own), else the tokenizer its run config recorded (relative to the run
+   folder) (`pldr_jax.io.loading.source_tokenizer`);
 3. any other existing path: ``tokenizer.model`` beside it, else the only ``*.model`` beside it
    (a folder: inside it; a file: in its folder);
 4. nothing found (``preset:...`` specs, no candidate): None -- token-id inputs still work.
@@ -17,6 +19,7 @@ the same everywhere without ``--tokenizer``:
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 __all__ = ["find_tokenizer_file", "resolve_tokenizer"]
@@ -50,13 +53,33 @@ def find_tokenizer_file(model: str | os.PathLike | None) -> Path | None:
     return None
 
 
-def resolve_tokenizer(model: str | os.PathLike | None = None, tokenizer=None):
+def _same_file_contents(a: Path, b: Path) -> bool:
+    try:
+        return a.read_bytes() == b.read_bytes()
+    except OSError:
+        return False
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def resolve_tokenizer(model: str | os.PathLike | None = None, tokenizer=None, *, warn=_warn):
     """The tokenizer to use with ``model``: ``tokenizer`` if given (object or path), else the one
-    found by `find_tokenizer_file` (loaded as a `pldr_jax.data.Tokenizer`), else None."""
+    found by `find_tokenizer_file` (loaded as a `pldr_jax.data.Tokenizer`), else None.
+
+    A ``tokenizer`` path whose file differs from the model's own tokenizer is still used (an
+    explicit choice wins), after ``warn`` (default: one ``warning:`` line on stderr) names both."""
     from ..data.tokenizer import Tokenizer
     if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
         return tokenizer
     if tokenizer is not None:
-        return Tokenizer.load(tokenizer)
+        tok = Tokenizer.load(tokenizer)
+        own = find_tokenizer_file(model)
+        given = Path(getattr(tok, "path", None) or tokenizer)
+        if own is not None and given.is_file() and not _same_file_contents(own, given):
+            warn(f"--tokenizer {given} differs from the model's own tokenizer {own}; using {given} "
+                 "(leave --tokenizer out to use the model's own)")
+        return tok
     found = find_tokenizer_file(model)
     return None if found is None else Tokenizer.load(found)

@@ -99,6 +99,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     d.add_argument("--data-mode", choices=("pack", "pad", "nopad"), default=None)
     d.add_argument("--validation-fraction", type=float, default=None)
     d.add_argument("--data-seed", type=int, default=None)
+    d.add_argument("--data-state", choices=("restart", "skip"), default=None,
+                   help="--resume when the checkpoint's data position cannot be continued exactly (other data "
+                        "settings, an older data pipeline): restart the data, or skip the batches already seen")
     r = p.add_argument_group("mesh, logging, checkpoints")
     r.add_argument("--mesh", default=None, metavar="DATA,FSDP,TENSOR",
                    help="mesh axis sizes, one may be -1 (write --mesh=-1,8,1)")
@@ -196,8 +199,7 @@ def _parse_value(v: str):
         return None if v.lower() == "none" else v
 
 
-def model_config(args, base: dict | None = None):
-    from ..config import PLDRConfig
+def _model_overrides(args) -> dict:
     overrides = {}
     for item in args.set:
         if "=" not in item:
@@ -206,19 +208,28 @@ def model_config(args, base: dict | None = None):
         overrides[k.strip()] = _parse_value(v.strip())
     if args.dtype:
         overrides["dtype"] = args.dtype
+    return overrides
+
+
+def model_config(args, base: dict | None = None):
+    from ..config import PLDRConfig
+    overrides = _model_overrides(args)
     if base is not None:
-        return PLDRConfig(**{**base, **overrides})
+        return PLDRConfig.from_dict({**base, **overrides})
     if args.config and args.preset:
         raise ValueError("give --preset or --config, not both")
     if args.config:
-        return PLDRConfig.from_json_file(args.config, **overrides) if hasattr(PLDRConfig, "from_json_file") \
-            else PLDRConfig.from_dict({**json.loads(Path(args.config).read_text()), **overrides})
+        record = read_run_record(args.config)
+        if record is not None:
+            return PLDRConfig.from_dict({**record["model"], **overrides})
+        return PLDRConfig.from_json_file(args.config, **overrides)
     return PLDRConfig.preset(args.preset or "small", **overrides)
 
 
+DEFAULT_WORKDIR = "runs/pldr"
 _FLAG_FIELDS = ("workdir", "steps", "batch_size", "seq_len", "learning_rate", "warmup_steps", "total_steps", "alpha",
                 "weight_decay", "clip_norm", "grad_accum", "remat", "unroll_layers", "pad_aware_A", "g_source", "seed", "data",
-                "tokenizer", "vocab_size", "data_mode", "validation_fraction", "data_seed", "log_every",
+                "tokenizer", "vocab_size", "data_mode", "validation_fraction", "data_seed", "data_state", "log_every",
                 "eval_every", "eval_batches", "save_every", "keep_checkpoints", "nonfinite", "max_skipped",
                 "sync_timeout_s")
 
@@ -246,13 +257,169 @@ def train_config(args, recipe: dict, cfg):
         kw["mesh"] = parse_mesh_shape(args.mesh)
     if args.backend_option:
         kw["backend_options"] = {**dict(kw.get("backend_options", ())), **parse_backend_options(args.backend_option)}
-    kw.setdefault("workdir", "runs/pldr")
+    kw.setdefault("workdir", DEFAULT_WORKDIR)
     kw.setdefault("vocab_size", cfg.vocab_size)
     if "steps" in kw and "total_steps" not in kw and kw.get("warmup_steps", 100) > kw["steps"]:
         kw["warmup_steps"] = max(kw["steps"] // 10, 0)
     kw.update(resume=args.resume, overwrite=args.overwrite, async_checkpoint=not args.sync_checkpoints,
               progress=not args.no_progress, plot=not args.no_plot)
     return TrainConfig(**kw)
+
+
+# --------------------------------------------------------------------------- run settings: config files, --resume
+#: Entries of a run record (run_config.json, a checkpoint's config item).
+RUN_RECORD_KEYS = ("model", "train", "tokenizer", "g_lm", "mesh", "process_count", "digest", "recipe",
+                   "throughput")
+#: TrainConfig fields that belong to this invocation, never taken from a stored run.
+_INVOCATION_FIELDS = ("workdir", "resume", "overwrite", "progress", "plot", "async_checkpoint", "data_state",
+                      "max_runtime_s", "profile_steps")
+#: PLDRConfig fields a resumed run may change (the compute dtype; the stored weights stay float32).
+_RESUMABLE_MODEL_FIELDS = ("dtype",)
+
+
+def read_run_record(path) -> dict | None:
+    """A run record ({"model": ..., "train": ...}: a run_config.json, a --print-config output) from a
+    JSON file, its keys checked (ValueError naming an unknown one, in the record or in its "train"
+    section); None when the file is a plain model config."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config file not found: {p}")
+    try:
+        d = json.loads(p.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"config file {p} is not valid JSON: {e}") from None
+    if not isinstance(d, dict) or not ("model" in d and isinstance(d["model"], dict) or "train" in d):
+        return None
+    unknown = sorted(set(d) - set(RUN_RECORD_KEYS))
+    if unknown:
+        raise ValueError(f"config file {p}: unknown key(s) {unknown}; a run record holds {list(RUN_RECORD_KEYS)}")
+    _check_record(d, str(p))
+    return d
+
+
+def _check_record(d: dict, where: str) -> None:
+    from ..config import PLDRConfig, reject_unknown_fields
+    from .config import TrainConfig
+    for section, cls in (("model", PLDRConfig), ("train", TrainConfig)):
+        if section in d and not isinstance(d[section], dict):
+            raise ValueError(f"{where}: {section!r} must be a JSON object")
+        try:
+            reject_unknown_fields(cls, d.get(section) or {})
+        except ValueError as e:
+            raise ValueError(f"{where}: {section!r} section: {e}") from None
+
+
+def stored_run(workdir) -> dict | None:
+    """The settings a run in `workdir` was trained with: the config saved with its newest
+    checkpoint whose config reads (a damaged one is left to the resume's own checks), else its
+    run_config.json; None when it has neither."""
+    from ..io.orbax_params import checkpoint_steps, read_run_config
+    ckpt = Path(workdir) / "checkpoints"
+    where = d = None
+    for step in reversed(checkpoint_steps(ckpt)):
+        try:
+            where, d = f"{ckpt}/{step}/config", read_run_config(ckpt, step)
+            break
+        except Exception:  # noqa: BLE001 -- unreadable: the previous checkpoint's record
+            continue
+    if d is None and (Path(workdir) / "run_config.json").is_file():
+        where, d = str(Path(workdir) / "run_config.json"), json.loads((Path(workdir) / "run_config.json").read_text())
+    if d is None:
+        return None
+    if not isinstance(d.get("model"), dict) or not isinstance(d.get("train"), dict):
+        raise ValueError(f"{where}: not a pldr-jax run record (no 'model' / 'train' sections)")
+    _check_record(d, where)
+    return d
+
+
+def _model_flags_given(args) -> bool:
+    return bool(args.preset or args.config)
+
+
+def run_settings(args):
+    """(model config, TrainConfig, recipe name) of this invocation.
+
+    Fresh runs: the preset / --config model, the recipe's defaults (a run record given with --config
+    provides the training settings instead), then the flags.  ``--resume`` of a run that has a
+    stored record (`stored_run`): the stored model and training settings, then the flags given
+    (explicitly) -- each difference printed; a different model shape or global batch is refused."""
+    stored = stored_run(_workdir_arg(args)) if args.resume else None
+    record = read_run_record(args.config) if args.config else None
+    if stored is None:
+        cfg = model_config(args)
+        if record is not None and "train" in record:
+            name, base = "--config", {k: v for k, v in record["train"].items() if k not in _INVOCATION_FIELDS}
+            if args.recipe:
+                name, base = args.recipe, {**base, **RECIPES[args.recipe]}
+            return cfg, train_config(args, base, cfg), name
+        name, recipe = preset_recipe(args, cfg)
+        return cfg, train_config(args, recipe, cfg), name
+    from ..config import PLDRConfig
+    stored_cfg = PLDRConfig.from_dict(stored["model"])
+    cfg = model_config(args) if _model_flags_given(args) else model_config(args, base=stored_cfg.to_dict())
+    changed_model = [k for k in stored_cfg.to_dict() if getattr(cfg, k) != getattr(stored_cfg, k)]
+    shape = [k for k in changed_model if k not in _RESUMABLE_MODEL_FIELDS]
+    if shape:
+        raise ValueError("--resume: the model differs from the run's ("
+                         + ", ".join(f"{k}: run {getattr(stored_cfg, k)!r}, given {getattr(cfg, k)!r}" for k in shape)
+                         + "); a checkpoint cannot change the model: leave out --preset/--config/--set, or start a "
+                           "new run (another --workdir, or --overwrite)")
+    base = {k: v for k, v in stored["train"].items() if k not in _INVOCATION_FIELDS}
+    if (Path(_workdir_arg(args)) / "tokenizer.model").is_file():
+        base["tokenizer"] = None  # the run's own copy (a recorded path may be gone with a moved run)
+    name = "the run's"
+    if args.recipe:
+        name, base = args.recipe, {**base, **RECIPES[args.recipe]}
+    tcfg = train_config(args, base, cfg)
+    old = stored["train"]
+    if tcfg.batch_size != old.get("batch_size", tcfg.batch_size):
+        raise ValueError(f"--resume: the run's global batch size is {old['batch_size']}, not {tcfg.batch_size}: its data "
+                         f"position counts global batches of {old['batch_size']} rows; resume with --batch-size "
+                         f"{old['batch_size']} (or leave it out), or start a new run")
+    changes = [f"{k} {getattr(stored_cfg, k)!r} -> {getattr(cfg, k)!r}" for k in changed_model]
+    changes += [f"{k} {old[k]!r} -> {v!r}" for k, v in tcfg.to_dict().items()
+                if k in old and k not in _INVOCATION_FIELDS and _jsonish(old[k]) != _jsonish(v)
+                and not (k == "tokenizer" and args.tokenizer is None)]  # the run's own copy: not a change
+    _say("resume: the run's stored model and training settings" + (f", changed by the flags given: "
+                                                                    f"{'; '.join(changes)}" if changes else ""),
+         to_stderr=args.print_config)
+    return cfg, tcfg, name
+
+
+def _jsonish(v):
+    return json.loads(json.dumps(v))
+
+
+def _workdir_arg(args) -> str:
+    return args.workdir if args.workdir is not None else DEFAULT_WORKDIR
+
+
+def _say(line: str, to_stderr: bool = False) -> None:
+    import sys
+
+    import jax
+    if jax.process_index() == 0:
+        print(line, file=sys.stderr if to_stderr else sys.stdout, flush=True)
+
+
+# --------------------------------------------------------------------------- preset defaults
+def preset_recipe(args, cfg) -> tuple[str, dict]:
+    """(recipe name, its TrainConfig defaults fitted to the model): the recipe of ``--recipe``, else
+    the preset's (`_PRESET_RECIPE`, "cpu" otherwise), with its sequence length cut to the model's
+    ``max_seq_len`` so that ``pldr-jax train --preset NAME`` runs with no other flag."""
+    name = args.recipe or _PRESET_RECIPE.get(args.preset or "", "cpu")
+    recipe = dict(RECIPES[name])
+    if "seq_len" in recipe:
+        recipe["seq_len"] = min(recipe["seq_len"], cfg.max_seq_len)
+    return name, recipe
+
+
+def check_fits_model(cfg, tcfg) -> None:
+    """Settings the model cannot take, refused in one line before any work (tokenizer training,
+    data, compilation)."""
+    if tcfg.seq_len > cfg.max_seq_len:
+        raise ValueError(f"--seq-len {tcfg.seq_len} exceeds the model's max_seq_len {cfg.max_seq_len}: pass "
+                         f"--seq-len {cfg.max_seq_len} or less, or --set max_seq_len={tcfg.seq_len}")
 
 
 def _init_distributed(args):
@@ -269,9 +436,10 @@ def run(args) -> int:
     if args.main_job:
         return main_job(args)
     _init_distributed(args)
-    cfg = model_config(args)
-    recipe_name = args.recipe or _PRESET_RECIPE.get(args.preset or "", "cpu")
-    tcfg = train_config(args, RECIPES[recipe_name], cfg)
+    from .faults import quiet_background_save_errors
+    quiet_background_save_errors()
+    cfg, tcfg, recipe_name = run_settings(args)
+    check_fits_model(cfg, tcfg)
     if args.print_config:
         print(json.dumps({"model": cfg.to_dict(), "train": tcfg.to_dict(), "recipe": recipe_name}, indent=2))
         return 0
@@ -331,6 +499,7 @@ def main_job(args) -> int:
     if args.vocab_size is not None and "vocab_size" not in {s.split("=", 1)[0] for s in args.set}:
         cfg = cfg.replace(vocab_size=args.vocab_size)
     tcfg = train_config(args, recipe, cfg)
+    check_fits_model(cfg, tcfg)
     if not tcfg.resume:
         tcfg = tcfg.replace(overwrite=True)  # the demo starts afresh unless --resume
     if args.print_config:

@@ -30,7 +30,11 @@ class TrainConfig:
       `pldr-jax data prepare`; "stream:SPEC" = SPEC streamed, tokenized on the fly), tokenizer (a
       sentencepiece .model; None = the prepared directory's, or one trained with
       `vocab_size` pieces on the training data), seq_len, batch_size (global, all processes),
-      data_mode ("pack" | "pad" | "nopad"), validation_fraction (documents held out), data_seed.
+      data_mode ("pack" | "pad" | "nopad"), validation_fraction (documents held out), data_seed,
+      data_state (resuming: "exact" continues the data where the checkpoint left it, or refuses when
+      that position cannot be carried over -- other inputs, another batch order; then "restart"
+      starts the data afresh and "skip" continues past the batches already consumed; see
+      `pldr_jax.data.pipeline.restore_position`).
     Optimiser (the reference recipe): learning_rate (peak), warmup_steps, total_steps (end of the
       cosine decay; None = steps), alpha (final lr = alpha * peak), weight_decay, clip_value
       (per-element clip, reference 1.0; None = off), clip_norm (global-norm clip; None = off).
@@ -74,6 +78,7 @@ class TrainConfig:
     data_mode: str = "pack"
     validation_fraction: float = 0.05
     data_seed: int = 0
+    data_state: str = "exact"
     learning_rate: float = 1e-3
     warmup_steps: int = 100
     total_steps: int | None = None
@@ -133,6 +138,8 @@ class TrainConfig:
         if self.warmup_steps > self.schedule_steps:
             raise ValueError(f"TrainConfig.warmup_steps ({self.warmup_steps}) exceeds the schedule length "
                              f"({self.schedule_steps} = total_steps or steps)")
+        if self.data_state not in ("exact", "restart", "skip"):
+            raise ValueError(f"TrainConfig.data_state must be 'exact', 'restart' or 'skip', got {self.data_state!r}")
         if self.dtype not in (None, "float32", "bfloat16"):
             raise ValueError(f"TrainConfig.dtype must be None, 'float32' or 'bfloat16', got {self.dtype!r}")
         if len(self.mesh) != 3:

@@ -11,6 +11,14 @@ Pure helpers that the loop / step wire in with a few lines (nothing here imports
 * `apply_gradients_guarded` -- the jit-side half: one optimiser update, skipped (`lax.cond`) when
   the loss or the gradients are not finite; returns ``(state, ok)``.  `NonFiniteMonitor` is the
   host-side half (counting, logging, the stop decision).
+* `peer_failure_message` -- a multi-process run whose collective failed because another process
+  died or became unreachable (Gloo's "Connection reset by peer", the coordination service's "another
+  task died"): one line naming the newest complete checkpoint and how to resume, instead of the
+  library's traceback (`pldr_jax.cli` prints it and exits).
+* `quiet_background_save_errors` -- after a failed background save, orbax's writer threads report
+  the error themselves (absl ERROR records with tracebacks) and tensorstore callbacks that outlive
+  orbax's event loop print asyncio's "Event loop is closed" by the dozen; the run reports the
+  failure in one line of its own (`CheckpointSaveError`), so these are kept to one line each / dropped.
 * `preflight_checkpoint_dir` -- before training starts: the directory can be created, a probe
   file can be written + fsynced + deleted, and the disk has room for one more checkpoint
   (`estimate_checkpoint_bytes`); `CheckpointDirError` (a ValueError) otherwise.
@@ -23,9 +31,11 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import logging
 import math
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -34,8 +44,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .integrity import _chain as _error_chain
+
 __all__ = ["FaultPolicy", "NonFiniteError", "NonFiniteMonitor", "tree_all_finite", "apply_gradients_guarded",
-           "CheckpointDirError", "estimate_checkpoint_bytes", "preflight_checkpoint_dir"]
+           "CheckpointDirError", "estimate_checkpoint_bytes", "preflight_checkpoint_dir", "is_peer_failure",
+           "peer_failure_message", "quiet_background_save_errors"]
 
 NONFINITE_POLICIES = ("skip", "stop", "off")
 
@@ -146,6 +159,84 @@ class NonFiniteMonitor:
             f"training stopped: non-finite loss or gradients at step {self.stop_step} ({why}){where}. "
             "Lower the learning rate, enable clipping, check the data or the DAG coefficients; resume "
             "with resume=True (--resume) to continue past that batch")
+
+
+# =========================================================================== a lost peer
+#: Words of the errors a collective or a coordination-service call raises when another process died.
+_PEER_FAILURE_MARKERS = ("Gloo", "gloo", "Connection reset by peer", "Connection closed by peer", "another task died",
+                         "task died", "heartbeat", "Socket closed", "UNAVAILABLE")
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """Whether `exc` (or an error it came from) is a collective or coordination failure caused by
+    another process of a multi-process run going away (a runtime error of JAX naming Gloo, a closed
+    connection, a dead task or missed heartbeats)."""
+    for e in _error_chain(exc):
+        if type(e).__name__ in ("JaxRuntimeError", "XlaRuntimeError") and any(m in str(e) for m in _PEER_FAILURE_MARKERS):
+            return True
+    return False
+
+
+def complete_checkpoint_steps(ckpt_dir: str | os.PathLike) -> list[int]:
+    """Steps whose checkpoint save finished (orbax writes ``_CHECKPOINT_METADATA`` last; a save cut off
+    leaves an ``*.orbax-checkpoint-tmp-*`` folder or a step folder without it)."""
+    d = Path(ckpt_dir)
+    if not d.is_dir():
+        return []
+    return sorted(int(p.name) for p in d.iterdir()
+                  if p.is_dir() and p.name.isdigit() and (p / "_CHECKPOINT_METADATA").exists())
+
+
+def peer_failure_message(exc: BaseException, ckpt_dir: str | os.PathLike) -> str:
+    """One line for a run stopped by a lost peer: what failed, the newest complete checkpoint in
+    `ckpt_dir` and how to go on."""
+    cause = next((e for e in _error_chain(exc) if any(m in str(e) for m in _PEER_FAILURE_MARKERS)), exc)
+    what = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+    what = what if len(what) <= 200 else what[:197] + "..."
+    steps = complete_checkpoint_steps(ckpt_dir)
+    kept = (f"the newest complete checkpoint is step {steps[-1]} in {ckpt_dir}" if steps else
+            f"no complete checkpoint exists yet in {ckpt_dir}")
+    return (f"another process of this run died or became unreachable ({what}); {kept}. Start every process again "
+            f"with the same command plus --resume" + (" (it continues from that step)" if steps else ""))
+
+
+# =========================================================================== library noise after a failed save
+def _is_closed_loop_error(exc) -> bool:
+    return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
+class _OneLineOrbaxErrors(logging.Filter):
+    """absl records from orbax's background threads keep their message, lose their traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and "orbax" in (record.pathname or ""):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+_QUIET_INSTALLED: list = []
+
+
+def quiet_background_save_errors() -> None:
+    """Process-wide, idempotent: asyncio "Event loop is closed" errors that tensorstore callbacks raise
+    after orbax's writer loop ended are not printed (through `sys.excepthook` and
+    `sys.unraisablehook`), and orbax's absl error records print without tracebacks.  For the
+    ``pldr-jax train`` command, whose own message names the failed save."""
+    if _QUIET_INSTALLED:
+        return
+    prev_hook, prev_unraisable = sys.excepthook, sys.unraisablehook
+
+    def excepthook(exc_type, exc, tb):
+        if not _is_closed_loop_error(exc):
+            prev_hook(exc_type, exc, tb)
+
+    def unraisablehook(info):
+        if not _is_closed_loop_error(info.exc_value):
+            prev_unraisable(info)
+
+    sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
+    logging.getLogger("absl").addFilter(_OneLineOrbaxErrors())
+    _QUIET_INSTALLED.append(True)
 
 
 # =========================================================================== checkpoint directory preflight

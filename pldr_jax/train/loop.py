@@ -104,12 +104,12 @@ def train(model_cfg: PLDRConfig, tcfg: TrainConfig, *, train_data: Iterable | No
     prepare_inputs(run, train_data, val_data, tokenizer, documents)
     ops = RunOperations(run.model_cfg, tcfg, run.workdir, mesh=run.mesh, tokenizer=run.tokenizer, g_lm=run.g_dev,
                         log=run.log)
-    record_run_config(run, {"throughput": ops.run_summary()})
     if run.resume_point is not None:
         restore_position(run)
     else:
         init_state(run)
-    ops.batches = run.batches
+    record_run_config(run, {"throughput": ops.run_summary()})  # after the data position is settled: a refused
+    ops.batches = run.batches                                  # resume writes nothing
     reporter = Reporter(run)
     reporter.row_fields.append(ops.row_fields)
     for w in reporter.writers:

@@ -24,4 +24,5 @@ RECIPES: dict[str, dict[str, Any]] = {
                 batch_size=16, seq_len=128, log_every=10, eval_every=100, eval_batches=20, save_every=250,
                 keep_checkpoints=3),
 }
-PRESET_RECIPE = {"v51-110m": "paper", "v51-dag-110m": "paper-dag", "v51g-106m": "paper"}
+PRESET_RECIPE = {"v51-110m": "paper", "v51-dag-110m": "paper-dag", "v51g-106m": "paper", "v51-1b": "paper",
+                 "v51-8b": "paper"}

@@ -187,8 +187,9 @@ class Reporter:
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """Records of a metrics.jsonl file (later records of the same kind and step replace earlier
-    ones, so a resumed run's log reads as one run)."""
+    """Records of a metrics.jsonl file as one history: a ``resume`` record at step S drops the rows
+    written before it for steps after S (a run that went on past its last checkpoint and was lost:
+    those steps were rolled back), and later records of the same kind and step replace earlier ones."""
     p = Path(path)
     if not p.exists():
         return []
@@ -200,6 +201,8 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
             continue
     seen: dict = {}
     for r in recs:
+        if r.get("kind") == "resume":
+            seen = {k: v for k, v in seen.items() if k[1] <= r["step"]}
         seen[(r.get("kind", "train"), r["step"])] = r
     return sorted(seen.values(), key=lambda r: (r["step"], r.get("kind", "train")))
 

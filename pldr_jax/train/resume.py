@@ -122,13 +122,23 @@ def data_state_for(step_dir: str | Path, process_index: int, process_count: int)
                        f"{process_count}; every process continues at the same global batch ({states[0]})")
 
 
+def _model_dict(saved: dict) -> dict | None:
+    """A stored model config with this version's defaults for fields it lacks (None if unreadable)."""
+    from ..config import PLDRConfig
+    try:
+        return PLDRConfig.from_dict(saved).to_dict()
+    except (TypeError, ValueError):
+        return None
+
+
 def _probe(step_dir: Path, abstract_state, expect_model: dict | None, want_data: bool):
     """This process's findings about one step: (report dict, state, config, data_state, note)."""
     problems, config = check_step_files(step_dir)
     report: dict = {"problems": problems, "error": None}
     if problems:
         return report, None, config, None, None
-    if config is not None and expect_model is not None and config.get("model") not in (None, expect_model):
+    if config is not None and expect_model is not None and config.get("model") is not None \
+            and _model_dict(config["model"]) != expect_model:
         report["error"] = (f"checkpoint {step_dir.name} was trained with a different model config:\n"
                            f"  saved:   {config['model']}\n  current: {expect_model}")
         return report, None, config, None, None
@@ -229,7 +239,11 @@ def restore_position(run) -> None:
     checkpointable iterator without a saved position is refused: it would repeat data silently)."""
     point, ckpt_dir = run.resume_point, run.ckpt_dir
     if run.checkpointable_data and point.data_state is not None:
-        run.batches.set_state(point.data_state)
+        from ..data.pipeline import restore_position as restore_data_position
+        note = restore_data_position(run.batches, point.data_state, run.tcfg.data_state)
+        if note:
+            point.notes.append(note)
+            run.log("note: " + note)
     elif run.checkpointable_data:
         raise ResumeError(f"checkpoint {ckpt_dir / str(point.step)} holds no data-iterator state but this "
                           "run's data is checkpointable: resuming would repeat data silently; resume with the "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -161,10 +162,13 @@ def clear_run(workdir: Path, keep: Sequence[str | None] = ()) -> None:
 
 
 def record_run_config(run: TrainRun, extra: Mapping[str, Any] | None = None) -> None:
-    """The run's configuration record (saved with every checkpoint; ``workdir/run_config.json``);
+    """The run's configuration record (saved with every checkpoint; ``workdir/run_config.json``).
+    The run's files are recorded relative to the workdir, so the folder can be copied or moved.
     `extra`: more top-level entries (e.g. the throughput figures' basis)."""
-    run.config_record = {"model": run.model_cfg.to_dict(), "train": run.tcfg.to_dict(), "tokenizer": run.tok_path,
-                         "g_lm": str(run.g_path) if run.g_path else None, "mesh": dict(run.mesh.shape),
+    def rel(path):
+        return None if path is None else os.path.relpath(path, run.workdir)
+    run.config_record = {"model": run.model_cfg.to_dict(), "train": run.tcfg.to_dict(), "tokenizer": rel(run.tok_path),
+                         "g_lm": rel(run.g_path), "mesh": dict(run.mesh.shape),
                          "process_count": jax.process_count(), **(extra or {})}
     if run.main:
         (run.workdir / "run_config.json").write_text(json.dumps(run.config_record, indent=2))

@@ -1,0 +1,221 @@
+"""Serving benchmark: `pldr-jax serve` under a bounded Poisson load on 127.0.0.1, beside the same
+requests run as static batches through `Sampler`, in one run.
+
+The server is a real ``pldr-jax serve preset:<name>`` process (``--slots`` rows, compiled before the
+load).  A load generator in this process sends ``--requests`` streamed completions (token-id
+prompts, ``ignore_eos`` so each request produces exactly its ``max_tokens``) with exponential gaps
+of mean 1 / ``--rate`` seconds and at most ``--max-in-flight`` open at once.  Two workloads, drawn
+from ``--seed``:
+
+* ``mixed``: prompt lengths uniform in [8, 96], output lengths uniform in [8, 128];
+* ``equal``: every prompt 64 tokens, every output 64 tokens.
+
+Per workload it reports the server's output tokens/s (all tokens / first send to last token), time to
+first token (send -> first streamed token) and time per output token (per request: (last - first
+token) / (tokens - 1)) at p50 and p99; and the static batches: the same requests in arrival order,
+``--slots`` per `Sampler` call (greedy, no EOS, ``max_new_tokens`` = the batch's longest, so every
+row waits for it: the useful tokens are each request's own), each batch shape compiled before it
+is timed.  Each workload runs ``--repeats`` times, server and static alternated; the numbers are
+the median run's, ``ratio`` the median of the paired server tokens/s / static tokens/s.  Acceptance (issue 30): mixed >= 1.5,
+equal >= 0.85.  The static batches are timed without arrival gaps (all requests present at once),
+which favours them.  ``engine_in_process``: the same requests through `Engine` in this process, all
+present at once (no HTTP), ``engine_ratio`` its paired ratio to the static batches.
+
+    python experiments/bench_serve.py                  # small preset, 8 slots, 48 requests per workload
+    python experiments/bench_serve.py --json           # one JSON object
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKLOADS = {"mixed": dict(prompt=(8, 96), output=(8, 128)), "equal": dict(prompt=(64, 64), output=(64, 64))}
+
+
+def draw(workload: str, n: int, vocab: int, rate: float, seed: int, max_len: int = 256) -> list[dict]:
+    """n requests {"prompt", "max_tokens", "at"} (arrival offsets in seconds) of a workload; lengths
+    scaled down (same proportions) when prompt + output could exceed max_len."""
+    rng = np.random.default_rng(seed)
+    w = WORKLOADS[workload]
+    scale = min(1.0, max_len / (w["prompt"][1] + w["output"][1]))
+    w = {k: (max(1, int(a * scale)), max(1, int(b * scale))) for k, (a, b) in w.items()}
+    at = np.cumsum(rng.exponential(1.0 / rate, size=n))
+    at -= at[0]
+    out = []
+    for i in range(n):
+        P = int(rng.integers(w["prompt"][0], w["prompt"][1] + 1))
+        out.append({"prompt": [int(t) for t in rng.integers(4, vocab, size=P)],
+                    "max_tokens": int(rng.integers(w["output"][0], w["output"][1] + 1)), "at": float(at[i])})
+    return out
+
+
+def start_server(preset: str, slots: int, max_len: int, steps_per_sync: int) -> tuple[subprocess.Popen, str, list[str]]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "pldr_jax.cli", "serve", f"preset:{preset}", "--port", "0",
+                             "--slots", str(slots), "--max-seq-len", str(max_len), "--max-queue", "1024",
+                             "--steps-per-sync", str(steps_per_sync)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines = []
+    while True:
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError("the server exited:\n" + "".join(lines))
+        lines.append(line.rstrip())
+        if line.startswith("serving "):
+            return proc, line.split(" on ")[1].split()[0].removesuffix("/v1"), lines
+
+
+async def run_load(url: str, reqs: list[dict], max_in_flight: int) -> dict:
+    import httpx
+    sem = asyncio.Semaphore(max_in_flight)
+    results = [None] * len(reqs)
+
+    async def one(i, r, client, t0):
+        await asyncio.sleep(max(0.0, t0 + r["at"] - time.perf_counter()))
+        async with sem:
+            body = {"prompt": r["prompt"], "max_tokens": r["max_tokens"], "temperature": 0, "stream": True,
+                    "ignore_eos": True}
+            sent = time.perf_counter()
+            times = []
+            async with client.stream("POST", "/v1/completions", json=body) as resp:
+                resp.raise_for_status()
+                async for line in resp.aiter_lines():
+                    if line.startswith("data: {"):
+                        chunk = json.loads(line[6:])
+                        if chunk["choices"]:
+                            times.append(time.perf_counter())
+                        else:
+                            usage = chunk["usage"]["completion_tokens"]
+            results[i] = {"sent": sent, "times": times, "tokens": usage}
+
+    limits = httpx.Limits(max_connections=max_in_flight, max_keepalive_connections=max_in_flight)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        t0 = time.perf_counter()
+        await asyncio.gather(*[one(i, r, client, t0) for i, r in enumerate(reqs)])
+    tokens = sum(r["tokens"] for r in results)
+    assert tokens == sum(r["max_tokens"] for r in reqs), "a request did not produce its max_tokens"
+    wall = max(r["times"][-1] for r in results) - min(r["sent"] for r in results)
+    ttft = np.array([r["times"][0] - r["sent"] for r in results])
+    tpot = np.array([(r["times"][-1] - r["times"][0]) / (len(r["times"]) - 1) for r in results if len(r["times"]) > 1])
+    ms = lambda a, q: round(float(np.percentile(a, q)) * 1e3, 2)
+    return {"tokens": tokens, "seconds": round(wall, 3), "tokens_per_s": round(tokens / wall, 1),
+            "ttft_p50_ms": ms(ttft, 50), "ttft_p99_ms": ms(ttft, 99), "tpot_p50_ms": ms(tpot, 50),
+            "tpot_p99_ms": ms(tpot, 99)}
+
+
+def run_static(sampler, reqs: list[dict], slots: int, warm: bool = False) -> dict:
+    batches = [reqs[i:i + slots] for i in range(0, len(reqs), slots)]
+    call = lambda b: sampler([r["prompt"] for r in b], max_new_tokens=max(r["max_tokens"] for r in b), top_k=1,
+                             eos_id=None)
+    if warm:                   # compile every batch shape first
+        for b in batches:
+            call(b)
+    t0 = time.perf_counter()
+    latencies = []
+    for b in batches:
+        s = time.perf_counter()
+        call(b)
+        latencies.append(time.perf_counter() - s)
+    wall = time.perf_counter() - t0
+    tokens = sum(r["max_tokens"] for r in reqs)
+    return {"tokens": tokens, "seconds": round(wall, 3), "tokens_per_s": round(tokens / wall, 1),
+            "batches": len(batches), "batch_p50_ms": round(float(np.median(latencies)) * 1e3, 1),
+            "rows_computed": sum(len(b) * max(r["max_tokens"] for r in b) for b in batches)}
+
+
+def run_engine(engine, reqs: list[dict]) -> dict:
+    """The same requests through `pldr_jax.serve.Engine` in this process, all present at once (no
+    HTTP, no arrival gaps): what the continuous batching gives without the server around it."""
+    from pldr_jax.serve import Request
+    t0 = time.perf_counter()
+    for r in reqs:
+        engine.submit(Request(prompt=r["prompt"], max_tokens=r["max_tokens"], top_k=1, ignore_eos=True))
+    engine.run_until_idle()
+    wall = time.perf_counter() - t0
+    tokens = sum(r["max_tokens"] for r in reqs)
+    return {"tokens": tokens, "seconds": round(wall, 3), "tokens_per_s": round(tokens / wall, 1)}
+
+
+def _median_run(runs: list[dict]) -> dict:
+    """The run with the median tokens/s (its other numbers with it)."""
+    return sorted(runs, key=lambda r: r["tokens_per_s"])[len(runs) // 2]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--slots", type=int, default=8)
+    ap.add_argument("--requests", type=int, default=48, help="requests per workload")
+    ap.add_argument("--rate", type=float, default=40.0, help="mean arrivals per second (Poisson)")
+    ap.add_argument("--max-in-flight", type=int, default=64, help="open requests at most (the load's bound)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workloads", default="mixed,equal")
+    ap.add_argument("--steps-per-sync", type=int, default=4, help="the server's generate steps per device call")
+    ap.add_argument("--repeats", type=int, default=3, help="server / static runs per workload, alternated")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    args = ap.parse_args()
+
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    sys.path.insert(0, str(ROOT))
+    from pldr_jax.decode import Sampler
+    from pldr_jax.g_sources import load_model_spec
+    from pldr_jax.serve import Engine
+
+    cfg, params, _ = load_model_spec(f"preset:{args.preset}")     # the server's weights (same preset seed)
+    sampler = Sampler(cfg, params)
+    engine = Engine(cfg, params, slots=args.slots, max_len=cfg.max_seq_len, eos_id=None,
+                    steps_per_sync=args.steps_per_sync)
+    engine.warmup()
+    proc, url, log = start_server(args.preset, args.slots, cfg.max_seq_len, args.steps_per_sync)
+    out = {"preset": args.preset, "slots": args.slots, "steps_per_sync": args.steps_per_sync, "requests": args.requests, "rate": args.rate,
+           "max_in_flight": args.max_in_flight, "seed": args.seed, "repeats": args.repeats, "server_log": log,
+           "workloads": {}}
+    try:
+        for w in args.workloads.split(","):
+            reqs = draw(w, args.requests, cfg.vocab_size, args.rate, args.seed, cfg.max_seq_len)
+            asyncio.run(run_load(url, reqs[:args.slots], args.max_in_flight))   # warm: connections
+            run_static(sampler, reqs, args.slots, warm=True)                     # compile the batch shapes
+            run_engine(engine, reqs[:args.slots])
+            servers, statics, engines = [], [], []
+            for _ in range(args.repeats):       # alternated, so a drift of the machine's speed hits all
+                servers.append(asyncio.run(run_load(url, reqs, args.max_in_flight)))
+                statics.append(run_static(sampler, reqs, args.slots))
+                engines.append(run_engine(engine, reqs))
+            ratios = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(servers, statics)]
+            e_ratios = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(engines, statics)]
+            out["workloads"][w] = {"server": _median_run(servers), "static": _median_run(statics),
+                                   "engine_in_process": _median_run(engines),
+                                   "ratio": round(float(np.median(ratios)), 3),
+                                   "paired_ratios": [round(r, 3) for r in ratios],
+                                   "engine_ratio": round(float(np.median(e_ratios)), 3)}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=120)
+    need = {"mixed": 1.5, "equal": 0.85}
+    out["acceptance"] = {w: {"ratio": r["ratio"], "needed": need[w], "ok": r["ratio"] >= need[w]}
+                         for w, r in out["workloads"].items() if w in need}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"{args.preset}, {args.slots} slots, {args.requests} requests per workload, rate {args.rate}/s")
+        for w, r in out["workloads"].items():
+            s, st = r["server"], r["static"]
+            print(f"{w:6s} server {s['tokens_per_s']:8.1f} tok/s  TTFT p50/p99 {s['ttft_p50_ms']}/{s['ttft_p99_ms']} ms  "
+                  f"TPOT p50/p99 {s['tpot_p50_ms']}/{s['tpot_p99_ms']} ms | static {st['tokens_per_s']:8.1f} tok/s | "
+                  f"ratio {r['ratio']:.2f} | engine in-process {r['engine_in_process']['tokens_per_s']:8.1f} tok/s "
+                  f"(ratio {r['engine_ratio']:.2f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""`pldr-jax serve` as a real process: it prints its URL and one line per compiled program, serves, and
+on SIGTERM refuses new connections, finishes the request in flight and exits 0."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+import httpx  # noqa: E402
+
+from tests.test_serve_http import make_model_folder  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_sigterm_finishes_the_stream_in_flight_and_exits_0(tmp_path):
+    folder = make_model_folder(tmp_path / "model")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "pldr_jax.cli", "serve", str(folder), "--port", "0", "--slots", "2",
+                             "--max-seq-len", "64", "--drain-timeout", "60"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
+    lines = []
+    try:
+        url = None
+        deadline = time.time() + 300
+        while url is None and time.time() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if line.startswith("serving "):
+                url = line.split(" on ")[1].split()[0].removesuffix("/v1")
+        assert url and url.startswith("http://127.0.0.1:"), "".join(lines)
+        compiled = [ln.split(":")[0].split("bucket ")[1] for ln in lines if ln.startswith("compiled prefill bucket")]
+        assert compiled == [f"{n} x {P}" for n in (1, 2) for P in (16, 32, 64)], "".join(lines)
+        assert sum(ln.startswith("compiled generate step") for ln in lines) == 2
+        chunks: list[dict] = []
+        started = threading.Event()
+
+        def stream():
+            body = {"prompt": "The cat", "max_tokens": 60, "stream": True, "temperature": 0, "ignore_eos": True}
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        chunks.append(json.loads(line[6:]))
+                        started.set()
+        th = threading.Thread(target=stream)
+        th.start()
+        assert started.wait(120)
+        proc.send_signal(signal.SIGTERM)
+        th.join(120)
+        out, _ = proc.communicate(timeout=120)
+        lines.append(out)
+        assert proc.returncode == 0, "".join(lines)
+        assert "server stopped" in out
+        finals = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
+        assert finals[-1] == "length" and chunks[-1]["usage"]["completion_tokens"] == 60
+        with pytest.raises(httpx.TransportError):
+            httpx.get(url + "/health", timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason='libtpu not installed (pip install "jax[tpu]==<jax version>")')
+def test_compile_what_serve_lowers_the_engine_step_for_a_tpu_topology():
+    import pldr_jax
+    from pldr_jax import aot
+    rep = aot.compile_report(topology="v5e:2x2", preset="tiny", overrides={"num_layers": 1}, mesh=(2, 1, 2), batch=4,
+                             seq_len=32, what="serve")
+    assert rep["what"] == "serve" and rep["fits"] and rep["chips"] == 4
+    cfg = pldr_jax.PLDRConfig.preset("tiny", num_layers=1)
+    assert rep["flops_per_chip"] == pytest.approx(aot.model_flops(cfg, 4, 32, "serve") / 4)
+    assert rep["collectives"]           # slots over data, heads over tensor: the step communicates
+
+
+def test_bench_serve_quick():
+    """experiments/bench_serve.py end to end at a tiny size: the server's and the static batches'
+    numbers and their ratio (no speed is asserted: the benchmark's acceptance lives in its output)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    p = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_serve.py"), "--preset", "tiny", "--slots", "2",
+                        "--requests", "4", "--repeats", "1", "--workloads", "mixed", "--json"],
+                       capture_output=True, text=True, env=env, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout)
+    w = out["workloads"]["mixed"]
+    assert w["server"]["tokens"] == w["static"]["tokens"] > 0
+    assert w["ratio"] == pytest.approx(w["server"]["tokens_per_s"] / w["static"]["tokens_per_s"], rel=1e-2)
+    assert w["server"]["ttft_p99_ms"] >= w["server"]["ttft_p50_ms"] > 0
+    assert "mixed" in out["acceptance"]
