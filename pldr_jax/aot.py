@@ -90,7 +90,7 @@ def executed_flops(cfg, batch: int, seq_len: int, what: str = "train", remat: st
 def _lower_train(cfg, tcfg, mesh, attention_impl: str | None = None):
     import jax
     import jax.numpy as jnp
-    from .train.loop import make_g_lm
+    from .train.inputs import make_g_lm
     from .train.sharding import abstract_train_state, check_batch_size
     from .train.step import make_train_step
     check_batch_size(tcfg.batch_size, mesh, tcfg.grad_accum)
@@ -275,7 +275,8 @@ def compile_report(*, topology: str = "v5e:2x2", preset: str | None = "tiny", co
     or `preset`, with `overrides` and `dtype`.  ValueError for bad arguments or a missing libtpu."""
     from .config import PLDRConfig
     from .params import count_params
-    from .train.cli import RECIPES, _PRESET_RECIPE
+    from .train.recipes import PRESET_RECIPE as _PRESET_RECIPE
+    from .train.recipes import RECIPES
     from .train.config import TrainConfig
     from .train.sharding import make_mesh
     if what not in ("train", "decode", "serve"):

@@ -82,3 +82,20 @@ def failing_background_write_from_env() -> None:
             raise OSError(errno.ENOSPC, f"No space left on device (injected into the write of step {step})")
         return await orig(self, commit_futures, param_infos=param_infos, **kw)
     bph.BasePyTreeCheckpointHandler._write_metadata_after_commits = failing
+
+
+def finish_processes(procs: Sequence, timeout: float = 240) -> list[str]:
+    """Wait for every subprocess.Popen of `procs` (text stdout, stderr merged), killing any still
+    running on the way out; assert each exited 0 (with the end of its log); their logs."""
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-5000:]
+    return logs

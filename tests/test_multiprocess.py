@@ -23,6 +23,11 @@ import sys
 
 import numpy as np
 
+try:
+    from .process_faults import finish_processes
+except ImportError:  # run as a worker script
+    from process_faults import finish_processes
+
 STEPS = 3
 GLOBAL_BATCH = 8
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
@@ -105,17 +110,7 @@ def test_two_processes_agree_with_one(tmp_path):
     procs = [subprocess.Popen([sys.executable, __file__, str(pid), str(port), str(tmp_path / "mp"), str(out)],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for pid in (0, 1)]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=240)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-5000:]
+    finish_processes(procs, timeout=240)
     z = np.load(out)
     assert tuple(z["local_shape"]) == (1, 16, 48)  # w1 [1, 32, 48] split over fsdp = the 2 processes
 

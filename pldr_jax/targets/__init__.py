@@ -48,6 +48,8 @@ CHIPS: dict[str, ChipSpec] = {
     "v5e": ChipSpec("v5e", 197e12, 16 * 10 ** 9, 819e9, 400e9, "https://cloud.google.com/tpu/docs/v5e"),
     "v5p": ChipSpec("v5p", 459e12, 95 * 2 ** 30, 2765e9, 1200e9, "https://cloud.google.com/tpu/docs/v5p"),
     "v6e": ChipSpec("v6e", 918e12, 32 * 10 ** 9, 1638e9, 800e9, "https://cloud.google.com/tpu/docs/v6e"),
+    # TPU v4: 6 ICI links of 50 GB/s each way (Jouppi et al. 2023, arXiv 2304.01433)
+    "v4": ChipSpec("v4", 275e12, 32 * 2 ** 30, 1200e9, 600e9, "https://cloud.google.com/tpu/docs/v4"),
     # memory: the target config's device_memory_size (what XLA sees of the 80 GB); FLOP/s dense (no sparsity)
     "h100": ChipSpec("h100", 989e12, 84942979072, 3.35e12, 900e9,
                      "https://www.nvidia.com/en-us/data-center/h100/ (H100 SXM: 989 TFLOP/s bf16 dense, "
@@ -55,6 +57,10 @@ CHIPS: dict[str, ChipSpec] = {
     "a100": ChipSpec("a100", 312e12, 85100068864, 2.039e12, 600e9,
                      "https://www.nvidia.com/en-us/data-center/a100/ (A100 80GB SXM: 312 TFLOP/s bf16 dense, "
                      "2,039 GB/s HBM2e, NVLink 600 GB/s)", "gpu", "a100_sxm_80.txtpb"),
+    # no target config shipped: peak figures for MFU (`train.throughput`), not a compile target
+    "h200": ChipSpec("h200", 989e12, 141 * 10 ** 9, 4.8e12, 900e9,
+                     "https://www.nvidia.com/en-us/data-center/h200/ (989 TFLOP/s bf16 dense, 4.8 TB/s HBM3e)",
+                     "gpu"),
 }
 
 
@@ -69,8 +75,8 @@ def chip_of(topology: str) -> ChipSpec:
 
 
 #: substrings of a device's ``device_kind`` -> its `CHIPS` entry (first match)
-_DEVICE_KINDS = (("h100", "h100"), ("a100", "a100"), ("v5 lite", "v5e"), ("v5e", "v5e"), ("v5p", "v5p"),
-                 ("v6 lite", "v6e"), ("v6e", "v6e"))
+_DEVICE_KINDS = (("v6 lite", "v6e"), ("v6e", "v6e"), ("v5 lite", "v5e"), ("v5e", "v5e"), ("v5p", "v5p"),
+                 ("tpu v5", "v5p"), ("tpu v4", "v4"), ("h200", "h200"), ("h100", "h100"), ("a100", "a100"))
 
 
 def chip_of_device(device) -> ChipSpec | None:

@@ -10,7 +10,10 @@ sharded, donated), `CheckpointManager` / `load_params` (orbax), `train` (the loo
 choices, compiled steps), `resume` (collective restore, data position), `inputs` (tokenizer, data,
 G_LM), `steploop`, `evaluation`, `saving` (checkpoint cadence), `reporting` (metrics.jsonl,
 TensorBoard, progress bar, plot); `integrity` / `multihost` (checkpoint digests, timed
-cross-process waits).
+cross-process waits); `operations` (what a run does beside its steps: `preemption` -- SIGTERM,
+SIGINT, --max-runtime --, `throughput` -- MFU, goodput, the step-time split --, `tensorboard`,
+`profiling`, `task_eval` -- lm-eval tasks while training -- and the `pldr_jax.analysis.dynamics`
+probe); `recipes` (the CLI's training recipes).
 """
 
 from .checkpoint import CheckpointManager, latest_step, load_params, read_config

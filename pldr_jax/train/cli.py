@@ -26,26 +26,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_parser", "run", "RECIPES", "MAIN_JOB_MODEL", "MAIN_JOB_RECIPE", "main_job"]
+from .recipes import PRESET_RECIPE as _PRESET_RECIPE
+from .recipes import RECIPES
 
-#: Training recipes: TrainConfig field defaults (flags override them).
-RECIPES: dict[str, dict[str, Any]] = {
-    # the paper's: AdamW(0.9, 0.95, eps 1e-5, wd 0.1), clip by value 1.0, warm-up 2000, cosine to 10% at 250k
-    "paper": dict(learning_rate=1e-3, warmup_steps=2000, total_steps=250_000, steps=250_000, alpha=0.1,
-                  weight_decay=0.1, clip_value=1.0, batch_size=32, seq_len=1024, data_mode="pack",
-                  log_every=100, eval_every=12_000, eval_batches=2000, save_every=4000, keep_checkpoints=3),
-    # the authors' DAG-regularised v510 training script: lr 1.5e-3 and DAG coefficients 0.05 each
-    "paper-dag": dict(learning_rate=1.5e-3, warmup_steps=2000, total_steps=250_000, steps=250_000, alpha=0.1,
-                      weight_decay=0.1, clip_value=1.0, batch_size=32, seq_len=1024, data_mode="pack",
-                      dag_coeffs=(0.05, 0.05, 0.05), log_every=100, eval_every=12_000, eval_batches=2000,
-                      save_every=4000, keep_checkpoints=3),
-    # small models on a CPU
-    "cpu": dict(learning_rate=1e-3, warmup_steps=50, steps=1000, alpha=0.1, weight_decay=0.1, clip_value=1.0,
-                batch_size=16, seq_len=128, log_every=10, eval_every=100, eval_batches=20, save_every=250,
-                keep_checkpoints=3),
-}
-_PRESET_RECIPE = {"v51-110m": "paper", "v51-dag-110m": "paper-dag", "v51g-106m": "paper", "v51-1b": "paper",
-                  "v51-8b": "paper"}
+__all__ = ["add_parser", "run", "RECIPES", "MAIN_JOB_MODEL", "MAIN_JOB_RECIPE", "main_job"]
 
 #: The README main job's model: 4 layers, d_model 192, 6 heads (dk 32), learned G with a
 #: 1-unit x 2-GLU metric learner, a 2000-piece tokenizer trained on the embedded corpus.
@@ -103,10 +87,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="predefined-G models: identity | random_normal[:scale] | uniform[:lo:hi] | external:FILE.npz")
     t.add_argument("--seed", type=int, default=None)
     d = p.add_argument_group("data")
-    d.add_argument("--data", default=None, help="documents: builtin (embedded corpus), a path, jsonl:PATH:FIELD, "
-                                                "parquet:PATH:COLUMN, hf:NAME[:FIELD[:SPLIT]] (tokenized in memory); "
-                                                "tokens:DIR (made by pldr-jax data prepare; rows read in place); "
-                                                "stream:SPEC (tokenized on the fly; needs --tokenizer)")
+    d.add_argument("--data", action="append", default=None,
+                   help="documents: builtin (embedded corpus), a path, jsonl:PATH:FIELD, "
+                        "parquet:PATH:COLUMN, hf:NAME[:FIELD[:SPLIT]] (tokenized in memory); "
+                        "tokens:DIR (made by pldr-jax data prepare; rows read in place); "
+                        "stream:SPEC (tokenized on the fly; needs --tokenizer).  Repeat as SPEC@WEIGHT to mix "
+                        "several sources by weight (pldr_jax.data.mixture)")
     d.add_argument("--tokenizer", default=None, help="sentencepiece .model (default: tokens:DIR's own, else train one "
                                                      "on the data)")
     d.add_argument("--vocab-size", type=int, default=None, help="size of a trained tokenizer")
@@ -152,8 +138,57 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     x.add_argument("--sync-timeout", dest="sync_timeout_s", type=float, default=None, metavar="S",
                    help="longest wait across processes (barriers, agreeing on the checkpoint to resume from) "
                         "before the run stops with a message (default 900)")
+    _add_operations_flags(p)
     p.set_defaults(func=run)
     return p
+
+
+def _add_operations_flags(p: argparse.ArgumentParser) -> None:
+    """Watching, stopping and steering a run: preemption, profiles, TensorBoard, dynamics, in-loop evaluation."""
+    o = p.add_argument_group("operations")
+    o.add_argument("--max-runtime", default=None, metavar="DURATION",
+                   help="stop with a checkpoint after this long (2h, 90m, 1h30m, seconds), as on SIGTERM; "
+                        "--resume continues")
+    o.add_argument("--profile-steps", default=None, metavar="A:B",
+                   help="jax.profiler trace of steps A..B into WORKDIR/profile (TensorBoard's Profile tab)")
+    o.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard events in WORKDIR/tensorboard")
+    o.add_argument("--dynamics-every", type=int, default=None, metavar="N",
+                   help="every N steps: order parameter, G_LM drift and determinant decimals of cached vs "
+                        "recomputed G_LM on a fixed probe batch (learned-G models; 0 = off)")
+    o.add_argument("--dynamics-rows", type=int, default=None, metavar="R", help="probe rows (default 4)")
+    o.add_argument("--dynamics-prompt-len", type=int, default=None, metavar="P",
+                   help="probe tokens whose G_LM is cached (default seq_len / 2)")
+    o.add_argument("--eval-tasks", action="append", default=None, metavar="TASK[,TASK]",
+                   help="lm-evaluation-harness tasks (names or YAML paths of local tasks) run on the in-memory "
+                        "parameters while training")
+    o.add_argument("--eval-tasks-every", type=int, default=None, metavar="N", help="0: at the end only")
+    o.add_argument("--eval-tasks-limit", type=int, default=None, metavar="K", help="examples per task")
+
+
+def _operations_fields(args) -> dict:
+    """TrainConfig fields of the operations flags (and of a repeated --data: a mixture)."""
+    from ..data.mixture import parse_mixture
+    from .preemption import parse_duration
+    from .profiling import parse_profile_steps
+    kw: dict = {}
+    data = getattr(args, "data", None)
+    if isinstance(data, list):
+        if len(data) == 1 and "@" not in data[0]:
+            kw["data"] = data[0]
+        elif data:
+            kw["data_mixture"] = parse_mixture(data)
+    if getattr(args, "max_runtime", None) is not None:
+        kw["max_runtime_s"] = parse_duration(args.max_runtime)
+    if getattr(args, "profile_steps", None) is not None:
+        kw["profile_steps"] = parse_profile_steps(args.profile_steps)
+    if getattr(args, "no_tensorboard", False):
+        kw["tensorboard"] = False
+    for f in ("dynamics_every", "dynamics_rows", "dynamics_prompt_len", "eval_tasks_every", "eval_tasks_limit"):
+        if getattr(args, f, None) is not None:
+            kw[f] = getattr(args, f)
+    if getattr(args, "eval_tasks", None):
+        kw["eval_tasks"] = tuple(t.strip() for item in args.eval_tasks for t in item.split(",") if t.strip())
+    return kw
 
 
 # --------------------------------------------------------------------------- config building
@@ -206,8 +241,9 @@ def train_config(args, recipe: dict, cfg):
     kw = dict(recipe)
     for f in _FLAG_FIELDS:
         v = getattr(args, f, None)
-        if v is not None:
+        if v is not None and f != "data":
             kw[f] = v
+    kw.update(_operations_fields(args))
     if args.clip_value is not None:
         kw["clip_value"] = args.clip_value
     if args.no_clip_value:
@@ -232,9 +268,11 @@ def train_config(args, recipe: dict, cfg):
 
 # --------------------------------------------------------------------------- run settings: config files, --resume
 #: Entries of a run record (run_config.json, a checkpoint's config item).
-RUN_RECORD_KEYS = ("model", "train", "tokenizer", "g_lm", "mesh", "process_count", "digest", "recipe")
+RUN_RECORD_KEYS = ("model", "train", "tokenizer", "g_lm", "mesh", "process_count", "digest", "recipe",
+                   "throughput")
 #: TrainConfig fields that belong to this invocation, never taken from a stored run.
-_INVOCATION_FIELDS = ("workdir", "resume", "overwrite", "progress", "plot", "async_checkpoint", "data_state")
+_INVOCATION_FIELDS = ("workdir", "resume", "overwrite", "progress", "plot", "async_checkpoint", "data_state",
+                      "max_runtime_s", "profile_steps")
 #: PLDRConfig fields a resumed run may change (the compute dtype; the stored weights stay float32).
 _RESUMABLE_MODEL_FIELDS = ("dtype",)
 
@@ -439,6 +477,11 @@ def _summary(res) -> str:
     for k in ("checkpoints", "metrics", "plot", "tokenizer"):
         if res.paths.get(k):
             lines.append(f"{k + ':':13s}{res.paths[k]}")
+    if getattr(res, "stopped", None):
+        import sys
+        from .preemption import resume_command, stop_message
+        lines.append(stop_message(res.stopped, res.end_step, str(Path(res.paths["checkpoints"]) / str(res.end_step)),
+                                  resume_command(sys.argv[1:])))
     return "\n".join(lines)
 
 

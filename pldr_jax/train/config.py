@@ -56,6 +56,14 @@ class TrainConfig:
       no check), max_skipped (with "skip": stop once more than this many steps were skipped),
       sync_timeout_s (the longest any wait across processes may take -- barriers, agreeing on the
       checkpoint to resume from -- before the run stops with a message naming the missing processes).
+    Operations: max_runtime_s (stop with a checkpoint after this many seconds, as on SIGTERM; see
+      `train.preemption`), profile_steps ((A, B): a jax.profiler trace of steps A..B in
+      workdir/profile), dynamics_every (every N steps the deductive-output probe of
+      `analysis.dynamics` on dynamics_rows rows, the first dynamics_prompt_len tokens cached (None =
+      seq_len // 2); 0 = off), eval_tasks (local lm-eval task names or YAML paths run on the
+      in-memory parameters every eval_tasks_every steps (0 = at the end), eval_tasks_limit
+      examples each), data_mixture (((spec, weight), ...): several sources mixed by weight with
+      grain, replacing `data`; see `pldr_jax.data.mixture`).
     """
     workdir: str = "runs/pldr"
     steps: int = 1000
@@ -99,6 +107,15 @@ class TrainConfig:
     max_skipped: int | None = None
     sync_timeout_s: float = DEFAULT_TIMEOUT_S
     backend_options: tuple[tuple[str, Any], ...] = ()
+    max_runtime_s: float | None = None
+    profile_steps: tuple[int, int] | None = None
+    dynamics_every: int = 0
+    dynamics_rows: int = 4
+    dynamics_prompt_len: int | None = None
+    eval_tasks: tuple[str, ...] = ()
+    eval_tasks_every: int = 0
+    eval_tasks_limit: int | None = None
+    data_mixture: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self):
         opts = self.backend_options
@@ -134,6 +151,29 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.sync_timeout_s must be a number of seconds > 0, got {self.sync_timeout_s!r}")
         if self.eval_batches is not None and self.eval_batches < 1:
             raise ValueError(f"TrainConfig.eval_batches must be >= 1 or None, got {self.eval_batches!r}")
+        object.__setattr__(self, "eval_tasks", tuple(self.eval_tasks))
+        object.__setattr__(self, "data_mixture", tuple((str(s), float(w)) for s, w in self.data_mixture))
+        if self.profile_steps is not None:
+            a, b = (int(x) for x in self.profile_steps)
+            if not 1 <= a <= b:
+                raise ValueError(f"TrainConfig.profile_steps must be (A, B) with 1 <= A <= B, got {self.profile_steps!r}")
+            object.__setattr__(self, "profile_steps", (a, b))
+        if self.max_runtime_s is not None and not (isinstance(self.max_runtime_s, (int, float))
+                                                   and self.max_runtime_s > 0):
+            raise ValueError(f"TrainConfig.max_runtime_s must be seconds > 0 or None, got {self.max_runtime_s!r}")
+        for name in ("dynamics_every", "eval_tasks_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"TrainConfig.{name} must be an int >= 0, got {v!r}")
+        if self.dynamics_every and (self.dynamics_rows < 1 or self.dynamics_rows > self.batch_size):
+            raise ValueError(f"TrainConfig.dynamics_rows must be in [1, batch_size={self.batch_size}], "
+                             f"got {self.dynamics_rows}")
+        if self.dynamics_prompt_len is not None and not 0 < self.dynamics_prompt_len < self.seq_len:
+            raise ValueError(f"TrainConfig.dynamics_prompt_len must be in [1, seq_len={self.seq_len}), "
+                             f"got {self.dynamics_prompt_len}")
+        if any(not w > 0 for _, w in self.data_mixture) or len(self.data_mixture) == 1:
+            raise ValueError("TrainConfig.data_mixture needs two or more (spec, weight) pairs with weights > 0 "
+                             f"(one source: use data), got {self.data_mixture!r}")
         StepOptions(dag_coeffs=self.dag_coeffs, grad_accum=self.grad_accum)  # validates
         self.fault_policy()  # validates nonfinite / max_skipped
 

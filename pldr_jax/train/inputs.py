@@ -64,6 +64,11 @@ def prepare_datasets(tcfg: TrainConfig, tokenizer, documents=None):
     if tcfg.batch_size % pc:
         raise ValueError(f"batch_size ({tcfg.batch_size}) must be divisible by the {pc} processes")
     local_bs = tcfg.batch_size // pc
+    if tcfg.data_mixture and documents is None:  # several sources mixed by weight
+        from ..data.mixture import make_mixture
+        return make_mixture(tokenizer, tcfg.data_mixture, seq_len=tcfg.seq_len, batch_size=local_bs,
+                            mode=tcfg.data_mode, seed=tcfg.data_seed, shard_index=pi, shard_count=pc,
+                            validation_fraction=tcfg.validation_fraction, split_seed=tcfg.data_seed)
     data = tcfg.data if documents is None else None
     if isinstance(data, str) and data.startswith("tokens:"):
         from ..data.shards import PreparedTokens

@@ -12,12 +12,14 @@ many processes (call `init_distributed` first, on every process, with the same a
    batch = ``batch_size``), the G_LM of a predefined-G model; `setup.record_run_config`,
 4. `resume.restore_position` or `setup.init_state`: the state the loop starts from,
 5. `steploop.run_steps`: one jitted step per batch; every ``log_every`` steps a JSONL line in
-   ``workdir/metrics.jsonl`` (loss, accuracy, lr, grad norm, tokens/s) and the progress bar
-   (`reporting.Reporter`); every ``eval_every`` steps validation loss / accuracy / perplexity
-   (`evaluation.ValidationEval`); every ``save_every`` steps an asynchronous checkpoint (the
-   newest ``keep_checkpoints`` kept; `saving.CheckpointCadence`); at the end a final validation
-   and checkpoint,
-6. `reporting.plot_run`: ``workdir/loss_curve.png``.
+   ``workdir/metrics.jsonl`` (loss, accuracy, lr, grad norm, tokens/s, tokens/s per device, MFU,
+   goodput, the step-time split) and the progress bar (`reporting.Reporter`); every ``eval_every``
+   steps validation loss / accuracy / perplexity (`evaluation.ValidationEval`); the dynamics probe
+   and lm-eval tasks when asked (`operations.OperationsTasks`); every ``save_every`` steps an
+   asynchronous checkpoint (the newest ``keep_checkpoints`` kept; `saving.CheckpointCadence`); at
+   the end a final validation and checkpoint.  SIGTERM / SIGINT / ``max_runtime_s`` stop the loop
+   after the step in flight with a checkpoint of it on every process (`operations.RunOperations`),
+6. `reporting.plot_run`: ``workdir/loss_curve.png`` (and ``dynamics.png``).
 
 Only process 0 writes logs, plots and the tokenizer; every process takes part in checkpoints.
 """
@@ -33,6 +35,7 @@ from .config import TrainConfig
 from .evaluation import ValidationEval, evaluate
 from .inputs import make_g_lm, prepare_datasets, prepare_inputs, prepare_tokenizer
 from .multihost import init_distributed
+from .operations import OperationsTasks, RunOperations
 from .reporting import Reporter, plot_history, plot_run, read_metrics
 from .resume import decide_resume, restore_position
 from .saving import CheckpointCadence, CheckpointSaveError
@@ -56,6 +59,8 @@ class TrainResult:
     resumed_from: the checkpoint step this call resumed from (None: started afresh).
     quarantined: [{"step", "moved_to", "problems"}] of checkpoints proven corrupt while resuming and
       moved aside (never deleted).  notes: what resuming had to say (no digest, data re-sharded).
+    stopped: "SIGTERM" / "SIGINT" / "max-runtime" when a stop request ended the run at end_step (its
+      checkpoint written), else None.
     """
     state: Any
     model_cfg: PLDRConfig
@@ -71,6 +76,7 @@ class TrainResult:
     resumed_from: int | None = None
     quarantined: list = dataclasses.field(default_factory=list)
     notes: list = dataclasses.field(default_factory=list)
+    stopped: str | None = None
 
     @property
     def losses(self) -> list[float]:
@@ -96,13 +102,22 @@ def train(model_cfg: PLDRConfig, tcfg: TrainConfig, *, train_data: Iterable | No
     run.resume_point = decide_resume(run)
     saver = CheckpointCadence(run)
     prepare_inputs(run, train_data, val_data, tokenizer, documents)
+    ops = RunOperations(run.model_cfg, tcfg, run.workdir, mesh=run.mesh, tokenizer=run.tokenizer, g_lm=run.g_dev,
+                        log=run.log)
     if run.resume_point is not None:
         restore_position(run)
     else:
         init_state(run)
-    record_run_config(run)  # after the data position is settled: a refused resume writes nothing
+    record_run_config(run, {"throughput": ops.run_summary()})  # after the data position is settled: a refused
+    ops.batches = run.batches                                  # resume writes nothing
     reporter = Reporter(run)
-    run_steps(run, reporter, saver, periodic=[ValidationEval(run, reporter)])
+    reporter.row_fields.append(ops.row_fields)
+    for w in reporter.writers:
+        if hasattr(w, "write_config"):
+            w.write_config(run.config_record, run.start_step)
+    with ops:
+        run_steps(run, reporter, saver, periodic=[ValidationEval(run, reporter), OperationsTasks(ops, run, reporter)],
+                  ops=ops)
     return _result(run, reporter, plot_run(run))
 
 
@@ -115,4 +130,5 @@ def _result(run: TrainRun, reporter: Reporter, plot_path) -> TrainResult:
                        evals=reporter.evals, paths=paths, wall_s=time.perf_counter() - run.t_start,
                        start_step=run.start_step, end_step=run.step, g_lm=run.g_lm, tokenizer=run.tokenizer,
                        first_step_s=reporter.first_step_s, resumed_from=point.step if point else None,
-                       quarantined=point.quarantined if point else [], notes=point.notes if point else [])
+                       quarantined=point.quarantined if point else [], notes=point.notes if point else [],
+                       stopped=run.stopped)

@@ -2,10 +2,13 @@
 
 `Reporter(run)` collects the step loop's metrics (after a ``resume`` row when the run resumed): ``step_done`` after every step (the first one, which
 compiles, is timed apart: an ``info`` row), ``flush`` every ``log_every`` steps (one ``train`` row of
-the interval's means, tokens/s, step time), ``eval_result`` (an ``eval`` row), ``exclude`` (time spent
-outside training, e.g. evaluation, kept out of tokens/s).  Every row goes to each of its ``writers``
-(objects with ``write(record)`` and ``close()``): `JsonlWriter` (``workdir/metrics.jsonl``) and,
-with ``tensorboard``, `TensorBoardWriter` (if installed).  Only process 0 writes, shows a bar, plots.
+the interval's means, tokens/s, step time, and the fields of each of ``row_fields``: callables
+``f(steps) -> dict``, e.g. `operations.RunOperations.row_fields`: MFU, goodput, the step-time split),
+``eval_result`` (an ``eval`` row), ``exclude`` (time spent outside training, e.g. evaluation, kept out
+of tokens/s).  Every row goes to each of its ``writers`` (objects with ``write(record)`` and
+``close()``): `JsonlWriter` (``workdir/metrics.jsonl``) and, with ``tensorboard``,
+`tensorboard.TensorBoardWriter` (if tensorboardX is installed).  Only process 0 writes, shows a bar,
+plots.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from typing import Any, Protocol
 
 import jax
 import numpy as np
+
+from .tensorboard import TensorBoardWriter
 
 __all__ = ["MetricsWriter", "JsonlWriter", "TensorBoardWriter", "Reporter", "read_metrics", "plot_history",
            "plot_run"]
@@ -72,40 +77,6 @@ class JsonlWriter(_WarnOnce):
             self._warn(e)
 
 
-class TensorBoardWriter(_WarnOnce):
-    """The finite numbers of every record as TensorBoard scalars at the record's step."""
-
-    def __init__(self, writer, directory: Path):
-        super().__init__(directory)
-        self._tb = writer
-
-    @classmethod
-    def open(cls, directory: Path) -> "TensorBoardWriter | None":
-        """A writer into `directory` (tensorboardX, else torch's), None when neither is installed."""
-        try:
-            from tensorboardX import SummaryWriter  # type: ignore
-        except ImportError:
-            try:
-                from torch.utils.tensorboard import SummaryWriter  # type: ignore
-            except ImportError:
-                return None
-        return cls(SummaryWriter(str(directory)), directory)
-
-    def write(self, record: dict) -> None:
-        try:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-                    self._tb.add_scalar(k, v, record["step"])
-        except OSError as e:
-            self._warn(e)
-
-    def close(self) -> None:
-        try:
-            self._tb.close()
-        except OSError as e:
-            self._warn(e)
-
-
 class Reporter:
     """The metrics of one `train` call (see the module docstring).  step_metrics: one dict per step
     run; evals: the validation results; first_step_s: compile + first step."""
@@ -133,6 +104,7 @@ class Reporter:
         self.step_metrics: list[dict] = []
         self.evals: list[dict] = []
         self.first_step_s: float | None = None
+        self.row_fields: list = []
         self._pending: list[tuple[int, Any]] = []
         self._warned_nonfinite = False
         self._t_int = time.perf_counter()  # start of the current logging interval
@@ -180,13 +152,17 @@ class Reporter:
         rec["step_s"] = dt / n if ok else float("nan")
         rec["elapsed_s"] = time.perf_counter() - run.t_start
         rec["skipped_steps_total"] = monitor.skipped
+        for fields in self.row_fields:
+            rec.update(fields(n))
         self.write(rec)
         if not math.isfinite(rec["loss"]) and not self._warned_nonfinite and run.tcfg.nonfinite == "off":
             self._warned_nonfinite = True
             run.log(f"warning: non-finite loss at step {step_now} (e.g. a DAG term overflowing float32 at this "
                     "initialisation -- see the reference README, oddity 5)")
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            extra = {k: f"{rec[k]:.0%}" for k in ("mfu", "goodput") if k in rec and math.isfinite(rec[k])}
+            self.bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}",
+                                 **extra)
         self._pending = []
         self._t_int = time.perf_counter()
         self._int_start = step_now
@@ -259,11 +235,16 @@ def plot_history(metrics_path: str | os.PathLike, out_path: str | os.PathLike, t
 
 
 def plot_run(run) -> Path | None:
-    """``workdir/loss_curve.png`` of a finished run (process 0, ``plot`` on; a failure is a warning)."""
+    """``workdir/loss_curve.png`` of a finished run (process 0, ``plot`` on; a failure is a warning);
+    with ``dynamics_every`` also ``workdir/dynamics.png`` (`pldr_jax.analysis.dynamics.plot_dynamics`)."""
     if not (run.tcfg.plot and run.main):
         return None
     cfg = run.model_cfg
     try:
+        if run.tcfg.dynamics_every:
+            from ..analysis.dynamics import plot_dynamics
+            plot_dynamics(read_metrics(run.workdir / "metrics.jsonl"), run.workdir / "dynamics.png",
+                          title=f"PLDR-LLM training dynamics ({cfg.num_layers} layers, d_model {cfg.d_model})")
         return plot_history(run.workdir / "metrics.jsonl", run.workdir / "loss_curve.png",
                             title=f"PLDR-LLM ({cfg.num_layers} layers, d_model {cfg.d_model})")
     except Exception as e:  # a plot must never fail a finished run

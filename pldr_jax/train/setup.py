@@ -79,6 +79,7 @@ class TrainRun:
     state: Any = None
     start_step: int = 0
     step: int = 0
+    stopped: str | None = None  # the reason of a stop request that ended the loop (`operations`)
 
 
 _STEP_CACHE: dict = {}
@@ -160,14 +161,15 @@ def clear_run(workdir: Path, keep: Sequence[str | None] = ()) -> None:
             p.unlink()
 
 
-def record_run_config(run: TrainRun) -> None:
+def record_run_config(run: TrainRun, extra: Mapping[str, Any] | None = None) -> None:
     """The run's configuration record (saved with every checkpoint; ``workdir/run_config.json``).
-    The run's files are recorded relative to the workdir, so the folder can be copied or moved."""
+    The run's files are recorded relative to the workdir, so the folder can be copied or moved.
+    `extra`: more top-level entries (e.g. the throughput figures' basis)."""
     def rel(path):
         return None if path is None else os.path.relpath(path, run.workdir)
     run.config_record = {"model": run.model_cfg.to_dict(), "train": run.tcfg.to_dict(), "tokenizer": rel(run.tok_path),
                          "g_lm": rel(run.g_path), "mesh": dict(run.mesh.shape),
-                         "process_count": jax.process_count()}
+                         "process_count": jax.process_count(), **(extra or {})}
     if run.main:
         (run.workdir / "run_config.json").write_text(json.dumps(run.config_record, indent=2))
 

@@ -1,0 +1,98 @@
+"""TensorBoard event files of a training run (tensorboardX's `SummaryWriter`).
+
+Every numeric field of every metrics.jsonl record becomes a scalar tagged ``<kind>/<field>``
+(``train/loss``, ``train/lr``, ``train/grad_norm``, ``train/mfu``, ``eval/val_loss``,
+``dynamics/order_parameter``, ``lm_eval/<task>/<metric>`` ...) at the record's step; the run
+config is written once as text (``run_config``, JSON).  Only process 0 writes (the training
+loop's `reporting.Reporter` opens it there).  Without tensorboardX (``pip install
+"pldr-jax[tensorboard]"``; torch's writer is used when that is installed instead) `open` gives
+None: metrics.jsonl stays the record.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Mapping
+
+__all__ = ["TensorBoardWriter", "scalar_items"]
+
+
+def scalar_items(record: Mapping[str, Any], prefix: str = "") -> list[tuple[str, float]]:
+    """(tag, value) of the finite numbers of `record` (nested dicts flattened with "/"), minus "step"
+    and "kind"; booleans are left out."""
+    out = []
+    for k, v in record.items():
+        if k in ("step", "kind") and not prefix:
+            continue
+        tag = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.extend(scalar_items(v, tag + "/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            out.append((tag, float(v)))
+    return out
+
+
+class TensorBoardWriter:
+    """Writes metrics records and the run config through a SummaryWriter (see the module docstring).
+
+    `open(directory)` makes one (tensorboardX, else torch's; None when neither is installed).  A failed
+    write or close (e.g. a full disk) is reported once and training goes on, as for metrics.jsonl:
+    checkpoints decide whether a run stops, and only process 0 writes, so raising here would split the
+    processes (or mask the checkpoint error in flight)."""
+
+    def __init__(self, writer, directory: str | Path):
+        self._tb = writer
+        self.path = Path(directory)
+        self._warned = False
+
+    @classmethod
+    def open(cls, directory: str | Path, flush_secs: int = 30) -> "TensorBoardWriter | None":
+        try:
+            from tensorboardX import SummaryWriter  # type: ignore
+            kw = {"flush_secs": flush_secs}
+        except ImportError:
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # type: ignore
+                kw = {"flush_secs": flush_secs}
+            except ImportError:
+                return None
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        return cls(SummaryWriter(str(directory), **kw), directory)
+
+    def _warn(self, e: OSError) -> None:
+        if not self._warned:
+            self._warned = True
+            print(f"warning: cannot write {self.path} ({e}); training continues, further metrics may be missing",
+                  file=sys.stderr, flush=True)
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        """Scalars ``<kind>/<field>`` of one metrics.jsonl record at its step."""
+        if self._tb is None or "step" not in record:
+            return
+        kind = record.get("kind", "train")
+        try:
+            for tag, v in scalar_items(record):
+                self._tb.add_scalar(f"{kind}/{tag}", v, int(record["step"]))
+        except OSError as e:
+            self._warn(e)
+
+    def write_config(self, config: Mapping[str, Any], step: int = 0) -> None:
+        """The run config as text (JSON in a code block, which TensorBoard's text plugin renders)."""
+        if self._tb is None:
+            return
+        text = json.dumps(config, indent=2, default=str)
+        try:
+            self._tb.add_text("run_config", "    " + text.replace("\n", "\n    "), step)
+        except OSError as e:
+            self._warn(e)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            try:
+                self._tb.close()
+            except OSError as e:
+                self._warn(e)
+            self._tb = None

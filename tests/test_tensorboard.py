@@ -1,0 +1,49 @@
+"""TensorBoard event files (`pldr_jax.train.tensorboard`), read back with TensorBoard's own reader."""
+
+from __future__ import annotations
+
+import pytest
+
+from pldr_jax.train.tensorboard import TensorBoardWriter, scalar_items
+
+
+def _accumulator(logdir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def test_records_and_config_read_back(tmp_path):
+    w = TensorBoardWriter.open(tmp_path / "tb")
+    w.write_config({"model": {"d_model": 32}, "train": {"steps": 3}})
+    for s in (1, 2, 3):
+        w.write({"kind": "train", "step": s, "loss": 5.0 - s, "lr": 1e-3 * s, "grad_norm": 0.5, "mfu": 0.1,
+                 "nan_field": float("nan"), "flag": True})
+    w.write({"kind": "eval", "step": 3, "val_loss": 2.5})
+    w.write({"kind": "lm_eval", "step": 3, "arc": {"acc": 0.25}})
+    w.close()
+    acc = _accumulator(tmp_path / "tb")
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/mfu", "eval/val_loss", "lm_eval/arc/acc"} <= tags
+    assert "train/nan_field" not in tags and "train/flag" not in tags
+    assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [(1, 4.0), (2, 3.0), (3, 2.0)]
+    assert acc.Scalars("train/lr")[-1].value == pytest.approx(3e-3)
+    texts = acc.Tags()["tensors"]
+    assert any("run_config" in t for t in texts)
+
+
+def test_a_failing_write_warns_once_and_never_raises(tmp_path, capsys):
+    class FullDisk:
+        def add_scalar(self, *a):
+            raise OSError(28, "No space left on device")
+
+        add_text = close = add_scalar
+
+    w = TensorBoardWriter(FullDisk(), tmp_path / "tb")
+    w.write_config({"a": 1})
+    w.write({"kind": "train", "step": 1, "loss": 2.0})
+    w.close()
+    err = capsys.readouterr().err
+    assert err.count("warning: cannot write") == 1 and "No space left on device" in err
+    assert scalar_items({"step": 1, "kind": "x", "a": 1, "b": {"c": 2.0}}) == [("a", 1.0), ("b/c", 2.0)]
