@@ -94,8 +94,10 @@ import dataclasses
 import importlib.util
 import os
 import sys
+from typing import Any, Iterable, Mapping
 
-__all__ = ["KERNELS", "KERNELS_ENV", "BackendChoices", "choices", "platform_of", "default_kernels",
+__all__ = ["KERNELS", "KERNELS_ENV", "OPTION_NAMES", "BackendChoices", "choices", "with_options",
+           "parse_backend_options", "accelerator_options", "backend_for", "platform_of", "default_kernels",
            "check_kernels", "huge_pages_wanted", "uses_native_decode_attention"]
 
 KERNELS = ("xla", "cpu")
@@ -131,9 +133,10 @@ def _kernels_override() -> str | None:
     return v
 
 
-def choices(platform: str | None = None) -> BackendChoices:
-    """The settings for `platform` ("cpu", "tpu", "gpu", "cuda", "rocm"; None = `jax.default_backend()`).
-    The kernels follow ``PLDR_JAX_KERNELS`` when it is set."""
+def choices(platform: str | None = None, options: Mapping[str, Any] | None = None) -> BackendChoices:
+    """The settings for `platform` ("cpu", "tpu", "gpu", "cuda", "rocm"; None = `jax.default_backend()`),
+    with `options` ({field: value}, see `with_options`) overriding any field.  The kernels follow
+    ``PLDR_JAX_KERNELS`` when it is set.  Resolve it once where work starts and pass the value down."""
     if platform is None:
         import jax
         platform = jax.default_backend()
@@ -141,7 +144,7 @@ def choices(platform: str | None = None) -> BackendChoices:
     cpu = platform == "cpu"
     kernels = _kernels_override() or ("cpu" if cpu else "xla")
     native = cpu and _native_kernels_enabled()
-    return BackendChoices(platform=platform, kernels=kernels, unroll_layers=cpu,
+    base = BackendChoices(platform=platform, kernels=kernels, unroll_layers=cpu,
                           bf16_min_batch=(16 if native else 8) if cpu else 0,
                           decode_transposed=("float32",) if cpu else (), kv_cache_dtype="float32" if cpu else None,
                           decode_embed_f32=cpu,
@@ -151,6 +154,103 @@ def choices(platform: str | None = None) -> BackendChoices:
                           decode_kv_chunk=0 if cpu else 256,
                           decode_attention="native" if native else "xla",
                           decode_matmul="packed" if native else "xla")
+    return with_options(base, options) if options else base
+
+
+#: option name -> the values it takes (None: any int >= 0, or a bool / tuple / str by the field's type)
+_CHOICES_OF = {"kernels": KERNELS, "remat": ("none", "dots", "full"), "decode_attention": ("xla", "native"),
+               "decode_matmul": ("xla", "packed"), "kv_cache_dtype": (None, "float32", "bfloat16", "float16")}
+_INT_FIELDS = ("bf16_min_batch", "head_chunk_bytes", "attention_block", "decode_kv_chunk")
+_BOOL_FIELDS = ("unroll_layers", "decode_embed_f32", "decode_merged_heads", "decode_shared_kv_slot")
+OPTION_NAMES = tuple(f.name for f in dataclasses.fields(BackendChoices) if f.name != "platform")
+
+
+def _parse_value(name: str, value: Any) -> Any:
+    """`value` for the option `name`, parsed from a string where it is one (CLI), and checked."""
+    if name in _BOOL_FIELDS:
+        if isinstance(value, str):
+            low = value.strip().lower()
+            if low not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                raise ValueError(f"backend option {name}={value!r}: expected true or false")
+            value = low in ("true", "1", "yes", "on")
+        if not isinstance(value, bool):
+            raise ValueError(f"backend option {name}={value!r}: expected a bool")
+        return value
+    if name in _INT_FIELDS:
+        if isinstance(value, str):
+            try:
+                value = int(value.strip())
+            except ValueError:
+                raise ValueError(f"backend option {name}={value!r}: expected an int >= 0") from None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"backend option {name}={value!r}: expected an int >= 0")
+        return value
+    if name == "decode_transposed":
+        if isinstance(value, str):
+            value = tuple(v.strip() for v in value.split(",") if v.strip())
+        if not isinstance(value, (tuple, list)) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"backend option {name}={value!r}: expected dtype names (comma-separated)")
+        return tuple(value)
+    if isinstance(value, str) and value.strip().lower() == "none" and None in _CHOICES_OF[name]:
+        value = None
+    elif isinstance(value, str):
+        value = value.strip().lower()
+    if value not in _CHOICES_OF[name]:
+        raise ValueError(f"backend option {name}={value!r}: expected one of {_CHOICES_OF[name]}")
+    return value
+
+
+def with_options(ch: BackendChoices, options: Mapping[str, Any]) -> BackendChoices:
+    """`ch` with `options` ({field: value}; values may be strings, as from a command line) replacing
+    its fields; ValueError naming the valid options for an unknown one, or naming a bad value."""
+    _check_names(options)
+    return dataclasses.replace(ch, **{k: _parse_value(k, v) for k, v in options.items()})
+
+
+def _check_names(options: Mapping[str, Any]) -> None:
+    unknown = sorted(set(options) - set(OPTION_NAMES))
+    if unknown:
+        raise ValueError(f"unknown backend option(s) {unknown}; valid options: {', '.join(OPTION_NAMES)}")
+
+
+def parse_backend_options(items: Iterable[str] | None) -> dict[str, Any]:
+    """["KEY=VALUE", ...] (the repeatable ``--backend-option``) -> {key: parsed value}; ValueError for
+    an item without "=", an unknown key or a bad value."""
+    out: dict[str, Any] = {}
+    for item in items or ():
+        key, sep, value = str(item).partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise ValueError(f"backend option {item!r}: expected KEY=VALUE (e.g. attention_block=256); "
+                             f"valid keys: {', '.join(OPTION_NAMES)}")
+        out[key] = value
+    _check_names(out)
+    return {k: _parse_value(k, v) for k, v in out.items()}
+
+
+def accelerator_options(**overrides: Any) -> dict[str, Any]:
+    """The accelerator (TPU / GPU) settings as options: ``choices("cpu", accelerator_options())`` runs
+    the accelerator code paths on CPU (scanned layers, full remat, query blocks, a chunked head,
+    one shared KV slot, attention over the live KV chunks, two-axis head products, XLA matmuls), for
+    testing them where no accelerator is.  `overrides`: fields to change as well (e.g. small
+    ``attention_block`` / ``head_chunk_bytes`` / ``decode_kv_chunk`` for a tiny model, so the blocked
+    forms run)."""
+    acc = choices("tpu")
+    opts = {name: getattr(acc, name) for name in OPTION_NAMES}
+    opts.update(overrides)
+    return opts
+
+
+def backend_for(backend: BackendChoices | None = None, platform: str | None = None,
+                options: Mapping[str, Any] | None = None) -> BackendChoices:
+    """`backend` as given (options then applied on it), else `choices(platform, options)`: the one
+    resolution an entry point (`Sampler`, the train step, `aot`) makes."""
+    if backend is None:
+        return choices(platform, options)
+    if not isinstance(backend, BackendChoices):
+        raise ValueError(f"backend must be a pldr_jax.backend.BackendChoices (from backend.choices()), "
+                         f"got {type(backend).__name__}")
+    return with_options(backend, options) if options else backend
 
 
 def _native_kernels_enabled() -> bool:

@@ -17,9 +17,10 @@ import jax
 import jax.numpy as jnp
 
 from .config import PLDRConfig
-from .layer import decoder_layer
+from .layer import SequenceAttention, decoder_layer
 from .ops.attention import causal_padding_mask
 from .ops.layers import layer_norm, linear
+from .ops.rope import rope_tables
 from .partitioning import constrain
 
 DEDUCTIVE_KEYS = ("A", "A_LM", "A_P", "G_LM")
@@ -125,10 +126,12 @@ def checkpoint_layer(fn, remat: bool | str):
     return jax.checkpoint(fn)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "pad_aware_A", "collect", "remat", "kernels", "attn_block"))
+@functools.partial(jax.jit, static_argnames=("cfg", "pad_aware_A", "collect", "remat", "kernels", "attn_block",
+                                             "attention"))
 def forward(cfg: PLDRConfig, params: dict, tokens: jax.Array, g_lm: jax.Array | None = None, *,
             pad_aware_A: bool = False, collect: bool = False, remat: bool | str = False,
-            kernels: str = "xla", attn_block: int = 0, positions: jax.Array | None = None,
+            kernels: str = "xla", attn_block: int = 0, attention: SequenceAttention | None = None,
+            positions: jax.Array | None = None,
             attn_mask: jax.Array | None = None, metric_mask: jax.Array | None = None) -> ForwardOutput:
     """Full-sequence forward pass.
 
@@ -142,6 +145,8 @@ def forward(cfg: PLDRConfig, params: dict, tokens: jax.Array, g_lm: jax.Array | 
     "cpu" (XLA:CPU's fast backward; reverse mode only).  Same values either way.  attn_block:
     compute attention this many queries at a time (`layer.attention_in_query_blocks`: memory
     linear, not quadratic, in the sequence length; 0 = all at once).  Same values.
+    attention: the attention implementation, a mask-less `layer.SequenceAttention` (or a subclass:
+    a fused kernel) whose mask is set here; None = ``SequenceAttention(block=attn_block)``.
     positions [B, L] int, attn_mask [B, 1, L, L] bool (True = may attend), metric_mask [B, L] bool
     (True = summed into A): a packed row's RoPE positions, attention mask and metric tokens
     (`eval.shared_context`: the continuations of one context in one row); None = 0..L-1, causal over
@@ -157,11 +162,12 @@ def forward(cfg: PLDRConfig, params: dict, tokens: jax.Array, g_lm: jax.Array | 
     positions = jnp.broadcast_to(jnp.arange(L), (B, L)) if positions is None else positions
     mask = causal_padding_mask(valid, L) if attn_mask is None else attn_mask
     token_mask_A = metric_mask if metric_mask is not None else (valid if pad_aware_A else None)
-    x0 = constrain(embed(cfg, params, tokens), ("batch", "length", "embed"))
+    x0 = constrain(embed(cfg, params, tokens), ("batch", "length", "act_embed"))
+    rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta)          # once, for every layer
+    att = (SequenceAttention(block=attn_block) if attention is None else attention).replace(mask=mask)
 
     def body(x, lp, g):
-        x, ded, (k, v) = decoder_layer(cfg, lp, x, positions, mask, metric_mask=token_mask_A, g_lm=g,
-                                       kernels=kernels, attn_block=attn_block)
+        x, ded, (k, v) = decoder_layer(cfg, lp, x, rope, att, g_lm=g, metric_mask=token_mask_A, kernels=kernels)
         extra = {"layer_out": x, "k": k, "v": v} if collect else {}
         return x, (ded, extra)
 
