@@ -21,7 +21,7 @@ from .layer import SequenceAttention, decoder_layer
 from .ops.attention import causal_padding_mask
 from .ops.layers import layer_norm, linear
 from .ops.rope import rope_tables
-from .partitioning import constrain
+from .partitioning import active_rules_key, constrain, rules_scope
 
 DEDUCTIVE_KEYS = ("A", "A_LM", "A_P", "G_LM")
 
@@ -126,8 +126,6 @@ def checkpoint_layer(fn, remat: bool | str):
     return jax.checkpoint(fn)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "pad_aware_A", "collect", "remat", "kernels", "attn_block",
-                                             "attention"))
 def forward(cfg: PLDRConfig, params: dict, tokens: jax.Array, g_lm: jax.Array | None = None, *,
             pad_aware_A: bool = False, collect: bool = False, remat: bool | str = False,
             kernels: str = "xla", attn_block: int = 0, attention: SequenceAttention | None = None,
@@ -154,7 +152,26 @@ def forward(cfg: PLDRConfig, params: dict, tokens: jax.Array, g_lm: jax.Array | 
 
     Layer iteration follows the params layout: stacked layers -> `lax.scan` (flat compile time);
     a tuple of per-layer dicts (`unstack_layers`) -> a Python loop (no weight-slice copies).
+
+    Jitted; the sharding rule table in force (`partitioning.activation_sharding`) is part of its
+    compile-cache key.
     """
+    return _forward(cfg, params, tokens, g_lm, pad_aware_A=pad_aware_A, collect=collect, remat=remat,
+                    kernels=kernels, attn_block=attn_block, attention=attention, positions=positions,
+                    attn_mask=attn_mask, metric_mask=metric_mask, sharding_rules=active_rules_key())
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "pad_aware_A", "collect", "remat", "kernels", "attn_block",
+                                             "attention", "sharding_rules"))
+def _forward(cfg, params, tokens, g_lm, *, pad_aware_A, collect, remat, kernels, attn_block, attention, positions,
+             attn_mask, metric_mask, sharding_rules) -> ForwardOutput:
+    with rules_scope(sharding_rules):
+        return _forward_body(cfg, params, tokens, g_lm, pad_aware_A, collect, remat, kernels, attn_block, attention,
+                             positions, attn_mask, metric_mask)
+
+
+def _forward_body(cfg, params, tokens, g_lm, pad_aware_A, collect, remat, kernels, attn_block, attention, positions,
+                  attn_mask, metric_mask) -> ForwardOutput:
     check_tokens(cfg, tokens)
     g_all = normalize_g_lm(cfg, g_lm)
     B, L = tokens.shape

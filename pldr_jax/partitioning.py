@@ -31,7 +31,8 @@ from typing import Any, Mapping, Sequence
 import jax
 from jax.sharding import PartitionSpec
 
-__all__ = ["RULES", "merged_rules", "logical_to_spec", "activation_sharding", "constrain", "split_size", "splits"]
+__all__ = ["RULES", "merged_rules", "logical_to_spec", "activation_sharding", "active_rules_key", "rules_scope",
+           "constrain", "split_size", "splits"]
 
 #: logical axis name -> mesh axis (str, tuple of str, or None = replicated).
 RULES: dict[str, Any] = {
@@ -106,8 +107,9 @@ _ACTIVE_RULES: contextvars.ContextVar = contextvars.ContextVar("pldr_jax_activat
 @contextlib.contextmanager
 def activation_sharding(mesh, rules: Mapping[str, Any] | None = None):
     """While tracing inside: `constrain` pins activations to `mesh` (a Mesh; its abstract mesh is
-    set with ``jax.sharding.use_abstract_mesh``) by `rules` (None = `RULES`)."""
-    token = _ACTIVE_RULES.set(None if rules is None else dict(rules))
+    set with ``jax.sharding.use_abstract_mesh``) by `rules` (entries replacing those of `RULES`;
+    None = `RULES`)."""
+    token = _ACTIVE_RULES.set(None if rules is None else merged_rules(rules))
     try:
         with jax.sharding.use_abstract_mesh(getattr(mesh, "abstract_mesh", mesh)):
             yield
@@ -117,6 +119,26 @@ def activation_sharding(mesh, rules: Mapping[str, Any] | None = None):
 
 def _rules() -> Mapping[str, Any]:
     return _ACTIVE_RULES.get() or RULES
+
+
+def active_rules_key() -> tuple | None:
+    """The rule table `activation_sharding` set (None: `RULES`) as a hashable value: a static
+    argument of a jitted function that calls `constrain`, so a trace under other rules is not reused
+    from JAX's cache (`model.forward`)."""
+    rules = _ACTIVE_RULES.get()
+    return None if rules is None else tuple(sorted((k, v if not isinstance(v, list) else tuple(v))
+                                                   for k, v in rules.items()))
+
+
+@contextlib.contextmanager
+def rules_scope(key: tuple | None):
+    """Inside: `constrain` uses the table of `active_rules_key` value `key` (None: `RULES`); the
+    mesh is left as it is."""
+    token = _ACTIVE_RULES.set(None if key is None else dict(key))
+    try:
+        yield
+    finally:
+        _ACTIVE_RULES.reset(token)
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:

@@ -34,7 +34,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from ..config import PLDRConfig
 from ..params import abstract_params, logical_axes
-from ..partitioning import RULES, logical_to_spec
+from ..partitioning import RULES, logical_to_spec, merged_rules
 from .state import TrainState, create_train_state
 
 __all__ = ["MESH_AXES", "BATCH_AXES", "DEFAULT_RULES", "make_mesh", "parse_mesh_shape", "logical_to_spec",
@@ -108,10 +108,12 @@ def replicated(mesh: Mesh) -> NamedSharding:
 # --------------------------------------------------------------------------- rules
 def param_partition_specs(cfg: PLDRConfig, mesh: Mesh | None = None, rules: Mapping[str, Any] | None = None,
                           params: Any = None):
-    """Tree of PartitionSpecs for the parameters of `cfg` (stacked layout)."""
+    """Tree of PartitionSpecs for the parameters of `cfg` (stacked layout); rules: entries replacing
+    those of the one table (`pldr_jax.partitioning.RULES`)."""
     shapes = abstract_params(cfg) if params is None else params
     axes = logical_axes(cfg)
-    return jax.tree_util.tree_map(lambda names, x: logical_to_spec(names, x.shape, mesh, rules), axes, shapes,
+    table = merged_rules(rules)
+    return jax.tree_util.tree_map(lambda names, x: logical_to_spec(names, x.shape, mesh, table), axes, shapes,
                                   is_leaf=lambda t: isinstance(t, tuple) and all(isinstance(n, str) for n in t))
 
 
@@ -154,7 +156,7 @@ def init_train_state(cfg: PLDRConfig, tx: optax.GradientTransformation, mesh: Me
     The numbers equal `create_train_state(cfg, tx, seed)` on one device (threefry is
     partitionable), whatever the mesh.  The compiled initialiser is cached per (cfg, tx, mesh).
     """
-    key = (cfg, tx, mesh, tuple(sorted((rules or DEFAULT_RULES).items())),
+    key = (cfg, tx, mesh, tuple(sorted(merged_rules(rules).items())),
            tuple(sorted((compiler_options or {}).items())))
     init = _INIT_CACHE.get(key)
     if init is None:
