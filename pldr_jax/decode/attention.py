@@ -27,64 +27,61 @@ import jax.numpy as jnp
 from ..layer import Attention, SequenceAttention, attention_in_query_blocks
 from ..ops.attention import plga_attention
 
-__all__ = ["RowSlotsKV", "SharedSlotKV", "NativeKV", "LastQuery"]
+__all__ = ["KVWrite", "RowSlotsKV", "SharedSlotKV", "NativeKV", "LastQuery"]
 
 _static = lambda default: flax.struct.field(pytree_node=False, default=default)
 
 
 @flax.struct.dataclass
-class RowSlotsKV(Attention):
-    """k_buf, v_buf [B, H, S, dk]; mask [B, 1, 1, S] bool (admitting each row's own slot);
-    positions [B] int32: row b's slot.  Returns the written buffers."""
+class KVWrite(Attention):
+    """A one-token step over the KV-cache: k_buf, v_buf [B, H, S, dk]; mask [B, 1, 1, S] bool (True =
+    may attend); where: the slots this step's keys and values go to ([B] int32 per row, or [] int32
+    shared).  Returns (att, the written buffers)."""
     k_buf: jax.Array
     v_buf: jax.Array
     mask: jax.Array
-    positions: jax.Array
+    where: jax.Array
     merged_heads: bool = _static(True)
     kv_chunk: int = _static(0)
 
+
+@flax.struct.dataclass
+class RowSlotsKV(KVWrite):
+    """Row b's key and value at slot where[b] (its own position; mask admits it), then attention over
+    the written buffers."""
+
     def __call__(self, q, k, v, g_lm):
         rows = jnp.arange(q.shape[0])
-        kb, vb = (buf.at[rows, :, self.positions].set(t[:, 0].astype(buf.dtype))
+        kb, vb = (buf.at[rows, :, self.where].set(t[:, 0].astype(buf.dtype))
                   for buf, t in ((self.k_buf, k), (self.v_buf, v)))
-        live = jnp.max(self.positions) + 1 if self.kv_chunk else None     # slots below the next free one
+        live = jnp.max(self.where) + 1 if self.kv_chunk else None        # slots below the next free one
         att = plga_attention(q, kb, vb, g_lm, self.mask, heads_first=True, merged_heads=self.merged_heads,
                              live_len=live, kv_chunk=self.kv_chunk)
         return att, (kb, vb)
 
 
 @flax.struct.dataclass
-class SharedSlotKV(Attention):
-    """k_buf, v_buf [B, H, S, dk]; mask [B, 1, 1, S] bool (excluding `slot`, not written yet);
-    slot [] int32: where every row's key and value go.  Returns the written buffers."""
-    k_buf: jax.Array
-    v_buf: jax.Array
-    mask: jax.Array
-    slot: jax.Array
-    merged_heads: bool = _static(True)
-    kv_chunk: int = _static(0)
+class SharedSlotKV(KVWrite):
+    """Every row's key and value at the one slot `where` (mask excluding it: not written yet);
+    attention over the buffers before the write plus the step's own key and value."""
 
     def __call__(self, q, k, v, g_lm):
         att = plga_attention(q, self.k_buf, self.v_buf, g_lm, self.mask, heads_first=True, new_kv=(k, v),
-                             merged_heads=self.merged_heads, live_len=self.slot if self.kv_chunk else None,
+                             merged_heads=self.merged_heads, live_len=self.where if self.kv_chunk else None,
                              kv_chunk=self.kv_chunk)
-        kb, vb = (jax.lax.dynamic_update_slice_in_dim(buf, jnp.swapaxes(t, 1, 2).astype(buf.dtype), self.slot, axis=2)
+        kb, vb = (jax.lax.dynamic_update_slice_in_dim(buf, jnp.swapaxes(t, 1, 2).astype(buf.dtype), self.where, axis=2)
                   for buf, t in ((self.k_buf, k), (self.v_buf, v)))
         return att, (kb, vb)
 
 
 @flax.struct.dataclass
-class NativeKV(Attention):
-    """`RowSlotsKV`'s write and attention as the native kernel (buffers updated in place, masked slots
-    not read).  k_buf, v_buf [B, H, S, dk] in the compute dtype; mask [B, 1, 1, S]; positions [B]."""
-    k_buf: jax.Array
-    v_buf: jax.Array
-    mask: jax.Array
-    positions: jax.Array
+class NativeKV(KVWrite):
+    """`RowSlotsKV`'s write and attention as the native kernel (buffers in the compute dtype, updated
+    in place, masked slots not read)."""
 
     def __call__(self, q, k, v, g_lm):
         from ..kernels.decode_attention import decode_attention_update
-        att, kb, vb = decode_attention_update(q, g_lm, k, v, self.positions, self.k_buf, self.v_buf, self.mask)
+        att, kb, vb = decode_attention_update(q, g_lm, k, v, self.where, self.k_buf, self.v_buf, self.mask)
         return att, (kb, vb)
 
 
