@@ -341,6 +341,12 @@ def test_cli_generate_json(tiny, tmp_path, capsys):
     assert "tokenizer" in capsys.readouterr().err
     assert main(["generate", str(ck), "--ids", "5 6", "--max-new-tokens", "100", "--no-compile-cache"]) == 2
     assert "max_seq_len" in capsys.readouterr().err
+    assert main(["generate", str(ck), "--ids", "5 6", "--backend-option", "decode_kv_chnk=4", "--no-compile-cache"]) == 2
+    assert "valid options" in capsys.readouterr().err                                   # unknown backend option
+    rc = main(["generate", str(ck), *args, "--greedy", "--max-new-tokens", "20", "--eos-id", "3", "--json",
+               "--backend-option", "decode_kv_chunk=4", "--backend-option", "decode_attention=xla",
+               "--no-compile-cache"])
+    assert rc == 0 and [r["ids"] for r in json.loads(capsys.readouterr().out)["results"]] == want.tokens
 
 
 # --------------------------------------------------------------------------- Sampler
