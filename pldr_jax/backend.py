@@ -46,27 +46,32 @@ behind each default are in experiments/README.md, "Backend choices: the measurem
 * ``remat``: the training step's default rematerialisation ("none" on CPU, "full" on accelerators,
   where memory, not FLOPs, bounds the batch).
 
+Not a field: the `pldr-jax` console script re-executes itself with a glibc huge-page tunable
+(`train.host_memory`) only for an XLA:CPU process (`huge_pages_wanted`).
+
 Override: `choices(platform, {field: value})`, `parse_backend_options(["KEY=VALUE", ...])` for a
 command line (``--backend-option``), `Sampler(backend_options=...)`, `make_train_step(backend=...)`;
 `choices("cpu", accelerator_options())` runs the accelerator choices on CPU (tests).  The
-environment variable ``PLDR_JAX_KERNELS`` = "cpu" | "xla" forces the kernels; `StepOptions`
-fields override per step.
+environment is read in `pldr_jax.settings` (``PLDR_JAX_KERNELS`` = "cpu" | "xla" forces the kernels;
+``PLDR_JAX_CPU_KERNELS=0`` turns the native kernels off; `settings.backend_options_from_env`);
+`StepOptions` fields override per step.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import os
 import sys
 from typing import Any, Iterable, Mapping
 
+from . import settings
+
 __all__ = ["KERNELS", "KERNELS_ENV", "OPTION_NAMES", "BackendChoices", "choices", "with_options",
-           "parse_backend_options", "accelerator_options", "backend_for", "platform_of", "default_kernels",
+           "check_options", "parse_backend_options", "accelerator_options", "backend_for", "platform_of", "default_kernels",
            "check_kernels", "huge_pages_wanted", "uses_native_decode_attention"]
 
 KERNELS = ("xla", "cpu")
-KERNELS_ENV = "PLDR_JAX_KERNELS"
+KERNELS_ENV = settings.KERNELS_ENV
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,12 +95,7 @@ class BackendChoices:
 
 
 def _kernels_override() -> str | None:
-    v = os.environ.get(KERNELS_ENV, "").strip().lower()
-    if not v:
-        return None
-    if v not in KERNELS:
-        raise ValueError(f"{KERNELS_ENV}={v!r}: expected one of {KERNELS}")
-    return v
+    return settings.kernels_override()
 
 
 def choices(platform: str | None = None, options: Mapping[str, Any] | None = None) -> BackendChoices:
@@ -172,6 +172,14 @@ def with_options(ch: BackendChoices, options: Mapping[str, Any]) -> BackendChoic
     return dataclasses.replace(ch, **{k: _parse_value(k, v) for k, v in options.items()})
 
 
+def check_options(options) -> dict[str, Any]:
+    """{field: value} (a mapping or (key, value) pairs), each value parsed and checked as
+    `with_options` does; ValueError naming an unknown key (and the valid ones) or a bad value."""
+    items = dict(options)
+    _check_names(items)
+    return {k: _parse_value(k, v) for k, v in items.items()}
+
+
 def _check_names(options: Mapping[str, Any]) -> None:
     unknown = sorted(set(options) - set(OPTION_NAMES))
     if unknown:
@@ -219,8 +227,7 @@ def backend_for(backend: BackendChoices | None = None, platform: str | None = No
 
 
 def _native_kernels_enabled() -> bool:
-    from .kernels.build import enabled
-    return enabled()
+    return settings.native_kernels_enabled()
 
 
 def uses_native_decode_attention(ch: BackendChoices, compute_dtype, *, sharded: bool) -> bool:
@@ -259,10 +266,9 @@ def huge_pages_wanted(env=None) -> bool:
     """Whether this process will run XLA:CPU (so the huge-page re-exec helps), decided without
     starting JAX: Linux, and either JAX_PLATFORMS names cpu first or no accelerator plugin (libtpu,
     CUDA / ROCm plugins) is installed."""
-    env = os.environ if env is None else env
     if not sys.platform.startswith("linux"):
         return False
-    plats = env.get("JAX_PLATFORMS", "").strip().lower()
+    plats = settings.jax_platforms(env)
     if plats:
         return plats.split(",")[0] == "cpu"
     for mod in ("libtpu", "jax_plugins.xla_cuda12", "jax_plugins.xla_cuda13", "jax_plugins.xla_rocm7",

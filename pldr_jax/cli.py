@@ -20,6 +20,7 @@ COMMANDS = {
     "analyze": "pldr_jax.analysis.cli",
     "data": "pldr_jax.data.cli",
     "compile": "pldr_jax.aot_cli",
+    "kernels": "pldr_jax.kernels.cli",
 }
 
 

@@ -17,16 +17,16 @@ import os
 import warnings
 from pathlib import Path
 
+from . import settings
+
 __all__ = ["ENV_VAR", "default_cache_dir", "resolve_cache_dir", "enable_compile_cache"]
 
-ENV_VAR = "PLDR_JAX_COMPILE_CACHE"
-_OFF = {"0", "off", "false", "none", "no"}
+ENV_VAR = settings.COMPILE_CACHE_ENV
 
 
 def default_cache_dir() -> Path:
     """``$XDG_CACHE_HOME/pldr_jax/jax_cache``, else ``~/.cache/pldr_jax/jax_cache``."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "pldr_jax" / "jax_cache"
+    return settings.cache_home() / "pldr_jax" / "jax_cache"
 
 
 def resolve_cache_dir(path: str | os.PathLike | None = None, *, enabled: bool = True) -> Path | None:
@@ -36,9 +36,9 @@ def resolve_cache_dir(path: str | os.PathLike | None = None, *, enabled: bool = 
         return None
     if path is not None:
         return Path(path).expanduser()
-    env = os.environ.get(ENV_VAR)
+    env = settings.compile_cache_setting()
     if env is not None:
-        return None if env.strip().lower() in _OFF or not env.strip() else Path(env).expanduser()
+        return None if env.strip().lower() in settings.OFF_WORDS or not env.strip() else Path(env).expanduser()
     return default_cache_dir()
 
 

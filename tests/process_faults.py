@@ -17,13 +17,13 @@ def slow_steps_from_env() -> None:
     slow = float(os.environ.get("PLDR_SLOW_STEP", "0"))
     if not slow:
         return
-    import pldr_jax.train.loop as loop
-    orig = loop.shard_batch
+    import pldr_jax.train.steploop as steploop
+    orig = steploop.shard_batch
 
     def slow_shard(batch, mesh):
         time.sleep(slow)
         return orig(batch, mesh)
-    loop.shard_batch = slow_shard
+    steploop.shard_batch = slow_shard
 
 
 def complete_checkpoint_steps(ckpt: Path) -> list[int]:

@@ -1,5 +1,11 @@
-"""The native XLA:CPU decode kernel (`pldr_jax.kernels`): same terms as the jax.lax path, in place,
-masked slots never read, its build / fallback, and the decode step that uses it.
+"""The native XLA:CPU kernels (`pldr_jax.kernels`): the decode kernel's terms equal the jax.lax
+path's, in place, masked slots never read; the packed matmul; the build's safety rules (a private
+directory, owner / permission checks, the manifest's hashes, reuse, pruning), its fallback, and the
+decode step that uses them.
+
+Where a C++ compiler is found (or ``CI=true``) and the kernels are not switched off, the kernels
+must build: a failed build fails these tests, it does not skip them.  The build-rule tests use a
+stand-in compiler (a script that writes a file and counts its runs), so they run on any host.
 
 The jax.lax path it replaces: the per-row scatter ``buf.at[rows, :, pos].set(...)`` then
 `plga_attention` over the written heads-first buffers.  float32 tolerance: 2e-6 on O(1) outputs
@@ -10,6 +16,10 @@ bfloat16 ulp of the output, 2^-7 relative).
 """
 
 from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -22,8 +32,9 @@ from pldr_jax.kernels import build
 from pldr_jax.kernels.decode_attention import decode_attention_available, decode_attention_update
 from pldr_jax.ops.attention import plga_attention
 
-needs_kernel = pytest.mark.skipif(not decode_attention_available(),
-                                  reason=f"native kernel unavailable: {build.load('decode_attention').reason}")
+#: the kernels must build here: switched on, and a compiler found (or CI, which has one)
+EXPECT_KERNELS = build.enabled() and (build.compiler() is not None or os.environ.get("CI") == "true")
+needs_kernel = pytest.mark.skipif(not EXPECT_KERNELS, reason="native kernels switched off, or no C++ compiler")
 
 
 def _xla(q, g, kn, vn, pos, kb, vb, mask):
@@ -131,48 +142,207 @@ def test_bad_arguments_name_the_problem():
         decode_attention_update(q[:, :1], g[:, :2], q[:, :1], q[:, :1], pos, buf, buf, mask)
 
 
-def test_switch_off_and_failed_build_fall_back(monkeypatch, tmp_path):
-    real_compiler = build._compiler()
+@needs_kernel
+@pytest.mark.parametrize("name", sorted(build.KERNELS))
+def test_kernels_build_where_a_compiler_is(name):
+    """With a compiler (or in CI) every kernel builds, verifies and registers; a failure fails here."""
+    st = build.load(name)
+    assert st.available, st.reason
+    lib = Path(st.library)
+    assert lib.parent == build.kernel_dir().expanduser().absolute() and stat.S_IMODE(os.stat(lib.parent).st_mode) & 0o022 == 0
+    entry = build._read_manifest(lib.parent)[name]
+    assert entry["library"] == lib.name and entry["library_sha256"] == build._sha256(lib)
+
+
+@needs_kernel
+def test_switching_off_stops_choosing_a_registered_kernel_not_using_it(monkeypatch):
+    """Weights packed while the kernels were on still multiply after the switch is turned off; the
+    backend no longer chooses the kernels."""
+    assert build.load("packed_matmul").available
+    monkeypatch.setenv(build.ENV_SWITCH, "off")
+    assert build.load("packed_matmul").available
+    assert backend.choices("cpu").decode_matmul == "xla" == backend.choices("cpu").decode_attention
+
+
+FAKE_CC = """#!/bin/sh
+# a stand-in C++ compiler: --version, else writes a distinct file to the -o path and counts its runs
+if [ "$1" = "--version" ]; then echo "fakecc 1.0"; exit 0; fi
+echo run >> "$(dirname "$0")/runs"
+[ -n "$FAKE_CC_FAIL" ] && { echo "error: this is not C++" >&2; exit 1; }
+while [ $# -gt 0 ]; do [ "$1" = "-o" ] && out="$2"; shift; done
+printf 'library %s' "$(od -An -N8 -tx8 /dev/urandom)" > "$out"
+"""
+
+
+@pytest.fixture
+def fake_cc(tmp_path, monkeypatch):
+    """A stand-in compiler as $CXX, a fresh build directory as $PLDR_JAX_KERNEL_DIR, and a process
+    with nothing registered: (compiler path, build directory, number of compiler runs so far)."""
+    cc = tmp_path / "bin" / "fakecc"
+    cc.parent.mkdir()
+    cc.write_text(FAKE_CC)
+    cc.chmod(0o755)
+    d = tmp_path / "kernels"
+    monkeypatch.setenv("CXX", str(cc))
+    monkeypatch.setenv(build.ENV_DIR, str(d))
+    monkeypatch.delenv(build.ENV_SWITCH, raising=False)
+    monkeypatch.delenv("FAKE_CC_FAIL", raising=False)
+    monkeypatch.setattr(build, "_registered", {})
+    monkeypatch.setattr(build, "_failed", {})
+    monkeypatch.setattr(build, "_warned", set())
+    runs = lambda: len((cc.parent / "runs").read_text().split()) if (cc.parent / "runs").exists() else 0
+    return str(cc), d, runs
+
+
+def _library(name, cc, d):
+    return d / build._library_name(name, build._build_key(name, cc)["key"])
+
+
+def _give_to_another_user(path, monkeypatch):
+    """Make `path` owned by uid 65534: really (as root), else as `build` sees it."""
+    if os.getuid() == 0:
+        os.chown(path, 65534, 65534)
+        return
+    real = os.lstat
+    other = lambda p, *a, **k: (os.stat_result((*real(p)[:4], 65534, *real(p)[5:])) if str(p) == str(path)
+                                else real(p, *a, **k))
+    monkeypatch.setattr(build.os, "lstat", other)
+
+
+def test_build_dir_is_private_and_a_second_build_reuses_the_first(fake_cc):
+    cc, d, runs = fake_cc
+    old = os.umask(0)
+    try:
+        first = build.build("packed_matmul", cc=cc)
+    finally:
+        os.umask(old)
+    assert first.built and runs() == 1 and first.library.parent == d
+    assert stat.S_IMODE(os.stat(d).st_mode) == 0o700                   # created private despite umask 0
+    again = build.build("packed_matmul", cc=cc)
+    assert not again.built and again.library == first.library and runs() == 1   # no second compiler run
+    entry = build._read_manifest(d)["packed_matmul"]
+    assert entry["library"] == first.library.name and entry["library_sha256"] == build._sha256(first.library)
+    assert entry["key"] == build._build_key("packed_matmul", cc)["key"] and entry["compiler_version"] == "fakecc 1.0"
+    assert build.build("packed_matmul", cc=cc, force=True).built and runs() == 2
+
+
+def test_changed_source_builds_anew_and_prunes_the_old_library(fake_cc, tmp_path, monkeypatch):
+    cc, d, runs = fake_cc
+    old = build.build("packed_matmul", cc=cc).library
+    other = build.build("decode_attention", cc=cc).library
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "packed_matmul.cc").write_text(build._SRC_DIR.joinpath("packed_matmul.cc").read_text() + "// changed\n")
+    monkeypatch.setattr(build, "_SRC_DIR", src)
+    new = build.build("packed_matmul", cc=cc)
+    assert new.built and new.library != old and not old.exists() and other.exists()   # only its own old build
+    assert build._read_manifest(d)["packed_matmul"]["library"] == new.library.name
+    assert sorted(p.name for p in d.glob("libpldr_*")) == sorted([new.library.name, other.name])
+
+
+def test_a_tampered_library_is_rebuilt(fake_cc, capsys):
+    cc, d, runs = fake_cc
+    lib = build.build("packed_matmul", cc=cc).library
+    with open(lib, "ab") as f:
+        f.write(b"\x90")                                   # changed after the build: hash mismatch
+    r = build.build("packed_matmul", cc=cc)
+    assert r.built and "hash" in r.note and runs() == 2
+    assert "does not match the sha256" in capsys.readouterr().err
+    assert build._sha256(lib) == build._read_manifest(d)["packed_matmul"]["library_sha256"]
+
+
+def test_a_planted_library_of_another_user_is_refused(fake_cc, monkeypatch):
+    """A library at the name the build would use, owned by someone else: never loaded (nor
+    overwritten); `load` says why, warns once and the jax.lax path is used."""
+    cc, d, runs = fake_cc
+    build.prepare_dir()
+    lib = _library("packed_matmul", cc, d)
+    lib.write_bytes(b"planted")
+    _give_to_another_user(lib, monkeypatch)
+    with pytest.raises(build.UnsafeKernelDir, match="refusing native kernels from .*: the library is owned by uid 65534"):
+        build.build("packed_matmul", cc=cc)
+    with pytest.warns(UserWarning, match="unavailable, using the jax.lax path instead: refusing") as w:
+        st = build.load("packed_matmul")
+        assert build.load("packed_matmul") == st                          # remembered: one warning
+    assert len([x for x in w if "jax.lax path" in str(x.message)]) == 1
+    assert not st.available and "owned by uid 65534" in st.reason and str(lib) in st.reason
+    assert runs() == 0 and lib.read_bytes() == b"planted"
+
+
+def test_a_manifest_of_another_user_is_refused(fake_cc, monkeypatch):
+    cc, d, runs = fake_cc
+    build.build("packed_matmul", cc=cc)
+    _give_to_another_user(d / build.MANIFEST, monkeypatch)
+    with pytest.raises(build.UnsafeKernelDir, match="the manifest is owned by uid 65534"):
+        build.build("packed_matmul", cc=cc)
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o775, 0o1777])
+def test_a_group_or_world_writable_build_dir_is_refused(fake_cc, mode):
+    cc, d, runs = fake_cc
+    d.mkdir(mode=0o700)
+    os.chmod(d, mode)
+    with pytest.raises(build.UnsafeKernelDir, match=f"group- or world-writable \\(mode {mode:04o}\\).*chmod go-w"):
+        build.build("packed_matmul", cc=cc)
+    with pytest.warns(UserWarning, match="using the jax.lax path instead: refusing native kernels from"):
+        st = build.load("packed_matmul")
+    assert not st.available and "world-writable" in st.reason and runs() == 0
+
+
+def test_a_build_dir_of_another_user_is_refused(fake_cc, monkeypatch):
+    cc, d, runs = fake_cc
+    d.mkdir(mode=0o700)
+    if os.getuid() == 0:
+        os.chown(d, 65534, 65534)
+    else:
+        real = os.stat
+        monkeypatch.setattr(build.os, "stat", lambda p, *a, **k: os.stat_result(
+            (*real(p)[:4], 65534, *real(p)[5:])) if str(p) == str(d) else real(p, *a, **k))
+    with pytest.raises(build.UnsafeKernelDir, match="the directory is owned by uid 65534"):
+        build.prepare_dir()
+
+
+def test_switch_off_no_compiler_and_failed_build_fall_back(fake_cc, monkeypatch):
+    """What `load` remembers is keyed by the settings: the switch turned off and on again, a
+    compiler removed, a failing build -- each answered afresh, each failure warned once."""
+    cc, d, runs = fake_cc
     monkeypatch.setenv(build.ENV_SWITCH, "0")
-    assert backend.choices("cpu").decode_attention == "xla"
-    assert not backend.uses_native_decode_attention(backend.choices("cpu"), "float32", sharded=False)
-    monkeypatch.setattr(build, "_loaded", {})
     st = build.load("decode_attention")
     assert not st.available and build.ENV_SWITCH in st.reason
+    assert backend.choices("cpu").decode_attention == "xla"
+    assert not backend.uses_native_decode_attention(backend.choices("cpu"), "float32", sharded=False)
     monkeypatch.delenv(build.ENV_SWITCH)
     assert backend.choices("cpu").decode_attention == "native"
     assert backend.choices("tpu").decode_attention == "xla"
     assert not backend.uses_native_decode_attention(backend.choices("cpu"), "float32", sharded=True)
-    # no compiler
-    monkeypatch.setattr(build, "_loaded", {})
+    # no compiler: one warning, the jax.lax path
     monkeypatch.setattr(build, "_compiler", lambda: None)
-    st = build.load("decode_attention")
-    assert not st.available and "compiler" in st.reason
-    # a source that does not compile: a warning naming the failure, then the jax.lax path
-    if real_compiler is None:
-        return
-    monkeypatch.undo()
-    monkeypatch.setattr(build, "_loaded", {})
-    bad = tmp_path / "src"
-    bad.mkdir()
-    (bad / "decode_attention.cc").write_text("this is not C++\n")
-    monkeypatch.setattr(build, "_SRC_DIR", bad)
-    monkeypatch.setenv(build.ENV_DIR, str(tmp_path / "libs"))
-    with pytest.warns(UserWarning, match="unavailable, using the jax.lax path"):
+    with pytest.warns(UserWarning, match="no C\\+\\+ compiler") as w:
         st = build.load("decode_attention")
-    assert not st.available and "failed" in st.reason
-    assert not list((tmp_path / "libs").glob("*.tmp"))         # no half-written library left behind
+        build.load("packed_matmul")
+    assert not st.available and "compiler" in st.reason and len([x for x in w if "jax.lax path" in str(x.message)]) == 1
+    # a source that does not compile: a warning naming the failure, then the jax.lax path
+    monkeypatch.setattr(build, "_compiler", lambda: cc)
+    monkeypatch.setenv("FAKE_CC_FAIL", "1")
+    with pytest.warns(UserWarning, match="(?s)unavailable, using the jax.lax path.*this is not C"):
+        st = build.load("decode_attention")
+    assert not st.available and "failed" in st.reason and runs() == 1
+    assert build.load("decode_attention") == st and runs() == 1           # not retried in this process
+    assert not list(d.glob("*.tmp")) and not list(d.glob("libpldr_*"))    # nothing half-written left
 
 
-@needs_kernel
-def test_build_is_cached_by_source_and_host(monkeypatch, tmp_path):
-    """A second load of the same source finds the library instead of compiling it again; the
-    library lives in PLDR_JAX_KERNEL_DIR."""
-    monkeypatch.setenv(build.ENV_DIR, str(tmp_path))
-    first = build._build("decode_attention", build._compiler())
-    mtime = first.stat().st_mtime_ns
-    assert first.parent == tmp_path and first.name.startswith("libpldr_decode_attention_")
-    assert build._build("decode_attention", build._compiler()) == first and first.stat().st_mtime_ns == mtime
+def test_cli_prints_where_and_which_compiler_then_reuses(fake_cc, capsys):
+    from pldr_jax.cli import main
+    cc, d, runs = fake_cc
+    assert main(["kernels", "build"]) == 0
+    out = capsys.readouterr().out
+    assert f"native CPU kernels: {d} (mode 0700" in out and f"compiler: {cc} (fakecc 1.0)" in out
+    assert out.count("built (") == len(build.KERNELS) and runs() == len(build.KERNELS)
+    assert main(["kernels", "build"]) == 0
+    assert capsys.readouterr().out.count("reused") == len(build.KERNELS) and runs() == len(build.KERNELS)
+    os.chmod(d, 0o777)
+    assert main(["kernels", "build"]) == 2
+    assert "error: refusing native kernels from" in capsys.readouterr().err
 
 
 @needs_kernel
@@ -213,11 +383,7 @@ def test_generate_native_equals_jax_lax_path(tiny_v510, monkeypatch, dtype, mode
 
 
 
-needs_packed = pytest.mark.skipif(not build.enabled() or build._compiler() is None,
-                                  reason="native kernels off or no C++ compiler")
-
-
-@needs_packed
+@needs_kernel
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("M,K,N", [(1, 96, 64), (3, 37, 21), (8, 200, 100), (13, 300, 48), (33, 130, 17)])
 def test_packed_matmul_matches_the_dot(dtype, M, K, N):
@@ -250,7 +416,7 @@ def test_packed_matmul_matches_the_dot(dtype, M, K, N):
         assert (jax.jit(lambda x, t=t: packed_matmul(x, panels, b, threads=t))(x) == y).all()
 
 
-@needs_packed
+@needs_kernel
 def test_packed_matmul_rejects_mismatched_shapes():
     from pldr_jax.kernels import pack_kernel, packed_matmul
     W = jnp.ones((8, 20), jnp.float32)
@@ -262,7 +428,7 @@ def test_packed_matmul_rejects_mismatched_shapes():
         packed_matmul(jnp.ones((2, 8), jnp.int32), pack_kernel(W), jnp.ones(20, jnp.float32))
 
 
-@needs_packed
+@needs_kernel
 def test_float32_decode_weights_are_packed_once_and_decode_like_unpacked(tiny_v510):
     """On CPU a float32 decode stores its matmul kernels packed (`backend.decode_matmul`), re-preparing
     prepared weights copies nothing, the forward pass over them matches the unpacked layout, and a

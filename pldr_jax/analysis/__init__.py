@@ -6,13 +6,13 @@ markdown); ``plots`` draws heatmaps and drift curves; ``cli`` is ``pldr-jax anal
 """
 
 from .invariance import (DeductiveTrace, InvarianceResult, analyze_trace, compare_runs, dag_per_layer,
-                         dag_values, deductive_trace, determinant, greedy_generate, head_spread,
+                         dag_values, deductive_trace, determinant, head_spread,
                          matching_decimals, numerical_rank, order_parameter, pad_prompts, rmse, slogdet,
                          tensor_head_spread)
 from .report import comparison_rows, summary_rows, to_csv, to_markdown, trace_rows, write_csv, write_markdown
 
 __all__ = ["DeductiveTrace", "InvarianceResult", "analyze_trace", "compare_runs", "dag_per_layer",
-           "dag_values", "deductive_trace", "determinant", "greedy_generate", "head_spread",
+           "dag_values", "deductive_trace", "determinant", "head_spread",
            "matching_decimals", "numerical_rank", "order_parameter", "pad_prompts", "rmse", "slogdet",
            "tensor_head_spread", "comparison_rows", "summary_rows", "to_csv", "to_markdown", "trace_rows",
            "write_csv", "write_markdown", "run_analysis"]

@@ -33,7 +33,7 @@ from ..model import DEDUCTIVE_KEYS, forward
 
 __all__ = ["rmse", "order_parameter", "slogdet", "determinant", "numerical_rank", "head_spread",
            "tensor_head_spread", "dag_values", "dag_per_layer", "matching_decimals", "compare_runs",
-           "DeductiveTrace", "deductive_trace", "decoder_tokens", "greedy_generate", "InvarianceResult", "analyze_trace",
+           "DeductiveTrace", "deductive_trace", "decoder_tokens", "InvarianceResult", "analyze_trace",
            "pad_prompts"]
 
 _MAT = (-2, -1)
@@ -241,43 +241,6 @@ def _greedy(logits: np.ndarray, pad_id: int = 0) -> np.ndarray:
     lg = np.array(logits, dtype=np.float32, copy=True)
     lg[:, pad_id] = -np.inf  # never emit the pad id: it would read as padding in the next pass
     return np.argmax(lg, axis=-1).astype(np.int32)
-
-
-def greedy_generate(cfg: PLDRConfig, params, prompts, max_new_tokens: int, *, g_lm=None,
-                    g_cache: bool = True, eos_id: int | None = None) -> list[list[int]]:
-    """Greedy generation by full re-runs of ``forward`` on a fixed-size buffer (one compile).
-
-    g_cache=True: G_LM is the prompt's (the G-cache; the reference's "G only" mode, which equals the
-    KV+G-cache decoder up to float rounding); False: A and G are recomputed from the whole growing
-    sequence every step (the reference's no-cache mode).  A given ``g_lm`` is used throughout.
-    Rows are independent (pad-aware A).  The pad id 0 is never chosen.  Stops a row at ``eos_id``
-    (included).  Returns the new tokens per row.  This is the fallback decoder of the analysis and
-    the harness; ``pldr_jax.decode.generate`` is the fast cached one.
-    """
-    buf, lens = pad_prompts(prompts)
-    B, P = buf.shape
-    L = P + int(max_new_tokens)
-    if L > cfg.max_seq_len:
-        raise ValueError(f"prompt ({P}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len={cfg.max_seq_len}")
-    buf = np.pad(buf, ((0, 0), (0, L - P)))
-    g = g_lm
-    if g is None and g_cache and cfg.learned_g:
-        _, ded = _last_step(cfg, params, jnp.asarray(buf), jnp.asarray(lens), None, True)
-        g = ded["G_LM"]
-    out: list[list[int]] = [[] for _ in range(B)]
-    done = np.zeros(B, bool)
-    for _ in range(int(max_new_tokens)):
-        last, _ = _last_step(cfg, params, jnp.asarray(buf), jnp.asarray(lens), g, False)
-        tok = _greedy(np.asarray(last))
-        for b in range(B):
-            if not done[b]:
-                out[b].append(int(tok[b]))
-                buf[b, lens[b]] = tok[b]
-                lens[b] += 1
-                done[b] = eos_id is not None and tok[b] == eos_id
-        if done.all():
-            break
-    return out
 
 
 def decoder_tokens(cfg: PLDRConfig, params, prompts, max_new_tokens: int, *, g_lm=None) -> list[list[int]]:

@@ -18,9 +18,9 @@ back in shard files of memory-mappable ``.npy`` arrays::
 Why ``.npy`` and not ArrayRecord: a packed row is an arbitrary ``[start, start + L + 1)`` slice of the
 token stream that crosses document (and shard) boundaries; in a flat array that is one read of
 exactly those bytes with no decoding, whereas ArrayRecord stores records (documents) in chunks, so a
-row costs several record reads, each deserialising its chunk (``experiments/bench_data.py
---formats`` measures both: 84x more rows/s than ArrayRecord documents, 7.5x more than ArrayRecord
-pre-packed rows, which would also fix seq_len at prepare time).
+row costs several record reads, each deserialising its chunk; pre-packed rows would also fix seq_len
+at prepare time (``experiments/bench_data.py --formats`` measures both: experiments/README.md "Data
+pipeline, prepared vs streaming").
 
 :class:`PreparedTokens` opens a directory and refuses, before any training work, a directory that
 is incomplete, a shard missing or truncated, a tokenizer whose hash differs from the one

@@ -1,7 +1,7 @@
 """The model over the decoding cache: the prefill that fills it and one decode step per new token.
 
 Both run `layer.decoder_layer` over per-layer weights (`weights.prepare_params`); the cache modes are
-the arguments they pass it.  The reference's four modes (`MODES`; MODEL.md "Caches at inference"):
+the arguments they pass it.  The reference's four modes (`MODES`; docs/model.md "Caches at inference"):
 
 * ``kv_g`` (KV-cache + G-cache): only the new token runs; G_LM is the cached prompt G.
 * ``kv`` (KV-cache only): only the new token runs; G is re-derived each step from the cached
@@ -110,7 +110,7 @@ def prompt_rope_tables(P: int, dk: int, theta: float) -> tuple[np.ndarray, np.nd
     step gathers its rows' positions) as constants.  Computed in the graph instead, XLA fuses the
     cos and sin into every layer's q and k rotation and recomputes them per element and head (~85 %
     of the prefill rotation's time; ~0.1 ms per rotation, 1 ms of a batch-32 decode step:
-    experiments/README.md "Prefill against its floor", "The decode step's remaining overhead")."""
+    experiments/README.md "Prefill against its floor", "Where the decode step's time goes (CPU)")."""
     pos = np.arange(P, dtype=np.int32)
     compiled = jax.jit(rope_tables, static_argnums=(1, 2)).lower(pos, dk, theta).compile()
     cos, sin = compiled(pos)

@@ -7,7 +7,7 @@ log-likelihood divided by the choice's length (characters for text choices, as l
 token-id choices) is the label.
 
 **Scoring modes** (PLDR's metric tensor A sums over every position of the input, so a token's
-logits depend on later tokens of the same pass -- see MODEL.md):
+logits depend on later tokens of the same pass -- see docs/model.md):
 
 * ``"full"`` (default): one forward pass over context + continuation, A over every real token of
   it.  This is what the authors' Hugging Face model computes under lm-evaluation-harness, i.e. the
@@ -85,7 +85,7 @@ def _gather(cfg: PLDRConfig, params, hidden, pos, targets):
     hits [B, K].  Only the K scored positions go through the vocabulary head and its softmax (a
     multiple-choice continuation is a few tokens of a long context).  Greedy = the target's
     log-probability is the maximum (= argmax == target but for exact ties; XLA:CPU's argmax over the
-    vocabulary took 11 ms of a [32, 64] small-preset call, the max 1 ms)."""
+    vocabulary is a slow scalar loop: experiments/README.md "Batched scoring")."""
     h = jnp.take_along_axis(hidden, pos[..., None], axis=1)                    # [B, K, D]
     logits = linear(params["final"], h).astype(jnp.float32)
     logp = jax.nn.log_softmax(logits, axis=-1)

@@ -1,4 +1,5 @@
-"""Native XLA:CPU kernels (C++ `jax.ffi` custom calls), built on first use; see `build`."""
+"""Native XLA:CPU kernels (C++ `jax.ffi` custom calls), built by ``pldr-jax kernels build`` or on
+first use, into a private directory, verified against a manifest before loading; see `build`."""
 
 from .build import KernelStatus, load
 from .decode_attention import decode_attention_available, decode_attention_update

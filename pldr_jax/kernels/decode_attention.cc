@@ -179,7 +179,7 @@ inline void live_range(const bool* m, int64_t S, int64_t& lo, int64_t& hi) {
 // bytes in front of the reads (one 64-byte line per line consumed).  A pair's streams are a few
 // KB each and start on a new 4 KB page every few KB, where the hardware prefetchers stop; a
 // cursor that runs on across them and into the next pair took a plain read of these bytes from
-// ~13 to ~21 GB/s on one core (experiments/README.md "The decode step's remaining overhead").
+// ~13 to ~21 GB/s on one core (experiments/README.md "Decode attention on CPU: forms and the native kernel").
 // Prefetching never reads values: a masked slot inside [lo, hi) is fetched, never used.
 constexpr int64_t kAhead = 8192;
 

@@ -2,9 +2,8 @@
 
 A decode step multiplies a few rows (the batch) by every weight matrix once per token, so its cost
 is reading the weights.  XLA:CPU runs float32 products of 8-32 rows far below the memory bandwidth
-those bytes allow (v51 110M, batch 8 float32: ~24 ms per step for the weight products against ~10 ms
-for a matrix-vector product of the same bytes; experiments/README.md "A packed-panel matmul for the
-float32 decode weights").  Here the weight is stored once, when the decode weights are prepared
+those bytes allow (measured: experiments/README.md "A packed-panel matmul for the float32 decode
+weights").  Here the weight is stored once, when the decode weights are prepared
 (`pldr_jax.decode.prepare_params`, `pack_kernel`), as [P, K, 16] panels of 16 outputs each, so
 every panel is one contiguous stream that up to 8 rows consume in one pass.
 

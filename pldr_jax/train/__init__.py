@@ -5,9 +5,12 @@
 
 Pieces: `make_optimizer` (clip + AdamW + warm-up/cosine, the reference recipe), `make_mesh` /
 `DEFAULT_RULES` / `init_train_state` (sharding), `make_train_step` / `make_eval_step` (jitted,
-sharded, donated), `CheckpointManager` / `load_params` (orbax), `train` (the loop; CLI:
-``pldr-jax train``), `resume` / `integrity` / `multihost` (collective resume, checkpoint digests,
-timed cross-process waits).
+sharded, donated), `CheckpointManager` / `load_params` (orbax), `train` (the loop, `loop.py`; CLI:
+``pldr-jax train``) over its parts: `setup` (the run's shared state `TrainRun`, mesh, backend
+choices, compiled steps), `resume` (collective restore, data position), `inputs` (tokenizer, data,
+G_LM), `steploop`, `evaluation`, `saving` (checkpoint cadence), `reporting` (metrics.jsonl,
+TensorBoard, progress bar, plot); `integrity` / `multihost` (checkpoint digests, timed
+cross-process waits).
 """
 
 from .checkpoint import CheckpointManager, latest_step, load_params, read_config

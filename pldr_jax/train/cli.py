@@ -129,6 +129,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="a step with a non-finite loss/gradient: skip it (default), stop after saving the "
                         "last good state, or off (no check, as the reference)")
     r.add_argument("--max-skipped", type=int, default=None, help="with --nonfinite skip: stop after this many")
+    r.add_argument("--backend-option", dest="backend_option", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a backend choice of the platform (repeatable; a pldr_jax.backend.BackendChoices "
+                        "field), e.g. --backend-option kernels=xla --backend-option attention_block=128")
     r.add_argument("--print-config", action="store_true", help="print the resolved configs as JSON and exit")
     g = p.add_argument_group("main job")
     g.add_argument("--prompt", action="append", default=None, help="prompt(s) for the main job's samples")
@@ -185,6 +188,7 @@ _FLAG_FIELDS = ("workdir", "steps", "batch_size", "seq_len", "learning_rate", "w
 
 
 def train_config(args, recipe: dict, cfg):
+    from ..backend import parse_backend_options
     from .config import TrainConfig
     from .sharding import parse_mesh_shape
     kw = dict(recipe)
@@ -203,6 +207,8 @@ def train_config(args, recipe: dict, cfg):
         kw["dag_coeffs"] = tuple(vals)
     if args.mesh is not None:
         kw["mesh"] = parse_mesh_shape(args.mesh)
+    if args.backend_option:
+        kw["backend_options"] = {**dict(kw.get("backend_options", ())), **parse_backend_options(args.backend_option)}
     kw.setdefault("workdir", "runs/pldr")
     kw.setdefault("vocab_size", cfg.vocab_size)
     if "steps" in kw and "total_steps" not in kw and kw.get("warmup_steps", 100) > kw["steps"]:
@@ -275,6 +281,7 @@ def main_job(args) -> int:
     t0 = time.perf_counter()
     import jax
     from ..decode.text import generate_text
+    from ..kernels.cli import build_and_report
     from .checkpoint import load_params
     from .loop import train
     recipe = dict(MAIN_JOB_RECIPE, workdir="runs/main-job")
@@ -290,6 +297,7 @@ def main_job(args) -> int:
     print(f"pldr-jax main job: a {cfg.num_layers}-layer PLDR-LLM (d_model {cfg.d_model}, {cfg.num_heads} heads, "
           f"learned G) on the embedded corpus, {tcfg.steps} steps of {tcfg.batch_size} x {tcfg.seq_len} tokens "
           f"on {jax.device_count()} {jax.devices()[0].platform.upper()} device(s)", flush=True)
+    build_and_report(platform=jax.default_backend())   # the native CPU kernels: built or reused, visibly
     res = train(cfg, tcfg)
     print(_summary(res), flush=True)
 

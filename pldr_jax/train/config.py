@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+from ..backend import check_options
 from ..config import reject_unknown_fields
 from .faults import FaultPolicy
 from .multihost import DEFAULT_TIMEOUT_S
@@ -38,6 +39,10 @@ class TrainConfig:
       `StepOptions`; None = the platform's default, `pldr_jax.backend`), pad_aware_A,
       g_source (predefined-G models: "identity", "random_normal[:scale]", "uniform[:lo:hi]",
       "external:<file.npz>"; None = the config's custom_G_type default).
+    Backend: backend_options -- overrides of the platform's `pldr_jax.backend.BackendChoices`
+      ({field: value} or (field, value) pairs, e.g. {"kernels": "xla", "attention_block": 128};
+      stored as sorted pairs; CLI ``--backend-option KEY=VALUE``), resolved once per run and part
+      of the compiled steps' cache key.
     Mesh: mesh = (data, fsdp, tensor) sizes, one may be -1 (= the remaining devices).
     Logging / eval / checkpoints: log_every, eval_every (0 = only at the end), eval_batches
       (per evaluation, None = the whole validation split), save_every (0 = only at the end),
@@ -88,8 +93,14 @@ class TrainConfig:
     nonfinite: str = "skip"
     max_skipped: int | None = None
     sync_timeout_s: float = DEFAULT_TIMEOUT_S
+    backend_options: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self):
+        opts = self.backend_options
+        pairs = opts.items() if isinstance(opts, Mapping) else [tuple(p) for p in opts]
+        if any(len(p) != 2 for p in pairs):
+            raise ValueError(f"TrainConfig.backend_options must be a mapping or (key, value) pairs, got {opts!r}")
+        object.__setattr__(self, "backend_options", tuple(sorted(check_options(dict(pairs)).items())))
         object.__setattr__(self, "dag_coeffs", tuple(float(c) for c in self.dag_coeffs))
         object.__setattr__(self, "mesh", tuple(int(m) for m in self.mesh))
         for name in ("steps", "seq_len", "batch_size", "grad_accum", "log_every", "vocab_size"):

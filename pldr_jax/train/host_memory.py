@@ -1,12 +1,10 @@
 """Host allocator setting for CPU runs: back large buffers with transparent huge pages.
 
-XLA:CPU allocates a step's temporaries (2 GB for the v51 110M training step at batch 4 x 256) and
-large outputs afresh on every call; glibc maps such blocks with `mmap` and unmaps them on free, so
-every step page-faults its whole working set back in, 4 KiB at a time (~550,000 faults and ~0.3 s
-per v51 step on the 2-core CI machine; experiments/README.md).  With glibc's tunable
-``glibc.malloc.hugetlb=1`` (glibc >= 2.35) malloc asks for transparent huge pages on those maps:
-~1,700 faults per step.  (Keeping freed memory in the heap instead, via `mallopt`, removed the
-faults too but fragmented the heap: peak memory doubled in half of the runs.)
+XLA:CPU allocates a step's temporaries and large outputs afresh on every call; glibc maps such
+blocks with `mmap` and unmaps them on free, so every step page-faults its whole working set back in,
+4 KiB at a time.  With glibc's tunable ``glibc.malloc.hugetlb=1`` (glibc >= 2.35) malloc asks for
+transparent huge pages on those maps, and the faults almost vanish (measured, with the `mallopt`
+alternative that fragmented the heap: experiments/README.md "Training step, v51 110M").
 
 glibc reads tunables once, at process start, so the setting is an environment variable:
 `pldr-jax` re-executes itself once with it (`reexec_with_huge_pages`, skipped when the variable
@@ -21,22 +19,25 @@ import os
 import sys
 from typing import Mapping, Sequence
 
+from .. import settings
+
 __all__ = ["HUGE_PAGE_TUNABLE", "huge_page_env", "huge_pages_active", "reexec_with_huge_pages"]
 
 HUGE_PAGE_TUNABLE = "glibc.malloc.hugetlb=1"
-_OPT_OUT = "PLDR_JAX_NO_HUGE_PAGES"
+_OPT_OUT = settings.NO_HUGE_PAGES_ENV
 
 
-def huge_pages_active(env: Mapping[str, str] = os.environ) -> bool:
+def huge_pages_active(env: Mapping[str, str] | None = None) -> bool:
     """True when `env` (default: this process's) carries the huge-page tunable."""
+    env = settings.environment() if env is None else env
     return HUGE_PAGE_TUNABLE in env.get("GLIBC_TUNABLES", "").split(":")
 
 
 def huge_page_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
-    """A copy of `env` (default: os.environ) with the huge-page tunable added to GLIBC_TUNABLES
+    """A copy of `env` (default: this process's) with the huge-page tunable added to GLIBC_TUNABLES
     (other tunables kept); unchanged when present or opted out."""
-    out = dict(os.environ if env is None else env)
-    if huge_pages_active(out) or out.get(_OPT_OUT) == "1":
+    out = dict(settings.environment() if env is None else env)
+    if huge_pages_active(out) or settings.huge_pages_opted_out(out):
         return out
     out["GLIBC_TUNABLES"] = ":".join(t for t in (out.get("GLIBC_TUNABLES", ""), HUGE_PAGE_TUNABLE) if t)
     return out
@@ -48,7 +49,7 @@ def reexec_with_huge_pages(argv: Sequence[str]) -> None:
     re-execute.  Call it first thing in a console entry point, never in library code.  A process
     that will run on an accelerator (`backend.huge_pages_wanted` is False) is not re-executed."""
     from ..backend import huge_pages_wanted
-    if huge_pages_active() or os.environ.get(_OPT_OUT) == "1" or not huge_pages_wanted():
+    if huge_pages_active() or settings.huge_pages_opted_out() or not huge_pages_wanted():
         return
     env = huge_page_env()
     env[_OPT_OUT] = "1"            # never twice, even if glibc drops the tunable

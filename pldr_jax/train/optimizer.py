@@ -1,6 +1,6 @@
 """The reference's optimiser: gradient clipping, then AdamW with linear warm-up + cosine decay.
 
-Reference recipe (authors' PyTorch training code, MODEL.md "Pretraining recipe")::
+Reference recipe (authors' PyTorch training code, docs/model.md "Pretraining recipe")::
 
     clip_grad_value_(params, 1.0)
     AdamW(lr, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1)     # decoupled decay on every param

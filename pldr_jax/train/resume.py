@@ -20,6 +20,10 @@ it (with one process nothing is exchanged).  For each step directory, newest fir
 
 If checkpoints existed but none was good, `ResumeError` says so: a resumed run never silently
 starts from step 0.  With no checkpoint at all, `restore_latest_good` returns None.
+
+In `train`: `decide_resume(run)` (collective) restores the newest good checkpoint, or refuses a
+workdir that holds checkpoints when the run was not asked to resume; `restore_position(run)` puts
+the restored state and the data iterator's position into the run.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from . import multihost
 from .integrity import check_step_files, digest_mismatches, error_summary, is_corruption, quarantine
 
 __all__ = ["ResumeError", "ResumePoint", "restore_latest_good", "checkpoint_steps", "data_state_for",
-           "restore_state"]
+           "restore_state", "decide_resume", "restore_position"]
 
 
 class ResumeError(ValueError):
@@ -200,3 +204,38 @@ def restore_latest_good(directory: str | Path, abstract_state: Any, *, expect_mo
                           f"({quarantined}). Nothing to resume from: inspect them, or start again without "
                           "--resume (--overwrite)")
     return None
+
+
+def decide_resume(run) -> ResumePoint | None:
+    """The checkpoint `run` (a `setup.TrainRun`) resumes from: with ``resume`` the newest good one
+    (None when there is none), without it None -- and a checkpoint directory that already holds
+    checkpoints is refused.  Collective: every process restores, all agree on the step (or all
+    raise `ResumeError`); quarantine moves are done when it returns."""
+    tcfg, ckpt_dir = run.tcfg, run.ckpt_dir
+    point = None
+    if tcfg.resume:
+        point = restore_latest_good(ckpt_dir, run.abstract, expect_model=run.model_cfg.to_dict(),
+                                    timeout_s=tcfg.sync_timeout_s, log=run.log)
+    elif checkpoint_steps(ckpt_dir):
+        raise ValueError(f"{ckpt_dir} already holds checkpoints (latest step {checkpoint_steps(ckpt_dir)[-1]}); "
+                         "pass resume=True (--resume) to continue, overwrite=True (--overwrite) to start again, "
+                         "or another workdir")
+    multihost.barrier("pldr_resume_decided", tcfg.sync_timeout_s)  # before orbax lists the steps
+    return point
+
+
+def restore_position(run) -> None:
+    """The restored state into `run`, and its data iterator moved to the checkpoint's position (a
+    checkpointable iterator without a saved position is refused: it would repeat data silently)."""
+    point, ckpt_dir = run.resume_point, run.ckpt_dir
+    if run.checkpointable_data and point.data_state is not None:
+        run.batches.set_state(point.data_state)
+    elif run.checkpointable_data:
+        raise ResumeError(f"checkpoint {ckpt_dir / str(point.step)} holds no data-iterator state but this "
+                          "run's data is checkpointable: resuming would repeat data silently; resume with the "
+                          "data the checkpoint was written with")
+    else:
+        run.log("warning: the training data has no get_state()/set_state(); it restarts from its beginning")
+    run.state = point.state
+    run.log(f"resumed from {ckpt_dir / str(point.step)} (step {int(run.state.step)})")
+    run.start_step = run.step = int(run.state.step)

@@ -92,13 +92,14 @@ class StepOptions:
     def use_dag(self) -> bool:
         return any(self.dag_coeffs)
 
-    def resolved(self, backend: BackendChoices | str | None = None) -> "StepOptions":
+    def resolved(self, platform: BackendChoices | str | None = None,
+                 backend: BackendChoices | None = None) -> "StepOptions":
         """These options with every None replaced by `backend`'s value (a resolved
-        `pldr_jax.backend.BackendChoices`, or a platform name for `backend.choices(platform)`;
-        None = `jax.default_backend()`'s)."""
+        `pldr_jax.backend.BackendChoices`, also accepted as the first argument; None =
+        `backend.choices(platform)`, platform None = `jax.default_backend()`)."""
         if None not in (self.remat, self.unroll_layers, self.kernels, self.head_chunk_bytes, self.attention_block):
             return self
-        b = backend if isinstance(backend, BackendChoices) else backend_for(None, backend)
+        b = _backend_of(platform, backend)
         return dataclasses.replace(
             self, remat=b.remat if self.remat is None else self.remat,
             unroll_layers=b.unroll_layers if self.unroll_layers is None else self.unroll_layers,
@@ -106,14 +107,22 @@ class StepOptions:
             head_chunk_bytes=b.head_chunk_bytes if self.head_chunk_bytes is None else self.head_chunk_bytes,
             attention_block=b.attention_block if self.attention_block is None else self.attention_block)
 
-    def loss_options(self, backend: BackendChoices | str | None = None) -> LossOptions:
-        """The `losses.LossOptions` of these options (resolved against `backend` first; the
-        full-sequence attention from `strategies.attention_strategy`)."""
-        b = backend if isinstance(backend, BackendChoices) else backend_for(None, backend)
+    def loss_options(self, platform: BackendChoices | str | None = None,
+                     backend: BackendChoices | None = None) -> LossOptions:
+        """The `losses.LossOptions` of these options (resolved against the backend first, as
+        `resolved`; the full-sequence attention from `strategies.attention_strategy`)."""
+        b = _backend_of(platform, backend)
         r = self.resolved(b)
         return LossOptions(dag_coeffs=r.dag_coeffs, pad_aware_A=r.pad_aware_A, remat=remat_policy(r.remat),
                            unroll_layers=r.unroll_layers, kernels=r.kernels, head_chunk_bytes=r.head_chunk_bytes,
                            attention=attention_strategy(b, r.attention_block))
+
+
+def _backend_of(platform: BackendChoices | str | None, backend: BackendChoices | None) -> BackendChoices:
+    """`backend`, else `platform` when it is a `BackendChoices`, else `backend.choices(platform)`."""
+    if backend is not None:
+        return backend
+    return platform if isinstance(platform, BackendChoices) else backend_for(None, platform)
 
 
 def _split_micro(x: jax.Array, k: int) -> jax.Array:
