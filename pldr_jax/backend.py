@@ -160,6 +160,8 @@ def _parse_value(name: str, value: Any) -> Any:
         value = None
     elif isinstance(value, str):
         value = value.strip().lower()
+    if name == "kernels":
+        return check_kernels(value)
     if value not in _CHOICES_OF[name]:
         raise ValueError(f"backend option {name}={value!r}: expected one of {_CHOICES_OF[name]}")
     return value
