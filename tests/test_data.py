@@ -141,6 +141,21 @@ def test_default_corpus(corpus_docs):
     assert list(BuiltinSource())[:3] == corpus_docs[:3]
 
 
+def test_default_corpus_ignores_process_state(corpus_docs, tmp_path, monkeypatch):
+    """The corpus (and with it every data fingerprint of a builtin-data run) is the same whatever the
+    process imported, replaced in `sys.modules` or put on `sys.path` before: a stdlib module shadowed
+    by a file on the path, and one replaced by a module object without a spec, change nothing."""
+    import types
+    colorsys_doc = next(d for d in corpus_docs if d.startswith("Conversion functions between RGB"))
+    (tmp_path / "colorsys.py").write_text('"""A shadow of colorsys."""\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "colorsys", raising=False)
+    monkeypatch.setitem(sys.modules, "shlex", types.ModuleType("shlex"))  # no __spec__
+    docs = default_corpus_documents()
+    assert colorsys_doc in docs and "A shadow of colorsys." not in docs
+    assert docs == corpus_docs
+
+
 # --------------------------------------------------------------------------- sources
 def test_text_sources(tmp_path):
     (tmp_path / "sub").mkdir()

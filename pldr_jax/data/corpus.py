@@ -8,7 +8,10 @@ It is made of
   one document per module, in list order. Docstrings of pure-Python modules are read from their
   source with :mod:`ast` (no import, no side effects); built-in/extension/frozen modules are imported
   to read ``__doc__``. Modules that are missing in this Python, fail to import/parse, or have no
-  docstring are skipped.
+  docstring are skipped. Modules are looked up as a fresh interpreter finds them (built-in, frozen, or
+  in the standard-library folders), never through ``sys.modules`` or ``sys.path``: what a process
+  imported, replaced or put on its path before cannot change the corpus, nor so the data
+  fingerprints of runs on it (`pldr_jax.data.pipeline`).
 
 The result is deterministic for a given Python installation (it changes only with the Python
 version). Measured on CPython 3.11.7: **270 documents, 625,197 characters** (79 pydoc topics with
@@ -21,7 +24,10 @@ from __future__ import annotations
 
 import ast
 import importlib
-import importlib.util
+import importlib.machinery
+import os
+import sys
+import sysconfig
 import warnings
 from dataclasses import dataclass
 
@@ -67,11 +73,39 @@ class CorpusSize:
     characters: int
 
 
+def _stdlib_paths() -> list[str]:
+    """The folders of this interpreter's standard library (pure-Python modules and extensions)."""
+    paths = [sysconfig.get_path("stdlib"), sysconfig.get_path("platstdlib")]
+    paths += [os.path.join(p, "lib-dynload") for p in paths]
+    return list(dict.fromkeys(p for p in paths if p and os.path.isdir(p)))
+
+
+def _stdlib_spec(name: str):
+    """The module spec of stdlib module ``name`` as a fresh interpreter would find it: built-in, frozen
+    or in the standard-library folders -- never from ``sys.modules`` or ``sys.path``, so what this
+    process imported, replaced or put on its path (cwd, tests, other packages) cannot change it."""
+    if name in sys.builtin_module_names:
+        return importlib.machinery.BuiltinImporter.find_spec(name)
+    spec = importlib.machinery.FrozenImporter.find_spec(name)
+    if spec is not None:
+        return spec
+    path: list[str] | None = _stdlib_paths()
+    parts = name.split(".")
+    for i in range(len(parts)):
+        if path is None:  # a parent that is a module, not a package
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(".".join(parts[:i + 1]), path)
+        if spec is None:
+            return None
+        path = list(spec.submodule_search_locations) if spec.submodule_search_locations is not None else None
+    return spec
+
+
 def _module_docstring(name: str) -> str | None:
     """Docstring of stdlib module ``name`` (source via ast when possible), or None."""
     try:
-        spec = importlib.util.find_spec(name)
-    except (ImportError, ValueError, AttributeError):
+        spec = _stdlib_spec(name)
+    except (ImportError, ValueError, AttributeError, OSError):
         return None
     if spec is None:
         return None

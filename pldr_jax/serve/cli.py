@@ -33,6 +33,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                               formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("checkpoint", help="run folder, HF folder, checkpoint file or 'preset:<name>[:seed]'")
     p.add_argument("--config", default=None, help="config JSON when the checkpoint has none")
+    p.add_argument("--step", type=int, default=None, metavar="N",
+                   help="training directories: the checkpoint step to load (default: the latest)")
     p.add_argument("--tokenizer", default=None, help="sentencepiece .model (default: the checkpoint's own)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="0 = a free port")
