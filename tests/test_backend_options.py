@@ -49,7 +49,10 @@ def test_options_are_validated_and_parsed():
     assert ch.platform == "cpu" and ch.attention_block == 256 and ch.decode_shared_kv_slot and ch.kernels == "xla"
     acc = backend.choices("cpu", backend.accelerator_options())
     tpu = backend.choices("tpu")
-    assert {f: getattr(acc, f) for f in backend.OPTION_NAMES} == {f: getattr(tpu, f) for f in backend.OPTION_NAMES}
+    # the TPU's settings, but the layer's own query blocks for attention (splash lowers on TPUs only)
+    assert {f: getattr(acc, f) for f in backend.OPTION_NAMES} == {**{f: getattr(tpu, f) for f in backend.OPTION_NAMES},
+                                                                  "attention_impl": "blocks"}
+    assert tpu.attention_impl == "splash"
     with pytest.raises(ValueError, match="BackendChoices"):
         pldr_jax.Sampler(pldr_jax.PLDRConfig.preset("tiny"), {}, backend="tpu")
 
