@@ -189,8 +189,8 @@ def prefill_floor_ms(run_cfg, run_params, batch: int, prompt_len: int, reps: int
 def _drop_decode_attention() -> None:
     """Replace the one-token decode step's attention (over the heads-first KV-cache) by its query,
     for this process, before anything is traced: a timing ablation (the tokens become garbage)."""
-    import pldr_jax.layer as layer_mod
-    real = layer_mod.plga_attention
+    import pldr_jax.decode.attention as attention_mod   # the decode strategies (`decode.attention`)
+    real = attention_mod.plga_attention
 
     def query_only(q, k, v, g_lm, mask, *, heads_first=False, **kw):
         return q if heads_first else real(q, k, v, g_lm, mask, heads_first=heads_first, **kw)
@@ -198,8 +198,9 @@ def _drop_decode_attention() -> None:
     def write_nothing_attend_nothing(q, g_lm, k_new, v_new, positions, k_buf, v_buf, mask, **kw):
         return q, k_buf, v_buf          # the native CPU kernel's form (`backend.decode_attention`)
 
-    layer_mod.plga_attention = query_only
-    layer_mod.decode_attention_update = write_nothing_attend_nothing
+    attention_mod.plga_attention = query_only
+    import pldr_jax.kernels.decode_attention as native_mod        # `decode.attention.NativeKV` calls it
+    native_mod.decode_attention_update = write_nothing_attend_nothing
 
 
 def run_one(batch: int, mode: str, dtype: str, prompt_len: int, new_tokens: int, reps: int, preset: str,

@@ -43,8 +43,8 @@ def run(preset: str, rows: list[int], dtype: str, rounds: int, steps: int) -> li
     run_cfg, packed = prepare_params(cfg, params, 1, bf16_min_batch=0, pack=True)
     plain = prepare_params(cfg, params, 1, bf16_min_batch=0, pack=False)[1]
     w12 = {name: p["layers"][0]["ffn"]["w12"] for name, p in (("xla", plain), ("packed", packed))}
-    bias = w12["packed"]["bias"]
-    kernel = unpack_kernel(w12["packed"]["kernel_p"], bias.shape[0])          # [D, 2F]
+    bias = w12["packed"].bias                                                 # a decode.layouts.PackedLinear
+    kernel = unpack_kernel(w12["packed"].kernel_p, bias.shape[0])             # [D, 2F]
     r = np.random.default_rng(0)
     out = []
     for M in rows:

@@ -58,9 +58,13 @@ def _build(name: str, run_cfg, max_len: int, kv_dtype):
     from pldr_jax import layer
     from pldr_jax.decode import step
 
+    import jax.numpy as jnp
+
+    from pldr_jax.ops.rope import rope_tables
+    in_graph = lambda P, dk, theta: rope_tables(jnp.arange(P, dtype=jnp.int32), dk, theta)   # traced, not constants
     swaps = {
-        "before": {(step, "prompt_rope_tables"): lambda *a: None},
-        "in_graph_rope": {(step, "prompt_rope_tables"): lambda *a: None},
+        "before": {(step, "prompt_rope_tables"): in_graph},
+        "in_graph_rope": {(step, "prompt_rope_tables"): in_graph},
         "exp_log_power": {(layer, "derive_g"): _exp_log_derive_g},
         "kv_unpadded": {(step, "_kv_buffer"): lambda t, S, dt: t},
         "no_deduce": {(layer, "derive_g"): lambda p, A: (A, A, A)},

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any
+from typing import Any, Mapping
 
 from .hlo import collectives_per_step
 from .hlo_traffic import hbm_traffic
@@ -87,7 +87,7 @@ def executed_flops(cfg, batch: int, seq_len: int, what: str = "train", remat: st
 
 
 # --------------------------------------------------------------------------- lowering
-def _lower_train(cfg, tcfg, mesh, attention_impl: str | None = None):
+def _lower_train(cfg, tcfg, mesh, backend=None):
     import jax
     import jax.numpy as jnp
     from .train.inputs import make_g_lm
@@ -95,8 +95,7 @@ def _lower_train(cfg, tcfg, mesh, attention_impl: str | None = None):
     from .train.step import make_train_step
     check_batch_size(tcfg.batch_size, mesh, tcfg.grad_accum)
     tx, schedule = tcfg.optimizer()
-    opts = dataclasses.replace(tcfg.step_options(), attention_impl=attention_impl)
-    step = make_train_step(cfg, tx, schedule, opts=opts, mesh=mesh)
+    step = make_train_step(cfg, tx, schedule, opts=tcfg.step_options(), mesh=mesh, backend=backend)
     state = abstract_train_state(cfg, tx, mesh)
     tok = jax.ShapeDtypeStruct((tcfg.batch_size, tcfg.seq_len), jnp.int32)
     g = make_g_lm(cfg, tcfg)
@@ -104,28 +103,29 @@ def _lower_train(cfg, tcfg, mesh, attention_impl: str | None = None):
     return step.lower(state, {"inputs": tok, "targets": tok}, g)
 
 
-def _decode_parts(cfg, batch, seq_len, mesh):
-    """What the decode lowerings share: (spec, abstract decode params, their shardings, g_all,
-    P prompt tokens, N new tokens, a function cache -> cache constrained to its logical sharding,
-    the loop inputs and their shardings).  Weights, rows and cache are placed as
+def _decode_parts(cfg, batch, seq_len, mesh, backend=None):
+    """What the decode lowerings share: (the `decode.plan` DecodePlan, abstract decode params, their
+    shardings, g_all, P prompt tokens, N new tokens, a function cache -> cache constrained to its
+    logical sharding, the loop inputs and their shardings).  Weights, rows and cache are placed as
     `decode.sharding` places them: rows over the data axes, heads / FFN width / vocabulary over
     "tensor", the model width replicated."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding
-    from .backend import choices, platform_of
+    from .backend import backend_for, platform_of
     from .decode.cache import cache_logical_axes
-    from .decode.loop import LoopInputs, LoopSpec
-    from .decode.sampling import make_sampler
+    from .decode.loop import LoopInputs
+    from .decode.options import DecodeOptions
+    from .decode.plan import plan
     from .decode.sharding import decode_param_axes, decode_rules
-    from .decode.step import StepSpec
     from .decode.weights import prepare_params
     from .model import normalize_g_lm
     from .params import abstract_params
     from .train.sharding import batch_sharding, logical_to_spec, replicated
     P = max(seq_len // 2, 1)
     N = max(seq_len - P, 1)
-    params = jax.eval_shape(lambda p: prepare_params(cfg, p, batch, bf16_min_batch=0, transpose=False, pack=False,
+    backend = backend_for(backend, platform_of(mesh), {"bf16_min_batch": 0})
+    params = jax.eval_shape(lambda p: prepare_params(cfg, p, batch, backend=backend, transpose=False, pack=False,
                                                        embed_f32=False)[1],
                             abstract_params(cfg))
     rules = decode_rules(mesh)
@@ -135,11 +135,7 @@ def _decode_parts(cfg, batch, seq_len, mesh):
         is_leaf=is_names)
     p_sh = place(decode_param_axes(params), params)
     g_all = normalize_g_lm(cfg, None)
-    backend = choices(platform_of(mesh))
-    step = StepSpec(cfg=cfg, kv_cache=True, g_cache=True, given_g=g_all is not None,
-                    shared_slot=backend.decode_shared_kv_slot, merged_heads=backend.decode_merged_heads,
-                    kv_chunk=backend.decode_kv_chunk)
-    spec = LoopSpec(step=step, shared_g=False, sampler_kind=make_sampler(1.0, 1, 1.0).kind)
+    dplan = plan(cfg, batch, P, N, DecodeOptions(top_k=1, max_len=seq_len), backend, sharded=mesh.devices.size > 1)
     rep = replicated(mesh)
     b1 = batch_sharding(mesh, 1)
     i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)
@@ -150,21 +146,20 @@ def _decode_parts(cfg, batch, seq_len, mesh):
     def cache_sharding(cache):
         return place(cache_logical_axes(cache), cache)
 
-    return spec, params, p_sh, g_all, P, N, cache_sharding, inputs, in_sh
+    return dplan, params, p_sh, g_all, P, N, cache_sharding, inputs, in_sh
 
 
-def _lower_decode(cfg, batch, seq_len, mesh):
+def _lower_decode(cfg, batch, seq_len, mesh, backend=None):
     """Prefill of `batch` prompts of seq_len // 2 tokens + the decode `while_loop` for the rest."""
     import jax
     import jax.numpy as jnp
-    from .decode.loop import prefill_cache, run_loop
     from .train.sharding import batch_sharding, replicated
-    spec, params, p_sh, g_all, P, N, cache_sharding, inputs, in_sh = _decode_parts(cfg, batch, seq_len, mesh)
+    dplan, params, p_sh, g_all, P, N, cache_sharding, inputs, in_sh = _decode_parts(cfg, batch, seq_len, mesh, backend)
 
     def decode(params, tokens, lengths, key, inputs):
-        cache, logits0, _ = prefill_cache(spec, params, tokens, lengths, g_all, seq_len)
+        cache, logits0, _ = dplan.prefill(params, tokens, lengths, g_all)
         cache = jax.lax.with_sharding_constraint(cache, cache_sharding(cache))
-        st = run_loop(spec, params, cache, logits0, None, key, inputs, n_out=N)
+        st = dplan.loop(params, cache, logits0, None, key, inputs)
         return st.out, st.count
 
     rep = replicated(mesh)
@@ -175,8 +170,8 @@ def _lower_decode(cfg, batch, seq_len, mesh):
     return f.lower(params, i32(batch, P), i32(batch), key, inputs)
 
 
-def _lower_decode_step(cfg, batch, seq_len, mesh):
-    """One iteration of the decode loop's body (`decode.loop._advance`: one model step over the
+def _lower_decode_step(cfg, batch, seq_len, mesh, backend=None):
+    """One iteration of the decode loop's body (`decode.plan` DecodePlan.advance: one model step over the
     KV- and G-cache, one sampling step) with the loop's shardings, and what that step must read per
     chip: (lowered, {"weights" (but the embedding table and, with a G-cache, the metric learner's
     weights, which the step does not read), "embedding_rows", "kv_buffer", "kv_live_mean", "kv_live_last",
@@ -189,14 +184,14 @@ def _lower_decode_step(cfg, batch, seq_len, mesh):
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec
-    from .decode import loop as dloop
     from .train.sharding import replicated
-    spec, params, p_sh, g_all, P, N, cache_sharding, inputs, in_sh = _decode_parts(cfg, batch, seq_len, mesh)
+    dplan, params, p_sh, g_all, P, N, cache_sharding, inputs, in_sh = _decode_parts(cfg, batch, seq_len, mesh, backend)
+    spec = dplan.spec
     i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)
 
     def state(params, tokens, lengths, key, inputs):
-        cache, logits0, _ = dloop.prefill(spec.step.cfg, params, tokens, lengths, g_all, seq_len)
-        return dloop._start(spec, cache, logits0, None, key, inputs, N)
+        cache, logits0, _ = dplan.prefill(params, tokens, lengths, g_all)
+        return dplan.start(cache, logits0, None, key, inputs)
 
     key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
     st = jax.eval_shape(state, params, i32(batch, P), i32(batch), key, inputs)
@@ -206,7 +201,7 @@ def _lower_decode_step(cfg, batch, seq_len, mesh):
     lead = lambda x: (NamedSharding(mesh, PartitionSpec(rows.spec[0], *([None] * (x.ndim - 1))))
                       if divides and x.ndim and x.shape[0] == batch else rep)
     st_sh = jax.tree_util.tree_map(lead, st).replace(cache=cache_sharding(st.cache), t=rep, key=rep)
-    f = jax.jit(lambda p, s, i: dloop._advance(spec, p, s, i), in_shardings=(p_sh, st_sh, in_sh),
+    f = jax.jit(dplan.advance, in_shardings=(p_sh, st_sh, in_sh),
                 out_shardings=st_sh, donate_argnums=(1,))
     per_chip = lambda tree, sh: sum(math.prod(s.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
                                     for x, s in zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(sh)))
@@ -231,7 +226,7 @@ def _lower_decode_step(cfg, batch, seq_len, mesh):
     return f.lower(params, st, inputs), need, {"mean": sum(chunks) / len(chunks), "last": chunks[-1]}
 
 
-def _decode_step_bytes(cfg, batch, seq_len, mesh) -> dict:
+def _decode_step_bytes(cfg, batch, seq_len, mesh, backend=None) -> dict:
     """Bytes one decode step accesses per chip (cost_analysis of the loop body compiled alone: it
     has no loop inside, so nothing is counted once for many iterations) against what it must read:
     the weights (the embedding table but for this step's rows), the G-cache and the live KV-cache
@@ -239,7 +234,7 @@ def _decode_step_bytes(cfg, batch, seq_len, mesh) -> dict:
     XLA's bytes accessed count on-chip (VMEM) reads and writes too; "hbm" is the HBM traffic read off
     the compiled program's memory spaces (`pldr_jax.hlo_traffic`), hbm_ratio_mean / hbm_ratio_last
     that against the must-read bytes."""
-    lowered, need, chunks = _lower_decode_step(cfg, batch, seq_len, mesh)
+    lowered, need, chunks = _lower_decode_step(cfg, batch, seq_len, mesh, backend)
     compiled = lowered.compile()
     text = compiled.as_text()
     acc = float(_cost_analysis(compiled).get("bytes accessed", 0.0)) or hbm_traffic(text, chunks["mean"])["total"]
@@ -268,11 +263,15 @@ def compile_report(*, topology: str = "v5e:2x2", preset: str | None = "tiny", co
                    overrides: dict | None = None, mesh: tuple[int, int, int] = (1, -1, 1), batch: int = 8,
                    seq_len: int = 64, dtype: str | None = None, what: str = "train", remat: Any = None,
                    unroll_layers: bool | None = None, recipe: str | None = None, keep_hlo: bool = False,
-                   cfg=None, attention_impl: str | None = None) -> dict:
+                   cfg=None, backend_options: Mapping[str, Any] | None = None,
+                   attention_impl: str | None = None) -> dict:
     """Compile the training step (or decode loop) for `topology` and report it (see the module
     docstring; keys as `pldr-jax compile --json`; with keep_hlo also "hlo": the compiled HLO text).
     The model: `cfg` (a PLDRConfig; `preset` is then only its label), else `config` (a JSON file)
-    or `preset`, with `overrides` and `dtype`.  ValueError for bad arguments or a missing libtpu."""
+    or `preset`, with `overrides` and `dtype`.  backend_options: {field: value} overriding the
+    topology platform's `pldr_jax.backend` choices (resolved once, here).  ValueError for bad
+    arguments or a missing libtpu.  attention_impl: the training step's attention (the backend option
+    of that name; None = the platform's)."""
     from .config import PLDRConfig
     from .params import count_params
     from .train.recipes import PRESET_RECIPE as _PRESET_RECIPE
@@ -295,18 +294,22 @@ def compile_report(*, topology: str = "v5e:2x2", preset: str | None = "tiny", co
     if seq_len > cfg.max_seq_len:
         raise ValueError(f"seq_len {seq_len} exceeds the model's max_seq_len {cfg.max_seq_len}")
     m = make_mesh(*mesh, devices=devices)
+    from .backend import choices
+    if attention_impl is not None:
+        backend_options = {**(backend_options or {}), "attention_impl": attention_impl}
+    backend = choices(str(devices[0].platform), backend_options)
     t0 = time.perf_counter()
     if what == "train":
         rname = recipe or _PRESET_RECIPE.get(preset or "", "cpu")
         kw = {k: v for k, v in RECIPES[rname].items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
         kw.update(batch_size=batch, seq_len=seq_len, remat=remat, unroll_layers=unroll_layers,
                   mesh=tuple(m.shape[a] for a in m.axis_names), vocab_size=cfg.vocab_size)
-        lowered = _lower_train(cfg, TrainConfig(**kw), m, attention_impl)
+        lowered = _lower_train(cfg, TrainConfig(**kw), m, backend)
     elif what == "serve":       # `pldr_jax.serve`'s generate step: `batch` slots of seq_len positions
         from .serve.lowering import SERVE_STEPS, lower_generate_step
         lowered = lower_generate_step(cfg, batch, seq_len, m, steps=SERVE_STEPS)
     else:
-        lowered = _lower_decode(cfg, batch, seq_len, m)
+        lowered = _lower_decode(cfg, batch, seq_len, m, backend)
     fits, oom = True, None
     try:
         compiled = lowered.compile()
@@ -331,9 +334,8 @@ def compile_report(*, topology: str = "v5e:2x2", preset: str | None = "tiny", co
     ca = _cost_analysis(compiled)
     xla_flops = float(ca.get("flops", 0.0))      # XLA's count: a while/scan body counted once
     flops = model_flops(cfg, batch, seq_len, what) / len(devices)
-    from .backend import choices
     from .model import remat_policy
-    policy = remat_policy(choices(str(devices[0].platform)).remat if remat is None else remat)
+    policy = remat_policy(backend.remat if remat is None else remat)
     hw_flops = executed_flops(cfg, batch, seq_len, what, policy) / len(devices)
     n_new = max(seq_len - max(seq_len // 2, 1), 1)
     if what == "serve":
@@ -353,8 +355,8 @@ def compile_report(*, topology: str = "v5e:2x2", preset: str | None = "tiny", co
     tokens = batch * seq_len if what == "train" else batch * n_new
     rep.update({
         "remat": policy if what == "train" else None,
-        "attention_block": choices(str(devices[0].platform)).attention_block if what == "train" else None,
-        "attention_impl": (attention_impl or choices(str(devices[0].platform)).attention_impl) if what == "train" else None,
+        "attention_block": backend.attention_block if what == "train" else None,
+        "attention_impl": backend.attention_impl if what == "train" else None,
         "per_chip_bytes": {"arguments": args, "temporaries": temps, "outputs": outs, "aliased": alias,
                            "total": total},
         "fits": total <= chip.hbm_bytes, "flops_per_chip": flops, "executed_flops_per_chip": hw_flops,
@@ -368,7 +370,7 @@ def compile_report(*, topology: str = "v5e:2x2", preset: str | None = "tiny", co
         "est_tokens_per_s_per_chip": tokens / est / len(devices) if est > 0 else 0.0,
     })
     if what == "decode":
-        rep["decode_step"] = _decode_step_bytes(cfg, batch, seq_len, m)
+        rep["decode_step"] = _decode_step_bytes(cfg, batch, seq_len, m, backend)
     if keep_hlo:
         rep["hlo"] = hlo
     return rep

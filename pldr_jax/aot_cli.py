@@ -43,6 +43,8 @@ def add_parser(subparsers):
     p.add_argument("--max-batch", action="store_true",
                    help="search the largest global batch that fits the chip's memory (compiles several times; "
                         "--batch is the starting point) and report it as max_batch")
+    p.add_argument("--backend-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a pldr_jax.backend choice (repeatable), e.g. attention_block=512")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
     return p
@@ -50,12 +52,14 @@ def add_parser(subparsers):
 
 def run(args) -> int:
     from .aot import compile_report, format_report
+    from .backend import parse_backend_options
     from .train.cli import model_config
     from .train.sharding import parse_mesh_shape
     cfg = model_config(args)      # --preset / --config, --set, --dtype: as `pldr-jax train` reads them
     kw = dict(topology=args.topology, cfg=cfg, preset=args.config or args.preset or "small",
               mesh=parse_mesh_shape(args.mesh), batch=args.batch, seq_len=args.seq_len, what=args.what,
-              remat=args.remat, recipe=args.recipe, attention_impl=args.attention_impl)
+              remat=args.remat, recipe=args.recipe, attention_impl=args.attention_impl,
+              backend_options=parse_backend_options(args.backend_option))
     if args.max_batch:
         from .aot import max_batch
         best, rep = max_batch(**kw)

@@ -52,8 +52,6 @@ class PLDRConfig:
       param_dtype: storage dtype of parameters (master weights).
       init: "reference" reproduces the authors' initialisers including the `wv` slip;
         "corrected" also gives `wv` xavier-uniform weights and zero biases.
-      rope_max_positions: for interleaved RoPE loaded from HF folders, the table length
-        (`max_position_embeddings`); positions past it raise.  None = no limit beyond max_seq_len.
     """
 
     num_layers: int

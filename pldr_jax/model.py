@@ -17,10 +17,11 @@ import jax
 import jax.numpy as jnp
 
 from .config import PLDRConfig
-from .layer import decoder_layer
+from .layer import SequenceAttention, decoder_layer
 from .ops.attention import causal_padding_mask
 from .ops.layers import layer_norm, linear
-from .partitioning import constrain
+from .ops.rope import rope_tables
+from .partitioning import active_rules_key, constrain, rules_scope
 
 DEDUCTIVE_KEYS = ("A", "A_LM", "A_P", "G_LM")
 
@@ -125,13 +126,11 @@ def checkpoint_layer(fn, remat: bool | str):
     return jax.checkpoint(fn)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "pad_aware_A", "collect", "remat", "kernels", "attn_block",
-                                             "attention"))
 def forward(cfg: PLDRConfig, params: dict, tokens: jax.Array, g_lm: jax.Array | None = None, *,
             pad_aware_A: bool = False, collect: bool = False, remat: bool | str = False,
-            kernels: str = "xla", attn_block: int = 0, positions: jax.Array | None = None,
-            attn_mask: jax.Array | None = None, metric_mask: jax.Array | None = None,
-            attention=None) -> ForwardOutput:
+            kernels: str = "xla", attn_block: int = 0, attention: SequenceAttention | None = None,
+            positions: jax.Array | None = None,
+            attn_mask: jax.Array | None = None, metric_mask: jax.Array | None = None) -> ForwardOutput:
     """Full-sequence forward pass.
 
     tokens [B, L] int (0 = pad).  g_lm: None (derive G_LM, learned models) or a G_LM override
@@ -143,9 +142,9 @@ def forward(cfg: PLDRConfig, params: dict, tokens: jax.Array, g_lm: jax.Array | 
     (`pldr_jax.backend`): "xla" (default; plain dot_general, so `jax.jvp` / `jax.hessian` work) or
     "cpu" (XLA:CPU's fast backward; reverse mode only).  Same values either way.  attn_block:
     compute attention this many queries at a time (`layer.attention_in_query_blocks`: memory
-    linear, not quadratic, in the sequence length; 0 = all at once).  Same values.  attention: a
-    fused attention for the causal-padding mask (`layer.attend_and_mix`; e.g.
-    `pldr_jax.kernels.fused_attention.FusedAttention`, hashable), None = the layer's own.
+    linear, not quadratic, in the sequence length; 0 = all at once).  Same values.
+    attention: the attention implementation, a mask-less `layer.SequenceAttention` (or a subclass:
+    a fused kernel) whose mask is set here; None = ``SequenceAttention(block=attn_block)``.
     positions [B, L] int, attn_mask [B, 1, L, L] bool (True = may attend), metric_mask [B, L] bool
     (True = summed into A): a packed row's RoPE positions, attention mask and metric tokens
     (`eval.shared_context`: the continuations of one context in one row); None = 0..L-1, causal over
@@ -153,22 +152,42 @@ def forward(cfg: PLDRConfig, params: dict, tokens: jax.Array, g_lm: jax.Array | 
 
     Layer iteration follows the params layout: stacked layers -> `lax.scan` (flat compile time);
     a tuple of per-layer dicts (`unstack_layers`) -> a Python loop (no weight-slice copies).
+
+    Jitted; the sharding rule table in force (`partitioning.activation_sharding`) is part of its
+    compile-cache key.
     """
+    if attn_mask is not None and attention is not None and not attention.general_mask:
+        raise ValueError(f"{type(attention).__name__} implements the causal-padding mask only: pass attention=None "
+                         "(the query blocks) with attn_mask")
+    return _forward(cfg, params, tokens, g_lm, pad_aware_A=pad_aware_A, collect=collect, remat=remat,
+                    kernels=kernels, attn_block=attn_block, attention=attention, positions=positions,
+                    attn_mask=attn_mask, metric_mask=metric_mask, sharding_rules=active_rules_key())
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "pad_aware_A", "collect", "remat", "kernels", "attn_block",
+                                             "attention", "sharding_rules"))
+def _forward(cfg, params, tokens, g_lm, *, pad_aware_A, collect, remat, kernels, attn_block, attention, positions,
+             attn_mask, metric_mask, sharding_rules) -> ForwardOutput:
+    with rules_scope(sharding_rules):
+        return _forward_body(cfg, params, tokens, g_lm, pad_aware_A, collect, remat, kernels, attn_block, attention,
+                             positions, attn_mask, metric_mask)
+
+
+def _forward_body(cfg, params, tokens, g_lm, pad_aware_A, collect, remat, kernels, attn_block, attention, positions,
+                  attn_mask, metric_mask) -> ForwardOutput:
     check_tokens(cfg, tokens)
     g_all = normalize_g_lm(cfg, g_lm)
     B, L = tokens.shape
     valid = tokens != 0
     positions = jnp.broadcast_to(jnp.arange(L), (B, L)) if positions is None else positions
-    if attn_mask is not None and attention is not None:
-        raise ValueError("a fused attention implements the causal-padding mask only: pass attention=None with "
-                         "attn_mask (a packed mask)")
     mask = causal_padding_mask(valid, L) if attn_mask is None else attn_mask
     token_mask_A = metric_mask if metric_mask is not None else (valid if pad_aware_A else None)
-    x0 = constrain(embed(cfg, params, tokens), ("batch", "length", "embed"))
+    x0 = constrain(embed(cfg, params, tokens), ("batch", "length", "act_embed"))
+    rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta)          # once, for every layer
+    att = (SequenceAttention(block=attn_block) if attention is None else attention).replace(mask=mask)
 
     def body(x, lp, g):
-        x, ded, (k, v) = decoder_layer(cfg, lp, x, positions, mask, metric_mask=token_mask_A, g_lm=g,
-                                       kernels=kernels, attn_block=attn_block, attention=attention)
+        x, ded, (k, v) = decoder_layer(cfg, lp, x, rope, att, g_lm=g, metric_mask=token_mask_A, kernels=kernels)
         extra = {"layer_out": x, "k": k, "v": v} if collect else {}
         return x, (ded, extra)
 

@@ -5,7 +5,7 @@ per-layer layout: `model.layers[i]` is layer i, its leaves without the leading [
 Every Param carries its logical sharding axes as metadata (`param.out_sharding`, the names of
 `params.logical_axes`: "embed", "heads", "mlp", ...).  Metadata only: a Param is never sharded
 eagerly (`eager_sharding=False`, so building a model needs no mesh); `partition_specs(model, mesh)`
-maps the names to PartitionSpecs with the training rule table (`train.sharding.DEFAULT_RULES`, its
+maps the names to PartitionSpecs with the one rule table (`pldr_jax.partitioning.RULES`, its
 divisibility fallback included), one per Param, for placing the state on a mesh.
 
 The maths is not here: `__call__` builds the functional params tree from the Params and calls
@@ -19,7 +19,8 @@ Conversion, exact both ways::
     state_to_params(nnx.state(model, nnx.Param))       # the same, from an nnx.State
     nnx.update(model, params_to_state(params))         # load functional params into a model
 
-Training: `model.loss(inputs, targets)` is `train.step`'s objective (`loss_terms`, the same code);
+Training: `model.loss(inputs, targets)` is the train step's objective (`losses.loss_terms` and
+`losses.objective`, the same code);
 with `nnx.value_and_grad` and `nnx.Optimizer(model, make_optimizer(...), wrt=nnx.Param)` a step
 gives `make_train_step`'s losses (tests/test_nnx.py).
 """
@@ -32,13 +33,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from .backend import choices
 from .config import PLDRConfig
+from .losses import LossOptions, loss_terms, objective
 from .model import ForwardOutput, forward
 from .params import init_params, logical_axes, stack_layers, unstack_layers
-from .train.sharding import logical_to_spec
-from .train.step import DAG_NAMES, StepOptions, loss_terms
+from .partitioning import logical_to_spec, merged_rules
 
-__all__ = ["PLDRLLM", "StepOptions", "ParamTree", "params_to_state", "state_to_params", "partition_specs"]
+__all__ = ["PLDRLLM", "LossOptions", "ParamTree", "params_to_state", "state_to_params", "partition_specs"]
 
 
 def _is_axes(x) -> bool:
@@ -124,21 +126,25 @@ class PLDRLLM(nnx.Module):
         return forward(self.cfg, self.per_layer_params(), tokens, g_lm, pad_aware_A=pad_aware_A, collect=collect)
 
     def loss(self, inputs: jax.Array, targets: jax.Array, g_lm: jax.Array | None = None, *,
-             opts: StepOptions = StepOptions()) -> tuple[jax.Array, dict]:
+             opts: LossOptions | None = None) -> tuple[jax.Array, dict]:
         """The training objective of `train.step.make_train_step` (one micro-batch): (total, terms).
 
         inputs, targets [B, L] int32 (0 = pad).  total = mean CE over the real targets (+ the DAG
-        terms weighted by `opts.dag_coeffs`); terms = `train.step.loss_terms` (sums: "ce_sum",
-        "correct", "count", and with DAG "dag_A" / "dag_P" / "dag_G").  Computed by `loss_terms`
-        itself (fused projections, output head fused with the cross-entropy): differentiate it with
-        `nnx.value_and_grad(lambda m: m.loss(x, y)[0])` and step an `nnx.Optimizer`.
+        terms weighted by `opts.dag_coeffs`); terms = `losses.loss_terms` (sums: "ce_sum",
+        "correct", "count", and with DAG "dag_A" / "dag_P" / "dag_G").  opts: `losses.LossOptions`
+        (or a `train.step.StepOptions`); None = the default platform's (`pldr_jax.backend`), as the
+        train step.  Computed by `loss_terms` itself (fused projections, output head fused with the
+        cross-entropy): differentiate it with `nnx.value_and_grad(lambda m: m.loss(x, y)[0])` and
+        step an `nnx.Optimizer`.
         """
+        if opts is None:
+            b = choices()
+            opts = LossOptions(remat=b.remat, unroll_layers=b.unroll_layers, kernels=b.kernels,
+                               head_chunk_bytes=b.head_chunk_bytes)
+        elif not isinstance(opts, LossOptions):
+            opts = opts.loss_options()
         terms = loss_terms(self.cfg, self.per_layer_params(), inputs, targets, g_lm, opts)
-        total = terms["ce_sum"] / jnp.maximum(terms["count"], 1.0)
-        for c, name in zip(opts.dag_coeffs, DAG_NAMES):
-            if c:
-                total = total + c * terms[name]
-        return total, terms
+        return objective(terms, jnp.maximum(terms["count"], 1.0), opts.dag_coeffs), terms
 
 
 # --------------------------------------------------------------------------- state <-> params
@@ -162,11 +168,14 @@ def params_to_state(params: Mapping[str, Any]) -> nnx.State:
 
 def partition_specs(model: PLDRLLM, mesh: jax.sharding.Mesh | None = None,
                     rules: Mapping[str, Any] | None = None) -> nnx.State:
-    """PartitionSpecs of the model's Params from their logical axes with the training rule table
-    (`train.sharding.logical_to_spec`: same rules and divisibility fallback as the functional
-    params).  A State of PartitionSpecs with the structure of `nnx.state(model, nnx.Param)`."""
+    """PartitionSpecs of the model's Params from their logical axes with the one rule table
+    (`partitioning.logical_to_spec`; `rules`: entries replacing those of `partitioning.RULES`; same
+    divisibility fallback as the functional params).  A State of PartitionSpecs with the structure
+    of `nnx.state(model, nnx.Param)`."""
+    table = merged_rules(rules)
+
     def spec(p):
-        return logical_to_spec(p.out_sharding, p[...].shape, mesh, rules)
+        return logical_to_spec(p.out_sharding, p[...].shape, mesh, table)
 
     return jax.tree_util.tree_map(spec, nnx.state(model, nnx.Param),
                                   is_leaf=lambda x: isinstance(x, nnx.Variable))

@@ -162,7 +162,7 @@ def fuse_projections(lp: dict) -> dict:
     """
     if "wqkv" in lp:
         return lp
-    if "kernel" not in lp["wq"]:
+    if not isinstance(lp["wq"], dict) or "kernel" not in lp["wq"]:
         raise ValueError("fuse the projections before transposing them (decode.prepare_params does)")
 
     def cat(*ps):
@@ -182,13 +182,6 @@ def fuse_params(params: Params) -> Params:
     if isinstance(layers, (tuple, list)):
         return {**params, "layers": tuple(fuse_projections(lp) for lp in layers)}
     return {**params, "layers": fuse_projections(layers)}
-
-
-def num_layers_of(params: Params) -> int:
-    layers = params["layers"]
-    if isinstance(layers, (tuple, list)):
-        return len(layers)
-    return jax.tree_util.tree_leaves(layers)[0].shape[0]
 
 
 # --------------------------------------------------------------------------- logical axes

@@ -261,11 +261,12 @@ def test_dtype_policy(tiny):
     assert decode_dtype(bf, 1) == "float32" and decode_dtype(bf, mb - 1) == "float32"
     assert decode_dtype(bf, mb) == "bfloat16" and decode_dtype(bf, 8, bf16_min_batch=8) == "bfloat16"
     assert decode_dtype(bf, 1, bf16_min_batch=0) == "bfloat16" and decode_dtype(cfg, 1) == "float32"
-    kernel = lambda w: w.get("kernel_p", w.get("kernel_t", w.get("kernel")))    # the decode layout's
+    from pldr_jax.decode.layouts import PackedLinear
+    kernel = lambda w: w["kernel"] if isinstance(w, dict) else getattr(w, "kernel_p", getattr(w, "kernel_t", None))
     p16 = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params)
     rc, rp = prepare_params(bf, p16, 2)
     assert rc.dtype == "float32" and kernel(rp["layers"][0]["wqkv"]).dtype == jnp.float32
-    assert ("kernel_p" in rp["layers"][0]["wqkv"]) == packs_weights("float32")   # packed where the platform wants it
+    assert isinstance(rp["layers"][0]["wqkv"], PackedLinear) == packs_weights("float32")   # packed where the platform wants it
     rc, rp = prepare_params(cfg.replace(dtype="bfloat16"), params, mb)
     w12 = rp["layers"][0]["ffn"]["w12"]      # [out, in] only where the platform wants it (backend)
     assert rc.dtype == "bfloat16" and kernel(w12).dtype == jnp.bfloat16
@@ -340,6 +341,12 @@ def test_cli_generate_json(tiny, tmp_path, capsys):
     assert "tokenizer" in capsys.readouterr().err
     assert main(["generate", str(ck), "--ids", "5 6", "--max-new-tokens", "100", "--no-compile-cache"]) == 2
     assert "max_seq_len" in capsys.readouterr().err
+    assert main(["generate", str(ck), "--ids", "5 6", "--backend-option", "decode_kv_chnk=4", "--no-compile-cache"]) == 2
+    assert "valid options" in capsys.readouterr().err                                   # unknown backend option
+    rc = main(["generate", str(ck), *args, "--greedy", "--max-new-tokens", "20", "--eos-id", "3", "--json",
+               "--backend-option", "decode_kv_chunk=4", "--backend-option", "decode_attention=xla",
+               "--no-compile-cache"])
+    assert rc == 0 and [r["ids"] for r in json.loads(capsys.readouterr().out)["results"]] == want.tokens
 
 
 # --------------------------------------------------------------------------- Sampler
@@ -447,7 +454,6 @@ def test_decode_embedding_table_and_lookup_order(tiny, monkeypatch):
     rows up before the cast (`embed(..., lookup_first=True)`: the same rows); the compiled decode
     loop holds no float32 copy of a bfloat16 table, and the tokens and logits equal those of a
     bfloat16 table."""
-    import dataclasses
 
     from pldr_jax import backend
     from pldr_jax.decode import loop as decode_loop
@@ -463,11 +469,10 @@ def test_decode_embedding_table_and_lookup_order(tiny, monkeypatch):
     assert backend.choices("cpu").decode_embed_f32 and not backend.choices("tpu").decode_embed_f32
     prompts = RAGGED * 6                          # 18 rows: decodes in bfloat16 (bf16_min_batch 16)
     kw = dict(max_new_tokens=10, kv_cache=True, g_cache=True, top_k=1, eos_id=None)
-    real = backend.choices
     outs, table_copy = {}, {}
     for f32_table in (True, False):
-        monkeypatch.setattr(weights, "choices", lambda p=None, w=f32_table: dataclasses.replace(real(p), decode_embed_f32=w))
-        run_cfg, run_params = weights.prepare_params(bf, bparams, len(prompts))
+        choice = backend.choices(options={"decode_embed_f32": f32_table})
+        run_cfg, run_params = weights.prepare_params(bf, bparams, len(prompts), backend=choice)
         assert run_cfg.dtype == "bfloat16"
         assert run_params["embed"]["embedding"].dtype == (jnp.float32 if f32_table else jnp.bfloat16)
         sampler = pldr_jax.Sampler(bf, run_params)
@@ -478,7 +483,6 @@ def test_decode_embedding_table_and_lookup_order(tiny, monkeypatch):
                                           n_out=req.n_out).compile().as_text()
         table_copy[f32_table] = any(f"[{cfg.vocab_size},{cfg.d_model}]" in ln and (" convert(" in ln or "fusion(" in ln)
                                     for ln in hlo.splitlines())
-    monkeypatch.setattr(weights, "choices", real)
     for explicit in (True, False):                # the platform's choice overridden (AOT compiles for TPU)
         want = jnp.float32 if explicit else jnp.bfloat16
         assert weights.prepare_params(bf, bparams, 18, embed_f32=explicit)[1]["embed"]["embedding"].dtype == want
@@ -494,10 +498,8 @@ def test_wide_kv_cache_for_16bit_models(tiny, monkeypatch):
     the same tokens and (up to float32 accumulation order) the same logits as bfloat16 buffers,
     ragged rows, one compilation per bucket.  The native CPU kernel (`backend.decode_attention`)
     keeps bfloat16 buffers: the same tokens again."""
-    import dataclasses
 
     from pldr_jax import backend
-    from pldr_jax.decode import request
     from pldr_jax.kernels import build
     from pldr_jax.kernels.decode_attention import decode_attention_available
     monkeypatch.setenv(build.ENV_SWITCH, "0")
@@ -514,9 +516,7 @@ def test_wide_kv_cache_for_16bit_models(tiny, monkeypatch):
     assert wide.cache.k[0].shape == (len(prompts), cfg.num_heads, wide.cache.max_len, cfg.head_dim)
     again = sampler([p[::-1] for p in prompts], **kw)            # same bucket: no new compilation
     assert compiled_counts()["loop"] - before <= 1 and again.compute_dtype == "bfloat16"
-    real = backend.choices
-    monkeypatch.setattr(request, "choices", lambda p=None: dataclasses.replace(real(p), kv_cache_dtype=None))
-    narrow = pldr_jax.Sampler(bf, params)(prompts, **kw)
+    narrow = pldr_jax.Sampler(bf, params, backend_options={"kv_cache_dtype": None})(prompts, **kw)
     assert narrow.cache.k[0].dtype == jnp.bfloat16
     assert wide.tokens == narrow.tokens
     np.testing.assert_allclose(wide.logits, narrow.logits, atol=2e-2, rtol=2e-2)

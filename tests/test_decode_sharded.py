@@ -39,7 +39,7 @@ SCRIPT = textwrap.dedent("""
                      "g_spec": str(b.cache.G_LM[0].sharding.spec),
                      "k_devices": None if k0 is None else len(k0.sharding.device_set)}
     w = sharded.weights(4)[1]["layers"][0]
-    res["wqkv_spec"] = str(w["wqkv"]["kernel_t"].sharding.spec)
+    res["wqkv_spec"] = str(w["wqkv"].kernel_t.sharding.spec)
     streamed = [[] for _ in prompts]
     for step in sharded.stream(prompts, max_new_tokens=12, top_k=1, eos_id=None):
         for r in np.flatnonzero(step.active):
@@ -47,7 +47,8 @@ SCRIPT = textwrap.dedent("""
     res["stream_same"] = streamed == one(prompts, max_new_tokens=12, top_k=1, eos_id=None).tokens
     from pldr_jax.decode import prepare_params       # weights packed for unsharded CPU decoding
     packed = prepare_params(cfg, params, 4)[1]
-    res["packed_one_device"] = "kernel_p" in packed["layers"][0]["wqkv"]
+    from pldr_jax.decode.layouts import PackedLinear
+    res["packed_one_device"] = isinstance(packed["layers"][0]["wqkv"], PackedLinear)
     try:
         pldr_jax.Sampler(cfg, packed, mesh=mesh)(prompts, max_new_tokens=2)
         res["packed_refused"] = ""

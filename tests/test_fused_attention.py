@@ -182,17 +182,22 @@ def test_training_loss_and_gradients_with_the_accelerator_attention(impl, preset
 
 def test_attention_impl_is_a_backend_choice_and_validated():
     from pldr_jax.backend import choices
-    from pldr_jax.kernels.fused_attention import FusedAttention, attention_strategy
+    from pldr_jax.kernels.fused_attention import FusedAttention, fused_strategy
+    from pldr_jax.layer import SequenceAttention
     from pldr_jax.train.step import StepOptions
     assert [choices(p).attention_impl for p in ("cpu", "gpu", "tpu")] == ["blocks", "cudnn", "splash"]
     assert StepOptions().resolved("gpu").attention_impl == "cudnn"
     assert StepOptions(attention_impl="blocks").resolved("tpu").attention_impl == "blocks"
-    assert attention_strategy("blocks") is None and attention_strategy("splash_interpret") == FusedAttention("splash", True)
+    assert fused_strategy("blocks") is None
+    assert fused_strategy("splash_interpret", 4) == FusedAttention(block=4, implementation="splash", interpret=True)
     with pytest.raises(ValueError, match="attention_impl must be one of"):
         StepOptions(attention_impl="flash")
-    # where a kernel does not apply the layer keeps its query blocks
-    q = jnp.zeros((1, 100, 2, 8), jnp.float32)
-    assert FusedAttention("splash")(q, q, q, None, None) is None and FusedAttention("cudnn")(q, q, q, None, None) is None
+    # where a kernel does not apply (splash: 100 is no multiple of 128; cuDNN: float32) the query blocks run
+    q = jax.random.normal(jax.random.PRNGKey(0), (1, 100, 2, 8), jnp.float32)
+    own, _ = SequenceAttention(block=4)(q, q, q, None)
+    for impl in ("splash", "cudnn"):
+        att, kv = FusedAttention(block=4, implementation=impl)(q, q, q, None)
+        assert (att == own).all() and kv[0] is q
 
 
 @pytest.mark.slow
@@ -225,5 +230,5 @@ def test_forward_refuses_a_fused_attention_with_a_packed_mask():
     cfg = PLDRConfig.preset("tiny")
     params = init_params(cfg, jax.random.PRNGKey(0))
     tok = jnp.ones((1, 8), jnp.int32)
-    with pytest.raises(ValueError, match="packed mask"):
-        forward(cfg, params, tok, attn_mask=jnp.ones((1, 1, 8, 8), bool), attention=FusedAttention("xla_sdpa"))
+    with pytest.raises(ValueError, match="causal-padding mask only"):
+        forward(cfg, params, tok, attn_mask=jnp.ones((1, 1, 8, 8), bool), attention=FusedAttention(implementation="xla_sdpa"))

@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 
 from pldr_jax import backend
+from pldr_jax.decode.layouts import PackedLinear, TransposedLinear
 from pldr_jax.kernels import build
 from pldr_jax.kernels.decode_attention import decode_attention_available, decode_attention_update
 from pldr_jax.ops.attention import plga_attention
@@ -369,7 +370,7 @@ def test_generate_native_equals_jax_lax_path(tiny_v510, monkeypatch, dtype, mode
         req = sampler._request(prompts, **kw)
         assert req.spec.step.native_kv == native and req.spec.step.cfg.dtype == dtype
         assert req.spec.step.kv_dtype == (None if native or dtype == "float32" else "float32")
-        packed = "kernel_p" in req.params["layers"][0]["wqkv"]
+        packed = isinstance(req.params["layers"][0]["wqkv"], PackedLinear)
         assert packed == (native and pack is None and dtype == "float32")
         outs[native, pack] = sampler(prompts, eos_id=None, return_logits=True, **kw)
     logits = {k: np.asarray(o.logits) for k, o in outs.items()}
@@ -403,9 +404,9 @@ def test_packed_matmul_matches_the_dot(dtype, M, K, N):
     assert panels.shape == (-(-N // 16), K, 16) and (unpack_kernel(panels, N) == W).all()
     y = jax.jit(packed_matmul)(x, panels, b)
     assert y.shape == (2, M, N) and y.dtype == dt
-    assert (jax.jit(lambda x: linear({"kernel_p": panels, "bias": b}, x))(x) == y).all()
+    assert (jax.jit(lambda x: linear(PackedLinear(kernel_p=panels, bias=b), x))(x) == y).all()
     exact = np.asarray(x, np.float64) @ np.asarray(W, np.float64) + np.asarray(b, np.float64)
-    dot = np.asarray(linear({"kernel_t": W.T, "bias": b}, x), np.float64)
+    dot = np.asarray(linear(TransposedLinear(kernel_t=W.T, bias=b), x), np.float64)
     err, dot_err = np.abs(np.asarray(y, np.float64) - exact).max(), np.abs(dot - exact).max()
     if dtype == "float32":
         assert err < 4e-6 and err <= 2 * dot_err + 1e-6, (err, dot_err)
@@ -441,12 +442,12 @@ def test_float32_decode_weights_are_packed_once_and_decode_like_unpacked(tiny_v5
     _, packed = prepare_params(cfg, params, 4)
     _, plain = prepare_params(cfg, params, 4, pack=False)
     lp = packed["layers"][0]
-    assert "kernel_p" in lp["wqkv"] and "kernel_p" in lp["ffn"]["w3"] and "kernel_p" in packed["final"]
-    assert "kernel_t" in plain["layers"][0]["wqkv"]
+    assert all(isinstance(w, PackedLinear) for w in (lp["wqkv"], lp["ffn"]["w3"], packed["final"]))
+    assert isinstance(plain["layers"][0]["wqkv"], TransposedLinear)
     again = prepare_params(cfg, packed, 4)[1]
-    assert again["layers"][0]["wqkv"]["kernel_p"] is lp["wqkv"]["kernel_p"]             # no copy
+    assert again["layers"][0]["wqkv"].kernel_p is lp["wqkv"].kernel_p             # no copy
     toks = jnp.array([[70, 48, 9, 8, 68, 61, 1, 0], [5, 17, 99, 3, 3, 3, 3, 3]])
     np.testing.assert_allclose(pldr_jax.forward(cfg, packed, toks).logits, pldr_jax.forward(cfg, plain, toks).logits,
                                rtol=0, atol=2e-5)
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
-    assert "kernel_p" in pldr_jax.Sampler(cfg, params, mesh=mesh).weights(4)[1]["layers"][0]["wqkv"]
+    assert isinstance(pldr_jax.Sampler(cfg, params, mesh=mesh).weights(4)[1]["layers"][0]["wqkv"], PackedLinear)

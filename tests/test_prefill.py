@@ -36,6 +36,12 @@ def test_prompt_rope_tables_rotate_as_the_graph_does(interleaved, P, dk):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
+def _in_graph(P, dk, theta):
+    """`prompt_rope_tables` computed in the traced graph instead of as constants."""
+    from pldr_jax.ops.rope import rope_tables
+    return rope_tables(jnp.arange(P, dtype=jnp.int32), dk, theta)
+
+
 def test_prefill_with_rope_tables_equals_per_layer_rope(tiny_v510, monkeypatch):
     cfg, params = tiny_v510
     _, run = prepare_params(cfg, params, 1)
@@ -47,7 +53,7 @@ def test_prefill_with_rope_tables_equals_per_layer_rope(tiny_v510, monkeypatch):
     run_prefill = lambda: jax.jit(lambda p, t, l: decode_step_mod.prefill(cfg, p, t, l, None, S))(
         run, jnp.asarray(tokens), lengths)
     got = run_prefill()
-    monkeypatch.setattr(decode_step_mod, "prompt_rope_tables", lambda *a: None)   # each layer its own
+    monkeypatch.setattr(decode_step_mod, "prompt_rope_tables", _in_graph)   # cos / sin in the graph
     want = run_prefill()
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
@@ -62,7 +68,7 @@ def test_decode_with_rope_tables_equals_per_layer_rope(tiny_v510, monkeypatch, k
     run = lambda: Sampler(cfg, params)(PROMPTS, max_new_tokens=5, kv_cache=kv_cache, g_cache=g_cache,
                                        top_k=1, eos_id=None, return_logits=True)
     got = run()
-    monkeypatch.setattr(decode_step_mod, "prompt_rope_tables", lambda *a: None)   # each layer its own
+    monkeypatch.setattr(decode_step_mod, "prompt_rope_tables", _in_graph)   # cos / sin in the graph
     jax.clear_caches()                                   # the loop is traced again without the table
     want = run()
     assert got.tokens == want.tokens

@@ -31,8 +31,9 @@ masked out.  The prefill always sets ``prompt_lengths`` / ``kv_next``; a step wi
 (`step.StepSpec.shared_slot` False: CPU, or a buffer that cannot hold ``max(prompt_lengths)`` + the
 longest row's token count) leaves them as they are.
 
-`cache_logical_axes` names every axis ("batch", "kv_len", "attn_heads", "dk", "dk_out") so a mesh rule
-table can shard the cache over batch and heads, like the parameters (`pldr_jax.params.logical_axes`).
+`cache_logical_axes` names every axis ("batch", "kv_len", "attn_heads", "dk", "dk_out") so the one
+rule table (`pldr_jax.partitioning.RULES`) shards the cache over batch and heads, like the
+parameters (`pldr_jax.params.logical_axes`) and the activations.
 """
 
 from __future__ import annotations
@@ -42,8 +43,10 @@ from typing import Any, Mapping
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from ..config import PLDRConfig
+from ..partitioning import logical_to_spec, merged_rules
 
 __all__ = ["Cache", "init_cache", "cache_logical_axes", "cache_partition_specs"]
 
@@ -130,11 +133,15 @@ def cache_logical_axes(cache: Cache) -> Cache:
                  kv_next=None if cache.kv_next is None else ())
 
 
-def cache_partition_specs(cache: Cache, rules: Mapping[str, Any]) -> Cache:
-    """PartitionSpecs for `cache` from a logical-name -> mesh-axis rule table, e.g.
-    ``{"batch": "data", "attn_heads": "model"}`` (unlisted names are replicated)."""
-    from jax.sharding import PartitionSpec
+def cache_partition_specs(cache: Cache, rules: Mapping[str, Any] | None = None, mesh=None) -> Cache:
+    """PartitionSpecs for `cache` by `partitioning.logical_to_spec`: `rules` (entries replacing those
+    of the one table `partitioning.RULES`, e.g. ``{"batch": "data", "attn_heads": "model"}``; None =
+    the table), with `mesh` its divisibility fallback."""
     axes = cache_logical_axes(cache)
+    table = merged_rules(rules)
     is_names = lambda x: isinstance(x, tuple) and all(n is None or isinstance(n, str) for n in x)
-    return jax.tree_util.tree_map(lambda names: PartitionSpec(*(rules.get(n) if n else None for n in names)),
-                                  axes, is_leaf=is_names)
+    def spec(names, x):      # one entry per dimension
+        s = tuple(logical_to_spec(names, getattr(x, "shape", None), mesh, table))
+        return PartitionSpec(*s, *([None] * (len(names) - len(s))))
+
+    return jax.tree_util.tree_map(spec, axes, cache, is_leaf=is_names)

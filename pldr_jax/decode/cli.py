@@ -60,6 +60,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                                               "'external:<file.npz>' (see pldr_jax.g_sources)")
     c.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="compute dtype override")
     c.add_argument("--batch-size", type=int, default=32, help="prompts per generate call")
+    c.add_argument("--backend-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a pldr_jax.backend choice (repeatable), e.g. decode_kv_chunk=128 or "
+                        "decode_attention=xla")
     o = p.add_argument_group("output")
     o.add_argument("--json", action="store_true", help="print one JSON object")
     o.add_argument("--include-prompt", action="store_true", help="print prompt + completion")
@@ -141,9 +144,11 @@ def _load_native_kernels() -> None:
 def run(args) -> int:
     import numpy as np
 
+    from ..backend import parse_backend_options
     from ..compile_cache import enable_compile_cache
 
     from .compile_time import CompileWatch
+    from .options import DecodeOptions
     from .sampler import Sampler
     from .sampling import validate_sampling
     from .step import mode_name
@@ -155,6 +160,7 @@ def run(args) -> int:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     top_k = 1 if args.greedy else args.top_k
     validate_sampling(args.temperature, top_k, args.top_p)
+    backend_options = parse_backend_options(args.backend_option)
     cache_dir = enable_compile_cache(args.compile_cache, enabled=not args.no_compile_cache)
     cache_dir = None if cache_dir is None else str(cache_dir)
     items = _collect_prompts(args)
@@ -167,13 +173,14 @@ def run(args) -> int:
             it["prompt_ids"] = ids
     eos = None if args.no_eos else (args.eos_id if args.eos_id is not None else
                                     (int(tok.eos_id) if tok is not None else 3))
-    kw = dict(max_new_tokens=args.max_new_tokens, kv_cache=not args.no_kv_cache, g_cache=not args.no_g_cache,
-              temperature=args.temperature, top_k=top_k, top_p=args.top_p, eos_id=eos, g_lm=g_lm,
-              shared_g=args.shared_g, stop_at_max_seq_len=args.stop_at_max_seq_len)
+    opts = DecodeOptions(kv_cache=not args.no_kv_cache, g_cache=not args.no_g_cache, temperature=args.temperature,
+                         top_k=top_k, top_p=args.top_p, eos_id=eos, g_lm=g_lm, shared_g=args.shared_g,
+                         stop_at_max_seq_len=args.stop_at_max_seq_len)
+    kw = dict(max_new_tokens=args.max_new_tokens, options=opts)
     decode = (lambda ids: tok.decode([t for t in ids if t != eos])) if tok is not None else None
     mode = mode_name(not args.no_kv_cache, not args.no_g_cache)
     _load_native_kernels()
-    sampler = Sampler(cfg, params)          # decode weights prepared once, for every batch below
+    sampler = Sampler(cfg, params, backend_options=backend_options)   # weights prepared once, for every batch
 
     if args.stream and not args.json:
         for i, it in enumerate(items):

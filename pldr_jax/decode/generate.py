@@ -11,7 +11,8 @@ Flow (two compiled functions, each specialised only on static shapes and flags):
    (early exit once every row is done) of model step + sampling step.  Row b's t-th new token sits
    at position ``lengths[b] + t`` (RoPE positions equal the prompt-alone case).
 
-`generate` is a thin function over `sampler.Sampler` (build a Sampler once to keep the weight
+How to decode is one `options.DecodeOptions` value; `plan.plan` turns it, with the backend choices,
+into the static specs.  `generate` is a thin function over `sampler.Sampler` (build a Sampler once to keep the weight
 preparation out of every call).  The modules: `request` (argument validation), `buckets` (static
 lengths), `weights` (dtype policy and decode weight layout), `step` (the model over the cache, the
 four modes), `loop` (device loop), `sampler` (the object that ties them together), `sharding`
@@ -20,37 +21,31 @@ four modes), `loop` (device loop), `sampler` (the object that ties them together
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
+from ..backend import BackendChoices
 from ..config import PLDRConfig
+from .options import DecodeOptions
 from .output import GenerateOutput
 from .sampler import Sampler
 
 __all__ = ["generate", "GenerateOutput"]
 
 
-def generate(cfg: PLDRConfig, params: dict, prompts, *, max_new_tokens: int, kv_cache: bool = True,
-             g_cache: bool = True, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed=0,
-             eos_id: int | None = 3, g_lm=None, shared_g: bool = False, stop_at_max_seq_len: bool = False,
-             max_len: int | None = None, return_logits: bool = False, return_deductive: bool = False,
-             bf16_min_batch: int | None = None, mesh=None) -> GenerateOutput:
+def generate(cfg: PLDRConfig, params: dict, prompts, *, max_new_tokens: int, options: DecodeOptions | None = None,
+             bf16_min_batch: int | None = None, mesh=None, backend: BackendChoices | None = None,
+             backend_options: Mapping[str, Any] | None = None, **overrides) -> GenerateOutput:
     """Generate up to `max_new_tokens` new tokens for each prompt.
 
     prompts: list of token-id lists (ragged; right-padded internally to a length bucket).
-    kv_cache / g_cache: the reference's four modes (`MODES`).  temperature, top_k, top_p: sampling,
-    applied in the reference's order (temperature, top-p, top-k); top_k=1 is greedy.  seed: int or a
-    PRNG key (reproducible sampling).  eos_id: a row stops after producing it (None: no EOS stop).
-    g_lm: a G_LM override [num_layers, (1|B,) H, dk, dk] used in every step (predefined-G configs
-    default to their own G).  shared_g: after prefill every row uses the first row's G (the authors'
-    ``cache_first_G``; prefill itself uses each row's own G).  stop_at_max_seq_len: stop a row when it
-    reaches max_seq_len instead of raising ValueError when prompt + max_new_tokens does not fit.
-    max_len: cache/sequence buffer length (default: a bucket of prompt + new tokens).
-    return_logits / return_deductive: also return per-step logits / deductive outputs.
-    bf16_min_batch: see `decode_dtype`.  mesh: decode on a device mesh (`Sampler`).
+    options: a `DecodeOptions` (cache modes, sampling, seed, EOS, G override, shared G, lengths,
+    what to return); its fields may also be given as keywords (``top_k=1``, ``kv_cache=False``, ...),
+    which replace the options' ones.  bf16_min_batch: see `decode_dtype`.  mesh: decode on a device
+    mesh (`Sampler`).  backend, backend_options: the `pldr_jax.backend` choices (`Sampler`).
 
     params: stacked or per-layer; pass `prepare_params(cfg, params, batch)[1]` (or build a
     `Sampler` once) to avoid re-slicing or casting the weights on every call.
     """
-    sampler = Sampler(cfg, params, mesh=mesh, bf16_min_batch=bf16_min_batch)
-    return sampler(prompts, max_new_tokens=max_new_tokens, kv_cache=kv_cache, g_cache=g_cache,
-                   temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, eos_id=eos_id, g_lm=g_lm,
-                   shared_g=shared_g, stop_at_max_seq_len=stop_at_max_seq_len, max_len=max_len,
-                   return_logits=return_logits, return_deductive=return_deductive)
+    sampler = Sampler(cfg, params, mesh=mesh, bf16_min_batch=bf16_min_batch, backend=backend,
+                      backend_options=backend_options)
+    return sampler(prompts, max_new_tokens=max_new_tokens, options=options, **overrides)

@@ -1,6 +1,8 @@
 """The decode loop on the device: sampling, EOS and length book-keeping, and its jitted entry points.
 
-`prefill_cache` runs the prompts once (`step.prefill`).  `run_loop` samples the first new token from
+The traceable pieces (`start`, `advance`, `whole_loop`, `prefill_and_trim`; `plan.DecodePlan` binds
+them to a call's static specs) and their jitted entry points.  `prefill_cache` runs the prompts once
+(`step.prefill`).  `run_loop` samples the first new token from
 the prompt's logits, then runs one ``lax.while_loop`` (early exit once every row is done) whose body is
 one model step (`step.decode_step`) plus one sampling step.  The output buffer ``[B, N]`` is static;
 the number of new tokens is a traced scalar (`LoopInputs`), so changing ``max_new_tokens``, the prompt
@@ -24,8 +26,8 @@ from .cache import Cache
 from .sampling import sample_logits
 from .step import StepSpec, decode_step, prefill
 
-__all__ = ["LoopSpec", "LoopInputs", "LoopState", "prefill_cache", "run_loop", "start_loop", "advance_loop",
-           "compiled_counts"]
+__all__ = ["LoopSpec", "LoopInputs", "LoopState", "start", "advance", "whole_loop", "prefill_and_trim",
+           "prefill_cache", "run_loop", "start_loop", "advance_loop", "compiled_counts"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +90,7 @@ def _record(spec: LoopSpec, st: LoopState, inputs: LoopInputs, logits, deds) -> 
     return st.replace(**upd)
 
 
-def _start(spec: LoopSpec, cache: Cache, logits0, ded0, key, inputs: LoopInputs, n_out: int) -> LoopState:
+def start(spec: LoopSpec, cache: Cache, logits0, ded0, key, inputs: LoopInputs, n_out: int) -> LoopState:
     """The loop state after step 0 (sampled from the prompt's logits0 [B, V]; ded0: the prompt's
     stacked deductive outputs, needed with collect_deductive)."""
     B = cache.tokens.shape[0]
@@ -109,10 +111,27 @@ def _start(spec: LoopSpec, cache: Cache, logits0, ded0, key, inputs: LoopInputs,
     return _record(spec, st, inputs, logits0, deds0)
 
 
-def _advance(spec: LoopSpec, params, st: LoopState, inputs: LoopInputs) -> LoopState:
+def advance(spec: LoopSpec, params, st: LoopState, inputs: LoopInputs) -> LoopState:
     """One model step on the last sampled tokens, then one sampling step."""
     logits, cache, deds = decode_step(spec.step, params, st.cache, st.token, ~st.done)
     return _record(spec, st.replace(cache=cache), inputs, logits, deds)
+
+
+def whole_loop(spec: LoopSpec, params, cache: Cache, logits0, ded0, key, inputs: LoopInputs, n_out: int) -> LoopState:
+    """`start`, then `advance` in a ``lax.while_loop`` until inputs.max_new steps or every row is done."""
+    st = start(spec, cache, logits0, ded0, key, inputs, n_out)
+    keep_going = lambda s: (s.t < inputs.max_new) & ~jnp.all(s.done)
+    return jax.lax.while_loop(keep_going, lambda s: advance(spec, params, s, inputs), st)
+
+
+def prefill_and_trim(spec: LoopSpec, params, tokens, lengths, g_all, max_len: int, stack_deductive: bool = True):
+    """`step.prefill` for `spec` (its run config and KV-cache dtype); without the KV-cache the cache
+    keeps no k/v."""
+    cache, logits0, ded0 = prefill(spec.step.cfg, params, tokens, lengths, g_all, max_len, spec.step.kv_dtype,
+                                   stack_deductive)
+    if not spec.step.kv_cache:
+        cache = cache.replace(k=None, v=None)
+    return cache, logits0, ded0
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_len", "kv_dtype", "stack_deductive"))
@@ -122,19 +141,17 @@ def _prefill_jit(cfg, params, tokens, lengths, g_all, *, max_len, kv_dtype, stac
 
 @functools.partial(jax.jit, static_argnames=("spec", "n_out"), donate_argnames=("cache",))
 def _loop_jit(spec, params, cache, logits0, ded0, key, inputs, *, n_out):
-    st = _start(spec, cache, logits0, ded0, key, inputs, n_out)
-    keep_going = lambda s: (s.t < inputs.max_new) & ~jnp.all(s.done)
-    return jax.lax.while_loop(keep_going, lambda s: _advance(spec, params, s, inputs), st)
+    return whole_loop(spec, params, cache, logits0, ded0, key, inputs, n_out)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "n_out"), donate_argnames=("cache",))
 def _start_jit(spec, cache, logits0, ded0, key, inputs, *, n_out):
-    return _start(spec, cache, logits0, ded0, key, inputs, n_out)
+    return start(spec, cache, logits0, ded0, key, inputs, n_out)
 
 
 @functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("st",))
 def _advance_jit(spec, params, st, inputs):
-    return _advance(spec, params, st, inputs)
+    return advance(spec, params, st, inputs)
 
 
 @contextlib.contextmanager

@@ -1,5 +1,6 @@
 """A decode request: the arguments of `generate` / `stream_generate` validated and turned into what
-the device loop takes (padded token arrays, static specs, traced loop inputs, decode weights)."""
+the device loop takes (padded token arrays, the `plan.DecodePlan`, traced loop inputs, decode
+weights)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..backend import choices, uses_native_decode_attention
+from ..backend import BackendChoices
 from ..config import PLDRConfig
 from ..model import normalize_g_lm
-from .buckets import plan_lengths
 from .loop import LoopInputs, LoopSpec
+from .options import DecodeOptions, decode_options
+from .plan import DecodePlan, plan
 from .sampling import SamplingParams, make_sampler
-from .step import StepSpec
 
 __all__ = ["DecodeRequest", "make_request", "normalize_prompts"]
 
@@ -80,74 +81,70 @@ def _check_int(name, v, lo, hi=None):
 class DecodeRequest:
     """A validated decode call.
 
-    spec: the static loop spec.  params: decode weights (`prepare_params`).  tokens [B, P] int32
-    right-padded prompts, lengths [B] int32.  g_all: None or the given G_LM [L, B|1, H, dk, dk].
-    inputs: the traced loop inputs.  key: PRNG key.  max_len: cache/sequence buffer length S.
-    n_out: output buffer length N.  max_new_tokens: as asked.
+    plan: its `plan.DecodePlan` (static specs and lengths).  spec: plan.spec.  params: decode
+    weights (`prepare_params`).  tokens [B, P] int32 right-padded prompts, lengths [B] int32.  g_all:
+    None or the given G_LM [L, B|1, H, dk, dk].  inputs: the traced loop inputs.  key: PRNG key.
+    max_len: cache/sequence buffer length S.  n_out: output buffer length N.  max_new_tokens: as
+    asked.  options: the `DecodeOptions`.
     """
-    spec: LoopSpec
+    plan: DecodePlan
     params: Any
     tokens: np.ndarray
     lengths: np.ndarray
     g_all: Any
     inputs: LoopInputs
     key: Any
-    max_len: int
-    n_out: int
     max_new_tokens: int
+    options: DecodeOptions
+
+    @property
+    def spec(self) -> LoopSpec:
+        return self.plan.spec
+
+    @property
+    def max_len(self) -> int:
+        return self.plan.max_len
+
+    @property
+    def n_out(self) -> int:
+        return self.plan.n_out
 
 
-def make_request(cfg, weights: Callable[[int], tuple], prompts, *, max_new_tokens, kv_cache, g_cache, temperature,
-                 top_k, top_p, seed, eos_id, g_lm, shared_g, stop_at_max_seq_len, max_len, return_logits,
-                 return_deductive, platform: str | None = None, sharded: bool = False) -> DecodeRequest:
-    """Validate `generate`'s arguments (see there) and build the `DecodeRequest`; ValueError if invalid.
+def make_request(cfg, weights: Callable[[int], tuple], prompts, *, max_new_tokens, options: DecodeOptions | None = None,
+                 backend: BackendChoices | None = None, sharded: bool = False, **overrides) -> DecodeRequest:
+    """Validate a decode call (`DecodeOptions`, with `overrides` of its fields) and build the
+    `DecodeRequest`; ValueError if invalid.
 
     weights: batch size -> (run_cfg, run_params), the decode weights for that many rows
-    (`Sampler.weights`: prepared once per decode dtype, not per call).  platform: where it decodes
-    (None = the default backend), for its KV-cache dtype (`pldr_jax.backend`)."""
+    (`Sampler.weights`: prepared once per decode dtype, not per call).  backend: the resolved
+    `pldr_jax.backend.BackendChoices` (None: `choices()`).  sharded: over a mesh of several devices."""
     if not isinstance(cfg, PLDRConfig):
         raise ValueError(f"cfg must be a PLDRConfig, got {type(cfg).__name__}")
+    opts = decode_options(options, overrides)
     max_new = _check_int("max_new_tokens", max_new_tokens, 1)
-    sampler = make_sampler(temperature, top_k, top_p)
+    sampler = make_sampler(opts.temperature, opts.top_k, opts.top_p)
+    eos_id = opts.eos_id
     if eos_id is not None:
         eos_id = _check_int("eos_id", eos_id, 0, cfg.vocab_size)
     rows = normalize_prompts(cfg, prompts)
-    backend = choices(platform)
     B = len(rows)
     lens = np.array([len(r) for r in rows], np.int32)
-    P, S, N = plan_lengths(cfg, int(lens.max()), max_new, max_len=max_len,
-                           stop_at_max_seq_len=stop_at_max_seq_len)
-    limit = np.minimum(max_new, S - lens).astype(np.int32)
-    tokens = np.zeros((B, P), np.int32)
-    for b, r in enumerate(rows):
-        tokens[b, :len(r)] = r
-    g_all = normalize_g_lm(cfg, g_lm)
+    g_all = normalize_g_lm(cfg, opts.g_lm)
     if g_all is not None:
         if g_all.shape[1] not in (1, B):
             raise ValueError(f"g_lm has batch axis {g_all.shape[1]}; expected 1 or the number of prompts ({B})")
-        if shared_g:
+        if opts.shared_g:
             g_all = g_all[:, :1]
+    p = plan(cfg, B, lens, max_new, opts, backend, sharded=sharded)
+    tokens = np.zeros((B, p.prompt_len), np.int32)
+    for b, r in enumerate(rows):
+        tokens[b, :len(r)] = r
     run_cfg, run_params = weights(B)
-    given = g_all is not None
-    # with a given G the G-cache flag changes nothing (G is fixed anyway): one compilation for both
-    # one shared KV slot per step (`decode.cache` "KV slots", where the backend wants it) if the buffer
-    # holds the longest prompt + the most tokens any row decodes; else (CPU, or stop_at_max_seq_len
-    # with unequal prompts) each row's own position
-    shared_slot = (bool(kv_cache) and backend.decode_shared_kv_slot
-                   and int(lens.max()) + int(limit.max()) <= S)
-    # per-row slots on CPU: the cache write + attention as the native kernel where it builds (its
-    # buffers in the compute dtype), else the jax.lax path (a 16-bit model's buffers wider there)
-    native_kv = bool(kv_cache) and not shared_slot and uses_native_decode_attention(backend, run_cfg.dtype,
-                                                                                     sharded=sharded)
-    wide = None if native_kv else backend.kv_cache_dtype
-    kv_dtype = wide if wide and jnp.dtype(run_cfg.dtype).itemsize < jnp.dtype(wide).itemsize else None
-    step = StepSpec(cfg=run_cfg, kv_cache=bool(kv_cache), g_cache=bool(g_cache) or given, given_g=given,
-                    kv_dtype=kv_dtype, shared_slot=shared_slot, merged_heads=backend.decode_merged_heads,
-                    kv_chunk=backend.decode_kv_chunk if kv_cache else 0, native_kv=native_kv)
-    spec = LoopSpec(step=step, shared_g=bool(shared_g), sampler_kind=sampler.kind,
-                    collect_logits=bool(return_logits), collect_deductive=bool(return_deductive))
-    t, k, p = (sampler.temperature, sampler.top_k, sampler.top_p) if isinstance(sampler, SamplingParams) else (1.0, 1, 1.0)
-    inputs = LoopInputs(max_new=np.int32(max_new), limit=limit, eos_id=np.int32(-1 if eos_id is None else eos_id),
-                        temperature=np.float32(t), top_k=np.int32(k), top_p=np.float32(p))
-    return DecodeRequest(spec=spec, params=run_params, tokens=tokens, lengths=lens, g_all=g_all, inputs=inputs,
-                         key=_as_key(seed), max_len=S, n_out=N, max_new_tokens=max_new)
+    if run_cfg != p.cfg:
+        raise ValueError(f"the decode weights are for compute dtype {run_cfg.dtype}, the plan for {p.cfg.dtype}: "
+                         f"prepare them with the same backend choices (bf16_min_batch)")
+    t, k, tp = (sampler.temperature, sampler.top_k, sampler.top_p) if isinstance(sampler, SamplingParams) else (1.0, 1, 1.0)
+    inputs = LoopInputs(max_new=np.int32(max_new), limit=p.limit, eos_id=np.int32(-1 if eos_id is None else eos_id),
+                        temperature=np.float32(t), top_k=np.int32(k), top_p=np.float32(tp))
+    return DecodeRequest(plan=p, params=run_params, tokens=tokens, lengths=lens, g_all=g_all, inputs=inputs,
+                         key=_as_key(opts.seed), max_new_tokens=max_new, options=opts)

@@ -26,22 +26,17 @@ from typing import Any, Iterator, Mapping
 import jax
 import numpy as np
 
-from ..backend import platform_of
+from ..backend import BackendChoices, backend_for, platform_of
 from ..config import PLDRConfig
 from .compile_time import CompileWatch
 from .loop import advance_loop, prefill_cache, run_loop, start_loop
+from .options import DecodeOptions
 from .output import GenerateOutput, LayerStack, StreamStep
 from .request import DecodeRequest, make_request
 from .step import mode_name
-from .weights import decode_dtype, prepare_params
+from .weights import decode_dtype, has_packed_weights, prepare_params
 
 __all__ = ["Sampler"]
-
-
-def _has_packed_kernels(params) -> bool:
-    """Whether any linear layer of `params` holds the native packed matmul's "kernel_p" panels."""
-    paths = jax.tree_util.tree_flatten_with_path(params)[0]
-    return any(getattr(path[-1], "key", None) == "kernel_p" for path, _ in paths if path)
 
 
 class Sampler:
@@ -49,21 +44,31 @@ class Sampler:
 
     cfg, params: the model (stacked or per-layer params, or already `prepare_params`'d).
     mesh: a `jax.sharding.Mesh` to decode on (None: the default device).  rules: overrides of the
-    logical-axis -> mesh-axis table (`sharding.decode_rules`).  bf16_min_batch: see `decode_dtype`.
+    logical-axis -> mesh-axis table (`sharding.decode_rules`).  backend: the `pldr_jax.backend`
+    choices to decode with (None: those of the mesh's platform, `backend.choices`); backend_options:
+    {field: value} overriding some of them (e.g. ``{"decode_kv_chunk": 128}``; values may be
+    strings).  bf16_min_batch: see `decode_dtype` (the backend option of that name).
 
-    ``sampler(prompts, ...)`` takes `generate`'s arguments (less cfg/params) and returns a
-    `GenerateOutput`; ``sampler.stream(prompts, ...)`` yields `StreamStep`s.
+    ``sampler(prompts, max_new_tokens=..., options=DecodeOptions(...), **fields)`` returns a
+    `GenerateOutput`; ``sampler.stream(prompts, ...)`` yields `StreamStep`s (arguments:
+    `DecodeOptions`, whose fields may also be given as keywords).
     """
 
     def __init__(self, cfg: PLDRConfig, params, *, mesh=None, rules: Mapping[str, Any] | None = None,
-                 bf16_min_batch: int | None = None):
+                 bf16_min_batch: int | None = None, backend: BackendChoices | None = None,
+                 backend_options: Mapping[str, Any] | None = None):
         if not isinstance(cfg, PLDRConfig):
             raise ValueError(f"cfg must be a PLDRConfig, got {type(cfg).__name__}")
         if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
             raise ValueError(f"mesh must be a jax.sharding.Mesh or None, got {type(mesh).__name__}")
         self.cfg = cfg
         self.mesh = mesh
-        self.bf16_min_batch = bf16_min_batch
+        opts = dict(backend_options or {})
+        if bf16_min_batch is not None:
+            opts["bf16_min_batch"] = bf16_min_batch
+        #: the backend choices every call of this sampler uses (resolved once, here)
+        self.backend = backend_for(backend, platform_of(mesh), opts)
+        self.bf16_min_batch = self.backend.bf16_min_batch
         self.rules = None
         if mesh is not None:
             from .sharding import decode_rules
@@ -80,13 +85,13 @@ class Sampler:
     def weights(self, batch: int) -> tuple[PLDRConfig, Any]:
         """(run_cfg, run_params) for decoding `batch` rows: prepared on the first call for that
         decode dtype, then reused."""
-        dt = decode_dtype(self.cfg, batch, self.bf16_min_batch)
+        dt = decode_dtype(self.cfg, batch, backend=self.backend)
         if dt not in self._weights:
-            run_cfg, run_params = prepare_params(self.cfg, self._params, batch, bf16_min_batch=self.bf16_min_batch,
+            run_cfg, run_params = prepare_params(self.cfg, self._params, batch, backend=self.backend,
                                                  pack=False if self.sharded else None)
-            if self.sharded and _has_packed_kernels(run_params):
-                raise ValueError("these weights were prepared for unsharded CPU decoding (packed 'kernel_p' "
-                                 "panels, `prepare_params` pack=True): pass unprepared weights, or prepare "
+            if self.sharded and has_packed_weights(run_params):
+                raise ValueError("these weights were prepared for unsharded CPU decoding (packed panels, "
+                                 "`prepare_params` pack=True): pass unprepared weights, or prepare "
                                  "them with pack=False, to decode on a mesh of several devices")
             if self.mesh is not None:
                 from .sharding import shard_params
@@ -95,15 +100,9 @@ class Sampler:
         return self._weights[dt]
 
     # ------------------------------------------------------------------ requests
-    def _request(self, prompts, *, max_new_tokens, kv_cache=True, g_cache=True, temperature=1.0, top_k=0,
-                 top_p=1.0, seed=0, eos_id=3, g_lm=None, shared_g=False, stop_at_max_seq_len=False,
-                 max_len=None, return_logits=False, return_deductive=False) -> DecodeRequest:
-        return make_request(self.cfg, self.weights, prompts, max_new_tokens=max_new_tokens, kv_cache=kv_cache,
-                            g_cache=g_cache, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                            eos_id=eos_id, g_lm=g_lm, shared_g=shared_g, stop_at_max_seq_len=stop_at_max_seq_len,
-                            max_len=max_len, return_logits=return_logits, return_deductive=return_deductive,
-                            platform=platform_of(self.mesh),
-                            sharded=self.sharded)
+    def _request(self, prompts, *, max_new_tokens, options: DecodeOptions | None = None, **overrides) -> DecodeRequest:
+        return make_request(self.cfg, self.weights, prompts, max_new_tokens=max_new_tokens, options=options,
+                            backend=self.backend, sharded=self.sharded, **overrides)
 
     def _prefill(self, req: DecodeRequest):
         tokens, lengths = req.tokens, req.lengths
@@ -121,21 +120,18 @@ class Sampler:
         return cache, logits0, ded0
 
     # ------------------------------------------------------------------ whole calls
-    def __call__(self, prompts, *, max_new_tokens: int, kv_cache: bool = True, g_cache: bool = True,
-                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed=0, eos_id: int | None = 3,
-                 g_lm=None, shared_g: bool = False, stop_at_max_seq_len: bool = False, max_len: int | None = None,
-                 return_logits: bool = False, return_deductive: bool = False) -> GenerateOutput:
-        """Generate up to `max_new_tokens` new tokens for each prompt (arguments: `pldr_jax.generate`)."""
+    def __call__(self, prompts, *, max_new_tokens: int, options: DecodeOptions | None = None,
+                 **overrides) -> GenerateOutput:
+        """Generate up to `max_new_tokens` new tokens for each prompt (`options`: a `DecodeOptions`;
+        keywords: its fields, replacing the options' ones; see `pldr_jax.generate`)."""
         with CompileWatch() as watch:
-            req = self._request(prompts, max_new_tokens=max_new_tokens, kv_cache=kv_cache, g_cache=g_cache,
-                                temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, eos_id=eos_id,
-                                g_lm=g_lm, shared_g=shared_g, stop_at_max_seq_len=stop_at_max_seq_len,
-                                max_len=max_len, return_logits=return_logits, return_deductive=return_deductive)
+            req = self._request(prompts, max_new_tokens=max_new_tokens, options=options, **overrides)
+            opts = req.options
             t0 = time.perf_counter()
             cache, logits0, ded0 = self._prefill(req)
             logits0.block_until_ready()
             t1 = time.perf_counter()
-            st = run_loop(req.spec, req.params, cache, logits0, ded0 if return_deductive else None, req.key,
+            st = run_loop(req.spec, req.params, cache, logits0, ded0 if opts.return_deductive else None, req.key,
                           req.inputs, n_out=req.n_out)
             out = np.asarray(st.out)
             t2 = time.perf_counter()
@@ -143,14 +139,14 @@ class Sampler:
         steps = int(st.t)
         B = out.shape[0]
         logits = None
-        if return_logits:
+        if opts.return_logits:
             logits = np.transpose(np.asarray(st.logits_buf[:steps]), (1, 0, 2))
         ded = None
-        if return_deductive:
+        if opts.return_deductive:
             ded = {n: np.asarray(v[:steps]) for n, v in st.ded_buf.items()}
         return GenerateOutput(
             tokens=[out[b, :count[b]].tolist() for b in range(B)], ids=out, num_generated=count,
-            prompt_lengths=req.lengths, mode=mode_name(kv_cache, g_cache), steps=steps, logits=logits,
+            prompt_lengths=req.lengths, mode=mode_name(opts.kv_cache, opts.g_cache), steps=steps, logits=logits,
             deductive=ded, cache=st.cache,
             prompt_deductive=dict(ded0) if ded0 is not None else LayerStack(
                 {n: getattr(st.cache, n) for n in ("A", "A_LM", "G_LM") if getattr(st.cache, n) is not None}),
@@ -158,16 +154,12 @@ class Sampler:
             compute_dtype=req.spec.step.cfg.dtype)
 
     # ------------------------------------------------------------------ streaming
-    def stream(self, prompts, *, max_new_tokens: int, kv_cache: bool = True, g_cache: bool = True,
-               temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed=0, eos_id: int | None = 3,
-               g_lm=None, shared_g: bool = False, stop_at_max_seq_len: bool = False,
-               max_len: int | None = None) -> Iterator[StreamStep]:
+    def stream(self, prompts, *, max_new_tokens: int, options: DecodeOptions | None = None,
+               **overrides) -> Iterator[StreamStep]:
         """Yield a `StreamStep` per new token position until every row stops or max_new_tokens (one
         host round-trip per step; the tokens equal ``self(...)``'s for the same arguments and seed).
         Validation happens on the first ``next()``."""
-        req = self._request(prompts, max_new_tokens=max_new_tokens, kv_cache=kv_cache, g_cache=g_cache,
-                            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, eos_id=eos_id,
-                            g_lm=g_lm, shared_g=shared_g, stop_at_max_seq_len=stop_at_max_seq_len, max_len=max_len)
+        req = self._request(prompts, max_new_tokens=max_new_tokens, options=options, **overrides)
         cache, logits0, _ = self._prefill(req)
         st = start_loop(req.spec, cache, logits0, None, req.key, req.inputs, n_out=req.n_out)
         prev_done = np.asarray(req.inputs.limit) <= 0

@@ -1,13 +1,13 @@
 """Sharded decoding: where the decode weights, the prompts and the cache live on a device mesh.
 
 Rows (the batch) are split over the mesh's data axes, attention heads (and the FFN width and the
-vocabulary) over its tensor axis, with the training rule table (`pldr_jax.train.sharding`) minus
+vocabulary) over its tensor axis, with the one rule table (`pldr_jax.partitioning.RULES`) minus
 the FSDP split of the model width (a decode step reads every weight once: splitting D over the
 data axes would all-gather each weight every step).  A dimension that does not divide by its mesh
-axes is replicated (`train.sharding.logical_to_spec`), so any batch size and head count run.
+axes is replicated (`partitioning.logical_to_spec`), so any batch size and head count run.
 
 The decode weight layout (`weights.prepare_params`: per-layer, fused, kernels transposed to
-[out, in]) gets its logical axis names from `decode_param_axes`; the cache's come from
+[out, in], `layouts.TransposedLinear`) gets its logical axis names from `decode_param_axes`; the cache's come from
 `cache.cache_logical_axes`.  The jitted prefill and loop take sharded inputs and XLA (GSPMD)
 propagates the shardings through them; `shard_cache` pins the cache to its logical sharding between
 prefill and the loop.
@@ -20,6 +20,7 @@ from typing import Any, Mapping
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from ..partitioning import RULES, logical_to_spec, merged_rules
 from .cache import Cache, cache_logical_axes
 
 __all__ = ["decode_rules", "decode_param_axes", "shard_params", "shard_rows", "shard_cache"]
@@ -32,12 +33,11 @@ _LINEAR_AXES = {"wqkv": ("heads", "embed"), "wq": ("heads", "embed"), "wk": ("he
 
 
 def decode_rules(mesh: Mesh, rules: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The logical-name -> mesh-axis table for decoding on `mesh` (the training table without the
-    FSDP split of the model width; "batch" over every data axis present).  `rules` overrides entries."""
-    from ..train.sharding import BATCH_AXES, DEFAULT_RULES
-    out = dict(DEFAULT_RULES, embed=None, batch=tuple(a for a in BATCH_AXES if a in mesh.shape))
-    out.update(rules or {})
-    return out
+    """The logical-name -> mesh-axis table for decoding on `mesh`: `partitioning.RULES` without the
+    FSDP split of the model width ("batch" over every one of its axes present).  `rules` overrides
+    entries (a user's table: the same for the weights, the activations and the cache)."""
+    batch = tuple(a for a in RULES["batch"] if a in mesh.shape)
+    return merged_rules({"embed": None, "batch": batch, **(rules or {})})
 
 
 def _leaf_axes(path, leaf) -> tuple:
@@ -45,7 +45,7 @@ def _leaf_axes(path, leaf) -> tuple:
     nd = getattr(leaf, "ndim", 0)
     owner = next((k for k in reversed(keys[:-1]) if k in _LINEAR_AXES), None)
     name = keys[-1] if keys else None
-    if owner is not None and name in ("kernel_t", "kernel", "bias"):
+    if owner is not None and name in ("kernel_t", "kernel", "bias"):   # dict keys or `layouts` fields
         out_ax, in_ax = _LINEAR_AXES[owner]
         if name == "kernel_t":
             return (out_ax, in_ax)
@@ -64,7 +64,6 @@ def decode_param_axes(run_params) -> Any:
 
 
 def _spec(names, shape, mesh, rules) -> PartitionSpec:
-    from ..train.sharding import logical_to_spec
     return logical_to_spec(names, shape, mesh, rules)
 
 

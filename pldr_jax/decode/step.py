@@ -25,11 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..config import PLDRConfig
-from ..layer import decoder_layer
+from ..layer import SequenceAttention, decoder_layer, deduce
 from ..model import embed
 from ..ops.attention import causal_padding_mask
 from ..ops.layers import linear
 from ..ops.rope import rope_tables
+from .attention import LastQuery, NativeKV, RowSlotsKV, SharedSlotKV
 from .cache import Cache
 
 __all__ = ["MODES", "mode_name", "StepSpec", "prefill", "decode_step"]
@@ -65,34 +66,27 @@ class StepSpec:
         return self.given_g or self.g_cache
 
 
-def _run_layers(cfg: PLDRConfig, params, x, positions, mask, *, metric_mask=None, g_lm=None, metric=None,
-                kv_buffers=None, kv_slot=None, merged_heads=True, kv_chunk=0, native_kv=False, last_query_rows=None,
-                rope=None):
+def _run_layers(cfg: PLDRConfig, params, x, rope, attention, *, metric_mask=None, g_lm=None, metric=None):
     """`decoder_layer` over every layer of per-layer params.
 
-    x [B, L, D]; positions, mask, metric_mask as `decoder_layer`.  Per-layer inputs, indexed by layer
-    (a tuple or a stacked array), None when unused: g_lm [L][B|1, H, dk, dk], metric (cached A)
-    [L][B|1, H, dk, dk], kv_buffers (k, v) each [L][B, H, S, dk]; kv_slot [] int32: the one buffer
-    slot every row's new key/value goes to (None: slot = the row's position); merged_heads: see
-    `decoder_layer`; kv_chunk, native_kv: see `decoder_layer`.  last_query_rows [B]: the last layer's
-    output only at that position of each row.  rope: the positions' RoPE tables for every layer
-    (`decoder_layer`; None: each layer computes them).  Returns (x_out [B, L|1, D], keys [L][B, L, H, dk] (or
-    the updated buffers [L][B, H, S, dk]), values, per-layer deductive dicts).
+    x [B, L, D]; rope: the positions' RoPE tables, shared by every layer; attention: layer index ->
+    that layer's `layer.Attention` strategy.  Per-layer inputs, indexed by layer (a tuple or a
+    stacked array), None when unused: g_lm [L][B|1, H, dk, dk] (a given G), metric [L][B|1, H, dk,
+    dk] (a cached A: A_LM, A_P, G_LM are re-derived from it); else G from the queries, with
+    metric_mask [B, L].  Returns (x_out [B, L|1, D], keys [L][B, L, H, dk] (or the updated buffers
+    [L][B, H, S, dk]), values, per-layer deductive dicts).
     """
     layers = params["layers"]
     if not isinstance(layers, (tuple, list)):
         raise ValueError("decoding needs per-layer weights: pass params through unstack_layers / prepare_params")
-    pick = lambda per_layer, i: None if per_layer is None else per_layer[i]
     ks, vs, deds = [], [], []
     for i, lp in enumerate(layers):
-        kv = None if kv_buffers is None else (kv_buffers[0][i], kv_buffers[1][i])
-        x, ded, (k, v) = decoder_layer(cfg, lp, x, positions, mask, metric_mask=metric_mask, g_lm=pick(g_lm, i),
-                                       metric=pick(metric, i), kv_buffers=kv, kv_slot=kv_slot,
-                                       merged_heads=merged_heads, kv_chunk=kv_chunk, native_kv=native_kv,
-                                       rope=rope, query_rows=last_query_rows if i == len(layers) - 1 else None)
+        ded = None if metric is None else deduce(lp, metric[i])
+        g = ded["G_LM"] if ded is not None else None if g_lm is None else g_lm[i]
+        x, own, (k, v) = decoder_layer(cfg, lp, x, rope, attention(i), g_lm=g, metric_mask=metric_mask)
         ks.append(k)
         vs.append(v)
-        deds.append(ded)
+        deds.append(own if ded is None else ded)
     return x, ks, vs, deds
 
 
@@ -139,9 +133,10 @@ def prefill(cfg: PLDRConfig, params, tokens, lengths, g_all, max_len: int, kv_dt
     B, P = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
     valid = positions < lengths[:, None]
-    x, ks, vs, deds = _run_layers(cfg, params, embed(cfg, params, tokens, lookup_first=True), positions,
-                                  causal_padding_mask(valid, P), metric_mask=valid, g_lm=g_all,
-                                  rope=prompt_rope_tables(P, cfg.head_dim, float(cfg.rope_theta)))
+    att = SequenceAttention(mask=causal_padding_mask(valid, P))
+    rope = tuple(jnp.asarray(t) for t in prompt_rope_tables(P, cfg.head_dim, float(cfg.rope_theta)))
+    x, ks, vs, deds = _run_layers(cfg, params, embed(cfg, params, tokens, lookup_first=True), rope,
+                                  lambda i: att, metric_mask=valid, g_lm=g_all)
     logits = linear(params["final"], x[jnp.arange(B), lengths - 1]).astype(jnp.float32)
     names = ("G_LM",) if g_all is not None else ("A", "A_LM", "G_LM")
     per_layer = lambda name: tuple(d[name] for d in deds) if name in names else None
@@ -172,8 +167,7 @@ def decode_step(spec: StepSpec, params, cache: Cache, token, active):
     tokens = cache.tokens.at[jnp.arange(B), pos].set(token)
     lengths = jnp.where(active, pos + 1, cache.lengths)
     g_lm = cache.G_LM if spec.fixed_g else None
-    tables = prompt_rope_tables(S, cfg.head_dim, float(cfg.rope_theta))      # (cos, sin) [S, dk/2]
-    rope = None if tables is None else tuple(jnp.asarray(t) for t in tables)  # None: in the graph
+    rope = tuple(jnp.asarray(t) for t in prompt_rope_tables(S, cfg.head_dim, float(cfg.rope_theta)))  # [S, dk/2]
     if spec.kv_cache:               # the new token only; without a G-cache G comes from the cached A
         slot_ids = jnp.arange(S)[None, :]
         if spec.shared_slot:        # one slot for every row (`cache` "KV slots")
@@ -181,25 +175,31 @@ def decode_step(spec: StepSpec, params, cache: Cache, token, active):
             valid = (slot_ids < cache.prompt_lengths[:, None]) | (   # the step's own slot is not
                 (slot_ids >= jnp.max(cache.prompt_lengths)) & (slot_ids < slot))  # written yet
         else:
-            slot, valid = None, slot_ids <= pos[:, None]
+            valid = slot_ids <= pos[:, None]
+        mask = valid[:, None, None, :]
+        kv = lambda i: (cache.k[i], cache.v[i])
+        if spec.shared_slot:
+            attention = lambda i: SharedSlotKV(*kv(i), mask, slot, merged_heads=spec.merged_heads,
+                                               kv_chunk=spec.kv_chunk)
+        elif spec.native_kv:
+            attention = lambda i: NativeKV(*kv(i), mask, pos)
+        else:
+            attention = lambda i: RowSlotsKV(*kv(i), mask, pos, merged_heads=spec.merged_heads,
+                                             kv_chunk=spec.kv_chunk)
         x, ks, vs, deds = _run_layers(cfg, params, embed(cfg, params, token[:, None], lookup_first=True),
-                                      pos[:, None],
-                                      valid[:, None, None, :], g_lm=g_lm,
-                                      metric=None if spec.fixed_g else cache.A,
-                                      kv_buffers=(cache.k, cache.v), kv_slot=slot,
-                                      merged_heads=spec.merged_heads, kv_chunk=spec.kv_chunk,
-                                      native_kv=spec.native_kv,
-                                      rope=None if rope is None else tuple(t[pos][:, None] for t in rope))
+                                      tuple(t[pos][:, None] for t in rope), attention, g_lm=g_lm,
+                                      metric=None if spec.fixed_g else cache.A)
         cache = cache.replace(k=tuple(ks), v=tuple(vs))
         if spec.shared_slot:
             cache = cache.replace(kv_next=cache.kv_next + 1)
     else:                           # the whole sequence; without a G-cache A and G come from it
         positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
         valid = positions < lengths[:, None]
-        x, _, _, deds = _run_layers(cfg, params, embed(cfg, params, tokens, lookup_first=True),
-                                    positions,
-                                    causal_padding_mask(valid, S), metric_mask=valid, g_lm=g_lm,
-                                    last_query_rows=lengths - 1, rope=rope)
+        whole = SequenceAttention(mask=causal_padding_mask(valid, S))
+        last = LastQuery(mask=whole.mask, rows=lengths - 1)
+        n = cfg.num_layers
+        x, _, _, deds = _run_layers(cfg, params, embed(cfg, params, tokens, lookup_first=True), rope,
+                                    lambda i: last if i == n - 1 else whole, metric_mask=valid, g_lm=g_lm)
     if spec.fixed_g and cache.A_LM is not None:
         deds = [dict(ded, A_LM=a_lm) for ded, a_lm in zip(deds, cache.A_LM)]
     logits = linear(params["final"], x[:, 0])      # the head's dtype: a sampler converts what it needs

@@ -8,24 +8,24 @@ arguments and seed.  It is a thin function over `Sampler.stream`.
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Any, Iterator, Mapping
 
+from ..backend import BackendChoices
+from .options import DecodeOptions
 from .output import StreamStep
 from .sampler import Sampler
 
 __all__ = ["stream_generate", "StreamStep"]
 
 
-def stream_generate(cfg, params, prompts, *, max_new_tokens: int, kv_cache: bool = True,
-                    g_cache: bool = True, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                    seed=0, eos_id: int | None = 3, g_lm=None, shared_g: bool = False,
-                    stop_at_max_seq_len: bool = False, max_len: int | None = None,
-                    bf16_min_batch: int | None = None, mesh=None) -> Iterator[StreamStep]:
+def stream_generate(cfg, params, prompts, *, max_new_tokens: int, options: DecodeOptions | None = None,
+                    bf16_min_batch: int | None = None, mesh=None, backend: BackendChoices | None = None,
+                    backend_options: Mapping[str, Any] | None = None, **overrides) -> Iterator[StreamStep]:
     """Yield a `StreamStep` per new token position until every row stops or max_new_tokens.
 
-    Arguments as `pldr_jax.generate`.  Validation happens on the first `next()`.
+    Arguments as `pldr_jax.generate` (`DecodeOptions` fields as keywords).  Validation happens on the
+    first `next()`.
     """
-    return Sampler(cfg, params, mesh=mesh, bf16_min_batch=bf16_min_batch).stream(
-        prompts, max_new_tokens=max_new_tokens, kv_cache=kv_cache, g_cache=g_cache, temperature=temperature,
-        top_k=top_k, top_p=top_p, seed=seed, eos_id=eos_id, g_lm=g_lm, shared_g=shared_g,
-        stop_at_max_seq_len=stop_at_max_seq_len, max_len=max_len)
+    return Sampler(cfg, params, mesh=mesh, bf16_min_batch=bf16_min_batch, backend=backend,
+                   backend_options=backend_options).stream(prompts, max_new_tokens=max_new_tokens, options=options,
+                                                           **overrides)

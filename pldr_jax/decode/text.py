@@ -80,8 +80,9 @@ def generate_text(cfg, params, tokenizer, prompts: str | Sequence[str], *, max_n
 
     tokenizer: a `pldr_jax.data.tokenizer.Tokenizer` or a path to a sentencepiece .model.
     include_prompt: return prompt + completion decoded together (the reference's output).
-    eos_id: default the tokenizer's EOS; None disables the EOS stop.  Other keyword arguments
-    (kv_cache, g_cache, temperature, top_k, top_p, seed, g_lm, shared_g, ...) go to `generate`.
+    eos_id: default the tokenizer's EOS; None disables the EOS stop.  Other keyword arguments go to
+    `generate`: options (a `DecodeOptions`) and its fields (kv_cache, g_cache, temperature, top_k,
+    top_p, seed, g_lm, shared_g, ...), mesh, backend, backend_options.
     """
     tok = as_tokenizer(tokenizer)
     single = isinstance(prompts, str)

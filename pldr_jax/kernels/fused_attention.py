@@ -32,14 +32,17 @@ scale is folded into q' for splash (exact when dk is a power of two, as in every
 
 from __future__ import annotations
 
-import dataclasses
 import math
+from typing import ClassVar
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["FUSED", "IMPLEMENTATIONS", "FusedAttention", "attention_strategy", "power_law_query", "key_valid_of", "visible_keys", "fused_attention", "splash_block"]
+from ..layer import SequenceAttention
+
+__all__ = ["FUSED", "IMPLEMENTATIONS", "FusedAttention", "fused_strategy", "check_attention_impl", "power_law_query", "key_valid_of", "visible_keys", "fused_attention", "splash_block"]
 
 #: the fused implementations this module runs
 FUSED = ("cudnn", "splash", "xla_sdpa")
@@ -117,16 +120,17 @@ def _splash_local(qp, k, v, key_valid, interpret: bool):
 
 def _splash(qp, k, v, key_valid, interpret: bool):
     """`_splash_local` inside `jax.shard_map` over the mesh being traced (batch over its "data" /
-    "fsdp" axes, heads over "tensor", as `partitioning.ACTIVATION_RULES` places them), or directly
+    "fsdp" axes, heads over "tensor", as the active rules of `partitioning` place them), or directly
     without a mesh."""
     from jax.sharding import PartitionSpec as P
 
-    from ..partitioning import activation_spec
+    from ..partitioning import active_rules_key, logical_to_spec
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or math.prod(dict(mesh.shape).values()) == 1:
         return _splash_local(qp, k, v, key_valid, interpret)
     sizes = dict(mesh.shape)
-    spec = activation_spec(("batch", "length", "heads", None), qp.shape, sizes)
+    key = active_rules_key()
+    spec = logical_to_spec(("batch", "length", "heads", None), qp.shape, mesh, None if key is None else dict(key))
     kspec = P(spec[0], None)
     fn = lambda q1, k1, v1, kv1: _splash_local(q1, k1, v1, kv1, interpret)
     if key_valid is None:
@@ -166,39 +170,49 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, g_lm: jax.Array | 
     return _sdpa(qp, k.astype(q.dtype), v.astype(q.dtype), key_valid, impl, pad).astype(q.dtype)
 
 
-@dataclasses.dataclass(frozen=True)
-class FusedAttention:
-    """The attention a training step / full-sequence forward hands the decoder layer
-    (`model.forward` ``attention``): called as attention(q, k, v, g_lm, mask) with the layer's
-    q, k, v [B, L, H, dk], g_lm and causal-padding mask [B, 1, L, L]; returns the attention output
-    [B, L, H, dk], or None where this implementation does not apply -- the layer then runs its
-    query blocks: cuDNN with float32 inputs (it takes 16-bit ones), splash with a sequence length
-    that is no multiple of 128, keys that are not the queries' own (a KV-cache).  Hashable: part
-    of the jit cache key."""
-    implementation: str
-    interpret: bool = False
+@flax.struct.dataclass
+class FusedAttention(SequenceAttention):
+    """A `layer.SequenceAttention` whose attention runs as a fused kernel (`fused_attention`) over
+    the causal-padding mask it carries (`model.forward` sets it): cuDNN, Pallas splash, or XLA's
+    SDPA.  Where the implementation does not apply it runs the query blocks of its parent
+    (`block` queries at a time): cuDNN with float32 inputs (it takes 16-bit ones), splash with a
+    sequence length that is no multiple of 128, keys that are not the queries' own.  Only the
+    causal-padding mask (`general_mask` False: `model.forward` refuses a packed-row mask).
+    Hashable without its mask: part of the jit cache key."""
+    implementation: str = flax.struct.field(pytree_node=False, default="xla_sdpa")
+    interpret: bool = flax.struct.field(pytree_node=False, default=False)
+    general_mask: ClassVar[bool] = False
 
     def __post_init__(self):
         if self.implementation not in FUSED:
             raise ValueError(f"fused attention implementation must be one of {FUSED}, got {self.implementation!r}")
 
-    def __call__(self, q, k, v, g_lm, mask):
+    def _applies(self, q, k, v) -> bool:
         if k.shape != q.shape or v.shape != q.shape:
-            return None
+            return False
         if self.implementation == "cudnn" and jnp.dtype(q.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-            return None
-        if self.implementation == "splash" and not splash_block(q.shape[1]):
-            return None
-        return fused_attention(q, k, v, g_lm, key_valid_of(mask), self.implementation, interpret=self.interpret)
+            return False
+        return not (self.implementation == "splash" and not splash_block(q.shape[1]))
+
+    def __call__(self, q, k, v, g_lm):
+        if not self._applies(q, k, v):
+            return super().__call__(q, k, v, g_lm)
+        return fused_attention(q, k, v, g_lm, key_valid_of(self.mask), self.implementation,
+                               interpret=self.interpret), (k, v)
 
 
-def attention_strategy(impl: str) -> FusedAttention | None:
-    """The `FusedAttention` for a backend choice ``attention_impl`` (`IMPLEMENTATIONS`; None for
-    "blocks"); ValueError naming the choices otherwise."""
+def check_attention_impl(impl: str) -> str:
+    """`impl` when it is one of `IMPLEMENTATIONS`; ValueError naming them otherwise."""
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"attention_impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
-    if impl == "blocks":
+    return impl
+
+
+def fused_strategy(impl: str, block: int = 0) -> FusedAttention | None:
+    """The `FusedAttention` for a backend choice ``attention_impl`` (`IMPLEMENTATIONS`; None for
+    "blocks": the layer's own `SequenceAttention`), falling back to `block`-query blocks."""
+    if check_attention_impl(impl) == "blocks":
         return None
     if impl == "splash_interpret":
-        return FusedAttention("splash", interpret=True)
-    return FusedAttention(impl)
+        return FusedAttention(block=block, implementation="splash", interpret=True)
+    return FusedAttention(block=block, implementation=impl)

@@ -3,6 +3,7 @@
 `linear` and `glu` take ``kernels`` (`pldr_jax.backend`): "xla" = plain `dot_general` accumulating
 in float32, differentiated by JAX (every backend; forward-mode autodiff works); "cpu" = `dense`, the
 `custom_vjp` whose backward runs in XLA:CPU's fast forms.  The forward values are the same.
+Weights in another layout than {"kernel", "bias"} are `LinearLayout` values (`linear` dispatches).
 """
 
 from __future__ import annotations
@@ -74,25 +75,27 @@ def _dense_bwd(res, g):
 dense.defvjp(_dense_fwd, _dense_bwd)
 
 
-def linear(p: dict, x: jax.Array, kernels: str = "xla") -> jax.Array:
-    """`x @ kernel + bias`; x [..., in] -> [..., out], computed in x's dtype (accumulated in
-    float32 for 16-bit x).  kernels: "xla" (plain dot_general) or "cpu" (`dense`).
+class LinearLayout:
+    """Base of a linear layer's weights held in a layout other than the stored {"kernel" [in, out],
+    "bias"} dict (decoding's transposed or panel-packed weights: `pldr_jax.decode.layouts`).  A
+    layout is a pytree (`flax.struct.dataclass`) that computes its own ``x @ kernel + bias``:
+    `linear` hands it x, so the layouts are dispatched in this one place and the core knows none of
+    them."""
 
-    p may hold "kernel_t" [out, in] (the transposed kernel, as decode-prepared params do: XLA:CPU's
-    matrix-vector product is faster contracting the weight's last axis) or "kernel_p" [ceil(out /
-    16), in, 16] (float32 decode weights on CPU: `pldr_jax.kernels.packed_matmul`, a native kernel;
-    the same terms, the sum grouped differently) instead of "kernel".
+    def apply(self, x: jax.Array) -> jax.Array:
+        """x [..., in] -> x @ kernel + bias [..., out] in x's dtype."""
+        raise NotImplementedError
+
+
+def linear(p: dict | LinearLayout, x: jax.Array, kernels: str = "xla") -> jax.Array:
+    """`x @ kernel + bias`; x [..., in] -> [..., out], computed in x's dtype (accumulated in
+    float32 for 16-bit x).  p: {"kernel" [in, out], "bias" [out]}, or a `LinearLayout` (which
+    computes it).  kernels: "xla" (plain dot_general) or "cpu" (`dense`).
     """
-    if "kernel_p" in p:   # decode layout on CPU (`pldr_jax.backend` decode_matmul), never differentiated
-        from ..kernels.packed_matmul import packed_matmul
-        return packed_matmul(x, p["kernel_p"], p["bias"])
-    if "kernel_t" in p:   # decode layout, never differentiated
-        low = jnp.dtype(x.dtype).itemsize < 4
-        y = jax.lax.dot_general(x, p["kernel_t"].astype(x.dtype), (((x.ndim - 1,), (1,)), ((), ())),
-                                preferred_element_type=jnp.float32 if low else None).astype(x.dtype)
-        return y + p["bias"].astype(x.dtype)
+    if isinstance(p, LinearLayout):
+        return p.apply(x)
     # 16-bit inputs accumulate in float32 (as TPU/GPU matmul units do); on XLA:CPU this also selects
-    # its fast bf16 kernels, ~2x faster than a bf16-output matmul and than float32 (see experiments/)
+    # its fast bf16 kernels (experiments/README.md "Backend choices: the measurements behind them")
     if kernels == "cpu":
         return dense(x, p["kernel"], p["bias"])
     return affine_f32(x, p["kernel"], p["bias"]).astype(x.dtype)

@@ -6,8 +6,9 @@ runs:
 * `make_mesh(data, fsdp, tensor)` builds a `jax.sharding.Mesh` with the axes `MESH_AXES`
   ("data", "fsdp", "tensor"), all of `AxisType.Auto` (GSPMD propagation; no explicit-sharding
   type rules).  -1 for one axis takes the remaining devices.
-* Every parameter leaf has logical axis names (`pldr_jax.params.logical_axes`); one rule table
-  (`DEFAULT_RULES`) maps each name to a mesh axis (or None = replicated).  A dimension whose size
+* Every parameter leaf has logical axis names (`pldr_jax.params.logical_axes`); the one rule table
+  (`pldr_jax.partitioning.RULES`, here `DEFAULT_RULES`) maps each name to a mesh axis (or None =
+  replicated), for the activations and the decode cache too.  A dimension whose size
   is not divisible by its mesh axis falls back to replicated for that dimension (so e.g. 14 heads
   on a tensor axis of 4 still work), and a mesh axis is used at most once per array.
 * The batch is sharded over ("data", "fsdp") on its leading axis: FSDP = data parallelism whose
@@ -33,6 +34,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from ..config import PLDRConfig
 from ..params import abstract_params, logical_axes
+from ..partitioning import RULES, logical_to_spec, merged_rules
 from .state import TrainState, create_train_state
 
 __all__ = ["MESH_AXES", "BATCH_AXES", "DEFAULT_RULES", "make_mesh", "parse_mesh_shape", "logical_to_spec",
@@ -43,23 +45,8 @@ __all__ = ["MESH_AXES", "BATCH_AXES", "DEFAULT_RULES", "make_mesh", "parse_mesh_
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
-#: logical axis name -> mesh axis (str, tuple of str, or None = replicated).
-DEFAULT_RULES: dict[str, Any] = {
-    "batch": BATCH_AXES,
-    "layers": None,
-    "vocab": "tensor",
-    "embed": "fsdp",
-    "heads": "tensor",
-    "mlp": "tensor",
-    "attn_heads": "tensor",
-    "norm": None,
-    "dk": None,
-    "dk_out": None,
-    "a_mlp": None,
-    "res": None,
-    "glu": None,
-    "kv_len": None,
-}
+#: the one rule table (`pldr_jax.partitioning.RULES`): parameters, activations and the decode cache
+DEFAULT_RULES: dict[str, Any] = RULES
 
 
 # --------------------------------------------------------------------------- mesh
@@ -119,47 +106,14 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 # --------------------------------------------------------------------------- rules
-def _as_tuple(axis) -> tuple[str, ...]:
-    if axis is None:
-        return ()
-    return (axis,) if isinstance(axis, str) else tuple(axis)
-
-
-def logical_to_spec(names: Sequence[str | None], shape: Sequence[int] | None = None, mesh: Mesh | None = None,
-                    rules: Mapping[str, Any] | None = None) -> PartitionSpec:
-    """PartitionSpec for an array with logical axis `names`.
-
-    With `shape` and `mesh`, a dimension not divisible by the product of its mesh axes sizes is
-    replicated instead, and mesh axes absent from the mesh or already used are dropped.
-    Unknown logical names raise ValueError (every axis needs a rule, even if None).
-    """
-    rules = DEFAULT_RULES if rules is None else rules
-    used: set[str] = set()
-    out = []
-    for i, name in enumerate(names):
-        if name is None:
-            out.append(None)
-            continue
-        if name not in rules:
-            raise ValueError(f"no sharding rule for logical axis {name!r}; rules cover {sorted(rules)}")
-        axes = [a for a in _as_tuple(rules[name]) if a not in used and (mesh is None or a in mesh.shape)]
-        if mesh is not None and shape is not None:
-            axes = [a for a in axes if mesh.shape[a] > 1]
-            while axes and shape[i] % math.prod(mesh.shape[a] for a in axes):
-                axes.pop()  # drop the innermost axis until the dimension divides
-        used.update(axes)
-        out.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
-    while out and out[-1] is None:
-        out.pop()
-    return PartitionSpec(*out)
-
-
 def param_partition_specs(cfg: PLDRConfig, mesh: Mesh | None = None, rules: Mapping[str, Any] | None = None,
                           params: Any = None):
-    """Tree of PartitionSpecs for the parameters of `cfg` (stacked layout)."""
+    """Tree of PartitionSpecs for the parameters of `cfg` (stacked layout); rules: entries replacing
+    those of the one table (`pldr_jax.partitioning.RULES`)."""
     shapes = abstract_params(cfg) if params is None else params
     axes = logical_axes(cfg)
-    return jax.tree_util.tree_map(lambda names, x: logical_to_spec(names, x.shape, mesh, rules), axes, shapes,
+    table = merged_rules(rules)
+    return jax.tree_util.tree_map(lambda names, x: logical_to_spec(names, x.shape, mesh, table), axes, shapes,
                                   is_leaf=lambda t: isinstance(t, tuple) and all(isinstance(n, str) for n in t))
 
 
@@ -202,7 +156,7 @@ def init_train_state(cfg: PLDRConfig, tx: optax.GradientTransformation, mesh: Me
     The numbers equal `create_train_state(cfg, tx, seed)` on one device (threefry is
     partitionable), whatever the mesh.  The compiled initialiser is cached per (cfg, tx, mesh).
     """
-    key = (cfg, tx, mesh, tuple(sorted((rules or DEFAULT_RULES).items())),
+    key = (cfg, tx, mesh, tuple(sorted(merged_rules(rules).items())),
            tuple(sorted((compiler_options or {}).items())))
     init = _INIT_CACHE.get(key)
     if init is None:

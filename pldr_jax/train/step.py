@@ -25,22 +25,19 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ..backend import BackendChoices, check_kernels, choices, platform_of
+from ..backend import BackendChoices, backend_for, check_kernels, platform_of
 from ..config import PLDRConfig
-from ..kernels.fused_attention import attention_strategy
-from ..losses import dag_loss
-from ..model import forward, remat_policy
-from ..ops.cross_entropy import head_cross_entropy
-from ..partitioning import splits
-from ..params import fuse_params, unstack_layers
+from ..losses import DAG_NAMES, LossOptions, loss_terms, objective
+from ..model import remat_policy
+from ..partitioning import activation_sharding, merged_rules
+from ..kernels.fused_attention import check_attention_impl
+from ..strategies import attention_strategy
 from .faults import apply_gradients_guarded
 from .optimizer import schedule_count
 from .sharding import batch_sharding, replicated, state_shardings
 from .state import TrainState
 
-__all__ = ["StepOptions", "loss_terms", "make_train_step", "make_eval_step", "reduce_eval"]
-
-DAG_NAMES = ("dag_A", "dag_P", "dag_G")
+__all__ = ["StepOptions", "loss_terms", "make_train_step", "make_eval_step", "reduce_eval", "DAG_NAMES"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +91,7 @@ class StepOptions:
                                                   not isinstance(self.attention_block, int) or self.attention_block < 0):
             raise ValueError(f"attention_block must be an int >= 0 (0 = all queries at once), got {self.attention_block!r}")
         if self.attention_impl is not None:
-            attention_strategy(self.attention_impl)
+            check_attention_impl(self.attention_impl)
         if isinstance(self.grad_accum, bool) or not isinstance(self.grad_accum, int) or self.grad_accum < 1:
             raise ValueError(f"grad_accum must be an int >= 1, got {self.grad_accum!r}")
 
@@ -102,13 +99,15 @@ class StepOptions:
     def use_dag(self) -> bool:
         return any(self.dag_coeffs)
 
-    def resolved(self, platform: str | None = None, backend: BackendChoices | None = None) -> "StepOptions":
-        """These options with every None replaced by `backend`'s value (None =
-        `pldr_jax.backend.choices(platform)`, platform None = `jax.default_backend()`)."""
+    def resolved(self, platform: BackendChoices | str | None = None,
+                 backend: BackendChoices | None = None) -> "StepOptions":
+        """These options with every None replaced by `backend`'s value (a resolved
+        `pldr_jax.backend.BackendChoices`, also accepted as the first argument; None =
+        `backend.choices(platform)`, platform None = `jax.default_backend()`)."""
         if None not in (self.remat, self.unroll_layers, self.kernels, self.head_chunk_bytes, self.attention_block,
                         self.attention_impl):
             return self
-        b = backend if backend is not None else choices(platform)
+        b = _backend_of(platform, backend)
         return dataclasses.replace(
             self, remat=b.remat if self.remat is None else self.remat,
             unroll_layers=b.unroll_layers if self.unroll_layers is None else self.unroll_layers,
@@ -117,36 +116,22 @@ class StepOptions:
             attention_block=b.attention_block if self.attention_block is None else self.attention_block,
             attention_impl=b.attention_impl if self.attention_impl is None else self.attention_impl)
 
+    def loss_options(self, platform: BackendChoices | str | None = None,
+                     backend: BackendChoices | None = None) -> LossOptions:
+        """The `losses.LossOptions` of these options (resolved against the backend first, as
+        `resolved`; the full-sequence attention from `strategies.attention_strategy`)."""
+        b = _backend_of(platform, backend)
+        r = self.resolved(b)
+        return LossOptions(dag_coeffs=r.dag_coeffs, pad_aware_A=r.pad_aware_A, remat=remat_policy(r.remat),
+                           unroll_layers=r.unroll_layers, kernels=r.kernels, head_chunk_bytes=r.head_chunk_bytes,
+                           attention=attention_strategy(b, r.attention_block, r.attention_impl))
 
-def loss_terms(cfg: PLDRConfig, params: Any, inputs: jax.Array, targets: jax.Array, g_lm=None,
-               opts: StepOptions = StepOptions()) -> dict[str, jax.Array]:
-    """Sums over one (micro-)batch: {"ce_sum", "correct", "count"} and, with DAG, the DAG values
-    {"dag_A", "dag_P", "dag_G"} (means over layers, batch, heads; 0 where the coefficient is 0)."""
-    opts = opts.resolved()
-    # fused projections (one matmul where the layer has two or three reading the same input); the
-    # gradients flow back through the concatenation to the stored (unfused) parameters.  Not for
-    # stacked (scanned) layers with the "xla" kernels (the accelerator default): the concatenation
-    # runs on the whole stack, outside the scan -- a fused copy of every layer's q/k/v and w1/w2
-    # weights plus their stacked fused gradients (experiments/README.md, "TPU plan"); nor with
-    # heads / FFN width split over a tensor axis: concatenating weights split on their output axis
-    # (and splitting the fused activations again) reshards them by all-to-all, forward and backward.
-    run = unstack_layers(params) if opts.unroll_layers else params
-    if (opts.unroll_layers or opts.kernels == "cpu") and not (splits("heads") or splits("mlp")):
-        run = fuse_params(run)
-    out = forward(cfg, run, inputs, g_lm, pad_aware_A=opts.pad_aware_A, remat=opts.remat, kernels=opts.kernels,
-                  attn_block=opts.attention_block, attention=attention_strategy(opts.attention_impl))
-    # the output head again, fused with the loss (out.logits is then unused and compiled away)
-    nll, correct = head_cross_entropy(out.hidden, params["final"]["kernel"], params["final"]["bias"], targets,
-                                      kernels=opts.kernels, max_chunk_bytes=opts.head_chunk_bytes or None)
-    real = (targets != 0).astype(jnp.float32)
-    terms = {"ce_sum": jnp.sum(nll * real), "correct": jnp.sum(correct * real), "count": jnp.sum(real)}
-    if opts.use_dag:
-        keys = ("A_LM", "A_P", "G_LM")
-        used = {k: out.deductive[k] for c, k in zip(opts.dag_coeffs, keys) if c}
-        vals = dag_loss(used)
-        for name, k in zip(DAG_NAMES, keys):
-            terms[name] = vals.get(k, jnp.float32(0.0))
-    return terms
+
+def _backend_of(platform: BackendChoices | str | None, backend: BackendChoices | None) -> BackendChoices:
+    """`backend`, else `platform` when it is a `BackendChoices`, else `backend.choices(platform)`."""
+    if backend is not None:
+        return backend
+    return platform if isinstance(platform, BackendChoices) else backend_for(None, platform)
 
 
 def _split_micro(x: jax.Array, k: int) -> jax.Array:
@@ -173,19 +158,26 @@ def make_train_step(cfg: PLDRConfig, tx: optax.GradientTransformation, schedule:
     With `mesh`, the step is jitted with in/out shardings (state by the rules, batch over
     ("data", "fsdp")).  donate: donate the input state's buffers (the caller must not reuse it).
     compiler_options: XLA options for `jax.jit` (e.g. {"xla_backend_optimization_level": 0} to
-    compile faster in tests).  backend: the resolved backend choices filling `opts`' None fields
-    (None = `pldr_jax.backend.choices` for the mesh's platform).
+    compile faster in tests).  rules: entries replacing those of the one sharding rule table
+    (`pldr_jax.partitioning.RULES`) for the state, the batch and the activations.
+    backend: the resolved `pldr_jax.backend.BackendChoices` the step runs with (None: those of the
+    mesh's platform, `backend.choices`); its remat, unroll_layers, kernels, head_chunk_bytes,
+    attention_block (and full-sequence attention) fill the options left None.  The returned
+    function's ``backend`` and ``opts`` attributes hold the resolved values (a compile-cache key).
     """
     if opts.use_dag and not cfg.learned_g:
         raise ValueError("DAG regularisation needs a learned-G model (custom_G_type=None): a predefined "
                          "G_LM is a constant and has no A_LM / A_P")
-    opts = opts.resolved(platform_of(mesh), backend)   # the backend choices of the devices the step runs on
+    backend = backend_for(backend, platform_of(mesh))   # the choices of the devices the step runs on
+    opts = opts.resolved(backend)
+    lopts = opts.loss_options(backend)
     K = opts.grad_accum
+    table = None if rules is None else merged_rules(rules)
 
     def step(state: TrainState, batch, g_lm=None):
         if mesh is None:
             return _step(state, batch, g_lm)
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):   # activations' logical sharding constraints (`partitioning`)
+        with activation_sharding(mesh, table):   # activations' logical sharding constraints (`partitioning`)
             return _step(state, batch, g_lm)
 
     def _step(state: TrainState, batch, g_lm=None):
@@ -193,13 +185,10 @@ def make_train_step(cfg: PLDRConfig, tx: optax.GradientTransformation, schedule:
         n_total = jnp.maximum(jnp.sum(targets != 0).astype(jnp.float32), 1.0)
 
         def micro(params, inp, tgt):
-            def objective(p):
-                t = loss_terms(cfg, p, inp, tgt, g_lm, opts)
-                obj = t["ce_sum"] / n_total
-                if opts.use_dag:
-                    obj = obj + sum(c * t[n] for c, n in zip(opts.dag_coeffs, DAG_NAMES)) / K
-                return obj, t
-            (_, t), g = jax.value_and_grad(objective, has_aux=True)(params)
+            def fn(p):
+                t = loss_terms(cfg, p, inp, tgt, g_lm, lopts)
+                return objective(t, n_total, opts.dag_coeffs, K), t
+            (_, t), g = jax.value_and_grad(fn, has_aux=True)(params)
             return g, t
 
         if K == 1:
@@ -243,12 +232,14 @@ def make_train_step(cfg: PLDRConfig, tx: optax.GradientTransformation, schedule:
     if mesh is None:
         jitted = jax.jit(step, donate_argnums=donate_argnums, compiler_options=copts)
     else:
-        st_sh = state_shardings(cfg, tx, mesh, rules)
+        st_sh = state_shardings(cfg, tx, mesh, table)
         rep = replicated(mesh)
         b_sh = batch_sharding(mesh)
         jitted = jax.jit(step, in_shardings=(st_sh, {"inputs": b_sh, "targets": b_sh}, rep),
                          out_shardings=(st_sh, rep), donate_argnums=donate_argnums, compiler_options=copts)
-    return _with_optional_g(jitted)
+    f = _with_optional_g(jitted)
+    f.backend, f.opts = backend, opts
+    return f
 
 
 def _with_optional_g(jitted):
@@ -266,15 +257,16 @@ def make_eval_step(cfg: PLDRConfig, *, opts: StepOptions = StepOptions(), mesh: 
                    compiler_options: Mapping[str, Any] | None = None,
                    backend: BackendChoices | None = None) -> Callable:
     """A jitted `eval_step(params, batch, g_lm=None) -> {"ce_sum", "correct", "count"}` (sums over
-    the batch; combine batches with `reduce_eval`).  backend: as in `make_train_step`."""
-    eval_opts = dataclasses.replace(opts, remat=False, dag_coeffs=(0.0, 0.0, 0.0)).resolved(platform_of(mesh),
-                                                                                             backend)
+    the batch; combine batches with `reduce_eval`).  backend, rules: as `make_train_step`."""
+    backend = backend_for(backend, platform_of(mesh))
+    eval_opts = dataclasses.replace(opts, remat=False, dag_coeffs=(0.0, 0.0, 0.0)).loss_options(backend)
+    table = None if rules is None else merged_rules(rules)
 
     def step(params, batch, g_lm=None):
         if mesh is None:
             t = loss_terms(cfg, params, batch["inputs"], batch["targets"], g_lm, eval_opts)
         else:
-            with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            with activation_sharding(mesh, table):
                 t = loss_terms(cfg, params, batch["inputs"], batch["targets"], g_lm, eval_opts)
         return {k: t[k] for k in ("ce_sum", "correct", "count")}
 
@@ -284,7 +276,7 @@ def make_eval_step(cfg: PLDRConfig, *, opts: StepOptions = StepOptions(), mesh: 
     from .sharding import param_shardings
     b_sh = batch_sharding(mesh)
     rep = replicated(mesh)
-    return _with_optional_g(jax.jit(step, in_shardings=(param_shardings(cfg, mesh, rules),
+    return _with_optional_g(jax.jit(step, in_shardings=(param_shardings(cfg, mesh, table),
                                                         {"inputs": b_sh, "targets": b_sh}, rep),
                                     out_shardings=rep, compiler_options=copts))
 
