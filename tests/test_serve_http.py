@@ -64,7 +64,7 @@ def model(model_dir):
     from pldr_jax.io.run_tokenizer import resolve_tokenizer
 
     class Args:
-        checkpoint, config = str(model_dir), None
+        checkpoint, config, step = str(model_dir), None, None
     cfg, params, _ = _load(Args)
     return cfg, params, resolve_tokenizer(str(model_dir), None)
 

@@ -176,7 +176,7 @@ class Engine:
         req = make_request(cfg, self.sampler.weights, [[1]] * slots, max_new_tokens=1, kv_cache=kv, g_cache=g,
                            temperature=1.0, top_k=1, top_p=1.0, seed=0, eos_id=None, g_lm=self._g,
                            shared_g=shared_g, stop_at_max_seq_len=False, max_len=S, return_logits=False,
-                           return_deductive=False, platform=self._platform(), sharded=self.sampler.sharded)
+                           return_deductive=False, backend=self.sampler.backend, sharded=self.sampler.sharded)
         self.loop_spec = dataclasses.replace(req.spec, step=dataclasses.replace(req.spec.step, shared_slot=False))
         self.spec = self.loop_spec.step
         self.params = req.params
@@ -208,9 +208,6 @@ class Engine:
         self.steps = 0
         self.generated = 0
 
-    def _platform(self):
-        from ..backend import platform_of
-        return platform_of(self.sampler.mesh)
 
     # ------------------------------------------------------------------ requests
     def validate(self, r: Request) -> Request:
