@@ -60,6 +60,7 @@ class TensorBoardWriter:
             except ImportError:
                 return None
         Path(directory).mkdir(parents=True, exist_ok=True)
+        _quiet_writer_thread_errors()
         return cls(SummaryWriter(str(directory), **kw), directory)
 
     def _warn(self, e: OSError) -> None:
@@ -96,3 +97,23 @@ class TensorBoardWriter:
             except OSError as e:
                 self._warn(e)
             self._tb = None
+
+
+def _quiet_writer_thread_errors() -> None:
+    """An OSError in tensorboardX's background event-writer thread (a full disk) becomes one warning,
+    not a thread traceback: the run's own error (e.g. the failed checkpoint save) is the message."""
+    import threading
+    import warnings
+    prev = threading.excepthook
+    if getattr(prev, "_pldr_tensorboard", False):
+        return
+
+    def hook(args):
+        if issubclass(args.exc_type, OSError) and "tensorboardX" in "".join(
+                f.filename for f in __import__("traceback").extract_tb(args.exc_traceback)):
+            warnings.warn(f"TensorBoard events not written: {args.exc_value}", RuntimeWarning, stacklevel=1)
+            return
+        prev(args)
+
+    hook._pldr_tensorboard = True
+    threading.excepthook = hook
