@@ -12,11 +12,12 @@ import re
 import jax
 import pytest
 
+from pldr_jax import targets
 from pldr_jax import aot
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason='libtpu not installed (pip install "jax[tpu]==<jax version>")')
-needs_cuda = pytest.mark.skipif(importlib.util.find_spec("jax_plugins.xla_cuda12") is None,
+needs_cuda = pytest.mark.skipif(not targets.cuda_plugin_installed(),
                                 reason='CUDA plugin not installed (pip install -e ".[cuda]")')
 
 # a tiny model whose weights are large enough that TPU tile padding does not dominate (and a small

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pldr_jax import targets
 from pldr_jax.kernels.fused_attention import fused_attention, key_valid_of, power_law_query, splash_block
 from pldr_jax.ops.attention import causal_padding_mask, plga_attention
 
@@ -20,7 +21,7 @@ B, L, H, DK = 2, 256, 2, 64
 FORMS = [("xla_sdpa", {}), ("xla_sdpa", {"padding": "lengths"}), ("splash", {"interpret": True})]
 IDS = ["xla_sdpa", "cudnn_form", "splash_interpret"]
 
-needs_cuda = pytest.mark.skipif(importlib.util.find_spec("jax_plugins.xla_cuda12") is None,
+needs_cuda = pytest.mark.skipif(not targets.cuda_plugin_installed(),
                                 reason='CUDA plugin not installed (pip install -e ".[cuda]")')
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason='libtpu not installed (pip install "jax[tpu]==<jax version>")')

@@ -102,7 +102,7 @@ def gpu_topology(topology: str) -> tuple[int, int]:
     return int(parts[0]), int(parts[1])
 
 
-def _cuda_plugin_installed() -> bool:
+def cuda_plugin_installed() -> bool:
     try:
         return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
     except (ImportError, ValueError):
@@ -116,7 +116,7 @@ def topology_devices(topology: str) -> list:
     from jax.experimental import topologies
     if chip.platform == "gpu":
         hosts, per_host = gpu_topology(topology)
-        if not _cuda_plugin_installed():
+        if not cuda_plugin_installed():
             raise ValueError(f"compiling for a GPU topology needs the CUDA plugin: {CUDA_INSTALL}")
         allow_cuda_without_driver()         # no GPU driver is needed to compile
         try:
