@@ -100,17 +100,21 @@ async def run_load(url: str, reqs: list[dict], max_in_flight: int) -> dict:
 
     limits = httpx.Limits(max_connections=max_in_flight, max_keepalive_connections=max_in_flight)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        cpu0 = time.process_time()
         t0 = time.perf_counter()
         await asyncio.gather(*[one(i, r, client, t0) for i, r in enumerate(reqs)])
+        cpu = time.process_time() - cpu0
     tokens = sum(r["tokens"] for r in results)
     assert tokens == sum(r["max_tokens"] for r in reqs), "a request did not produce its max_tokens"
     wall = max(r["times"][-1] for r in results) - min(r["sent"] for r in results)
     ttft = np.array([r["times"][0] - r["sent"] for r in results])
-    tpot = np.array([(r["times"][-1] - r["times"][0]) / (len(r["times"]) - 1) for r in results if len(r["times"]) > 1])
+    # per output token after the first (a streamed chunk carries the tokens of one engine block)
+    tpot = np.array([(r["times"][-1] - r["times"][0]) / (r["tokens"] - 1) for r in results if r["tokens"] > 1])
     ms = lambda a, q: round(float(np.percentile(a, q)) * 1e3, 2)
     return {"tokens": tokens, "seconds": round(wall, 3), "tokens_per_s": round(tokens / wall, 1),
             "ttft_p50_ms": ms(ttft, 50), "ttft_p99_ms": ms(ttft, 99), "tpot_p50_ms": ms(tpot, 50),
-            "tpot_p99_ms": ms(tpot, 99)}
+            "tpot_p99_ms": ms(tpot, 99), "chunks": sum(len(r["times"]) for r in results),
+            "loadgen_cpu_s": round(cpu, 3), "loadgen_cpu_share": round(cpu / wall, 3)}
 
 
 def run_static(sampler, reqs: list[dict], slots: int, warm: bool = False) -> dict:
@@ -120,6 +124,7 @@ def run_static(sampler, reqs: list[dict], slots: int, warm: bool = False) -> dic
     if warm:                   # compile every batch shape first
         for b in batches:
             call(b)
+    cpu0 = time.process_time()
     t0 = time.perf_counter()
     latencies = []
     for b in batches:
@@ -129,6 +134,7 @@ def run_static(sampler, reqs: list[dict], slots: int, warm: bool = False) -> dic
     wall = time.perf_counter() - t0
     tokens = sum(r["max_tokens"] for r in reqs)
     return {"tokens": tokens, "seconds": round(wall, 3), "tokens_per_s": round(tokens / wall, 1),
+            "cpu_s": round(time.process_time() - cpu0, 3),
             "batches": len(batches), "batch_p50_ms": round(float(np.median(latencies)) * 1e3, 1),
             "rows_computed": sum(len(b) * max(r["max_tokens"] for r in b) for b in batches)}
 
@@ -137,13 +143,34 @@ def run_engine(engine, reqs: list[dict]) -> dict:
     """The same requests through `pldr_jax.serve.Engine` in this process, all present at once (no
     HTTP, no arrival gaps): what the continuous batching gives without the server around it."""
     from pldr_jax.serve import Request
+    cpu0 = time.process_time()
     t0 = time.perf_counter()
     for r in reqs:
         engine.submit(Request(prompt=r["prompt"], max_tokens=r["max_tokens"], top_k=1, ignore_eos=True))
     engine.run_until_idle()
     wall = time.perf_counter() - t0
     tokens = sum(r["max_tokens"] for r in reqs)
-    return {"tokens": tokens, "seconds": round(wall, 3), "tokens_per_s": round(tokens / wall, 1)}
+    return {"tokens": tokens, "seconds": round(wall, 3), "tokens_per_s": round(tokens / wall, 1),
+            "cpu_s": round(time.process_time() - cpu0, 3)}
+
+
+def process_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of a process so far (Linux /proc; None elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def run_server(proc, url: str, reqs: list[dict], max_in_flight: int) -> dict:
+    """`run_load` against the server process, with the server's own CPU seconds and the load average."""
+    before = process_cpu_s(proc.pid)
+    out = asyncio.run(run_load(url, reqs, max_in_flight))
+    after = process_cpu_s(proc.pid)
+    out["server_cpu_s"] = None if before is None or after is None else round(after - before, 3)
+    out["loadavg_1m"] = round(os.getloadavg()[0], 1)
+    return out
 
 
 def _median_run(runs: list[dict]) -> dict:
@@ -160,7 +187,7 @@ def main() -> int:
     ap.add_argument("--max-in-flight", type=int, default=64, help="open requests at most (the load's bound)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workloads", default="mixed,equal")
-    ap.add_argument("--steps-per-sync", type=int, default=4, help="the server's generate steps per device call")
+    ap.add_argument("--steps-per-sync", type=int, default=32, help="the server's longest block of generate steps per device call")
     ap.add_argument("--repeats", type=int, default=3, help="server / static runs per workload, alternated")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
@@ -188,7 +215,7 @@ def main() -> int:
             run_engine(engine, reqs[:args.slots])
             servers, statics, engines = [], [], []
             for _ in range(args.repeats):       # alternated, so a drift of the machine's speed hits all
-                servers.append(asyncio.run(run_load(url, reqs, args.max_in_flight)))
+                servers.append(run_server(proc, url, reqs, args.max_in_flight))
                 statics.append(run_static(sampler, reqs, args.slots))
                 engines.append(run_engine(engine, reqs))
             ratios = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(servers, statics)]

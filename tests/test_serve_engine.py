@@ -34,7 +34,7 @@ def _staggered(engine, prompts, kws, max_tokens):
     return reqs
 
 
-@pytest.mark.parametrize("mode,steps", [("kv_g", 4), ("kv", 1)])
+@pytest.mark.parametrize("mode,steps", [("kv_g", 16), ("kv", 1)])
 def test_requests_equal_sampler_alone(tiny_v510, sampler, mode, steps):
     cfg, params = tiny_v510
     kv, g = {"kv_g": (True, True), "kv": (True, False)}[mode]
@@ -67,6 +67,15 @@ def test_eos_frees_the_slot_and_sampled_rows_differ_by_seed(tiny_v510, sampler):
     engine.run_until_idle()
     assert r.tokens == greedy[:greedy.index(eos) + 1] and r.finish_reason == "stop"
     assert other.tokens == sampler([PROMPTS[2]], max_new_tokens=3, top_k=1, eos_id=eos).tokens[0]
+    # an EOS first token (sampled at admission, handed out while the block after it runs) ends the
+    # request and frees its slot, while the request beside it decodes on
+    engine = Engine(cfg, params, slots=2, eos_id=greedy[0], max_len=48, steps_per_sync=8)
+    first = engine.submit(Request(prompt=PROMPTS[1], max_tokens=10, top_k=1))
+    beside = engine.submit(Request(prompt=PROMPTS[2], max_tokens=10, top_k=1, ignore_eos=True))
+    engine.step()
+    assert first.tokens == [greedy[0]] and first.finish_reason == "stop" and engine.live_slots == 1
+    engine.run_until_idle()
+    assert beside.tokens == sampler([PROMPTS[2]], max_new_tokens=10, top_k=1, eos_id=None).tokens[0]
 
 
 def test_shared_g_equals_sampler_shared_g(tiny_v510, sampler):
@@ -82,7 +91,7 @@ def test_shared_g_equals_sampler_shared_g(tiny_v510, sampler):
 
 def test_cancel_max_tokens_zero_and_queue_bound(tiny_v510):
     cfg, params = tiny_v510
-    engine = Engine(cfg, params, slots=1, eos_id=None, max_len=48, max_queue=1)
+    engine = Engine(cfg, params, slots=1, eos_id=None, max_len=48, max_queue=1, steps_per_sync=4)
     r = engine.submit(Request(prompt=PROMPTS[0], max_tokens=30, top_k=1))
     engine.step()
     assert engine.live_slots == 1

@@ -262,3 +262,26 @@ def test_lm_eval_local_completions_equals_pldr_jax_eval_harness(server, model_di
         assert got["local_mc"][m] == want["local_mc"][m], m
     for m in ("bits_per_byte,none", "word_perplexity,none"):
         assert got["local_rolling"][m] == pytest.approx(want["local_rolling"][m], rel=1e-6), m
+
+
+def test_incremental_text_equals_the_whole_decode(model_dir):
+    """`detok.TextStream` decodes a few ids per token; its deltas join to the whole completion's
+    decode (sentencepiece drops leading spaces of a decoded piece of text, and byte-fallback pieces
+    make partial characters: random ids hit both), and a stop string cuts the text at its first
+    occurrence."""
+    import random
+
+    from pldr_jax.data.tokenizer import Tokenizer
+    from pldr_jax.serve.detok import TextStream
+    tok = Tokenizer.load(model_dir / "tok" / "tokenizer.model")
+    rnd = random.Random(0)
+    space = [i for i in range(tok.vocab_size) if tok.id_to_piece(i) == "\u2581"]
+    for trial in range(60):
+        ids = [rnd.choice(space) if space and rnd.random() < 0.2 else rnd.randrange(4, tok.vocab_size)
+               for _ in range(rnd.randrange(1, 40))]
+        full = tok.decode(ids)
+        for stop in ((), ("e",), ("th", "  ")):
+            ts = TextStream(tok, stop)
+            text = "".join(ts.add(t) for t in ids) + ts.finish()
+            cut = min((i for i in (full.find(s) for s in stop) if i >= 0), default=-1)
+            assert text == (full[:cut] if cut >= 0 else full), (ids, stop)

@@ -49,8 +49,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--g", dest="g_source", default=None, help="fix G_LM: a G source spec (pldr_jax.g_sources)")
     p.add_argument("--mesh", default=None, metavar="DATA,FSDP,TENSOR",
                    help="decode on a device mesh (slots over data, heads over tensor), e.g. 4,1,2")
-    p.add_argument("--steps-per-sync", type=int, default=4,
-                   help="generate steps per device call (admissions and stop strings wait for its end)")
+    p.add_argument("--steps-per-sync", type=int, default=32,
+                   help="the most generate steps per device call (a block ends early when a slot frees; "
+                        "stop strings and cancellations wait for its end)")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before HTTP 429")
     p.add_argument("--model-name", default=None, help="the model id in responses (default: the checkpoint name)")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish requests on shutdown")

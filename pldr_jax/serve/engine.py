@@ -10,14 +10,25 @@
 Or driven by hand (tests, benchmarks): ``engine.submit(...)`` then ``engine.step()`` until idle.
 
 Each `step` (1) admits waiting requests into free slots: their prompts are prefilled together
-(`decode.loop.prefill_cache`; rows and prompt length padded to powers of two: one compilation per
-(rows, length) bucket; each row as it would alone), each first token sampled from the prompt's logits and its cache written into the slot
-(`slots.admit`), while the other slots keep their state; (2) runs ``steps_per_sync`` generate steps of
-every slot in one jitted call (`slots.generate_step`: `decode.step.decode_step` + per-slot sampling;
-a slot stops at its EOS or max_tokens on the device); (3) hands each live
-request its token and frees the slots whose requests ended: EOS, a stop string, ``max_tokens`` or
-cancellation (`Request.cancel`).  A request's tokens equal `decode.Sampler`'s for its prompt alone
-with the same seed (`slots`: per-row sampling keys), whatever else is in the batch.
+(`slots.admit`: `decode.loop.prefill_and_trim` over the prompts' bucket, rows and prompt length
+padded to powers of two: one compilation per (rows, length) bucket; each row as it would alone),
+each first token sampled from the prompt's logits and the prompt's cache written into the slot,
+while the other slots keep their state; (2) runs a block of generate steps of every slot in one
+jitted call (`slots.generate_step`: `decode.step.decode_step` + per-slot sampling in a
+``lax.while_loop``; a slot stops at its EOS or max_tokens on the device), dispatched right after the
+admission, so the host waits for the device once per iteration; (3) hands each request its tokens
+(one `Output` per request and block) and frees the slots whose requests ended: EOS, a stop string,
+``max_tokens`` or cancellation (`Request.cancel`).  A request's tokens equal `decode.Sampler`'s for
+its prompt alone with the same seed (`slots`: per-row sampling keys), whatever else is in the
+batch.
+
+**Blocks.**  With every slot busy a block runs up to ``steps_per_sync`` steps and ends after the
+step in which a slot stops (its request's end is known on the device), so a waiting request (or
+one arriving meanwhile) takes the slot at once; with a slot free (nothing waits) blocks are
+``free_slot_steps`` long, so an arrival waits at most that many steps for its prefill.  Host work
+(a device round trip, Python per token) is paid once per block, not per token: on a loaded 2-core
+CPU each round trip cost several decode steps (experiments/README.md "Serving").  Stop strings
+and cancellations take effect at a block's end (the tokens past a stop string are dropped).
 
 The step specification (cache mode, KV dtype, attention form) is the one `decode.request.make_request`
 builds for a batch of ``slots`` rows on this platform, with per-row KV slots; the weights are the
@@ -31,6 +42,7 @@ its own G, as `Sampler` with ``shared_g``).  A given G (predefined-G models, ``g
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import queue
 import threading
@@ -145,22 +157,25 @@ class Engine:
     shared_g: see the module docstring.  g_lm: a fixed G_LM (predefined-G models default to theirs).
     tokenizer: for stop strings and text (``decode(ids)``; None: ids only).  eos_id: a request ends
     after it (None: never).  max_queue: waiting requests beyond the slots before `submit` raises
-    `QueueFull`.  steps_per_sync: generate steps per device call (`slots.generate_step`: a slot
-    stops inside the block at its EOS or max_tokens; stop strings, cancellations and admissions
-    wait for the block's end).  mesh / rules / bf16_min_batch: as `decode.Sampler`.  log: called with one line
-    per compiled program (prefill bucket, generate step).
+    `QueueFull`.  steps_per_sync: the most generate steps per device call (a block, see the module
+    docstring: a slot stops inside it at its EOS or max_tokens; stop strings, cancellations and
+    admissions wait for its end).  free_slot_steps: the block length while a slot is free (default
+    steps_per_sync // 4).  mesh / rules / bf16_min_batch: as `decode.Sampler`.  log: called with
+    one line per compiled program (prefill bucket, generate step).
     """
 
     def __init__(self, cfg: PLDRConfig, params, *, slots: int = 8, max_len: int | None = None, mode: str = "kv_g",
                  shared_g: bool = False, g_lm=None, tokenizer=None, eos_id: int | None = 3, max_queue: int = 256,
-                 steps_per_sync: int = 4, mesh=None, rules=None, bf16_min_batch: int | None = None,
+                 steps_per_sync: int = 32, free_slot_steps: int | None = None, mesh=None, rules=None,
+                 bf16_min_batch: int | None = None,
                  log: Callable[[str], None] | None = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
-        for name, v in (("slots", slots), ("steps_per_sync", steps_per_sync)):
+        free_slot_steps = max(1, steps_per_sync // 4) if free_slot_steps is None else free_slot_steps
+        for name, v in (("slots", slots), ("steps_per_sync", steps_per_sync), ("free_slot_steps", free_slot_steps)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-        self.steps_per_sync = steps_per_sync
+        self.steps_per_sync, self.free_slot_steps = steps_per_sync, min(free_slot_steps, steps_per_sync)
         S = cfg.max_seq_len if max_len is None else int(max_len)
         if not 2 <= S <= cfg.max_seq_len:
             raise ValueError(f"max_len must be in [2, max_seq_len={cfg.max_seq_len}], got {max_len!r}")
@@ -338,10 +353,11 @@ class Engine:
         lp, ids, top = lps
         return float(lp[b]), {int(i): float(v) for i, v in zip(ids[b], top[b])}
 
-    def _admit(self, reqs: list, free: list) -> None:
-        """Prefill reqs together (rows padded to a power of two, at most the slots; prompts to the
-        longest one's bucket), sample their first tokens and put them into the free slots (those
-        that do not end at once)."""
+    def _admit(self, reqs: list, free: list):
+        """Dispatch the admission of reqs (`slots.admit`: prefilled together, rows padded to a power
+        of two, at most the slots, prompts to the longest one's bucket; first tokens sampled; cache
+        rows put into the free slots) without waiting for it, and take the slots on the host.
+        Returns what `_admitted` finishes once the first tokens are back (None: nothing to prefill)."""
         firsts = {}
         for r in reqs:
             first = Output(tokens=[])
@@ -355,7 +371,7 @@ class Engine:
                 firsts[r.id] = first
         reqs = [r for r in reqs if r.id in firsts]
         if not reqs:
-            return
+            return None
         n = len(reqs)
         B = min(bucket_length(n, 1), self.slots)
         P = min(bucket_length(max(len(r.prompt) for r in reqs)), self.max_len)
@@ -368,27 +384,18 @@ class Engine:
         for i, r in enumerate(reqs):
             tokens[i, :len(r.prompt)] = r.prompt
             lengths[i] = len(r.prompt)
-            keys[i] = np.asarray(jax.random.key_data(jax.random.key(r.seed)), np.uint32)
+            keys[i] = self._key_of(r.seed)
             temp[i], top_k[i], top_p[i], slots[i] = r.temperature, r.top_k, r.top_p, free[i]
         t0 = time.perf_counter()
-        new, logits0, _ = prefill_cache(self.loop_spec, self.params, jnp.asarray(tokens), jnp.asarray(lengths),
-                                        self._g, self.max_len, stack_deductive=False)
         p = SlotParams(live=np.ones(B, bool), count=np.zeros(B, np.int32), key=keys, temperature=temp,
                        top_k=top_k, top_p=top_p)
         take_g = self.shared_g and not self._g_taken
         want_lp = any(r.logprobs for r in reqs)
-        self.cache, self.tokens, tok, lps = admit(self.cache, self.tokens, new, logits0, p, slots,
-                                                  shared_g=self.shared_g, take_g=take_g, with_logprobs=want_lp)
+        self.cache, self.tokens, tok, lps = admit(self.loop_spec, self.params, self.cache, self.tokens, tokens,
+                                                  lengths, self._g, p, slots, shared_g=self.shared_g, take_g=take_g,
+                                                  with_logprobs=want_lp)
         self._g_taken = self._g_taken or take_g
-        tok, lps = jax.device_get((tok, lps))
-        self._note_compile(("prefill", f"{B} x {P}"), t0)
-        for i, r in enumerate(reqs):
-            out = self._token(r, int(tok[i]), self._lp(lps, i) if r.logprobs else None)
-            out.prompt_logprobs = firsts[r.id].prompt_logprobs
-            if out.finished:
-                self._finish(r, out.finish_reason, out)
-                continue
-            self._emit(r, out)
+        for i, r in enumerate(reqs):       # the slot is the request's; the device ends it at an EOS first token
             b = free[i]
             self._slot_req[b] = r
             self._count[b] = 1
@@ -396,14 +403,36 @@ class Engine:
             self._temp[b], self._top_k[b], self._top_p[b] = r.temperature, r.top_k, r.top_p
             self._limit[b] = r.max_tokens
             self._eos[b] = -1 if self.eos_id is None or r.ignore_eos else self.eos_id
+        return reqs, free, firsts, tok, lps, ("prefill", f"{B} x {P}"), t0
+
+    def _admitted(self, pending) -> None:
+        """The first tokens of an admission (`_admit`): emitted; a request that ends with its first
+        token (EOS, a stop string, max_tokens 1) is finished and its slot freed."""
+        reqs, free, firsts, tok, lps, what, t0 = pending
+        tok, lps = jax.device_get((tok, lps))
+        self._note_compile(what, t0)
+        for i, r in enumerate(reqs):
+            out = self._token(r, int(tok[i]), self._lp(lps, i) if r.logprobs else None)
+            out.prompt_logprobs = firsts[r.id].prompt_logprobs
+            if out.finished:
+                self._free(free[i])
+                self._finish(r, out.finish_reason, out)
+            else:
+                self._emit(r, out)
+
+    @staticmethod
+    @functools.lru_cache(maxsize=1024)
+    def _key_of(seed: int) -> np.ndarray:
+        return np.asarray(jax.random.key_data(jax.random.key(seed)), np.uint32)
 
     def _free(self, slot: int) -> None:
         self._slot_req[slot] = None
         self._count[slot] = 0
 
     def step(self) -> int:
-        """One engine iteration (admissions, one generate step, book-keeping); returns the number
-        of live slots after it."""
+        """One engine iteration: admissions, one block of generate steps, book-keeping; returns the
+        number of live slots after it.  The admission and the block are dispatched together (one
+        wait for the device per iteration; the first tokens are handed out while the block runs)."""
         # cancellations of running requests
         for b, r in enumerate(self._slot_req):
             if r is not None and r._cancel:
@@ -419,21 +448,32 @@ class Engine:
                     self._finish(r, "cancelled")
                 else:
                     batch.append(r)
-        if batch:
-            self._admit(batch, free)
+            waiting = bool(self._waiting)
+        pending = self._admit(batch, free) if batch else None
         rows = list(self._slot_req)
-        if not any(r is not None for r in rows):
-            return 0
-        want_lp = any(r is not None and r.logprobs for r in rows)
-        t0 = time.perf_counter()
-        self.cache, self.tokens, new, live, lps = generate_step(
-            self.spec, self.params, self.cache, self.tokens, self._slot_params(rows), self._limit, self._eos,
-            with_logprobs=want_lp, steps=self.steps_per_sync)
+        block = None
+        n_live = sum(r is not None for r in rows)
+        if n_live:
+            want_lp = any(r is not None and r.logprobs for r in rows)
+            # all slots busy: a long block that ends when a slot stops (a request waits for it, or may
+            # arrive meanwhile); a slot free (nothing waits): short blocks, so an arrival soon gets it
+            full = n_live == self.slots
+            max_steps = self.steps_per_sync if full else self.free_slot_steps
+            t0 = time.perf_counter()
+            self.cache, self.tokens, new, live, lps = generate_step(
+                self.spec, self.params, self.cache, self.tokens, self._slot_params(rows), self._limit, self._eos,
+                np.int32(max_steps), np.bool_(full), with_logprobs=want_lp, steps=self.steps_per_sync)
+            block = (new, live, lps, want_lp, t0)
+        if pending is not None:
+            self._admitted(pending)
+        if block is None:
+            return self.live_slots
+        new, live, lps, want_lp, t0 = block
         new, live, lps = jax.device_get((new, live, lps))
         self._note_compile(("generate step" + (" with logprobs" if want_lp else ""),), t0)
-        self.steps += self.steps_per_sync
+        self.steps += int(live.any(axis=1).sum())
         for b, r in enumerate(rows):
-            if r is None:
+            if r is None or r.finished:             # empty, or ended with its first token
                 continue
             self._count[b] += int(live[:, b].sum())
             out = Output(tokens=[], logprobs=[] if r.logprobs else None)

@@ -15,11 +15,11 @@ import jax.numpy as jnp
 __all__ = ["lower_generate_step", "SERVE_STEPS"]
 
 #: generate steps per call compiled by ``pldr-jax compile --what serve`` (`Engine`'s default)
-SERVE_STEPS = 4
+SERVE_STEPS = 32
 
 
 def lower_generate_step(cfg, slots: int, max_len: int, mesh, *, steps: int = SERVE_STEPS, mode: str = "kv_g"):
-    """`slots.generate_step` for `slots` slots of `max_len` positions, `steps` steps per call,
+    """`slots.generate_step` for `slots` slots of `max_len` positions, blocks of up to `steps` steps,
     lowered for `mesh` (returns the ``jax.stages.Lowered``)."""
     from jax.sharding import NamedSharding
 
@@ -58,9 +58,10 @@ def lower_generate_step(cfg, slots: int, max_len: int, mesh, *, steps: int = SER
     p = SlotParams(live=sds((B,), jnp.bool_), count=sds((B,), jnp.int32), key=sds((B, 2), jnp.uint32),
                    temperature=sds((B,), jnp.float32), top_k=sds((B,), jnp.int32), top_p=sds((B,), jnp.float32))
     tokens, limit, eos = sds((B,), jnp.int32), sds((B,), jnp.int32), sds((B,), jnp.int32)
-    args = (params, cache, tokens, p, limit, eos)
+    scalar = NamedSharding(mesh, jax.sharding.PartitionSpec())
+    args = (params, cache, tokens, p, limit, eos, sds((), jnp.int32), sds((), jnp.bool_))
     shardings = (place(decode_param_axes(params), params), place(cache_logical_axes(cache), cache), row(tokens),
-                 jax.tree_util.tree_map(row, p), row(limit), row(eos))
+                 jax.tree_util.tree_map(row, p), row(limit), row(eos), scalar, scalar)
     f = jax.jit(lambda *a: generate_step(step, *a, with_logprobs=False, steps=steps),
                 in_shardings=shardings, donate_argnums=(1, 2))
     return f.lower(*args)

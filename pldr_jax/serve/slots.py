@@ -1,13 +1,15 @@
-"""The engine's device side: a batch of decode slots, the jitted admission of prefilled requests
-into free slots, and the jitted generate step that advances every slot.
+"""The engine's device side: a batch of decode slots, the jitted admission of requests into free
+slots, and the jitted generate block that advances every slot.
 
-The model is the project's decode path: `decode.loop.prefill_cache` (`decode.step.prefill`) fills
-the cache of the requests admitted together; `admit` samples their first tokens from the prompts'
-logits and writes their rows into free rows of the slots' cache; `generate_step` runs `decode.step.decode_step` over every
-slot and samples one token per live slot, ``steps`` times per call.  The slots' cache is one
-`decode.cache.Cache` of ``slots`` rows and S positions; each row writes its keys/values at its own
-position (per-row KV slots: requests join at different steps, so there is no common write slot).  With a shared G (the
-authors' ``cache_first_G``, or a given G) the G-cache has one row for every slot.
+The model is the project's decode path: `admit` runs `decode.loop.prefill_and_trim`
+(`decode.step.prefill`) over the prompts admitted together, samples their first tokens from the
+prompts' logits and writes their cache rows into free rows of the slots' cache, all in one device
+call; `generate_step` runs `decode.step.decode_step` over every slot and samples one token per live
+slot, up to ``steps`` times per call (a ``lax.while_loop`` that ends early when a slot stops and
+requests are waiting for it).  The slots' cache is one `decode.cache.Cache` of ``slots`` rows and S
+positions; each row writes its keys/values at its own position (per-row KV slots: requests join at
+different steps, so there is no common write slot).  With a shared G (the authors'
+``cache_first_G``, or a given G) the G-cache has one row for every slot.
 
 **Sampling per row.**  Each slot has its own temperature, top-k, top-p and PRNG key (per-slot
 arrays: changing them never recompiles).  A request's t-th token (t = 0 from the prompt's logits)
@@ -30,6 +32,7 @@ import jax.numpy as jnp
 
 from ..decode.cache import Cache
 from ..decode.sampling import filter_logits, greedy_tokens
+from ..decode.loop import LoopSpec, prefill_and_trim
 from ..decode.step import StepSpec, decode_step
 
 __all__ = ["SlotParams", "TOP_LOGPROBS", "sample_rows", "token_logprobs", "empty_slots", "admit", "generate_step"]
@@ -99,24 +102,32 @@ def empty_slots(one: Cache, slots: int, shared_g: bool) -> Cache:
                  kv_next=None if one.kv_next is None else jnp.zeros((), jnp.int32))
 
 
-@functools.partial(jax.jit, static_argnames=("shared_g", "take_g", "with_logprobs"),
+@functools.partial(jax.jit, static_argnames=("spec", "shared_g", "take_g", "with_logprobs"),
                    donate_argnames=("cache", "tokens"))
-def admit(cache: Cache, tokens, new: Cache, logits0, p: SlotParams, slots, *, shared_g: bool, take_g: bool,
-          with_logprobs: bool):
-    """Sample the first token of n prefilled requests from their prompts' logits0 [n, V] (p: their
-    n-row SlotParams) and write their n-row cache `new` into rows `slots` [n] of the slots' `cache`
-    (donated), the tokens into `tokens` [B] (donated); a slot index >= B drops its row (filler rows
-    of a padded batch).  With `shared_g` the G-cache is one row for every slot: taken from row 0 of
-    `new` when `take_g` (the first request), else left as it is.
-    Returns (cache, tokens, first tokens [n], logprobs (`token_logprobs`) or None)."""
+def admit(spec: LoopSpec, params, cache: Cache, tokens, prompts, lengths, g_all, p: SlotParams, slots, *,
+          shared_g: bool, take_g: bool, with_logprobs: bool):
+    """Prefill n requests together and put them into free slots, in one device call.
+
+    prompts [n, P] int32 right-padded (lengths [n]) run through `decode.loop.prefill_and_trim` into a
+    cache of P positions (the prompt bucket, not the slots' S: only the prompt's keys/values are
+    computed and copied); their first tokens are sampled from the prompts' logits (p: their n-row
+    `SlotParams`); their cache rows go to rows `slots` [n] of the slots' `cache` (donated; k/v at
+    positions 0 .. P-1, the rest of a row is masked out by its length), the tokens into `tokens` [B]
+    (donated).  A slot index >= B drops its row (filler rows of a padded batch).  With `shared_g` the
+    G-cache is one row for every slot: taken from row 0 when `take_g` (the first request), else left
+    as it is.  Returns (cache, tokens, first tokens [n], logprobs (`token_logprobs`) or None)."""
+    new, logits0, _ = prefill_and_trim(spec, params, prompts, lengths, g_all, prompts.shape[1], stack_deductive=False)
     tok = sample_rows(logits0, p)
+    S = cache.tokens.shape[1]
     put = lambda big, small: big.at[slots].set(small.astype(big.dtype), mode="drop")
-    per = lambda big, small: None if big is None else tuple(put(b, s) for b, s in zip(big, small))
+    put_kv = lambda big, small: big.at[slots, :, :small.shape[2]].set(small.astype(big.dtype), mode="drop")
+    per = lambda big, small, f=put: None if big is None else tuple(f(b, s) for b, s in zip(big, small))
     keep_g = lambda big, small: (tuple(s[:1].astype(b.dtype) for b, s in zip(big, small)) if take_g else big) \
         if shared_g else per(big, small)
-    out = cache.replace(k=per(cache.k, new.k), v=per(cache.v, new.v), A=keep_g(cache.A, new.A),
+    row_tokens = jnp.pad(new.tokens, ((0, 0), (0, S - new.tokens.shape[1])))
+    out = cache.replace(k=per(cache.k, new.k, put_kv), v=per(cache.v, new.v, put_kv), A=keep_g(cache.A, new.A),
                         A_LM=keep_g(cache.A_LM, new.A_LM), G_LM=keep_g(cache.G_LM, new.G_LM),
-                        tokens=put(cache.tokens, new.tokens), lengths=put(cache.lengths, new.lengths),
+                        tokens=put(cache.tokens, row_tokens), lengths=put(cache.lengths, new.lengths),
                         prompt_lengths=None if cache.prompt_lengths is None else
                         put(cache.prompt_lengths, new.prompt_lengths))
     lp = token_logprobs(logits0, tok) if with_logprobs else None
@@ -124,23 +135,42 @@ def admit(cache: Cache, tokens, new: Cache, logits0, p: SlotParams, slots, *, sh
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "with_logprobs", "steps"), donate_argnames=("cache", "tokens"))
-def generate_step(spec: StepSpec, params, cache: Cache, tokens, p: SlotParams, limit, eos, *, with_logprobs: bool,
-                  steps: int = 1):
-    """`steps` iterations (one ``lax.scan``) of: one `decode.step.decode_step` of every slot on its
-    last token (tokens [B]; a slot's length grows where it is live), then one token per live slot
-    (`sample_rows`).  A slot stops inside the block after its EOS (eos [B] int32, -1 = none) or its
-    limit-th token (limit [B] int32, counted with p.count), so the tokens are the one-step-at-a-time
-    ones.  Returns (cache, last tokens [B], new tokens [steps, B] (0 where not live), live [steps, B]
-    (the token of that step is the slot's), logprobs (`token_logprobs`, each [steps, B, ...]) or None)."""
-    def body(carry, _):
-        cache, tok, count, live = carry
+def generate_step(spec: StepSpec, params, cache: Cache, tokens, p: SlotParams, limit, eos, max_steps, stop_on_free, *,
+                  with_logprobs: bool, steps: int):
+    """A block of at most ``min(max_steps, steps)`` iterations (one ``lax.while_loop``) of: one
+    `decode.step.decode_step` of every live slot on its last token (tokens [B]; a slot's length grows
+    where it is live), then one token per live slot (`sample_rows`).
+
+    A slot is live where p.live and it has not ended: its last token is not its EOS (eos [B] int32,
+    -1 = none; a request admitted with an EOS first token) and it has fewer than its limit (limit
+    [B] int32) tokens (p.count).  It stops inside the block after its EOS or limit-th token, so the
+    tokens are the one-step-at-a-time ones.  The block ends when no slot is live, after max_steps
+    (int32 scalar; `steps`, static, is the output buffers' length) iterations, or, where
+    stop_on_free (a bool scalar) is set, after the iteration in which a slot stopped (its slot can be
+    refilled at once instead of idling to the block's end).  Returns (cache, last tokens [B], new
+    tokens [steps, B] (0 where not live), live [steps, B] (the token of that iteration is the slot's;
+    all False past the iterations run), logprobs (`token_logprobs`, each [steps, B, ...]) or None)."""
+    B = tokens.shape[0]
+    K = TOP_LOGPROBS
+    bufs = (jnp.zeros((steps, B), jnp.int32), jnp.zeros((steps, B), bool),
+            (jnp.zeros((steps, B), jnp.float32), jnp.zeros((steps, B, K), jnp.int32),
+             jnp.zeros((steps, B, K), jnp.float32)) if with_logprobs else None)
+    live0 = p.live & (p.count < limit) & (tokens != eos)
+
+    def body(carry):
+        i, cache, tok, count, live, _, (new_buf, live_buf, lp_buf) = carry
         logits, cache, _ = decode_step(spec, params, cache, tok, live)
         new = jnp.where(live, sample_rows(logits, p.replace(live=live, count=count)), 0)
-        lps = token_logprobs(logits, new) if with_logprobs else None
         count = count + live.astype(count.dtype)
         done = live & ((new == eos) | (count >= limit))
-        return (cache, jnp.where(live, new, tok), count, live & ~done), (new, live, lps)
+        bufs = (new_buf.at[i].set(new), live_buf.at[i].set(live),
+                None if lp_buf is None else tuple(b.at[i].set(x) for b, x in zip(lp_buf, token_logprobs(logits, new))))
+        return i + 1, cache, jnp.where(live, new, tok), count, live & ~done, jnp.any(done), bufs
 
-    (cache, tokens, _, _), (new, live, lps) = jax.lax.scan(body, (cache, tokens, p.count, p.live), None,
-                                                           length=steps)
+    def more(carry):
+        i, _, _, _, live, stopped, _ = carry
+        return (i < jnp.minimum(max_steps, steps)) & jnp.any(live) & ~(stop_on_free & stopped)
+
+    _, cache, tokens, _, _, _, (new, live, lps) = jax.lax.while_loop(
+        more, body, (jnp.int32(0), cache, tokens, p.count, live0, jnp.bool_(False), bufs))
     return cache, tokens, new, live, lps
