@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -143,6 +144,7 @@ def run_engine(engine, reqs: list[dict]) -> dict:
     """The same requests through `pldr_jax.serve.Engine` in this process, all present at once (no
     HTTP, no arrival gaps): what the continuous batching gives without the server around it."""
     from pldr_jax.serve import Request
+    counts = {k: getattr(engine, k) for k in ("steps", "blocks", "admissions")}
     cpu0 = time.process_time()
     t0 = time.perf_counter()
     for r in reqs:
@@ -151,7 +153,8 @@ def run_engine(engine, reqs: list[dict]) -> dict:
     wall = time.perf_counter() - t0
     tokens = sum(r["max_tokens"] for r in reqs)
     return {"tokens": tokens, "seconds": round(wall, 3), "tokens_per_s": round(tokens / wall, 1),
-            "cpu_s": round(time.process_time() - cpu0, 3)}
+            "cpu_s": round(time.process_time() - cpu0, 3),
+            **{f"engine_{k}": getattr(engine, k) - v for k, v in counts.items()}}
 
 
 def process_cpu_s(pid: int) -> float | None:
@@ -163,12 +166,23 @@ def process_cpu_s(pid: int) -> float | None:
         return None
 
 
+def engine_counts(url: str) -> dict:
+    """The server engine's generate steps, blocks and admissions so far (its /metrics)."""
+    import httpx
+    text = httpx.get(url + "/metrics", timeout=60).text
+    return {k: float(re.search(rf"^pldr_serve_engine_{k} (\S+)$", text, re.M).group(1))
+            for k in ("steps", "blocks", "admissions")}
+
+
 def run_server(proc, url: str, reqs: list[dict], max_in_flight: int) -> dict:
-    """`run_load` against the server process, with the server's own CPU seconds and the load average."""
+    """`run_load` against the server process, with the server's own CPU seconds, its engine's
+    generate steps / blocks / admissions in the run, and the load average."""
+    counts = engine_counts(url)
     before = process_cpu_s(proc.pid)
     out = asyncio.run(run_load(url, reqs, max_in_flight))
     after = process_cpu_s(proc.pid)
     out["server_cpu_s"] = None if before is None or after is None else round(after - before, 3)
+    out.update({f"engine_{k}": int(v - counts[k]) for k, v in engine_counts(url).items()})
     out["loadavg_1m"] = round(os.getloadavg()[0], 1)
     return out
 

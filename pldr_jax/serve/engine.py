@@ -220,7 +220,9 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stop_thread = False
         self._compiled: set = set()
-        self.steps = 0
+        self.steps = 0              # generate steps run (iterations of the blocks)
+        self.blocks = 0             # generate blocks (device calls)
+        self.admissions = 0         # admission calls (prefills of requests admitted together)
         self.generated = 0
 
 
@@ -395,6 +397,7 @@ class Engine:
                                                   lengths, self._g, p, slots, shared_g=self.shared_g, take_g=take_g,
                                                   with_logprobs=want_lp)
         self._g_taken = self._g_taken or take_g
+        self.admissions += 1
         for i, r in enumerate(reqs):       # the slot is the request's; the device ends it at an EOS first token
             b = free[i]
             self._slot_req[b] = r
@@ -472,6 +475,7 @@ class Engine:
         new, live, lps = jax.device_get((new, live, lps))
         self._note_compile(("generate step" + (" with logprobs" if want_lp else ""),), t0)
         self.steps += int(live.any(axis=1).sum())
+        self.blocks += 1
         for b, r in enumerate(rows):
             if r is None or r.finished:             # empty, or ended with its first token
                 continue

@@ -1,6 +1,7 @@
 """Prometheus metrics of a server (`prometheus_client`, one registry per app): requests, errors by
 HTTP status, queue depth, live slots, time to first token, time per output token, generated tokens
-and their rate over the last `RATE_WINDOW_S` seconds."""
+and their rate over the last `RATE_WINDOW_S` seconds, and the engine's generate steps, blocks
+(device calls) and admission prefills so far."""
 
 from __future__ import annotations
 
@@ -30,6 +31,10 @@ class ServeMetrics:
             lambda: engine.queue_depth)
         Gauge("pldr_serve_live_slots", "slots decoding a request", registry=r).set_function(lambda: engine.live_slots)
         Gauge("pldr_serve_slots", "decode slots", registry=r).set(engine.slots)
+        for name, what in (("steps", "generate steps run"), ("blocks", "generate blocks (device calls)"),
+                           ("admissions", "admission prefills (requests admitted together)")):
+            Gauge(f"pldr_serve_engine_{name}", f"{what} since the start", registry=r).set_function(
+                lambda name=name: getattr(engine, name))
         Gauge("pldr_serve_tokens_per_second", f"tokens generated per second over the last {RATE_WINDOW_S:g} s",
               registry=r).set_function(self.rate)
         self.ttft = Histogram("pldr_serve_time_to_first_token_seconds", "arrival to first token", registry=r,
