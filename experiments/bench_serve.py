@@ -12,14 +12,20 @@ from ``--seed``:
 
 Per workload it reports the server's output tokens/s (all tokens / first send to last token), time to
 first token (send -> first streamed token) and time per output token (per request: (last - first
-token) / (tokens - 1)) at p50 and p99; and the static batches: the same requests in arrival order,
+streamed token) / (tokens - 1); a chunk carries an engine block's tokens) at p50 and p99, the load
+generator's CPU seconds (its share of the run's wall time: it must not be the bottleneck), the
+server process's CPU seconds and its engine's generate steps / blocks / admissions in the run (from
+its /metrics), and the 1-minute load average; and the static batches: the same requests in arrival order,
 ``--slots`` per `Sampler` call (greedy, no EOS, ``max_new_tokens`` = the batch's longest, so every
 row waits for it: the useful tokens are each request's own), each batch shape compiled before it
 is timed.  Each workload runs ``--repeats`` times, server and static alternated; the numbers are
 the median run's, ``ratio`` the median of the paired server tokens/s / static tokens/s.  Acceptance (issue 30): mixed >= 1.5,
 equal >= 0.85.  The static batches are timed without arrival gaps (all requests present at once),
 which favours them.  ``engine_in_process``: the same requests through `Engine` in this process, all
-present at once (no HTTP), ``engine_ratio`` its paired ratio to the static batches.
+present at once (no HTTP), ``engine_ratio`` its paired ratio to the static batches;
+``engine_arrivals``: the same with the load's arrival times (no HTTP), ``engine_arrivals_ratio``.
+Together they split the server's cost: the engine alone, what the arrival gaps cost, what HTTP and
+the second process cost.  Static and in-process runs report their CPU seconds too.
 
     python experiments/bench_serve.py                  # small preset, 8 slots, 48 requests per workload
     python experiments/bench_serve.py --json           # one JSON object
@@ -140,16 +146,34 @@ def run_static(sampler, reqs: list[dict], slots: int, warm: bool = False) -> dic
             "rows_computed": sum(len(b) * max(r["max_tokens"] for r in b) for b in batches)}
 
 
-def run_engine(engine, reqs: list[dict]) -> dict:
-    """The same requests through `pldr_jax.serve.Engine` in this process, all present at once (no
-    HTTP, no arrival gaps): what the continuous batching gives without the server around it."""
+def run_engine(engine, reqs: list[dict], arrivals: bool = False) -> dict:
+    """The same requests through `pldr_jax.serve.Engine` in this process (no HTTP): all present at
+    once, or with `arrivals` submitted at their arrival offsets by a second thread while this one
+    steps the engine (what the arrival gaps cost without the server around the engine)."""
+    import threading
+
     from pldr_jax.serve import Request
     counts = {k: getattr(engine, k) for k in ("steps", "blocks", "admissions")}
+    make = lambda r: Request(prompt=r["prompt"], max_tokens=r["max_tokens"], top_k=1, ignore_eos=True)
     cpu0 = time.process_time()
     t0 = time.perf_counter()
-    for r in reqs:
-        engine.submit(Request(prompt=r["prompt"], max_tokens=r["max_tokens"], top_k=1, ignore_eos=True))
-    engine.run_until_idle()
+    if arrivals:
+        def feed():
+            for r in reqs:
+                time.sleep(max(0.0, t0 + r["at"] - time.perf_counter()))
+                engine.submit(make(r))
+        feeder = threading.Thread(target=feed)
+        feeder.start()
+        while feeder.is_alive() or not engine.idle:
+            if engine.idle:
+                time.sleep(0.0005)
+            else:
+                engine.step()
+        feeder.join()
+    else:
+        for r in reqs:
+            engine.submit(make(r))
+        engine.run_until_idle()
     wall = time.perf_counter() - t0
     tokens = sum(r["max_tokens"] for r in reqs)
     return {"tokens": tokens, "seconds": round(wall, 3), "tokens_per_s": round(tokens / wall, 1),
@@ -227,18 +251,22 @@ def main() -> int:
             asyncio.run(run_load(url, reqs[:args.slots], args.max_in_flight))   # warm: connections
             run_static(sampler, reqs, args.slots, warm=True)                     # compile the batch shapes
             run_engine(engine, reqs[:args.slots])
-            servers, statics, engines = [], [], []
+            servers, statics, engines, arriving = [], [], [], []
             for _ in range(args.repeats):       # alternated, so a drift of the machine's speed hits all
                 servers.append(run_server(proc, url, reqs, args.max_in_flight))
                 statics.append(run_static(sampler, reqs, args.slots))
                 engines.append(run_engine(engine, reqs))
-            ratios = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(servers, statics)]
-            e_ratios = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(engines, statics)]
+                arriving.append(run_engine(engine, reqs, arrivals=True))
+            paired = lambda runs: [round(a["tokens_per_s"] / b["tokens_per_s"], 3) for a, b in zip(runs, statics)]
+            ratios, e_ratios, a_ratios = paired(servers), paired(engines), paired(arriving)
             out["workloads"][w] = {"server": _median_run(servers), "static": _median_run(statics),
                                    "engine_in_process": _median_run(engines),
-                                   "ratio": round(float(np.median(ratios)), 3),
-                                   "paired_ratios": [round(r, 3) for r in ratios],
-                                   "engine_ratio": round(float(np.median(e_ratios)), 3)}
+                                   "engine_arrivals": _median_run(arriving),
+                                   "ratio": round(float(np.median(ratios)), 3), "paired_ratios": ratios,
+                                   "engine_ratio": round(float(np.median(e_ratios)), 3),
+                                   "engine_paired_ratios": e_ratios,
+                                   "engine_arrivals_ratio": round(float(np.median(a_ratios)), 3),
+                                   "engine_arrivals_paired_ratios": a_ratios}
     finally:
         proc.terminate()
         proc.wait(timeout=120)
@@ -254,7 +282,8 @@ def main() -> int:
             print(f"{w:6s} server {s['tokens_per_s']:8.1f} tok/s  TTFT p50/p99 {s['ttft_p50_ms']}/{s['ttft_p99_ms']} ms  "
                   f"TPOT p50/p99 {s['tpot_p50_ms']}/{s['tpot_p99_ms']} ms | static {st['tokens_per_s']:8.1f} tok/s | "
                   f"ratio {r['ratio']:.2f} | engine in-process {r['engine_in_process']['tokens_per_s']:8.1f} tok/s "
-                  f"(ratio {r['engine_ratio']:.2f})")
+                  f"(ratio {r['engine_ratio']:.2f}), with arrivals {r['engine_arrivals']['tokens_per_s']:8.1f} tok/s "
+                  f"(ratio {r['engine_arrivals_ratio']:.2f})")
     return 0
 
 
