@@ -97,7 +97,8 @@ def test_bench_serve_quick():
     assert p.returncode == 0, p.stderr[-3000:]
     out = json.loads(p.stdout)
     w = out["workloads"]["mixed"]
-    assert w["server"]["tokens"] == w["static"]["tokens"] > 0
+    assert w["server"]["tokens"] == w["static"]["tokens"] == w["engine_arrivals"]["tokens"] > 0
+    assert w["server"]["engine_steps"] >= w["server"]["engine_blocks"] > 0 and w["server"]["engine_admissions"] > 0
     assert w["ratio"] == pytest.approx(w["server"]["tokens_per_s"] / w["static"]["tokens_per_s"], rel=1e-2)
     assert w["server"]["ttft_p99_ms"] >= w["server"]["ttft_p50_ms"] > 0
     assert "mixed" in out["acceptance"]
