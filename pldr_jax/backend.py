@@ -46,8 +46,9 @@ behind each default are in experiments/README.md, "Backend choices: the measurem
 * ``attention_block``: the training step's attention this many queries at a time
   (`layer.attention_in_query_blocks`; accelerators: 256, memory linear in the sequence length;
   CPU: 0 = all at once).
-* ``attention_impl``: how the training step's full-sequence attention runs
-  (`pldr_jax.kernels.fused_attention`, chosen by `strategies.attention_strategy`): "blocks" =
+* ``attention_impl``: how the full-sequence attention of the training step and of the decode
+  prefill runs (`pldr_jax.kernels.fused_attention`, chosen by `strategies.attention_strategy`;
+  decode steps keep their KV-cache attention): "blocks" =
   ``attention_block`` queries at a time by the layer's own attention (CPU, and the fallback where a
   fused kernel does not apply), "cudnn" = cuDNN's fused attention on q' = q G_LM (GPUs), "splash" =
   Pallas splash attention (TPUs): no [B * H, block, L] logits through HBM; also "xla_sdpa" and

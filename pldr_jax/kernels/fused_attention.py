@@ -19,8 +19,9 @@ platforms' fused kernels apply unchanged -- memory linear in the sequence length
   the caller, not here).
 
 The mask these kernels implement is the model's `ops.attention.causal_padding_mask`: causal, and
-padding keys (token 0) masked for every query (`key_valid` [B, Lk], read off that mask by
-`key_valid_of`).  A packed mask of another shape (`eval.shared_context`) needs the ``"blocks"``
+padding keys (token 0) masked for every query: `FusedAttention` takes the keys' validity
+`key_valid` [B, Lk] itself (`over_tokens`; or reads it off such a mask, `key_valid_of`), so no
+[B, 1, L, L] mask exists in the program.  A packed mask of another shape (`eval.shared_context`) needs the ``"blocks"``
 path.  The kernels differ from `plga_attention` only for a query that sees no valid key (every
 query of an all-pad row): `plga_attention` averages every value there (all logits masked alike),
 the kernels attend to the row's first key (`visible_keys`) -- finite, and such positions never
