@@ -108,15 +108,20 @@ def test_cli_bad_input_writes_nothing(lm, tmp_path, capsys):
 
 
 def test_seq_cls_resumes_exactly_and_exports(lm, tmp_path, capsys):
-    """Killed after step 3 (--max-steps 3), started again: the same weights as one 6-step run;
-    the exported folder is a sequence-classification folder load_hf_head reads."""
+    """Killed after step 4 with its last checkpoint at step 3 (step 4's removed), started again: the
+    same weights as one 6-step run, and metrics.jsonl reads back as one history (step 4 once); the
+    loss plot is written; the exported folder is a sequence-classification folder load_hf_head reads."""
+    import shutil
     from pldr_jax.io.hf import load_hf_head, read_hf_state_dict
+    from pldr_jax.train.reporting import read_metrics
     common = ["--task", "seq-cls", "--train", "embedded", "--batch-size", "16", "--max-length", "24",
-              "--lr", "2e-3", "--epochs", "1", "--save-every", "3", "--json"]
+              "--lr", "2e-3", "--epochs", "1", "--save-every", "3", "--log-every", "1", "--eval-every", "3",
+              "--no-progress", "--json"]
     assert _ft(lm, tmp_path, *common, "--workdir", str(tmp_path / "a"), "--max-steps", "6") == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert res["step"] == 6 and set(res["valid"]) == {"accuracy", "macro_f1"}
-    assert _ft(lm, tmp_path, *common, "--workdir", str(tmp_path / "b"), "--max-steps", "3") == 0
+    assert res["step"] == 6 and set(res["valid"]) == {"loss", "accuracy", "macro_f1"}
+    assert _ft(lm, tmp_path, *common, "--workdir", str(tmp_path / "b"), "--max-steps", "4") == 0
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "4")     # the kill: step 4 logged, never checkpointed
     capsys.readouterr()
     assert _ft(lm, tmp_path, *common, "--workdir", str(tmp_path / "b"), "--max-steps", "6") == 0
     assert "resumed from step 3" in capsys.readouterr().err
@@ -127,9 +132,20 @@ def test_seq_cls_resumes_exactly_and_exports(lm, tmp_path, capsys):
     cfg, params, g, hcfg, head = load_hf_head(tmp_path / "a" / "hf")
     assert hcfg.architecture == "PldrllmForSequenceClassification" and hcfg.labels == (
         "aifc", "configparser", "re", "socketserver")
-    lines = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in lines if "loss" in x] == [1, 2, 3, 4, 5, 6] and "valid" in lines[-1]
-    # a different task in the same workdir: refused, nothing overwritten
+    ha, hb = read_metrics(tmp_path / "a" / "metrics.jsonl"), read_metrics(tmp_path / "b" / "metrics.jsonl")
+    train_a = [(r["step"], r["loss"]) for r in ha if r["kind"] == "train"]
+    train_b = [(r["step"], r["loss"]) for r in hb if r["kind"] == "train"]
+    assert [s for s, _ in train_a] == [1, 2, 3, 4, 5, 6] and train_b == train_a
+    ev = [r for r in hb if r["kind"] == "eval"]
+    assert [r["step"] for r in ev] == [3, 6] and {"val_loss", "val_accuracy", "val_macro_f1"} <= set(ev[-1])
+    assert ev[-1]["val_accuracy"] == res["valid"]["accuracy"]
+    assert [r["step"] for r in hb if r["kind"] == "resume"] == [3]
+    raw = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in raw if r.get("kind") == "train"].count(4) == 2   # logged twice, read once
+    for d in ("a", "b"):
+        png = tmp_path / d / "loss_curve.png"
+        assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
+    # a different recipe in the same workdir: refused, nothing overwritten
     assert _ft(lm, tmp_path, "--task", "seq-cls", "--train", "embedded", "--workdir", str(tmp_path / "a"),
                "--lr", "1e-4", "--max-steps", "1") == 2
     assert "different recipe" in capsys.readouterr().err
