@@ -141,11 +141,12 @@ def state_shardings(cfg: PLDRConfig, tx: optax.GradientTransformation, mesh: Mes
 
 def state_shardings_for(tx: optax.GradientTransformation, abstract_state: TrainState, p_sh, mesh: Mesh) -> TrainState:
     """TrainState of NamedShardings for a state of any params tree: params by `p_sh` (their
-    NamedShardings), optimiser moments like their parameters, step / rng / counters replicated."""
+    NamedShardings), optimiser moments like their parameters (none for the leaves an
+    `optax.masked` / `multi_transform` leaves out), step / rng / counters replicated."""
     rep = replicated(mesh)
-    opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_state.opt_state, p_sh,
-                                   transform_non_params=lambda _: rep,
-                                   is_leaf=lambda x: isinstance(x, NamedSharding))
+    opt_sh = optax.tree_map_params(tx, lambda v, s: v if isinstance(v, optax.MaskedNode) else s,
+                                   abstract_state.opt_state, p_sh, transform_non_params=lambda _: rep,
+                                   is_leaf=lambda x: isinstance(x, (NamedSharding, optax.MaskedNode)))
     return TrainState(step=rep, params=p_sh, opt_state=opt_sh, rng=rep)
 
 
