@@ -2,11 +2,14 @@
 
     python experiments/finetune.py [--source runs/main-job] [--tasks seq-cls,token-cls,qa,sft]
                                    [--epochs 4] [--lr 1e-3] [--out runs/finetune]
+                                   [--variants pretrained,random,fixed-g,freeze-decoder]
 
-For each task, `pldr-jax finetune SOURCE --task T --train embedded` runs twice with the same
-arguments: once from SOURCE's weights and once with `--random-init` (SOURCE's architecture and
-tokenizer, fresh weights).  Prints one markdown table (the validation metrics of both, and the
-majority-class accuracy for seq-cls) and writes it with the raw results to OUT/results.json.
+For each task, `pldr-jax finetune SOURCE --task T --train embedded` runs once per variant with the
+same arguments: "pretrained" (SOURCE's weights), "random" (`--random-init`: SOURCE's architecture
+and tokenizer, fresh weights), "fixed-g" (`--fixed-g`: SOURCE's weights, each layer's G_LM held at
+the starting model's G-cache) and "freeze-decoder" (`--freeze-decoder`: the head alone); default
+the first two.  Prints one markdown table (the validation metrics of each, and the majority-class
+accuracy for seq-cls) and writes it with the raw results to OUT/results.json.
 """
 
 from __future__ import annotations
@@ -21,13 +24,18 @@ import time
 from pathlib import Path
 
 
+#: variant -> its extra `pldr-jax finetune` flags
+VARIANTS = {"pretrained": [], "random": ["--random-init"], "fixed-g": ["--fixed-g"],
+            "freeze-decoder": ["--freeze-decoder"]}
+
+
 def run_one(source: str, task: str, workdir: Path, extra: list[str]) -> dict:
     from pldr_jax.cli import main
     buf = io.StringIO()
     t0 = time.time()
     with contextlib.redirect_stdout(buf):
         rc = main(["finetune", source, "--task", task, "--train", "embedded", "--workdir", str(workdir),
-                   "--json", *extra])
+                   "--json", "--no-progress", *extra])
     if rc != 0:
         raise SystemExit(f"finetune {task} failed (exit {rc})")
     res = json.loads(buf.getvalue().strip().splitlines()[-1])
@@ -53,12 +61,16 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", default="16")
     ap.add_argument("--max-length", default="64")
     ap.add_argument("--out", default="runs/finetune")
+    ap.add_argument("--variants", default="pretrained,random", help=f"comma-separated, of {', '.join(VARIANTS)}")
     a = ap.parse_args(argv)
     out = Path(a.out)
     extra = ["--epochs", a.epochs, "--lr", a.lr, "--batch-size", a.batch_size, "--max-length", a.max_length]
     rows, raw = [], {}
     for task in a.tasks.split(","):
-        for init, flags in (("pretrained", []), ("random", ["--random-init"])):
+        for init in a.variants.split(","):
+            if init not in VARIANTS:
+                raise SystemExit(f"unknown variant {init!r}; choose from {', '.join(VARIANTS)}")
+            flags = VARIANTS[init]
             wd = out / f"{task}-{init}"
             res = run_one(a.source, task, wd, extra + flags)
             raw[f"{task}/{init}"] = res

@@ -32,7 +32,6 @@ import dataclasses
 import json
 import math
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -127,9 +126,11 @@ def _batch(task: str, data: Encoded, idx: np.ndarray, batch_size: int) -> dict:
 def _train_batches(task: str, data: Encoded, batch_size: int, seed: int, start: int, total: int):
     """The batches of steps start+1 .. total: epoch e's seeded permutation, in order."""
     spe = math.ceil(len(data) / batch_size)
+    perm_epoch, perm = None, None
     for step in range(start, total):
         epoch, pos = divmod(step, spe)
-        perm = np.random.default_rng([seed, epoch]).permutation(len(data))
+        if epoch != perm_epoch:
+            perm_epoch, perm = epoch, np.random.default_rng([seed, epoch]).permutation(len(data))
         yield _batch(task, data, perm[pos * batch_size:(pos + 1) * batch_size], batch_size)
 
 
