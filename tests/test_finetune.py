@@ -198,7 +198,7 @@ def test_fixed_g_and_freeze_decoder_runs_keep_frozen_weights(lm, tmp_path, capsy
     from pldr_jax.io.hf import load_hf, load_hf_head
     _, src, _ = load_hf(lm)
     common = ["--task", "seq-cls", "--train", "embedded", "--batch-size", "16", "--max-length", "24", "--lr", "2e-3",
-              "--max-steps", "1", "--no-progress", "--no-plot", "--no-tensorboard", "--json"]
+              "--warmup-steps", "1", "--max-steps", "2", "--no-progress", "--no-plot", "--no-tensorboard", "--json"]
     assert _ft(lm, tmp_path, *common, "--fixed-g", "--workdir", str(tmp_path / "g")) == 0
     assert _ft(lm, tmp_path, *common, "--freeze-decoder", "--workdir", str(tmp_path / "f")) == 0
     capsys.readouterr()
