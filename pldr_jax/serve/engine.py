@@ -60,8 +60,10 @@ from ..decode.loop import prefill_cache
 from ..decode.request import make_request, normalize_prompts
 from ..decode.sampler import Sampler
 from ..decode.sampling import validate_sampling
+from ..decode.sharding import prefill_scope
 from ..decode.step import MODES
 from ..model import normalize_g_lm
+from ..partitioning import active_rules_key
 from .detok import TextStream
 from .scoring import prompt_logprobs
 from .slots import SlotParams, admit, empty_slots, generate_step
@@ -393,9 +395,11 @@ class Engine:
                        top_k=top_k, top_p=top_p)
         take_g = self.shared_g and not self._g_taken
         want_lp = any(r.logprobs for r in reqs)
-        self.cache, self.tokens, tok, lps = admit(self.loop_spec, self.params, self.cache, self.tokens, tokens,
-                                                  lengths, self._g, p, slots, shared_g=self.shared_g, take_g=take_g,
-                                                  with_logprobs=want_lp)
+        with prefill_scope(self.spec.prefill_attention, self.sampler.mesh, self.sampler.rules):
+            self.cache, self.tokens, tok, lps = admit(self.loop_spec, self.params, self.cache, self.tokens, tokens,
+                                                      lengths, self._g, p, slots, shared_g=self.shared_g,
+                                                      take_g=take_g, with_logprobs=want_lp,
+                                                      sharding_rules=active_rules_key())
         self._g_taken = self._g_taken or take_g
         self.admissions += 1
         for i, r in enumerate(reqs):       # the slot is the request's; the device ends it at an EOS first token

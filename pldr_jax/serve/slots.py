@@ -102,10 +102,10 @@ def empty_slots(one: Cache, slots: int, shared_g: bool) -> Cache:
                  kv_next=None if one.kv_next is None else jnp.zeros((), jnp.int32))
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "shared_g", "take_g", "with_logprobs"),
+@functools.partial(jax.jit, static_argnames=("spec", "shared_g", "take_g", "with_logprobs", "sharding_rules"),
                    donate_argnames=("cache", "tokens"))
 def admit(spec: LoopSpec, params, cache: Cache, tokens, prompts, lengths, g_all, p: SlotParams, slots, *,
-          shared_g: bool, take_g: bool, with_logprobs: bool):
+          shared_g: bool, take_g: bool, with_logprobs: bool, sharding_rules=None):
     """Prefill n requests together and put them into free slots, in one device call.
 
     prompts [n, P] int32 right-padded (lengths [n]) run through `decode.loop.prefill_and_trim` into a
@@ -115,7 +115,9 @@ def admit(spec: LoopSpec, params, cache: Cache, tokens, prompts, lengths, g_all,
     positions 0 .. P-1, the rest of a row is masked out by its length), the tokens into `tokens` [B]
     (donated).  A slot index >= B drops its row (filler rows of a padded batch).  With `shared_g` the
     G-cache is one row for every slot: taken from row 0 when `take_g` (the first request), else left
-    as it is.  Returns (cache, tokens, first tokens [n], logprobs (`token_logprobs`) or None)."""
+    as it is.  sharding_rules: `partitioning.active_rules_key()` of the caller's scope (the prefill
+    traced under `decode.sharding.prefill_scope` compiles apart).  Returns (cache, tokens, first
+    tokens [n], logprobs (`token_logprobs`) or None)."""
     new, logits0, _ = prefill_and_trim(spec, params, prompts, lengths, g_all, prompts.shape[1], stack_deductive=False)
     tok = sample_rows(logits0, p)
     S = cache.tokens.shape[1]
