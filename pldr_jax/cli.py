@@ -55,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         _exit_now_if_multiprocess(3)
         return 3
     except (RuntimeError, TimeoutError) as e:  # resume impossible, a save failed, a cross-process wait timed out
+        _exit_if_lost_peer(args, e)  # also a failed save or wait whose cause is a dead process
         if not isinstance(e, _run_failures()):
-            _exit_if_lost_peer(args, e)
             if _distributed_started():
                 traceback.print_exc()
                 _exit_now_if_multiprocess(1)
@@ -74,14 +74,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def _exit_now_if_multiprocess(code: int, error: BaseException | None = None) -> None:
     """In a multi-process run, exit at once: orbax threads stuck on a failed collective save would
-    keep the interpreter from exiting, and the other processes learn of this one's end from the
-    coordination service's heartbeat (they stop with "another task died").  An error that every
+    keep the interpreter from exiting, and the other processes learn of this one's end from their
+    failing collectives or the coordination service's heartbeat (they stop with the lost-peer line,
+    `train.peerwatch`).  An error that every
     process raised together (`raised_on_every_process`, e.g. a failed checkpoint save) is first
     waited out at a short timed barrier, so that process 0, which hosts the coordination service,
     does not end the others before they have printed it."""
     if _distributed_started():
         sys.stdout.flush()
         sys.stderr.flush()
+        _tell_peer_watch()
         if getattr(error, "raised_on_every_process", False):
             from .train import multihost
             try:
@@ -89,6 +91,14 @@ def _exit_now_if_multiprocess(code: int, error: BaseException | None = None) -> 
             except Exception:  # a process already gone: leave anyway
                 pass
         os._exit(code)
+
+
+def _tell_peer_watch() -> None:
+    """This process printed its final error line: the lost-peer watcher (`train.peerwatch`, started in
+    multi-process training) adds none of its own if the JAX runtime aborts the process on the way out."""
+    peerwatch = sys.modules.get("pldr_jax.train.peerwatch")
+    if peerwatch is not None:
+        peerwatch.reported()
 
 
 def _exit_if_lost_peer(args, error: BaseException) -> None:
