@@ -291,7 +291,7 @@ def test_kill_one_process_while_the_other_waits_in_the_commit_barrier(data, vict
 def test_peer_watch_replaces_the_runtime_abort_with_one_line(tmp_path):
     """The watcher's filter on the lines the JAX runtime writes when it aborts a survivor (as logged by
     jaxlib 0.10 on the host of the coordination service), without processes."""
-    from pldr_jax.train.peerwatch import HOLD_S, LineFilter, _REPORTED
+    from pldr_jax.train.peerwatch import _LINE, _REPORTED, HOLD_S, LineFilter
     ckpt = tmp_path / "checkpoints"
     (ckpt / "4").mkdir(parents=True)
     (ckpt / "4" / "_CHECKPOINT_METADATA").write_text("{}")
@@ -315,9 +315,19 @@ def test_peer_watch_replaces_the_runtime_abort_with_one_line(tmp_path):
         "UNAVAILABLE: The following tasks are unhealthy (stopped sending heartbeats): 1); the newest complete "
         f"checkpoint is step 4 in {ckpt}. Start every process again with the same command plus --resume (it "
         "continues from that step)"]
-    # the process printed its own final line first: nothing added, the runtime's lines dropped
+    # the process printed its own final error (a traceback) first: nothing added, the runtime's lines dropped
     f = LineFilter("pldr-jax train", ckpt, clock=lambda: now[0])
     assert b"".join(f.feed(line) for line in [abort[0], _REPORTED, *abort[1:]]) + f.eof() == abort[0]
+    # the process's own line and the abort race: whichever comes first is the one line
+    own = _LINE + b"pldr-jax train: error: another process ... (Gloo: Connection reset by peer)\x1fsecond line\n"
+    f = LineFilter("pldr-jax train", ckpt, clock=lambda: now[0])
+    out = b"".join(f.feed(line) for line in [abort[0], own, *abort[1:]]) + f.eof()
+    assert out == abort[0] + own[len(_LINE):].replace(b"\x1f", b"\n") and f.ack
+    f = LineFilter("pldr-jax train", ckpt, clock=lambda: now[0])
+    out = b"".join(f.feed(line) for line in [*abort[:-2], own, *abort[-2:]]) + f.eof()
+    assert out.decode().splitlines()[1].startswith("pldr-jax train: error: another process of this run died or "
+                                                   "became unreachable (JAX coordination service: ") and f.ack
+    assert len(out.decode().splitlines()) == 2
     # error lines without the fatal one: released after HOLD_S, or at the end of the process
     f = LineFilter("pldr-jax train", ckpt, clock=lambda: now[0])
     assert f.feed(abort[4]) == b"" and f.timeout() == b"" and f.feed(b"later\n") == b""

@@ -22,10 +22,14 @@ the abort no Python code of the process runs, so the line comes from a small wat
   (`FATAL_MARKER`) follows, the held lines, the fatal line and the stack trace after it are replaced by
   one line -- ``pldr-jax train: error: another process of this run died or became unreachable (<the
   service's status>); the newest complete checkpoint is step K in DIR. Start every process again with
-  the same command plus --resume`` -- printed before the process is gone.  If the process printed its
-  own final error line (`reported`, called by `pldr_jax.cli` before it exits), nothing is added and
-  the held lines are dropped.  Held lines without a fatal line within `HOLD_S` seconds are released
-  unchanged.  Nothing else is touched: any other abort (a bug) prints its message and stack as before.
+  the same command plus --resume`` -- printed before the process is gone.  Held lines without a
+  fatal line within `HOLD_S` seconds are released unchanged.  Nothing else is touched: any other
+  abort (a bug) prints its message and stack as before.
+* The process's own final error line goes through the watcher too (`report`: written into the pipe,
+  printed by the watcher, acknowledged before the process exits), so that exactly one line comes out
+  when a collective's failure and the runtime's abort race (a killed process 0 causes both at once):
+  whichever reaches the watcher first is printed, the other dropped.  `reported` (after a traceback)
+  only tells the watcher to add nothing.
 
 The process itself still ends with SIGABRT (exit status 134 in a shell, -6 from `subprocess`).
 """
@@ -41,7 +45,7 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["start", "reported", "is_running", "complete_checkpoint_steps", "lost_peer_message", "LineFilter",
+__all__ = ["start", "report", "reported", "is_running", "complete_checkpoint_steps", "lost_peer_message", "LineFilter",
            "ERROR_MARKERS", "FATAL_MARKER", "HOLD_S"]
 
 #: The line the JAX distributed client logs (LOG(FATAL)) right before it aborts the process.
@@ -52,10 +56,14 @@ ERROR_MARKERS = (b"Use error polling to propagate the following error to all tas
                  b"Coordination service agent in error status")
 #: Seconds held lines wait for the fatal line before they are released unchanged.
 HOLD_S = 5.0
+#: Seconds `report` waits for the watcher to print the process's line (else the process prints it).
+ACK_S = 2.0
 #: What `reported` writes into the pipe (never printed): the process printed its final error itself.
 _REPORTED = b"\x1e[pldr-jax reported]\x1e\n"
+#: The prefix of the process's own final line written into the pipe by `report` (printed without it).
+_LINE = b"\x1e[pldr-jax line]\x1e"
 
-_state: dict = {}  # the running watcher of this process: {"proc": Popen, "fd": the pipe's write end}
+_state: dict = {}  # the running watcher of this process: {"proc": Popen, "fd": the pipe's write end, "ack": fd}
 
 
 # =========================================================================== the message
@@ -112,11 +120,16 @@ class LineFilter:
         self.deadline: float | None = None
         self.reported = False  # the process printed its final error line itself
         self.fatal = False     # the runtime's fatal line was seen: the rest is its stack trace
+        self.ack = False       # the process waits to hear that its line was handled (`report`)
 
     def feed(self, line: bytes) -> bytes:
         if line == _REPORTED:
             self.reported = True
             return b""
+        if line.startswith(_LINE):  # the process's own final line: printed unless the abort's line was
+            self.ack = True
+            done, self.reported = self.fatal or self.reported, True
+            return b"" if done else line[len(_LINE):].replace(b"\x1f", b"\n")
         if self.fatal:
             return b""
         if FATAL_MARKER in line:
@@ -148,8 +161,9 @@ class LineFilter:
         return out
 
 
-def _watch(command: str, ckpt_dir: str, hold_s: float, inp: int = 0, out: int = 1) -> int:
-    """The watcher's loop: `inp` (the pipe) through `LineFilter` to `out` until end of file."""
+def _watch(command: str, ckpt_dir: str, hold_s: float, ack: int, inp: int = 0, out: int = 1) -> int:
+    """The watcher's loop: `inp` (the pipe) through `LineFilter` to `out` until end of file; a byte
+    to `ack` once the process's own line is handled."""
     for sig in (signal.SIGINT, signal.SIGTERM):  # a Ctrl-C / scheduler signal to the group: outlive the process
         signal.signal(sig, signal.SIG_IGN)
     filt, partial = LineFilter(command, ckpt_dir, hold_s), b""
@@ -176,6 +190,12 @@ def _watch(command: str, ckpt_dir: str, hold_s: float, inp: int = 0, out: int = 
             break
         *lines, partial = (partial + chunk).split(b"\n")
         write(b"".join(filt.feed(line + b"\n") for line in lines))
+        if filt.ack:
+            filt.ack = False
+            try:
+                os.write(ack, b"!")
+            except OSError:  # the process is gone
+                pass
     write(filt.feed(partial) if partial else b"")
     write(filt.eof())
     return 0
@@ -195,26 +215,27 @@ def start(command: str, ckpt_dir: str | os.PathLike, hold_s: float = HOLD_S) -> 
         orig = os.dup(2)
     except OSError:
         return False
+    fds = [orig]
     try:
         r, w = os.pipe()
-    except OSError:
-        os.close(orig)
-        return False
-    try:
+        fds += [r, w]
+        ack_r, ack_w = os.pipe()
+        fds += [ack_r, ack_w]
         proc = subprocess.Popen([sys.executable, "-I", "-S", str(Path(__file__).resolve()), command,
-                                 str(Path(ckpt_dir).absolute()), repr(float(hold_s))],
-                                stdin=r, stdout=orig, stderr=orig, close_fds=True)
+                                 str(Path(ckpt_dir).absolute()), repr(float(hold_s)), str(ack_w)],
+                                stdin=r, stdout=orig, stderr=orig, close_fds=True, pass_fds=(ack_w,))
     except OSError:
-        for fd in (orig, r, w):
+        for fd in fds:
             os.close(fd)
         return False
     os.close(r)
+    os.close(ack_w)
     sys.stderr = io.TextIOWrapper(open(orig, "wb"), encoding=getattr(sys.stderr, "encoding", None) or "utf-8",
                                   errors="backslashreplace", line_buffering=True,
                                   write_through=getattr(sys.stderr, "write_through", False))
     os.dup2(w, 2)
     os.close(w)
-    _state.update(proc=proc, fd=2)
+    _state.update(proc=proc, fd=2, ack=ack_r)
     return True
 
 
@@ -222,9 +243,25 @@ def is_running() -> bool:
     return bool(_state)
 
 
+def report(line: str) -> bool:
+    """Have the watcher print the process's final error `line` -- or drop it, when it
+    already printed the lost-peer line for an abort of the runtime -- and wait until it did (at most
+    `ACK_S` s).  False (nothing printed: print it yourself) without a watcher or an answer."""
+    if not _state:
+        return False
+    try:
+        text = line.rstrip("\n").replace("\n", "\x1f")  # one line in the pipe; its line breaks restored there
+        os.write(_state["fd"], _LINE + text.encode("utf-8", "backslashreplace") + b"\n")
+        if select.select([_state["ack"]], [], [], ACK_S)[0] and os.read(_state["ack"], 1):
+            return True
+    except OSError:
+        pass
+    return False
+
+
 def reported() -> None:
-    """The process printed its final error line itself (and exits now): the watcher adds nothing and
-    drops the coordination service's lines it holds.  No-op without a watcher."""
+    """The process printed its final error (a traceback) itself and exits now: the watcher adds
+    nothing and drops the coordination service's lines it holds.  No-op without a watcher."""
     if not _state:
         return
     try:
@@ -234,4 +271,4 @@ def reported() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(_watch(sys.argv[1], sys.argv[2], float(sys.argv[3])))
+    sys.exit(_watch(sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])))
