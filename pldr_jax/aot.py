@@ -153,11 +153,13 @@ def _lower_decode(cfg, batch, seq_len, mesh, backend=None):
     """Prefill of `batch` prompts of seq_len // 2 tokens + the decode `while_loop` for the rest."""
     import jax
     import jax.numpy as jnp
+    from .decode.sharding import prefill_scope
     from .train.sharding import batch_sharding, replicated
     dplan, params, p_sh, g_all, P, N, cache_sharding, inputs, in_sh = _decode_parts(cfg, batch, seq_len, mesh, backend)
 
     def decode(params, tokens, lengths, key, inputs):
-        cache, logits0, _ = dplan.prefill(params, tokens, lengths, g_all)
+        with prefill_scope(dplan.spec.step.prefill_attention, mesh):
+            cache, logits0, _ = dplan.prefill(params, tokens, lengths, g_all)
         cache = jax.lax.with_sharding_constraint(cache, cache_sharding(cache))
         st = dplan.loop(params, cache, logits0, None, key, inputs)
         return st.out, st.count
@@ -184,13 +186,15 @@ def _lower_decode_step(cfg, batch, seq_len, mesh, backend=None):
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec
+    from .decode.sharding import prefill_scope
     from .train.sharding import replicated
     dplan, params, p_sh, g_all, P, N, cache_sharding, inputs, in_sh = _decode_parts(cfg, batch, seq_len, mesh, backend)
     spec = dplan.spec
     i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)
 
     def state(params, tokens, lengths, key, inputs):
-        cache, logits0, _ = dplan.prefill(params, tokens, lengths, g_all)
+        with prefill_scope(dplan.spec.step.prefill_attention, mesh):
+            cache, logits0, _ = dplan.prefill(params, tokens, lengths, g_all)
         return dplan.start(cache, logits0, None, key, inputs)
 
     key = jax.eval_shape(lambda: jax.random.PRNGKey(0))

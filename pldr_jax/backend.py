@@ -39,12 +39,16 @@ behind each default are in experiments/README.md, "Backend choices: the measurem
 * ``decode_embed_f32``: a 16-bit decode keeps its embedding table in float32 and looks rows up
   before the cast (CPU: XLA:CPU converts a whole bfloat16 table for a gather).
 * ``head_chunk_bytes``: the training loss's head + cross-entropy over sequence chunks of at most this
-  many bytes of float32 logits (accelerators: 1 GiB; CPU: 0 = whole).
+  many bytes of float32 logits per device (accelerators: 256 MiB; CPU: 0 = whole).  A chunk's
+  logits and their gradient are the step's largest buffers: 1 GiB chunks made the head the peak of
+  the v51 110M step at 4 x 8192 on one H100 (experiments/README.md, "Fused attention on
+  accelerators").
 * ``attention_block``: the training step's attention this many queries at a time
   (`layer.attention_in_query_blocks`; accelerators: 256, memory linear in the sequence length;
   CPU: 0 = all at once).
-* ``attention_impl``: how the training step's full-sequence attention runs
-  (`pldr_jax.kernels.fused_attention`, chosen by `strategies.attention_strategy`): "blocks" =
+* ``attention_impl``: how the full-sequence attention of the training step and of the decode
+  prefill runs (`pldr_jax.kernels.fused_attention`, chosen by `strategies.attention_strategy`;
+  decode steps keep their KV-cache attention): "blocks" =
   ``attention_block`` queries at a time by the layer's own attention (CPU, and the fallback where a
   fused kernel does not apply), "cudnn" = cuDNN's fused attention on q' = q G_LM (GPUs), "splash" =
   Pallas splash attention (TPUs): no [B * H, block, L] logits through HBM; also "xla_sdpa" and
@@ -121,7 +125,7 @@ def choices(platform: str | None = None, options: Mapping[str, Any] | None = Non
                           decode_transposed=("float32",) if cpu else (), kv_cache_dtype="float32" if cpu else None,
                           decode_embed_f32=cpu,
                           remat="none" if cpu else "full",
-                          head_chunk_bytes=0 if cpu else 2 ** 30, attention_block=0 if cpu else 256,
+                          head_chunk_bytes=0 if cpu else 2 ** 28, attention_block=0 if cpu else 256,
                           decode_merged_heads=cpu, decode_shared_kv_slot=not cpu,
                           decode_kv_chunk=0 if cpu else 256,
                           decode_attention="native" if native else "xla",

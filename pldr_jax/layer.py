@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from .config import PLDRConfig
-from .ops.attention import plga_attention
+from .ops.attention import causal_padding_mask, plga_attention
 from .ops.deductive import derive_g
 from .ops.layers import glu, layer_norm, linear
 from .ops.metric import metric_learner, metric_tensor
@@ -62,12 +62,19 @@ class SequenceAttention(Attention):
     """The paper's attention over the call's own keys and values, `block` queries at a time
     (`attention_in_query_blocks`; 0 = all at once).  mask [B, 1, Lq, Lk] bool (True = may attend)
     or None.  Without a mask it is hashable: `model.forward` takes one as a (static) template and
-    sets its mask (``.replace(mask=...)``); a fused implementation subclasses it."""
+    sets its mask (`over_tokens`, or ``.replace(mask=...)`` for another mask); a fused implementation
+    subclasses it."""
     mask: jax.Array | None = None
     block: int = flax.struct.field(pytree_node=False, default=0)
     #: whether any mask works (False: only the causal-padding mask; `model.forward` then refuses a
     #: packed row's mask)
     general_mask: ClassVar[bool] = True
+
+    def over_tokens(self, key_valid: jax.Array) -> "SequenceAttention":
+        """This attention for a causal self-attention over tokens whose keys are valid where
+        `key_valid` [B, L] bool (False = padding): its mask set to `causal_padding_mask(key_valid, L)`.
+        A fused subclass keeps `key_valid` itself (no [B, 1, L, L] mask array)."""
+        return self.replace(mask=causal_padding_mask(key_valid, key_valid.shape[-1]))
 
     def __call__(self, q, k, v, g_lm):
         return attention_in_query_blocks(q, k, v, g_lm, self.mask, self.block), (k, v)

@@ -18,7 +18,6 @@ import jax.numpy as jnp
 
 from .config import PLDRConfig
 from .layer import SequenceAttention, decoder_layer
-from .ops.attention import causal_padding_mask
 from .ops.layers import layer_norm, linear
 from .ops.rope import rope_tables
 from .partitioning import active_rules_key, constrain, rules_scope
@@ -180,11 +179,12 @@ def _forward_body(cfg, params, tokens, g_lm, pad_aware_A, collect, remat, kernel
     B, L = tokens.shape
     valid = tokens != 0
     positions = jnp.broadcast_to(jnp.arange(L), (B, L)) if positions is None else positions
-    mask = causal_padding_mask(valid, L) if attn_mask is None else attn_mask
     token_mask_A = metric_mask if metric_mask is not None else (valid if pad_aware_A else None)
     x0 = constrain(embed(cfg, params, tokens), ("batch", "length", "act_embed"))
     rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta)          # once, for every layer
-    att = (SequenceAttention(block=attn_block) if attention is None else attention).replace(mask=mask)
+    att = SequenceAttention(block=attn_block) if attention is None else attention
+    # the causal-padding mask as the strategy holds it (a fused kernel: the keys' validity only)
+    att = att.over_tokens(valid) if attn_mask is None else att.replace(mask=attn_mask)
 
     def body(x, lp, g):
         x, ded, (k, v) = decoder_layer(cfg, lp, x, rope, att, g_lm=g, metric_mask=token_mask_A, kernels=kernels)

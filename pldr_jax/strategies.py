@@ -2,7 +2,7 @@
 
 The core (`pldr_jax.layer`, `pldr_jax.model`) takes *how* to execute as values; this module maps a
 resolved `BackendChoices` to them, in one place, for the entry points that start work (the train
-step, `losses.loss_terms` callers):
+step, `losses.loss_terms` callers, the decode plan's prompt pass: `decode.plan`):
 
 * `attention_strategy(backend)`: the full-sequence attention, a mask-less `layer.SequenceAttention`
   (``attention_block`` queries at a time), or a fused kernel (``attention_impl``: cuDNN, Pallas

@@ -239,3 +239,27 @@ def test_largest_fitting_batch_search(limit):
     got = aot.largest_fitting(fits, 4, 8)
     assert got == (limit // 4) * 4
     assert all(b % 4 == 0 for b in tried) and len(tried) < 20
+
+
+# the decode plan's prompt pass with the platform's fused attention: a bf16 model, prompts of 128 tokens
+# (seq_len 256: 128 prompt + 128 new; splash takes multiples of 128), one layer
+_PREFILL = dict(SMALL, num_layers=1, dtype="bfloat16", max_seq_len=256)
+
+
+@needs_cuda
+def test_gpu_decode_prefill_runs_cudnn_fused_attention():
+    r = aot.compile_report(topology="h100:1x1", preset="tiny", overrides=_PREFILL, batch=2, seq_len=256,
+                           what="decode", keep_hlo=True)
+    assert r["fits"] and "__cudnn$fmhaSoftmax" in r["hlo"], "the prefill is not cuDNN's fused attention"
+    assert "[2,8,128,128]" not in r["hlo"]              # no [B, H, P, P] logits
+
+
+@needs_libtpu
+def test_tpu_decode_prefill_runs_splash_on_each_chips_rows():
+    """v5e:2x2, the rows over fsdp 4: the prompt pass is the splash kernel (a Mosaic custom call) on
+    each chip's row, with no all-to-all and no [B, H, P, P] logits."""
+    r = aot.compile_report(topology="v5e:2x2", preset="tiny", overrides=_PREFILL, mesh=(1, 4, 1), batch=4,
+                           seq_len=256, what="decode", keep_hlo=True)
+    hlo = r["hlo"]
+    assert r["fits"] and "tpu_custom_call" in hlo and "splash" in hlo, "the prefill is not the splash kernel"
+    assert "all-to-all" not in r["collectives"] and ",128,128]" not in hlo

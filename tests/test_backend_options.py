@@ -138,3 +138,28 @@ def test_user_rules_apply_to_parameters_activations_and_cache():
         constraints[name] = [ln.split("spec=", 1)[1] for ln in jaxpr.splitlines() if "spec=" in ln]
     assert any("'tensor'" in ln for ln in constraints["default"])
     assert constraints["user"] and not any("'tensor'" in ln for ln in constraints["user"])
+
+
+def test_prefill_with_the_accelerator_fused_attention_gives_the_query_blocks_ids_and_logits(tiny_v510):
+    """The decode plan's prompt pass takes the training step's attention choice (`strategies`): with
+    the accelerator choices and XLA's SDPA (the fused kernels' formulation, on CPU) the prefill runs
+    `FusedAttention` over the keys' validity, and the greedy ids and every step's logits equal the
+    query blocks' (`attention_impl` "blocks") and the CPU path's ids; the decode steps keep their KV attention."""
+    from pldr_jax.kernels.fused_attention import FusedAttention
+    from pldr_jax.layer import SequenceAttention
+    cfg, params = tiny_v510
+    blocks = _accelerator_on_cpu(cfg, batch=len(PROMPTS), block=4)
+    fused = backend.with_options(blocks, {"attention_impl": "xla_sdpa"})
+    kw = dict(max_new_tokens=5, top_k=1, eos_id=None, return_logits=True)
+    runs = {}
+    for name, ch in (("blocks", blocks), ("fused", fused)):
+        s = pldr_jax.Sampler(cfg, params, backend=ch)
+        step = s._request(PROMPTS, **kw).spec.step
+        assert step.shared_slot and step.kv_chunk == 4          # the decode steps: live-slot KV attention
+        runs[name] = (step.prefill_attention, s(PROMPTS, **kw))
+    assert runs["fused"][0] == FusedAttention(block=4, implementation="xla_sdpa")
+    assert runs["blocks"][0] == SequenceAttention(block=4)
+    assert pldr_jax.Sampler(cfg, params)._request(PROMPTS, **kw).spec.step.prefill_attention == SequenceAttention()
+    a, b = runs["blocks"][1], runs["fused"][1]
+    assert b.tokens == a.tokens == pldr_jax.Sampler(cfg, params)(PROMPTS, **kw).tokens
+    np.testing.assert_allclose(np.asarray(b.logits), np.asarray(a.logits), rtol=1e-5, atol=1e-5)

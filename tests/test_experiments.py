@@ -298,3 +298,24 @@ def test_bench_packed_matmul_quick():
         assert finite(r["xla_ms"]) and finite(r["packed_ms"]) and r["ratio"] == pytest.approx(r["xla_ms"] / r["packed_ms"])
         tol = 1e-5 if r["dtype"] == "float32" else 0.1
         assert r["max_err_packed"] < tol and r["max_err_xla"] < tol, r
+
+
+def test_compare_commits_rounds_and_bad_base():
+    """compare_commits: ABBA side order, ratios median / spread over rounds, and an unknown --base
+    refused in one line with exit 2 (nothing run)."""
+    sys.path.insert(0, str(EXP))
+    try:
+        import compare_commits as cc
+    finally:
+        sys.path.remove(str(EXP))
+    assert [cc.side_order(i) for i in range(4)] == [("base", "head"), ("head", "base")] * 2
+    rounds = [{"base": {"tokens_per_s": b}, "head": {"tokens_per_s": h}} for b, h in [(10, 11), (10, 9), (20, 21)]]
+    s = cc.summarise(rounds)
+    assert s["ratio_median"] == pytest.approx(1.05) and s["ratio_min"] == pytest.approx(0.9)
+    assert s["within_noise"] and s["base_tokens_per_s"] == 10 and s["head_tokens_per_s"] == 11
+    assert not cc.summarise(rounds[:1])["within_noise"]
+    p = subprocess.run([sys.executable, str(EXP / "compare_commits.py"), "--base", "no-such-ref-xyz"],
+                       capture_output=True, text=True)
+    if subprocess.run(["git", "-C", str(EXP.parent), "rev-parse"], capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout")
+    assert p.returncode == 2 and "no-such-ref-xyz" in p.stderr and len(p.stderr.strip().splitlines()) == 1

@@ -108,15 +108,20 @@ def test_cli_bad_input_writes_nothing(lm, tmp_path, capsys):
 
 
 def test_seq_cls_resumes_exactly_and_exports(lm, tmp_path, capsys):
-    """Killed after step 3 (--max-steps 3), started again: the same weights as one 6-step run;
-    the exported folder is a sequence-classification folder load_hf_head reads."""
+    """Killed after step 4 with its last checkpoint at step 3 (step 4's removed), started again: the
+    same weights as one 6-step run, and metrics.jsonl reads back as one history (step 4 once); the
+    loss plot is written; the exported folder is a sequence-classification folder load_hf_head reads."""
+    import shutil
     from pldr_jax.io.hf import load_hf_head, read_hf_state_dict
+    from pldr_jax.train.reporting import read_metrics
     common = ["--task", "seq-cls", "--train", "embedded", "--batch-size", "16", "--max-length", "24",
-              "--lr", "2e-3", "--epochs", "1", "--save-every", "3", "--json"]
+              "--lr", "2e-3", "--epochs", "1", "--save-every", "3", "--log-every", "1", "--eval-every", "3",
+              "--no-progress", "--json"]
     assert _ft(lm, tmp_path, *common, "--workdir", str(tmp_path / "a"), "--max-steps", "6") == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert res["step"] == 6 and set(res["valid"]) == {"accuracy", "macro_f1"}
-    assert _ft(lm, tmp_path, *common, "--workdir", str(tmp_path / "b"), "--max-steps", "3") == 0
+    assert res["step"] == 6 and set(res["valid"]) == {"loss", "accuracy", "macro_f1"}
+    assert _ft(lm, tmp_path, *common, "--workdir", str(tmp_path / "b"), "--max-steps", "4") == 0
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "4")     # the kill: step 4 logged, never checkpointed
     capsys.readouterr()
     assert _ft(lm, tmp_path, *common, "--workdir", str(tmp_path / "b"), "--max-steps", "6") == 0
     assert "resumed from step 3" in capsys.readouterr().err
@@ -127,9 +132,20 @@ def test_seq_cls_resumes_exactly_and_exports(lm, tmp_path, capsys):
     cfg, params, g, hcfg, head = load_hf_head(tmp_path / "a" / "hf")
     assert hcfg.architecture == "PldrllmForSequenceClassification" and hcfg.labels == (
         "aifc", "configparser", "re", "socketserver")
-    lines = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in lines if "loss" in x] == [1, 2, 3, 4, 5, 6] and "valid" in lines[-1]
-    # a different task in the same workdir: refused, nothing overwritten
+    ha, hb = read_metrics(tmp_path / "a" / "metrics.jsonl"), read_metrics(tmp_path / "b" / "metrics.jsonl")
+    train_a = [(r["step"], r["loss"]) for r in ha if r["kind"] == "train"]
+    train_b = [(r["step"], r["loss"]) for r in hb if r["kind"] == "train"]
+    assert [s for s, _ in train_a] == [1, 2, 3, 4, 5, 6] and train_b == train_a
+    ev = [r for r in hb if r["kind"] == "eval"]
+    assert [r["step"] for r in ev] == [3, 6] and {"val_loss", "val_accuracy", "val_macro_f1"} <= set(ev[-1])
+    assert ev[-1]["val_accuracy"] == res["valid"]["accuracy"]
+    assert [r["step"] for r in hb if r["kind"] == "resume"] == [3]
+    raw = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in raw if r.get("kind") == "train"].count(4) == 2   # logged twice, read once
+    for d in ("a", "b"):
+        png = tmp_path / d / "loss_curve.png"
+        assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
+    # a different recipe in the same workdir: refused, nothing overwritten
     assert _ft(lm, tmp_path, "--task", "seq-cls", "--train", "embedded", "--workdir", str(tmp_path / "a"),
                "--lr", "1e-4", "--max-steps", "1") == 2
     assert "different recipe" in capsys.readouterr().err
@@ -143,3 +159,55 @@ def test_sft_run_then_generate(lm, tmp_path, capsys):
     assert res["valid"]["tokens"] > 0 and res["valid"]["perplexity"] > 1
     assert main(["generate", str(wd), "--prompt", "Describe the Python module abc.", "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out.strip()
+
+
+def test_fixed_g_is_the_g_cache_and_freezes_the_metric_learner():
+    """--fixed-g: the starting model's G-cache of a sequence gives that sequence's normal forward
+    (step 0), and with it the metric learner's params get exactly zero gradient (without it, not)."""
+    from pldr_jax import forward
+    from pldr_jax.finetune.loop import fixed_g_lm
+    from pldr_jax.finetune.step import METRIC_LEARNER, frozen_mask, task_loss
+    from pldr_jax.heads import HeadConfig, init_head
+    cfg = PLDRConfig.preset("tiny")
+    params = {k: v for k, v in init_params(cfg, jax.random.key(0)).items() if k != "final"}
+    tokens = jnp.array([[5, 6, 7, 8, 9, 3, 0, 0], [11, 12, 13, 3, 0, 0, 0, 0]])
+    g = jnp.asarray(fixed_g_lm(cfg, params, np.asarray(tokens[0])))
+    assert g.shape == (cfg.num_layers, cfg.num_heads, cfg.head_dim, cfg.head_dim)
+    row = tokens[:1, :6]
+    np.testing.assert_allclose(forward(cfg, params, row, g).hidden, forward(cfg, params, row).hidden,
+                               rtol=1e-5, atol=1e-6)
+    hcfg = HeadConfig("seq-cls", 3)
+    tree = {**params, "head": init_head(cfg, hcfg, jax.random.key(1))}
+    batch = {"inputs": tokens, "mask": jnp.ones(2), "labels": jnp.array([0, 2])}
+    grad = lambda g_lm: jax.grad(lambda p: task_loss(cfg, hcfg, "seq-cls", p, batch, g_lm)[0])(tree)
+    fixed, learned = grad(g), grad(None)
+    for name in METRIC_LEARNER:
+        assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree_util.tree_leaves(fixed["layers"][name])), name
+        assert any(float(jnp.abs(x).max()) > 0.0 for x in jax.tree_util.tree_leaves(learned["layers"][name])), name
+    assert float(jnp.abs(fixed["layers"]["wq"]["kernel"]).max()) > 0      # the rest still learns
+    mask = frozen_mask(tree, fixed_g=True)
+    assert {k for k, v in mask["layers"].items() if all(jax.tree_util.tree_leaves(v))} == set(METRIC_LEARNER)
+    assert not any(jax.tree_util.tree_leaves(mask["head"])) and not mask["embed"]["embedding"]
+    assert all(jax.tree_util.tree_leaves(frozen_mask(tree, freeze_decoder=True)["layers"]))
+
+
+def test_fixed_g_and_freeze_decoder_runs_keep_frozen_weights(lm, tmp_path, capsys):
+    """After --fixed-g training the metric learner is bitwise the source's and the rest moved;
+    after --freeze-decoder the whole decoder is; fixed_g.npy holds the G used."""
+    from pldr_jax.finetune.step import METRIC_LEARNER
+    from pldr_jax.io.hf import load_hf, load_hf_head
+    _, src, _ = load_hf(lm)
+    common = ["--task", "seq-cls", "--train", "embedded", "--batch-size", "16", "--max-length", "24", "--lr", "2e-3",
+              "--warmup-steps", "1", "--max-steps", "2", "--no-progress", "--no-plot", "--no-tensorboard", "--json"]
+    assert _ft(lm, tmp_path, *common, "--fixed-g", "--workdir", str(tmp_path / "g")) == 0
+    assert _ft(lm, tmp_path, *common, "--freeze-decoder", "--workdir", str(tmp_path / "f")) == 0
+    capsys.readouterr()
+    _, pg, *_ = load_hf_head(tmp_path / "g" / "hf")
+    _, pf, *_ = load_hf_head(tmp_path / "f" / "hf")
+    for name in src["layers"]:
+        same = jax.tree_util.tree_map(lambda a, b: bool(np.array_equal(a, b)), src["layers"][name], pg["layers"][name])
+        assert all(jax.tree_util.tree_leaves(same)) == (name in METRIC_LEARNER), name
+    for k in ("embed", "embed_norm", "layers"):
+        jax.tree_util.tree_map(np.testing.assert_array_equal, src[k], pf[k])
+    g = np.load(tmp_path / "g" / "fixed_g.npy")
+    assert g.shape[0] == 2 and np.isfinite(g).all()

@@ -22,6 +22,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from ..partitioning import active_rules_key, rules_scope
 from .cache import Cache
 from .sampling import sample_logits
 from .step import StepSpec, decode_step, prefill
@@ -128,15 +129,18 @@ def prefill_and_trim(spec: LoopSpec, params, tokens, lengths, g_all, max_len: in
     """`step.prefill` for `spec` (its run config and KV-cache dtype); without the KV-cache the cache
     keeps no k/v."""
     cache, logits0, ded0 = prefill(spec.step.cfg, params, tokens, lengths, g_all, max_len, spec.step.kv_dtype,
-                                   stack_deductive)
+                                   stack_deductive, spec.step.prefill_attention)
     if not spec.step.kv_cache:
         cache = cache.replace(k=None, v=None)
     return cache, logits0, ded0
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_len", "kv_dtype", "stack_deductive"))
-def _prefill_jit(cfg, params, tokens, lengths, g_all, *, max_len, kv_dtype, stack_deductive):
-    return prefill(cfg, params, tokens, lengths, g_all, max_len, kv_dtype, stack_deductive)
+@functools.partial(jax.jit, static_argnames=("cfg", "max_len", "kv_dtype", "stack_deductive", "attention",
+                                             "sharding_rules"))
+def _prefill_jit(cfg, params, tokens, lengths, g_all, *, max_len, kv_dtype, stack_deductive, attention,
+                 sharding_rules):
+    with rules_scope(sharding_rules):
+        return prefill(cfg, params, tokens, lengths, g_all, max_len, kv_dtype, stack_deductive, attention)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "n_out"), donate_argnames=("cache",))
@@ -169,7 +173,8 @@ def prefill_cache(spec: LoopSpec, params, tokens, lengths, g_all, max_len: int, 
     float32, the prompt's deductive outputs stacked [L, B, H, dk, dk], or None without
     `stack_deductive` (`run_loop` needs them with collect_deductive))."""
     cache, logits0, ded0 = _prefill_jit(spec.step.cfg, params, tokens, lengths, g_all, max_len=max_len,
-                                        kv_dtype=spec.step.kv_dtype, stack_deductive=stack_deductive)
+                                        kv_dtype=spec.step.kv_dtype, stack_deductive=stack_deductive,
+                                        attention=spec.step.prefill_attention, sharding_rules=active_rules_key())
     if not spec.step.kv_cache:
         cache = cache.replace(k=None, v=None)
     return cache, logits0, ded0

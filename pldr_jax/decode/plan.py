@@ -23,6 +23,7 @@ import numpy as np
 
 from ..backend import BackendChoices, backend_for, uses_native_decode_attention
 from ..config import PLDRConfig
+from ..strategies import attention_strategy
 from . import loop as _loop
 from .buckets import plan_lengths
 from .options import DecodeOptions, decode_options
@@ -103,9 +104,12 @@ def plan(cfg: PLDRConfig, batch: int, prompt_lengths: int | Sequence[int], max_n
     native_kv = kv and not shared_slot and uses_native_decode_attention(backend, run_cfg.dtype, sharded=sharded)
     wide = None if native_kv else backend.kv_cache_dtype
     kv_dtype = wide if wide and jnp.dtype(run_cfg.dtype).itemsize < jnp.dtype(wide).itemsize else None
+    # the prompt pass attends as the training step does (`strategies`: a fused kernel on accelerators,
+    # the query blocks where it does not apply); the decode steps keep their own KV attention
     step = StepSpec(cfg=run_cfg, kv_cache=kv, g_cache=bool(options.g_cache) or given, given_g=given,
                     kv_dtype=kv_dtype, shared_slot=shared_slot, merged_heads=backend.decode_merged_heads,
-                    kv_chunk=backend.decode_kv_chunk if kv else 0, native_kv=native_kv)
+                    kv_chunk=backend.decode_kv_chunk if kv else 0, native_kv=native_kv,
+                    prefill_attention=attention_strategy(backend))
     sampler = make_sampler(options.temperature, options.top_k, options.top_p)
     spec = _loop.LoopSpec(step=step, shared_g=bool(options.shared_g), sampler_kind=sampler.kind,
                           collect_logits=bool(options.return_logits),

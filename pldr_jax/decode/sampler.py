@@ -112,8 +112,10 @@ class Sampler:
         # the stacked prompt deductive outputs only where the loop needs them apart from the cache
         # (collected per step; shared_g keeps only row 0's in the cache): else `LayerStack`
         stack = req.spec.collect_deductive or req.spec.shared_g
-        cache, logits0, ded0 = prefill_cache(req.spec, req.params, tokens, lengths, req.g_all, req.max_len,
-                                             stack_deductive=stack)
+        from .sharding import prefill_scope
+        with prefill_scope(req.spec.step.prefill_attention, self.mesh, self.rules):
+            cache, logits0, ded0 = prefill_cache(req.spec, req.params, tokens, lengths, req.g_all, req.max_len,
+                                                 stack_deductive=stack)
         if self.mesh is not None:
             from .sharding import shard_cache
             cache = shard_cache(cache, self.mesh, self.rules)

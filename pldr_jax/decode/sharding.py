@@ -15,15 +15,16 @@ prefill and the loop.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Mapping
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ..partitioning import RULES, logical_to_spec, merged_rules
+from ..partitioning import RULES, activation_sharding, logical_to_spec, merged_rules
 from .cache import Cache, cache_logical_axes
 
-__all__ = ["decode_rules", "decode_param_axes", "shard_params", "shard_rows", "shard_cache"]
+__all__ = ["decode_rules", "decode_param_axes", "shard_params", "shard_rows", "shard_cache", "prefill_scope"]
 
 # [out, in] (transposed) / [in, out] logical names of each decode-time linear layer
 _LINEAR_AXES = {"wqkv": ("heads", "embed"), "wq": ("heads", "embed"), "wk": ("heads", "embed"),
@@ -93,3 +94,15 @@ def shard_cache(cache: Cache, mesh: Mesh, rules: Mapping[str, Any]) -> Cache:
     shardings = jax.tree_util.tree_map(
         lambda names, x: NamedSharding(mesh, _spec(names, x.shape, mesh, rules)), axes, cache, is_leaf=_is_names)
     return jax.device_put(cache, shardings)
+
+
+def prefill_scope(attention, mesh: Mesh | None, rules: Mapping[str, Any] | None = None):
+    """The context to trace a prefill with the prompt attention `attention` (`step.StepSpec`'s
+    ``prefill_attention``) in: where it runs a kernel that is mapped over the mesh's shards itself
+    (``needs_mesh``: Pallas splash, inside `jax.shard_map`; a Pallas call is not partitioned by
+    GSPMD), the mesh and the decode rules as the activations' sharding
+    (`partitioning.activation_sharding`); otherwise nothing (GSPMD propagates the inputs' shardings
+    as before)."""
+    if mesh is None or mesh.devices.size <= 1 or not getattr(attention, "needs_mesh", False):
+        return contextlib.nullcontext()
+    return activation_sharding(mesh, rules if rules is not None else decode_rules(mesh))

@@ -59,6 +59,9 @@ class StepSpec:
                                # is longer (`backend` decode_kv_chunk; 0 = the whole buffer)
     native_kv: bool = False    # per-row KV write + attention as the native XLA:CPU kernel
                                # (`backend` decode_attention; `kernels.decode_attention_update`)
+    prefill_attention: SequenceAttention = SequenceAttention()  # the prompt pass's attention (a
+                               # mask-less template: `strategies.attention_strategy`, the training
+                               # step's choice: a fused kernel on accelerators, `decode.plan`)
 
     @property
     def fixed_g(self) -> bool:
@@ -118,7 +121,7 @@ def prompt_rope_tables(P: int, dk: int, theta: float) -> tuple[np.ndarray, np.nd
 
 
 def prefill(cfg: PLDRConfig, params, tokens, lengths, g_all, max_len: int, kv_dtype: str | None = None,
-            stack_deductive: bool = True):
+            stack_deductive: bool = True, attention: SequenceAttention = SequenceAttention()):
     """Run right-padded prompts tokens [B, P] (lengths [B]) once; the same for every mode.
 
     Each row's A sums over its own tokens only; padding is masked out of A and of the keys.
@@ -129,11 +132,13 @@ def prefill(cfg: PLDRConfig, params, tokens, lengths, g_all, max_len: int, kv_dt
     deductive outputs {"A", "A_LM", "G_LM"} stacked [L, B, H, dk, dk] (only "G_LM" with a given G),
     or None without `stack_deductive`: the cache holds the same values per layer, and the stacked
     copies cost a write of 3 x L x B x H x dk x dk floats (27 MB at batch 8 of v51 110M)).
+    attention: the prompt's attention, a mask-less `layer.SequenceAttention` template (its mask set
+    here, `over_tokens`; `StepSpec.prefill_attention`: on accelerators a fused kernel).
     """
     B, P = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
     valid = positions < lengths[:, None]
-    att = SequenceAttention(mask=causal_padding_mask(valid, P))
+    att = attention.over_tokens(valid)
     rope = tuple(jnp.asarray(t) for t in prompt_rope_tables(P, cfg.head_dim, float(cfg.rope_theta)))
     x, ks, vs, deds = _run_layers(cfg, params, embed(cfg, params, tokens, lookup_first=True), rope,
                                   lambda i: att, metric_mask=valid, g_lm=g_all)

@@ -52,6 +52,19 @@ def add_parser(sub) -> None:
     p.add_argument("--save-every", type=int, default=50, help="steps between checkpoints")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: the epochs')")
     p.add_argument("--freeze-decoder", action="store_true", help="train the head only")
+    p.add_argument("--fixed-g", action="store_true",
+                   help="compute each layer's G_LM once from the starting model (the G-cache of the first training "
+                        "sequence, as decoding caches it) and train with it as a constant operator; the metric "
+                        "learner stays frozen (learned-G models)")
+    p.add_argument("--mesh", default=None, metavar="DATA,FSDP,TENSOR",
+                   help="mesh axis sizes as pretraining's --mesh, one may be -1 (default -1,1,1: data parallel "
+                        "over all devices; write --mesh=-1,2,1)")
+    p.add_argument("--nonfinite", choices=["skip", "stop", "off"], default="skip",
+                   help="a step with a non-finite loss or gradient: skip it (default), stop, or no check")
+    p.add_argument("--log-every", type=int, default=10, help="steps per metrics.jsonl train row (default 10)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-plot", action="store_true", help="no loss-curve PNG at the end")
+    p.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard events in WORKDIR/tensorboard")
     p.add_argument("--random-init", action="store_true",
                    help="the source's architecture and tokenizer with freshly initialised weights (a baseline)")
     p.add_argument("--json", action="store_true", help="print one JSON object with the final metrics")
@@ -86,7 +99,8 @@ def prepare(args):
     from ..data.tokenizer import Tokenizer
     from ..heads import HeadConfig, init_head
     from . import data as D
-    from .loop import Recipe
+    from ..train.sharding import parse_mesh_shape
+    from .loop import Recipe, recipe_record
     from .tasks import embedded_records
     if args.task not in TASKS:
         raise ValueError(f"unknown task {args.task!r}; choose from {', '.join(TASKS)}")
@@ -135,14 +149,22 @@ def prepare(args):
     train = D.encode(args.task, records, tok, max_len, fields, labels, problem_type, where, drop_long=embedded)
     valid = D.encode(args.task, v_records, tok, max_len, fields, labels, problem_type, v_where,
                      drop_long=embedded and not args.valid)
+    if args.fixed_g and not cfg.learned_g:
+        raise ValueError(f"--fixed-g needs a learned-G model; {args.source} already uses a predefined G_LM "
+                         f"(custom_G_type={cfg.custom_G_type!r})")
     recipe = Recipe(learning_rate=args.lr, warmup_steps=args.warmup_steps, clip_norm=args.clip_norm,
                     epochs=args.epochs, min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay,
                     batch_size=args.batch_size, seed=args.seed, eval_every=args.eval_every,
-                    save_every=args.save_every, freeze_decoder=args.freeze_decoder, max_steps=args.max_steps)
-    if recipe.batch_size < 1 or recipe.epochs <= 0 or recipe.learning_rate <= 0:
-        raise ValueError("--batch-size, --epochs and --lr must be > 0")
+                    save_every=args.save_every, freeze_decoder=args.freeze_decoder, fixed_g=args.fixed_g,
+                    nonfinite=args.nonfinite, max_steps=args.max_steps, mesh=parse_mesh_shape(args.mesh),
+                    log_every=args.log_every, progress=not args.no_progress, plot=not args.no_plot,
+                    tensorboard=not args.no_tensorboard)
+    if recipe.batch_size < 1 or recipe.epochs <= 0 or recipe.learning_rate <= 0 or recipe.log_every < 1:
+        raise ValueError("--batch-size, --epochs, --lr and --log-every must be > 0")
+    if args.freeze_decoder and args.task == "sft":
+        raise ValueError("--freeze-decoder trains a task head only; SFT has none (use --fixed-g, or another task)")
     digest = hashlib.sha256(train.tokens.tobytes()).hexdigest()[:16]
-    rec = {k: v for k, v in vars(recipe).items() if k not in ("max_steps", "eval_every", "save_every")}
+    rec = recipe_record(recipe)
     run_config = {"task": args.task, "labels": list(labels), "problem_type": problem_type, "recipe": rec,
                   "train_digest": digest, "source": str(args.source)}
     return dict(cfg=cfg, task=args.task, params=params, head=head, hcfg=hcfg if args.task != "sft" else None,
@@ -161,8 +183,9 @@ def run(args) -> int:
     log(f"finetune {args.task}: {len(job['train'])} train / {len(job['valid'])} valid records, "
         f"labels {list(job['labels'])[:10]}")
     res = run_finetune(workdir=workdir, log=log, **job)
+    log(res["summary"])
     if args.json:
-        print(json.dumps(res))
+        print(json.dumps({k: res[k] for k in ("step", "valid", "export")}))
     else:
         print(f"valid: {res['valid']}\nexported: {res['export']}")
     return 0

@@ -19,8 +19,9 @@ platforms' fused kernels apply unchanged -- memory linear in the sequence length
   the caller, not here).
 
 The mask these kernels implement is the model's `ops.attention.causal_padding_mask`: causal, and
-padding keys (token 0) masked for every query (`key_valid` [B, Lk], read off that mask by
-`key_valid_of`).  A packed mask of another shape (`eval.shared_context`) needs the ``"blocks"``
+padding keys (token 0) masked for every query: `FusedAttention` takes the keys' validity
+`key_valid` [B, Lk] itself (`over_tokens`; or reads it off such a mask, `key_valid_of`), so no
+[B, 1, L, L] mask exists in the program.  A packed mask of another shape (`eval.shared_context`) needs the ``"blocks"``
 path.  The kernels differ from `plga_attention` only for a query that sees no valid key (every
 query of an all-pad row): `plga_attention` averages every value there (all logits masked alike),
 the kernels attend to the row's first key (`visible_keys`) -- finite, and such positions never
@@ -40,7 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..layer import SequenceAttention
+from ..layer import SequenceAttention, attention_in_query_blocks
+from ..ops.attention import causal_padding_mask
 
 __all__ = ["FUSED", "IMPLEMENTATIONS", "FusedAttention", "fused_strategy", "check_attention_impl", "power_law_query", "key_valid_of", "visible_keys", "fused_attention", "splash_block"]
 
@@ -172,13 +174,17 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, g_lm: jax.Array | 
 
 @flax.struct.dataclass
 class FusedAttention(SequenceAttention):
-    """A `layer.SequenceAttention` whose attention runs as a fused kernel (`fused_attention`) over
-    the causal-padding mask it carries (`model.forward` sets it): cuDNN, Pallas splash, or XLA's
-    SDPA.  Where the implementation does not apply it runs the query blocks of its parent
-    (`block` queries at a time): cuDNN with float32 inputs (it takes 16-bit ones), splash with a
-    sequence length that is no multiple of 128, keys that are not the queries' own.  Only the
-    causal-padding mask (`general_mask` False: `model.forward` refuses a packed-row mask).
-    Hashable without its mask: part of the jit cache key."""
+    """A `layer.SequenceAttention` whose attention runs as a fused kernel (`fused_attention`): cuDNN,
+    Pallas splash, or XLA's SDPA.  It holds the keys' validity `key_valid` [B, L] (`over_tokens`,
+    as `model.forward` and the decode prefill set it), or a causal-padding `mask` [B, 1, L, L]
+    (read by `key_valid_of`): no [B, 1, L, L] mask is built for the kernel (it was a loop-invariant
+    input of every layer and live through the whole step: 256 MiB at 4 x 8192).  Where the
+    implementation does not apply it runs the query blocks of its parent (`block` queries at a time,
+    the mask built from `key_valid` inside the layer): cuDNN with float32 inputs (it takes 16-bit
+    ones), splash with a sequence length that is no multiple of 128, keys that are not the queries'
+    own.  Only the causal-padding mask (`general_mask` False: `model.forward` refuses a packed-row
+    mask).  Hashable without its arrays: part of the jit cache key."""
+    key_valid: jax.Array | None = None
     implementation: str = flax.struct.field(pytree_node=False, default="xla_sdpa")
     interpret: bool = flax.struct.field(pytree_node=False, default=False)
     general_mask: ClassVar[bool] = False
@@ -186,6 +192,15 @@ class FusedAttention(SequenceAttention):
     def __post_init__(self):
         if self.implementation not in FUSED:
             raise ValueError(f"fused attention implementation must be one of {FUSED}, got {self.implementation!r}")
+
+    @property
+    def needs_mesh(self) -> bool:
+        """Whether the kernel maps itself over the shards of the mesh being traced (splash, in
+        `jax.shard_map`): a sharded caller traces it under `partitioning.activation_sharding`."""
+        return self.implementation == "splash"
+
+    def over_tokens(self, key_valid: jax.Array) -> "FusedAttention":
+        return self.replace(mask=None, key_valid=key_valid)
 
     def _applies(self, q, k, v) -> bool:
         if k.shape != q.shape or v.shape != q.shape:
@@ -196,9 +211,12 @@ class FusedAttention(SequenceAttention):
 
     def __call__(self, q, k, v, g_lm):
         if not self._applies(q, k, v):
-            return super().__call__(q, k, v, g_lm)
-        return fused_attention(q, k, v, g_lm, key_valid_of(self.mask), self.implementation,
-                               interpret=self.interpret), (k, v)
+            mask = self.mask
+            if mask is None and self.key_valid is not None:
+                mask = causal_padding_mask(self.key_valid, q.shape[1])
+            return attention_in_query_blocks(q, k, v, g_lm, mask, self.block), (k, v)
+        valid = self.key_valid if self.key_valid is not None else key_valid_of(self.mask)
+        return fused_attention(q, k, v, g_lm, valid, self.implementation, interpret=self.interpret), (k, v)
 
 
 def check_attention_impl(impl: str) -> str:

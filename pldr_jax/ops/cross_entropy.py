@@ -18,7 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ..partitioning import constrain
+from ..partitioning import constrain, split_size
 from .layers import affine_f32, input_grad_then_weight_grad
 
 __all__ = ["head_cross_entropy"]
@@ -86,6 +86,12 @@ def _pick_chunk(S: int, row_bytes: int, max_chunk_bytes: int) -> int:
     return max(d for d in range(1, S + 1) if S % d == 0 and (d <= limit or d == 1))
 
 
+def _local_rows(B: int) -> int:
+    """The rows of a [B, ...] batch one device holds under the mesh being traced (B without one)."""
+    n = split_size("batch")
+    return B // n if n > 1 and B % n == 0 else B
+
+
 def head_cross_entropy(x: jax.Array, kernel: jax.Array, bias: jax.Array, targets: jax.Array,
                        kernels: str = "xla", max_chunk_bytes: int | None = None) -> tuple[jax.Array, jax.Array]:
     """Per-token cross-entropy of the output head.
@@ -97,8 +103,9 @@ def head_cross_entropy(x: jax.Array, kernel: jax.Array, bias: jax.Array, targets
     kernel and bias through nll.
     kernels: "xla" (plain JAX, any backend) or "cpu" (the custom backward).  max_chunk_bytes ("xla"
     only, x [B, S, D]): the float32 logits are computed over chunks of the sequence axis, the chunk
-    the largest divisor of S whose [B, chunk, V] block (whole batch) is at most this many bytes
-    (None: all at once).  The batch axis, and its sharding, stay whole.
+    the largest divisor of S whose [B, chunk, V] block is at most this many bytes *per device*: the
+    rows a device holds, B / `partitioning.split_size("batch")` under the mesh being traced (None:
+    all at once).  The batch axis, and its sharding, stay whole.
     """
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
@@ -106,10 +113,10 @@ def head_cross_entropy(x: jax.Array, kernel: jax.Array, bias: jax.Array, targets
     V = kernel.shape[-1]
     if kernels == "cpu":
         nll, correct = _head_ce_2d(x2, kernel, bias, t2)
-    elif max_chunk_bytes is None or x.ndim != 3 or x2.shape[0] * V * 4 <= max_chunk_bytes:
+    elif max_chunk_bytes is None or x.ndim != 3 or _local_rows(x.shape[0]) * x.shape[1] * V * 4 <= max_chunk_bytes:
         nll, correct = _head_ce_plain(x2, kernel, bias, t2)
     else:
         B, S, _ = x.shape
-        chunk = _pick_chunk(S, B * V * 4, max_chunk_bytes)
+        chunk = _pick_chunk(S, _local_rows(B) * V * 4, max_chunk_bytes)
         nll, correct = _head_ce_chunked(x, kernel, bias, targets.astype(jnp.int32), chunk)
     return nll.reshape(lead), correct.reshape(lead)

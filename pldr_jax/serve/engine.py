@@ -48,6 +48,7 @@ from ..decode.loop import prefill_cache
 from ..decode.request import make_request, normalize_prompts
 from ..decode.sampler import Sampler
 from ..decode.sampling import validate_sampling
+from ..decode.sharding import prefill_scope
 from ..decode.step import MODES
 from ..model import normalize_g_lm
 from .detok import TextStream
@@ -371,8 +372,9 @@ class Engine:
             keys[i] = np.asarray(jax.random.key_data(jax.random.key(r.seed)), np.uint32)
             temp[i], top_k[i], top_p[i], slots[i] = r.temperature, r.top_k, r.top_p, free[i]
         t0 = time.perf_counter()
-        new, logits0, _ = prefill_cache(self.loop_spec, self.params, jnp.asarray(tokens), jnp.asarray(lengths),
-                                        self._g, self.max_len, stack_deductive=False)
+        with prefill_scope(self.spec.prefill_attention, self.sampler.mesh, self.sampler.rules):
+            new, logits0, _ = prefill_cache(self.loop_spec, self.params, jnp.asarray(tokens), jnp.asarray(lengths),
+                                            self._g, self.max_len, stack_deductive=False)
         p = SlotParams(live=np.ones(B, bool), count=np.zeros(B, np.int32), key=keys, temperature=temp,
                        top_k=top_k, top_p=top_p)
         take_g = self.shared_g and not self._g_taken

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -460,35 +459,8 @@ def run(args) -> int:
 
 
 def _summary(res) -> str:
-    from .loop import read_metrics
-    recs = read_metrics(res.paths["metrics"])
-    tr = [r for r in recs if r.get("kind") == "train"]
-    ev = [r for r in recs if r.get("kind") == "eval"]
-    lines = [f"trained steps {res.start_step} -> {res.end_step} in {res.wall_s:.1f} s"]
-    if tr:
-        tps = [r["tokens_per_s"] for r in tr[1:] if math.isfinite(r.get("tokens_per_s", float("nan")))]
-        lines.append(f"train loss: {tr[0]['loss']:.3f} (step {tr[0]['step']}) -> {tr[-1]['loss']:.3f} "
-                     f"(step {tr[-1]['step']}), min {min(r['loss'] for r in tr):.3f}"
-                     + (f"; {sorted(tps)[len(tps) // 2]:.0f} tokens/s (median)" if tps else ""))
-    if ev:
-        lines.append("validation: " + ", ".join(f"step {r['step']}: loss {r['val_loss']:.3f} ppl "
-                                                 f"{r['val_perplexity']:.1f}" for r in ev[-4:]))
-    if res.resumed_from is not None:
-        lines.append(f"resumed from checkpoint {res.resumed_from}")
-    for q in res.quarantined:
-        lines.append(f"quarantined: checkpoint {q['step']} (corrupt: {'; '.join(q['problems'])}) moved to "
-                     f"{q['moved_to']}")
-    for n in res.notes:
-        lines.append(f"note: {n}")
-    for k in ("checkpoints", "metrics", "plot", "tokenizer"):
-        if res.paths.get(k):
-            lines.append(f"{k + ':':13s}{res.paths[k]}")
-    if getattr(res, "stopped", None):
-        import sys
-        from .preemption import resume_command, stop_message
-        lines.append(stop_message(res.stopped, res.end_step, str(Path(res.paths["checkpoints"]) / str(res.end_step)),
-                                  resume_command(sys.argv[1:])))
-    return "\n".join(lines)
+    from .reporting import run_summary
+    return run_summary(res)
 
 
 def main_job(args) -> int:

@@ -42,7 +42,7 @@ from .saving import CheckpointCadence, CheckpointSaveError
 from .setup import TrainRun, init_state, record_run_config, setup_run
 from .steploop import run_steps
 
-__all__ = ["TrainConfig", "TrainResult", "CheckpointSaveError", "train", "init_distributed", "prepare_tokenizer",
+__all__ = ["TrainConfig", "TrainResult", "CheckpointSaveError", "train", "train_result", "init_distributed", "prepare_tokenizer",
            "prepare_datasets", "make_g_lm", "plot_history", "read_metrics", "evaluate"]
 
 
@@ -118,10 +118,11 @@ def train(model_cfg: PLDRConfig, tcfg: TrainConfig, *, train_data: Iterable | No
     with ops:
         run_steps(run, reporter, saver, periodic=[ValidationEval(run, reporter), OperationsTasks(ops, run, reporter)],
                   ops=ops)
-    return _result(run, reporter, plot_run(run))
+    return train_result(run, reporter, plot_run(run))
 
 
-def _result(run: TrainRun, reporter: Reporter, plot_path) -> TrainResult:
+def train_result(run: TrainRun, reporter: Reporter, plot_path) -> TrainResult:
+    """The `TrainResult` of a finished run (its reporter's metrics, `plot_path`: the plot written)."""
     point, workdir = run.resume_point, run.workdir
     paths = {"workdir": str(workdir), "checkpoints": str(run.ckpt_dir), "metrics": str(workdir / "metrics.jsonl"),
              "plot": str(plot_path) if plot_path else None, "tokenizer": run.tok_path,

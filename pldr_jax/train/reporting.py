@@ -27,7 +27,7 @@ import numpy as np
 from .tensorboard import TensorBoardWriter
 
 __all__ = ["MetricsWriter", "JsonlWriter", "TensorBoardWriter", "Reporter", "read_metrics", "plot_history",
-           "plot_run"]
+           "plot_run", "run_summary"]
 
 
 class MetricsWriter(Protocol):
@@ -169,11 +169,13 @@ class Reporter:
         return rec
 
     def eval_result(self, r: dict) -> None:
-        """An ``eval`` row (validation loss, accuracy, perplexity), also shown."""
+        """An ``eval`` row ({"kind": "eval", "step", "val_loss", ...: the validation metrics, each
+        ``val_``-prefixed: loss / accuracy / perplexity of pretraining, a fine-tuning task's metrics}),
+        also shown."""
         self.evals.append(r)
         self.write(r)
-        line = (f"step {r['step']}: val_loss {r['val_loss']:.4f}  val_acc {r['val_accuracy']:.4f}  "
-                f"val_ppl {r['val_perplexity']:.2f}")
+        line = f"step {r['step']}: " + "  ".join(f"{k} {v:.4f}" for k, v in r.items() if k.startswith("val_")
+                                                  and k != "val_tokens" and isinstance(v, float))
         if self.bar is not None:
             self.bar.write(line)
         else:
@@ -207,11 +209,14 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     return sorted(seen.values(), key=lambda r: (r["step"], r.get("kind", "train")))
 
 
-def plot_history(metrics_path: str | os.PathLike, out_path: str | os.PathLike, title: str = "") -> Path | None:
-    """Train and validation loss curves of a metrics.jsonl as a PNG (matplotlib Agg)."""
+def plot_history(metrics_path: str | os.PathLike, out_path: str | os.PathLike, title: str = "",
+                 metric: str | None = None, ylabel: str = "masked cross-entropy") -> Path | None:
+    """Train and validation loss curves of a metrics.jsonl as a PNG (matplotlib Agg); with `metric`
+    (e.g. "accuracy") also the eval rows' ``val_<metric>`` on a second axis."""
     recs = read_metrics(metrics_path)
     tr = [(r["step"], r["loss"]) for r in recs if r.get("kind") == "train"]
-    va = [(r["step"], r["val_loss"]) for r in recs if r.get("kind") == "eval"]
+    va = [(r["step"], r["val_loss"]) for r in recs if r.get("kind") == "eval" and "val_loss" in r]
+    vm = [(r["step"], r[f"val_{metric}"]) for r in recs if r.get("kind") == "eval" and f"val_{metric}" in r]
     if not tr and not va:
         return None
     import matplotlib
@@ -223,10 +228,17 @@ def plot_history(metrics_path: str | os.PathLike, out_path: str | os.PathLike, t
     if va:
         ax.plot(*zip(*va), "o-", label="validation loss", lw=1.4, ms=4)
     ax.set_xlabel("step")
-    ax.set_ylabel("masked cross-entropy")
+    ax.set_ylabel(ylabel)
     ax.set_title(title or "PLDR-LLM pretraining")
     ax.grid(alpha=0.3)
-    ax.legend()
+    handles, labels = ax.get_legend_handles_labels()
+    if vm:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*vm), "s--", color="tab:green", label=f"validation {metric}", lw=1.2, ms=4)
+        ax2.set_ylabel(metric)
+        h2, l2 = ax2.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    ax.legend(handles, labels)
     fig.tight_layout()
     out = Path(out_path)
     fig.savefig(out)
@@ -234,9 +246,11 @@ def plot_history(metrics_path: str | os.PathLike, out_path: str | os.PathLike, t
     return out
 
 
-def plot_run(run) -> Path | None:
+def plot_run(run, metric: str | None = None, title: str | None = None, ylabel: str = "masked cross-entropy"
+             ) -> Path | None:
     """``workdir/loss_curve.png`` of a finished run (process 0, ``plot`` on; a failure is a warning);
-    with ``dynamics_every`` also ``workdir/dynamics.png`` (`pldr_jax.analysis.dynamics.plot_dynamics`)."""
+    with ``dynamics_every`` also ``workdir/dynamics.png`` (`pldr_jax.analysis.dynamics.plot_dynamics`).
+    metric, title, ylabel: as `plot_history` (title None: the model's size)."""
     if not (run.tcfg.plot and run.main):
         return None
     cfg = run.model_cfg
@@ -246,7 +260,48 @@ def plot_run(run) -> Path | None:
             plot_dynamics(read_metrics(run.workdir / "metrics.jsonl"), run.workdir / "dynamics.png",
                           title=f"PLDR-LLM training dynamics ({cfg.num_layers} layers, d_model {cfg.d_model})")
         return plot_history(run.workdir / "metrics.jsonl", run.workdir / "loss_curve.png",
-                            title=f"PLDR-LLM ({cfg.num_layers} layers, d_model {cfg.d_model})")
+                            title=title or f"PLDR-LLM ({cfg.num_layers} layers, d_model {cfg.d_model})",
+                            metric=metric, ylabel=ylabel)
     except Exception as e:  # a plot must never fail a finished run
         run.log(f"warning: loss plot failed: {e}")
         return None
+
+
+def _eval_brief(r: dict) -> str:
+    """An eval row in a few words: loss and perplexity (pretraining), else loss and the task's metrics."""
+    parts = [f"loss {r['val_loss']:.3f}"] if "val_loss" in r else []
+    if "val_perplexity" in r:
+        return " ".join(parts + [f"ppl {r['val_perplexity']:.1f}"])
+    return " ".join(parts + [f"{k[4:]} {v:.3f}" for k, v in r.items()
+                             if k.startswith("val_") and k not in ("val_loss", "val_tokens") and isinstance(v, float)])
+
+
+def run_summary(res) -> str:
+    """The lines printed at the end of a run (a `loop.TrainResult`): steps and time, train loss,
+    the last validations, resume / quarantine notes, the run's files, a stop's resume command."""
+    recs = read_metrics(res.paths["metrics"])
+    tr = [r for r in recs if r.get("kind") == "train"]
+    ev = [r for r in recs if r.get("kind") == "eval"]
+    lines = [f"trained steps {res.start_step} -> {res.end_step} in {res.wall_s:.1f} s"]
+    if tr:
+        tps = [r["tokens_per_s"] for r in tr[1:] if math.isfinite(r.get("tokens_per_s", float("nan")))]
+        lines.append(f"train loss: {tr[0]['loss']:.3f} (step {tr[0]['step']}) -> {tr[-1]['loss']:.3f} "
+                     f"(step {tr[-1]['step']}), min {min(r['loss'] for r in tr):.3f}"
+                     + (f"; {sorted(tps)[len(tps) // 2]:.0f} tokens/s (median)" if tps else ""))
+    if ev:
+        lines.append("validation: " + ", ".join(f"step {r['step']}: {_eval_brief(r)}" for r in ev[-4:]))
+    if res.resumed_from is not None:
+        lines.append(f"resumed from checkpoint {res.resumed_from}")
+    for q in res.quarantined:
+        lines.append(f"quarantined: checkpoint {q['step']} (corrupt: {'; '.join(q['problems'])}) moved to "
+                     f"{q['moved_to']}")
+    for n in res.notes:
+        lines.append(f"note: {n}")
+    for k in ("checkpoints", "metrics", "plot", "tokenizer"):
+        if res.paths.get(k):
+            lines.append(f"{k + ':':13s}{res.paths[k]}")
+    if getattr(res, "stopped", None):
+        from .preemption import resume_command, stop_message
+        lines.append(stop_message(res.stopped, res.end_step, str(Path(res.paths["checkpoints"]) / str(res.end_step)),
+                                  resume_command(sys.argv[1:])))
+    return "\n".join(lines)

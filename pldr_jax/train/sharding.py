@@ -38,7 +38,8 @@ from ..partitioning import RULES, logical_to_spec, merged_rules
 from .state import TrainState, create_train_state
 
 __all__ = ["MESH_AXES", "BATCH_AXES", "DEFAULT_RULES", "make_mesh", "parse_mesh_shape", "logical_to_spec",
-           "param_partition_specs", "param_shardings", "state_shardings", "abstract_train_state",
+           "param_partition_specs", "tree_partition_specs", "param_shardings", "state_shardings",
+           "state_shardings_for", "abstract_train_state",
            "init_train_state", "batch_sharding", "replicated", "shard_batch", "check_batch_size",
            "data_parallel_size", "describe_shardings"]
 
@@ -111,7 +112,13 @@ def param_partition_specs(cfg: PLDRConfig, mesh: Mesh | None = None, rules: Mapp
     """Tree of PartitionSpecs for the parameters of `cfg` (stacked layout); rules: entries replacing
     those of the one table (`pldr_jax.partitioning.RULES`)."""
     shapes = abstract_params(cfg) if params is None else params
-    axes = logical_axes(cfg)
+    return tree_partition_specs(logical_axes(cfg), shapes, mesh, rules)
+
+
+def tree_partition_specs(axes, shapes, mesh: Mesh | None = None, rules: Mapping[str, Any] | None = None):
+    """Tree of PartitionSpecs of any tree of arrays (`shapes`: anything with ``.shape``) whose leaves'
+    logical axis names are the tuples of `axes` (same structure, e.g. `params.logical_axes` or
+    `heads.head_logical_axes`); rules: entries replacing those of the one table."""
     table = merged_rules(rules)
     return jax.tree_util.tree_map(lambda names, x: logical_to_spec(names, x.shape, mesh, table), axes, shapes,
                                   is_leaf=lambda t: isinstance(t, tuple) and all(isinstance(n, str) for n in t))
@@ -129,11 +136,17 @@ def state_shardings(cfg: PLDRConfig, tx: optax.GradientTransformation, mesh: Mes
     """TrainState of NamedShardings: params by the rules, optimiser moments like their
     parameters, step / rng / counters replicated."""
     p_sh = param_shardings(cfg, mesh, rules)
-    abstract = jax.eval_shape(lambda: create_train_state(cfg, tx, 0))
+    return state_shardings_for(tx, jax.eval_shape(lambda: create_train_state(cfg, tx, 0)), p_sh, mesh)
+
+
+def state_shardings_for(tx: optax.GradientTransformation, abstract_state: TrainState, p_sh, mesh: Mesh) -> TrainState:
+    """TrainState of NamedShardings for a state of any params tree: params by `p_sh` (their
+    NamedShardings), optimiser moments like their parameters (none for the leaves an
+    `optax.masked` / `multi_transform` leaves out), step / rng / counters replicated."""
     rep = replicated(mesh)
-    opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract.opt_state, p_sh,
-                                   transform_non_params=lambda _: rep,
-                                   is_leaf=lambda x: isinstance(x, NamedSharding))
+    opt_sh = optax.tree_map_params(tx, lambda v, s: v if isinstance(v, optax.MaskedNode) else s,
+                                   abstract_state.opt_state, p_sh, transform_non_params=lambda _: rep,
+                                   is_leaf=lambda x: isinstance(x, (NamedSharding, optax.MaskedNode)))
     return TrainState(step=rep, params=p_sh, opt_state=opt_sh, rng=rep)
 
 

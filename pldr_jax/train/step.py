@@ -57,7 +57,7 @@ class StepOptions:
     kernels: the matmul implementation, "cpu" | "xla" (`pldr_jax.backend`); None = the platform's.
     head_chunk_bytes: with "xla" kernels, compute the output head + cross-entropy over sequence
       chunks whose float32 logits block is at most this many bytes (`ops.cross_entropy`); None = the
-      platform's default (whole on CPU, 1 GiB blocks on accelerators); 0 = whole.
+      platform's default (whole on CPU, 256 MiB per device on accelerators); 0 = whole.
     attention_block: compute attention this many queries at a time (`layer.attention_in_query_blocks`,
       same values, memory linear in the sequence length); None = the platform's default (0 = all at
       once on CPU, 256 on accelerators).
