@@ -47,21 +47,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as e:  # bad input: configs, prompts, files, checkpoints
-        print(f"pldr-jax {args.command}: error: {e}", file=sys.stderr)
+        _print_error(args, e)
         _exit_now_if_multiprocess(2)
         return 2
     except FloatingPointError as e:  # training stopped on non-finite values (last good state saved)
-        print(f"pldr-jax {args.command}: error: {e}", file=sys.stderr)
+        _print_error(args, e)
         _exit_now_if_multiprocess(3)
         return 3
     except (RuntimeError, TimeoutError) as e:  # resume impossible, a save failed, a cross-process wait timed out
+        _exit_if_lost_peer(args, e)  # also a failed save or wait whose cause is a dead process
         if not isinstance(e, _run_failures()):
-            _exit_if_lost_peer(args, e)
             if _distributed_started():
                 traceback.print_exc()
                 _exit_now_if_multiprocess(1)
             raise
-        print(f"pldr-jax {args.command}: error: {e}", file=sys.stderr)
+        _print_error(args, e)
         _exit_now_if_multiprocess(4, e)
         return 4
     except Exception as e:  # a bug or an unforeseen failure: the traceback, and no hang of the other processes
@@ -74,14 +74,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def _exit_now_if_multiprocess(code: int, error: BaseException | None = None) -> None:
     """In a multi-process run, exit at once: orbax threads stuck on a failed collective save would
-    keep the interpreter from exiting, and the other processes learn of this one's end from the
-    coordination service's heartbeat (they stop with "another task died").  An error that every
+    keep the interpreter from exiting, and the other processes learn of this one's end from their
+    failing collectives or the coordination service's heartbeat (they stop with the lost-peer line,
+    `train.peerwatch`).  An error that every
     process raised together (`raised_on_every_process`, e.g. a failed checkpoint save) is first
     waited out at a short timed barrier, so that process 0, which hosts the coordination service,
     does not end the others before they have printed it."""
     if _distributed_started():
         sys.stdout.flush()
         sys.stderr.flush()
+        _tell_peer_watch()
         if getattr(error, "raised_on_every_process", False):
             from .train import multihost
             try:
@@ -89,6 +91,27 @@ def _exit_now_if_multiprocess(code: int, error: BaseException | None = None) -> 
             except Exception:  # a process already gone: leave anyway
                 pass
         os._exit(code)
+
+
+def _print_error(args, error) -> None:
+    """The command's final error line.  In multi-process training it goes through the lost-peer
+    watcher (`train.peerwatch.report`), so that exactly one final line comes out when the JAX runtime
+    aborts this process meanwhile (the watcher then prints its own line instead)."""
+    line = f"pldr-jax {args.command}: error: {error}"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    peerwatch = sys.modules.get("pldr_jax.train.peerwatch")
+    if peerwatch is None or not peerwatch.report(line):
+        print(line, file=sys.stderr)
+
+
+def _tell_peer_watch() -> None:
+    """This process printed its final error (a traceback, or its line): the lost-peer watcher
+    (`train.peerwatch`, started in multi-process training) adds none of its own if the JAX runtime
+    aborts the process on the way out."""
+    peerwatch = sys.modules.get("pldr_jax.train.peerwatch")
+    if peerwatch is not None:
+        peerwatch.reported()
 
 
 def _exit_if_lost_peer(args, error: BaseException) -> None:
@@ -104,8 +127,7 @@ def _exit_if_lost_peer(args, error: BaseException) -> None:
         return
     from .train.cli import DEFAULT_WORKDIR
     workdir = getattr(args, "workdir", None) or DEFAULT_WORKDIR
-    print(f"pldr-jax {args.command}: error: {peer_failure_message(error, Path(workdir) / 'checkpoints')}",
-          file=sys.stderr)
+    _print_error(args, peer_failure_message(error, Path(workdir) / 'checkpoints'))
     _exit_now_if_multiprocess(4)
 
 

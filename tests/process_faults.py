@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -82,6 +83,37 @@ def failing_background_write_from_env() -> None:
             raise OSError(errno.ENOSPC, f"No space left on device (injected into the write of step {step})")
         return await orig(self, commit_futures, param_infos=param_infos, **kw)
     bph.BasePyTreeCheckpointHandler._write_metadata_after_commits = failing
+
+
+def traced_orbax_barriers_from_env() -> None:
+    """With ``PLDR_TRACE_BARRIERS=1``, every barrier of orbax's asynchronous saves prints
+    ``[test] process P waits at barrier KEY`` (stderr) when this process reaches it.  With
+    ``PLDR_STALL_WRITE=<process index>:<step>`` as well, that process's background write of checkpoint
+    <step> never reaches orbax's commit barrier (``_async_write_complete.<step>``: it sleeps there until
+    the process is killed, a write that hangs), so the other processes wait in that barrier for it."""
+    if not os.environ.get("PLDR_TRACE_BARRIERS"):
+        return
+    stall = os.environ.get("PLDR_STALL_WRITE")
+    stall_process, stall_key = None, None
+    if stall:
+        process, step = (int(x) for x in stall.split(":"))
+        stall_process, stall_key = process, f"_async_write_complete.{step}"
+    from orbax.checkpoint._src.multihost import multihost
+    orig = multihost.get_barrier_sync_fn
+
+    def get_barrier_sync_fn(**kw):
+        fn = orig(**kw)
+
+        def traced(*, key, timeout_ms):
+            import jax
+            me = jax.process_index()
+            if me == stall_process and key.split("/")[-1] == stall_key:
+                print(f"[test] process {me}: the write stalls before barrier {key}", file=sys.stderr, flush=True)
+                time.sleep(3600)
+            print(f"[test] process {me} waits at barrier {key}", file=sys.stderr, flush=True)
+            return fn(key=key, timeout_ms=timeout_ms)
+        return traced
+    multihost.get_barrier_sync_fn = get_barrier_sync_fn
 
 
 def finish_processes(procs: Sequence, timeout: float = 240) -> list[str]:

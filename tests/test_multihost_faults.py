@@ -13,6 +13,9 @@ one CPU device per process, mesh fsdp = process count):
 |                                                    | traceback); resume (4 processes) continues            |
 | disk full while saving step 8 (2 procs, tmpfs)     | both exit non-zero naming the failed save; step 4     |
 |                                                    | intact; resume after freeing space is exact           |
+| kill -9 of one process while the other waits in    | the survivor, aborted by the JAX runtime (at once /   |
+| orbax's commit barrier (the victim's write hangs)  | after the heartbeat timeout), still ends with the one |
+|                                                    | line (printed by its `peerwatch`), no C++ stack       |
 | only process 0's write of step 8 fails (injected   | both stop within seconds naming the failed save       |
 | ENOSPC after its arrays are written)               | (process 1's write waits in orbax's barriers); step 4 |
 |                                                    | intact                                                |
@@ -44,10 +47,12 @@ HERE = Path(__file__).resolve()
 
 try:
     from .process_faults import (complete_checkpoint_steps, failing_background_write_from_env, slow_steps_from_env,
-                                 train_losses, wait_for_first_checkpoint)
+                                 traced_orbax_barriers_from_env, train_losses,
+                                 wait_for_first_checkpoint)
 except ImportError:  # run as a worker script
     from process_faults import (complete_checkpoint_steps, failing_background_write_from_env, slow_steps_from_env,
-                                train_losses, wait_for_first_checkpoint)
+                                traced_orbax_barriers_from_env, train_losses,
+                                wait_for_first_checkpoint)
 HEARTBEAT_S = 8
 # reading a deliberately damaged checkpoint leaves orbax read coroutines that report on teardown
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -59,13 +64,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env(slow: float = 0.0, fail_write: str | None = None) -> dict:
+def _env(slow: float = 0.0, fail_write: str | None = None, stall_write: str | None = None) -> dict:
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PLDR_JAX_NO_HUGE_PAGES": "1", "PYTHONHASHSEED": "0",
            "XLA_FLAGS": "--xla_backend_optimization_level=0"}  # one CPU device per process, quick compiles
     if slow:
         env["PLDR_SLOW_STEP"] = str(slow)
     if fail_write:
         env["PLDR_FAIL_WRITE"] = fail_write
+    if stall_write:
+        env["PLDR_STALL_WRITE"], env["PLDR_TRACE_BARRIERS"] = stall_write, "1"
     return env
 
 
@@ -77,7 +84,8 @@ def _args(data, wd: Path, steps: int, extra=()) -> list[str]:
             "--heartbeat-timeout", str(HEARTBEAT_S), "--sync-timeout", "120", *extra]
 
 
-def _start(data, wd: Path, nproc: int, steps: int, extra=(), slow: float = 0.0, fail_write: str | None = None):
+def _start(data, wd: Path, nproc: int, steps: int, extra=(), slow: float = 0.0, fail_write: str | None = None,
+           stall_write: str | None = None):
     port = _free_port()
     procs = []
     for pid in range(nproc):
@@ -86,7 +94,7 @@ def _start(data, wd: Path, nproc: int, steps: int, extra=(), slow: float = 0.0, 
             cmd += ["--coordinator-address", f"127.0.0.1:{port}", "--num-processes", str(nproc), "--process-id",
                     str(pid)]
         log = open(_log_path(wd, pid), "w")
-        procs.append(subprocess.Popen(cmd, env=_env(slow, fail_write), stdout=log, stderr=subprocess.STDOUT))
+        procs.append(subprocess.Popen(cmd, env=_env(slow, fail_write, stall_write), stdout=log, stderr=subprocess.STDOUT))
     return procs
 
 
@@ -242,6 +250,96 @@ def test_kill_one_process_stops_the_other_then_resume_on_four(runs, data):
     assert _resume_records(wd)[-1]["process_count"] == 4 and not (wd / "checkpoints.corrupt").exists()
 
 
+@pytest.mark.parametrize("victim", [1, 0], ids=["peer-killed", "coordinator-killed"])
+def test_kill_one_process_while_the_other_waits_in_the_commit_barrier(data, victim):
+    """The victim's write of checkpoint 4 hangs before orbax's commit barrier, the survivor's waits in it
+    (and its main thread for the save): the survivor learns of the kill -9 only from the coordination
+    service, whose client aborts the process from C++ (at once when process 0, which hosts the service,
+    died; after the heartbeat timeout otherwise).  It still ends with the one line naming checkpoint 2
+    and --resume, in time, without the runtime's C++ stack."""
+    survivor = 1 - victim
+    wd = data["root"] / f"barrier_killed{victim}"
+    procs = _start(data, wd, 2, 4, ["--save-every", "2"], stall_write=f"{victim}:4")
+    try:
+        t0 = time.monotonic()
+        while not ("the write stalls" in _log(wd, victim)
+                   and "waits at barrier _async_write_complete.4" in _log(wd, survivor)):
+            assert all(p.poll() is None for p in procs), "\n".join(_log(wd, i)[-3000:] for i in range(2))
+            assert time.monotonic() - t0 < 240, "the processes did not reach the commit barrier of step 4"
+            time.sleep(0.05)
+        time.sleep(0.3)
+        procs[victim].send_signal(signal.SIGKILL)
+        t_kill = time.monotonic()
+        procs[survivor].wait(timeout=HEARTBEAT_S + 60)  # bounded: no hang
+        stopped_after = time.monotonic() - t_kill
+    finally:
+        _wait(procs, 5)
+    assert procs[survivor].returncode not in (0, None) and stopped_after < 60, (procs[survivor].returncode,
+                                                                              stopped_after)
+    t0 = time.monotonic()  # the line may come from the survivor's watcher process: give it a moment
+    while "pldr-jax train: error:" not in _log(wd, survivor) and time.monotonic() - t0 < 5:
+        time.sleep(0.05)
+    out = _log(wd, survivor)
+    err = [ln for ln in out.splitlines() if "pldr-jax train: error:" in ln]
+    assert len(err) == 1 and err[0].startswith("pldr-jax train: error: another process of this run died"), out[-3000:]
+    assert f"the newest complete checkpoint is step 2 in {wd / 'checkpoints'}" in err[0] and "--resume" in err[0]
+    for noise in ("Check failure stack trace", "Terminating process", "terminate called", "Traceback", "    @ "):
+        assert noise not in out, out[-3000:]
+    assert complete_checkpoint_steps(wd / "checkpoints") == [2]
+
+
+def test_peer_watch_replaces_the_runtime_abort_with_one_line(tmp_path):
+    """The watcher's filter on the lines the JAX runtime writes when it aborts a survivor (as logged by
+    jaxlib 0.10 on the host of the coordination service), without processes."""
+    from pldr_jax.train.peerwatch import _LINE, _REPORTED, HOLD_S, LineFilter
+    ckpt = tmp_path / "checkpoints"
+    (ckpt / "4").mkdir(parents=True)
+    (ckpt / "4" / "_CHECKPOINT_METADATA").write_text("{}")
+    (ckpt / "8.orbax-checkpoint-tmp-1").mkdir()
+    abort = [b"[Gloo] Rank 0 is connected to 1 peer ranks.\n",
+             b"E1207 01:07:01.251860 21689 coordination_service.cc:1549] [1] Use error polling to propagate the "
+             b"following error to all tasks: UNAVAILABLE: The following tasks are unhealthy (stopped sending "
+             b"heartbeats):\n", b"1\n", b"The tasks have crashed. [type.googleapis.com/tensorflow.X='']\n",
+             b"E1207 01:07:01.252082 21700 coordination_service_agent.cc:289] Polled an error from coordination "
+             b"service (this can be an error from this or another task).\n",
+             b"F1207 01:07:01.252184 21700 client.h:80] Terminating process because the JAX distributed service "
+             b"detected fatal errors. This most likely indicates that another task died. absl::Status: "
+             b"UNAVAILABLE: The following tasks are unhealthy (stopped sending heartbeats):\n", b"1\n",
+             b"*** Check failure stack trace: ***\n", b"    @     0x7f01d0058634  absl::LogMessage::SendToLog()\n"]
+    now = [0.0]
+    f = LineFilter("pldr-jax train", ckpt, clock=lambda: now[0])
+    out = b"".join(f.feed(line) for line in abort) + f.eof()
+    assert out.decode().splitlines() == [
+        "[Gloo] Rank 0 is connected to 1 peer ranks.",
+        "pldr-jax train: error: another process of this run died or became unreachable (JAX coordination service: "
+        "UNAVAILABLE: The following tasks are unhealthy (stopped sending heartbeats): 1); the newest complete "
+        f"checkpoint is step 4 in {ckpt}. Start every process again with the same command plus --resume (it "
+        "continues from that step)"]
+    # the process printed its own final error (a traceback) first: nothing added, the runtime's lines dropped
+    f = LineFilter("pldr-jax train", ckpt, clock=lambda: now[0])
+    assert b"".join(f.feed(line) for line in [abort[0], _REPORTED, *abort[1:]]) + f.eof() == abort[0]
+    # the process's own line and the abort race: whichever comes first is the one line
+    own = _LINE + b"pldr-jax train: error: another process ... (Gloo: Connection reset by peer)\x1fsecond line\n"
+    f = LineFilter("pldr-jax train", ckpt, clock=lambda: now[0])
+    out = b"".join(f.feed(line) for line in [abort[0], own, *abort[1:]]) + f.eof()
+    assert out == abort[0] + own[len(_LINE):].replace(b"\x1f", b"\n") and f.ack
+    f = LineFilter("pldr-jax train", ckpt, clock=lambda: now[0])
+    out = b"".join(f.feed(line) for line in [*abort[:-2], own, *abort[-2:]]) + f.eof()
+    assert out.decode().splitlines()[1].startswith("pldr-jax train: error: another process of this run died or "
+                                                   "became unreachable (JAX coordination service: ") and f.ack
+    assert len(out.decode().splitlines()) == 2
+    # error lines without the fatal one: released after HOLD_S, or at the end of the process
+    f = LineFilter("pldr-jax train", ckpt, clock=lambda: now[0])
+    assert f.feed(abort[4]) == b"" and f.timeout() == b"" and f.feed(b"later\n") == b""
+    now[0] += HOLD_S
+    assert f.timeout() == abort[4] + b"later\n" and f.feed(b"next\n") == b"next\n"
+    assert f.feed(abort[4]) == b"" and f.eof() == abort[4]
+    # any other fatal error (a bug) passes unchanged
+    f = LineFilter("pldr-jax train", ckpt, clock=lambda: now[0])
+    bug = [b"F1207 00:00:00.0 1 foo.cc:1] Check failed: x == y\n", b"*** Check failure stack trace: ***\n"]
+    assert b"".join(f.feed(line) for line in bug) + f.eof() == b"".join(bug)
+
+
 def _unshare_tmpfs_reason(probe_dir: Path) -> str | None:
     """None when a tmpfs can be mounted in a fresh user + mount namespace here, else why not."""
     if shutil.which("unshare") is None:
@@ -365,6 +463,7 @@ def _full_disk_launch(spec: dict) -> int:
 def _worker(argv: list[str]) -> int:
     slow_steps_from_env()
     failing_background_write_from_env()
+    traced_orbax_barriers_from_env()
     from pldr_jax.cli import main
     return main(argv)
 

@@ -47,3 +47,31 @@ def test_a_failing_write_warns_once_and_never_raises(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("warning: cannot write") == 1 and "No space left on device" in err
     assert scalar_items({"step": 1, "kind": "x", "a": 1, "b": {"c": 2.0}}) == [("a", 1.0), ("b/c", 2.0)]
+
+
+def test_a_writer_thread_dead_of_a_full_disk_never_blocks_the_run(tmp_path, monkeypatch):
+    """tensorboardX writes from a thread; when it dies of an OSError, its bounded queue is no longer read:
+    further records and close() must not wait for it (they would block training forever)."""
+    import threading
+
+    import pldr_jax.train.tensorboard as tbmod
+    pytest.importorskip("tensorboardX")
+    monkeypatch.setattr(tbmod, "_WRITER_THREAD_FAILED", threading.Event(), raising=False)
+    w = TensorBoardWriter.open(tmp_path / "tb")
+    worker = w._tb._get_file_writer().event_writer._worker
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+    worker._record_writer.write_event = full
+    done = threading.Event()
+
+    def train():
+        for step in range(1, 60):  # far more records than the writer's queue holds
+            w.write({"kind": "train", "step": step, "loss": 2.0})
+        w.close()
+        done.set()
+    with pytest.warns(RuntimeWarning, match="TensorBoard events not written"):
+        t = threading.Thread(target=train, daemon=True)
+        t.start()
+        assert done.wait(30), "writing metrics blocked after TensorBoard's writer thread died"
+    assert not worker.is_alive()

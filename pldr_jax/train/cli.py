@@ -428,6 +428,12 @@ def _init_distributed(args):
         init_distributed(None, None, None, heartbeat_timeout_s=hb, auto_detect=True)
     elif args.coordinator_address or (args.num_processes or 1) > 1:
         init_distributed(args.coordinator_address, args.num_processes, args.process_id, heartbeat_timeout_s=hb)
+    else:
+        return
+    import jax
+    if jax.process_count() > 1:  # a lost peer can abort this process from C++: its one line still comes
+        from . import peerwatch
+        peerwatch.start("pldr-jax train", Path(_workdir_arg(args)) / "checkpoints")
 
 
 # --------------------------------------------------------------------------- commands

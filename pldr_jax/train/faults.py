@@ -14,7 +14,8 @@ Pure helpers that the loop / step wire in with a few lines (nothing here imports
 * `peer_failure_message` -- a multi-process run whose collective failed because another process
   died or became unreachable (Gloo's "Connection reset by peer", the coordination service's "another
   task died"): one line naming the newest complete checkpoint and how to resume, instead of the
-  library's traceback (`pldr_jax.cli` prints it and exits).
+  library's traceback (`pldr_jax.cli` prints it and exits).  When the JAX runtime aborts the process
+  first (a peer lost while this one waits in the coordination service), `peerwatch` prints that line.
 * `quiet_background_save_errors` -- after a failed background save, orbax's writer threads report
   the error themselves (absl ERROR records with tracebacks) and tensorstore callbacks that outlive
   orbax's event loop print asyncio's "Event loop is closed" by the dozen; the run reports the
@@ -45,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .integrity import _chain as _error_chain
+from .peerwatch import lost_peer_message
 
 __all__ = ["FaultPolicy", "NonFiniteError", "NonFiniteMonitor", "tree_all_finite", "apply_gradients_guarded",
            "CheckpointDirError", "estimate_checkpoint_bytes", "preflight_checkpoint_dir", "is_peer_failure",
@@ -177,27 +179,13 @@ def is_peer_failure(exc: BaseException) -> bool:
     return False
 
 
-def complete_checkpoint_steps(ckpt_dir: str | os.PathLike) -> list[int]:
-    """Steps whose checkpoint save finished (orbax writes ``_CHECKPOINT_METADATA`` last; a save cut off
-    leaves an ``*.orbax-checkpoint-tmp-*`` folder or a step folder without it)."""
-    d = Path(ckpt_dir)
-    if not d.is_dir():
-        return []
-    return sorted(int(p.name) for p in d.iterdir()
-                  if p.is_dir() and p.name.isdigit() and (p / "_CHECKPOINT_METADATA").exists())
-
-
 def peer_failure_message(exc: BaseException, ckpt_dir: str | os.PathLike) -> str:
     """One line for a run stopped by a lost peer: what failed, the newest complete checkpoint in
-    `ckpt_dir` and how to go on."""
+    `ckpt_dir` and how to go on (`peerwatch.lost_peer_message`, which also words the line printed when
+    the JAX runtime aborts the process instead)."""
     cause = next((e for e in _error_chain(exc) if any(m in str(e) for m in _PEER_FAILURE_MARKERS)), exc)
     what = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
-    what = what if len(what) <= 200 else what[:197] + "..."
-    steps = complete_checkpoint_steps(ckpt_dir)
-    kept = (f"the newest complete checkpoint is step {steps[-1]} in {ckpt_dir}" if steps else
-            f"no complete checkpoint exists yet in {ckpt_dir}")
-    return (f"another process of this run died or became unreachable ({what}); {kept}. Start every process again "
-            f"with the same command plus --resume" + (" (it continues from that step)" if steps else ""))
+    return lost_peer_message(what, ckpt_dir)
 
 
 # =========================================================================== library noise after a failed save

@@ -14,10 +14,15 @@ from __future__ import annotations
 import json
 import math
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Mapping
 
 __all__ = ["TensorBoardWriter", "scalar_items"]
+
+#: Set when tensorboardX's event-writer thread died of an OSError (a full disk): its queue is no longer
+#: read, so a further write would block once the queue is full, and close() would wait for it forever.
+_WRITER_THREAD_FAILED = threading.Event()
 
 
 def scalar_items(record: Mapping[str, Any], prefix: str = "") -> list[tuple[str, float]]:
@@ -69,9 +74,17 @@ class TensorBoardWriter:
             print(f"warning: cannot write {self.path} ({e}); training continues, further metrics may be missing",
                   file=sys.stderr, flush=True)
 
+    def _usable(self) -> bool:
+        """Whether there is a writer whose event thread still runs (one whose thread died is let go
+        without close(), which would block; see `_WRITER_THREAD_FAILED`)."""
+        if self._tb is not None and _WRITER_THREAD_FAILED.is_set():
+            self._tb = None
+            self._warned = True  # the thread's failure was the warning
+        return self._tb is not None
+
     def write(self, record: Mapping[str, Any]) -> None:
         """Scalars ``<kind>/<field>`` of one metrics.jsonl record at its step."""
-        if self._tb is None or "step" not in record:
+        if not self._usable() or "step" not in record:
             return
         kind = record.get("kind", "train")
         try:
@@ -82,7 +95,7 @@ class TensorBoardWriter:
 
     def write_config(self, config: Mapping[str, Any], step: int = 0) -> None:
         """The run config as text (JSON in a code block, which TensorBoard's text plugin renders)."""
-        if self._tb is None:
+        if not self._usable():
             return
         text = json.dumps(config, indent=2, default=str)
         try:
@@ -91,7 +104,7 @@ class TensorBoardWriter:
             self._warn(e)
 
     def close(self) -> None:
-        if self._tb is not None:
+        if self._usable():
             try:
                 self._tb.close()
             except OSError as e:
@@ -111,6 +124,7 @@ def _quiet_writer_thread_errors() -> None:
     def hook(args):
         if issubclass(args.exc_type, OSError) and "tensorboardX" in "".join(
                 f.filename for f in __import__("traceback").extract_tb(args.exc_traceback)):
+            _WRITER_THREAD_FAILED.set()
             warnings.warn(f"TensorBoard events not written: {args.exc_value}", RuntimeWarning, stacklevel=1)
             return
         prev(args)
