@@ -133,7 +133,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="call jax.distributed.initialize() with auto-detection (TPU pods, SLURM, ...)")
     x.add_argument("--heartbeat-timeout", type=int, default=None, metavar="S",
                    help="seconds without heartbeats after which a process is declared dead and the others stop "
-                        "(default 100)")
+                        "(default 45)")
     x.add_argument("--sync-timeout", dest="sync_timeout_s", type=float, default=None, metavar="S",
                    help="longest wait across processes (barriers, agreeing on the checkpoint to resume from) "
                         "before the run stops with a message (default 900)")

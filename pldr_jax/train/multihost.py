@@ -31,8 +31,10 @@ __all__ = ["CrossProcessTimeout", "DEFAULT_TIMEOUT_S", "init_distributed", "barr
 #: Default seconds any cross-process wait may take (checkpoint restores of big models included).
 DEFAULT_TIMEOUT_S = 900.0
 #: Default heartbeat timeout: a process that stops sending heartbeats for this long is declared dead
-#: and every other process is stopped by the coordination service with an error naming it.
-DEFAULT_HEARTBEAT_S = 100
+#: and every other process is stopped (with the one lost-peer line: train/peerwatch.py), so a lost peer
+#: ends the run within a minute.  Heartbeats come from the runtime's own thread, so long compiles and
+#: saves do not miss them; raise it (--heartbeat-timeout) on networks with long stalls.
+DEFAULT_HEARTBEAT_S = 45
 
 _counters: dict[str, int] = {}
 
