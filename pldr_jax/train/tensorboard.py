@@ -66,7 +66,9 @@ class TensorBoardWriter:
                 return None
         Path(directory).mkdir(parents=True, exist_ok=True)
         _quiet_writer_thread_errors()
-        return cls(SummaryWriter(str(directory), **kw), directory)
+        writer = SummaryWriter(str(directory), **kw)
+        _guard_record_writer(writer)
+        return cls(writer, directory)
 
     def _warn(self, e: OSError) -> None:
         if not self._warned:
@@ -110,6 +112,49 @@ class TensorBoardWriter:
             except OSError as e:
                 self._warn(e)
             self._tb = None
+
+
+class _GuardedRecordWriter:
+    """tensorboardX's record writer (the file under its event-writer thread) with OSErrors (a full
+    disk) turned into one warning and dropped records: the thread then keeps draining its bounded
+    queue, so neither a later record nor close() can wait for a thread that died."""
+
+    def __init__(self, inner):
+        self._inner = inner
+        self._failed = False
+
+    def _guard(self, name, *args):
+        if self._failed:
+            return None
+        try:
+            return getattr(self._inner, name)(*args)
+        except OSError as e:
+            self._failed = True
+            _WRITER_THREAD_FAILED.set()
+            import warnings
+            warnings.warn(f"TensorBoard events not written: {e}", RuntimeWarning, stacklevel=1)
+            return None
+
+    def write(self, data):
+        return self._guard("write", data)
+
+    def flush(self):
+        return self._guard("flush")
+
+    def close(self):
+        return self._guard("close")
+
+
+def _guard_record_writer(writer) -> None:
+    """Wrap a tensorboardX SummaryWriter's record writer in `_GuardedRecordWriter` (no-op for a writer
+    without that structure, e.g. torch's: the thread hook below then covers it)."""
+    try:
+        events = writer._get_file_writer().event_writer._ev_writer
+        inner = events._py_recordio_writer
+    except AttributeError:
+        return
+    if not isinstance(inner, _GuardedRecordWriter):
+        events._py_recordio_writer = _GuardedRecordWriter(inner)
 
 
 def _quiet_writer_thread_errors() -> None:
