@@ -45,18 +45,23 @@ def test_sigterm_finishes_the_stream_in_flight_and_exits_0(tmp_path):
         assert compiled == [f"{n} x {P}" for n in (1, 2) for P in (16, 32, 64)], "".join(lines)
         assert sum(ln.startswith("compiled generate step") for ln in lines) == 2
         chunks: list[dict] = []
+        errors: list[BaseException] = []
         started = threading.Event()
 
-        def stream():
+        def stream():      # connects at once: the printed URL must already accept connections
             body = {"prompt": "The cat", "max_tokens": 60, "stream": True, "temperature": 0, "ignore_eos": True}
-            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
-                for line in r.iter_lines():
-                    if line.startswith("data: ") and line != "data: [DONE]":
-                        chunks.append(json.loads(line[6:]))
-                        started.set()
+            try:
+                with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
+                    for line in r.iter_lines():
+                        if line.startswith("data: ") and line != "data: [DONE]":
+                            chunks.append(json.loads(line[6:]))
+                            started.set()
+            except BaseException as e:
+                errors.append(e)
+                started.set()
         th = threading.Thread(target=stream)
         th.start()
-        assert started.wait(120)
+        assert started.wait(120) and not errors, errors
         proc.send_signal(signal.SIGTERM)
         th.join(120)
         out, _ = proc.communicate(timeout=120)
@@ -71,6 +76,47 @@ def test_sigterm_finishes_the_stream_in_flight_and_exits_0(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+
+def test_the_printed_url_accepts_connections_before_uvicorn_runs(monkeypatch):
+    """The URL line comes before uvicorn starts; a client that connects right after reading it must
+    be queued, not refused (CI saw a refused stream when uvicorn started slowly): the socket listens
+    before the line is printed.  uvicorn's server is replaced by a probe connecting to the socket."""
+    import socket
+
+    import uvicorn
+
+    from pldr_jax.cli import main
+    from pldr_jax.serve import cli as serve_cli
+
+    lines, probes = [], []
+
+    class Probe:
+        def __init__(self, config):
+            pass
+
+        def run(self, sockets):
+            assert any(ln.startswith("serving ") for ln in lines)
+            host, port = sockets[0].getsockname()[:2]
+            c = socket.socket()
+            c.settimeout(5)
+            try:
+                probes.append(c.connect_ex((host, port)))
+            finally:
+                c.close()
+
+    monkeypatch.setattr(uvicorn, "Config", lambda *a, **k: None)
+    monkeypatch.setattr(uvicorn, "Server", Probe)
+    monkeypatch.setattr(serve_cli, "_log", lines.append)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        assert main(["serve", "preset:tiny", "--port", "0", "--slots", "1", "--max-seq-len", "32",
+                     "--no-warmup"]) == 0
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    assert probes == [0]            # connected (0), not ECONNREFUSED
 
 
 
