@@ -49,21 +49,21 @@ def test_a_failing_write_warns_once_and_never_raises(tmp_path, capsys):
     assert scalar_items({"step": 1, "kind": "x", "a": 1, "b": {"c": 2.0}}) == [("a", 1.0), ("b/c", 2.0)]
 
 
+def _full(*a, **k):
+    raise OSError(28, "No space left on device")
+
+
 def test_a_full_disk_under_the_writer_thread_never_blocks_the_run(tmp_path, monkeypatch):
     """tensorboardX writes from a thread through a bounded queue; when the disk is full under it (the
     record file's write raises OSError), the run's further records and close() must not wait (a dead
-    thread's queue would block training forever): one warning, records dropped."""
+    thread's queue would block training forever): one warning, records dropped.  Another writer of
+    the same process (a later run, a notebook) keeps writing."""
     import threading
 
-    import pldr_jax.train.tensorboard as tbmod
     record_writer = pytest.importorskip("tensorboardX.record_writer")
-    monkeypatch.setattr(tbmod, "_WRITER_THREAD_FAILED", threading.Event(), raising=False)
     w = TensorBoardWriter.open(tmp_path / "tb")
-
-    def full(self, *a, **k):
-        raise OSError(28, "No space left on device")
-    monkeypatch.setattr(record_writer.RecordWriter, "write", full)
-    monkeypatch.setattr(record_writer.RecordWriter, "flush", full)
+    monkeypatch.setattr(record_writer.RecordWriter, "write", _full)
+    monkeypatch.setattr(record_writer.RecordWriter, "flush", _full)
     done = threading.Event()
 
     def train():
@@ -76,4 +76,40 @@ def test_a_full_disk_under_the_writer_thread_never_blocks_the_run(tmp_path, monk
         t.start()
         assert done.wait(30), "writing metrics blocked after the disk under TensorBoard's writer filled"
     assert len([r for r in rec if "TensorBoard" in str(r.message)]) == 1
-    assert tbmod._WRITER_THREAD_FAILED.is_set()
+    monkeypatch.undo()
+    other = TensorBoardWriter.open(tmp_path / "tb2")
+    other.write({"kind": "train", "step": 1, "loss": 1.5})
+    other.close()
+    assert [(e.step, e.value) for e in _accumulator(tmp_path / "tb2").Scalars("train/loss")] == [(1, 1.5)]
+
+
+def test_a_writer_whose_event_thread_died_is_let_go_alone(tmp_path, capsys):
+    """Where the guard does not reach (torch's writer), a dead event thread means a queue nobody reads:
+    that writer's records and close() are skipped (no wait), and only that writer's."""
+    import threading
+
+    class Blocking:
+        def __init__(self):
+            self.calls = 0
+
+        def add_scalar(self, *a):
+            self.calls += 1
+
+        def close(self):
+            raise AssertionError("close() of a writer whose thread died would wait forever")
+
+    dead = threading.Thread(target=lambda: None)
+    dead.start()
+    dead.join()
+    alive_ev = threading.Event()
+    alive = threading.Thread(target=alive_ev.wait, daemon=True)
+    alive.start()
+    a, b = Blocking(), Blocking()
+    wa, wb = TensorBoardWriter(a, tmp_path / "a", [dead]), TensorBoardWriter(b, tmp_path / "b", [alive])
+    for w in (wa, wb):
+        w.write({"kind": "train", "step": 1, "loss": 2.0})
+    wa.close()
+    assert (a.calls, b.calls) == (0, 1)
+    b.close = lambda: None
+    wb.close()
+    alive_ev.set()

@@ -20,11 +20,6 @@ from typing import Any, Mapping
 
 __all__ = ["TensorBoardWriter", "scalar_items"]
 
-#: Set when tensorboardX's event-writer thread died of an OSError (a full disk): its queue is no longer
-#: read, so a further write would block once the queue is full, and close() would wait for it forever.
-_WRITER_THREAD_FAILED = threading.Event()
-
-
 def scalar_items(record: Mapping[str, Any], prefix: str = "") -> list[tuple[str, float]]:
     """(tag, value) of the finite numbers of `record` (nested dicts flattened with "/"), minus "step"
     and "kind"; booleans are left out."""
@@ -48,10 +43,11 @@ class TensorBoardWriter:
     checkpoints decide whether a run stops, and only process 0 writes, so raising here would split the
     processes (or mask the checkpoint error in flight)."""
 
-    def __init__(self, writer, directory: str | Path):
+    def __init__(self, writer, directory: str | Path, threads=()):
         self._tb = writer
         self.path = Path(directory)
         self._warned = False
+        self._threads = tuple(threads)     # the writer's event thread(s), started by its constructor
 
     @classmethod
     def open(cls, directory: str | Path, flush_secs: int = 30) -> "TensorBoardWriter | None":
@@ -66,9 +62,10 @@ class TensorBoardWriter:
                 return None
         Path(directory).mkdir(parents=True, exist_ok=True)
         _quiet_writer_thread_errors()
+        before = set(threading.enumerate())
         writer = SummaryWriter(str(directory), **kw)
         _guard_record_writer(writer)
-        return cls(writer, directory)
+        return cls(writer, directory, [t for t in threading.enumerate() if t not in before])
 
     def _warn(self, e: OSError) -> None:
         if not self._warned:
@@ -77,9 +74,11 @@ class TensorBoardWriter:
                   file=sys.stderr, flush=True)
 
     def _usable(self) -> bool:
-        """Whether there is a writer whose event thread still runs (one whose thread died is let go
-        without close(), which would block; see `_WRITER_THREAD_FAILED`)."""
-        if self._tb is not None and _WRITER_THREAD_FAILED.is_set():
+        """Whether there is a writer whose event thread still runs.  One whose thread died (an OSError
+        where `_GuardedRecordWriter` does not reach, e.g. torch's writer) is let go without close():
+        its queue is no longer read, so a further record would block once the queue is full and
+        close() would wait forever.  Per writer: another writer of the process is not affected."""
+        if self._tb is not None and any(not t.is_alive() for t in self._threads):
             self._tb = None
             self._warned = True  # the thread's failure was the warning
         return self._tb is not None
@@ -130,7 +129,6 @@ class _GuardedRecordWriter:
             return getattr(self._inner, name)(*args)
         except OSError as e:
             self._failed = True
-            _WRITER_THREAD_FAILED.set()
             import warnings
             warnings.warn(f"TensorBoard events not written: {e}", RuntimeWarning, stacklevel=1)
             return None
@@ -158,18 +156,18 @@ def _guard_record_writer(writer) -> None:
 
 
 def _quiet_writer_thread_errors() -> None:
-    """An OSError in tensorboardX's background event-writer thread (a full disk) becomes one warning,
-    not a thread traceback: the run's own error (e.g. the failed checkpoint save) is the message."""
-    import threading
+    """An OSError in a TensorBoard writer's background event thread (a full disk, where
+    `_GuardedRecordWriter` does not reach) becomes one warning, not a thread traceback: the run's own
+    error (e.g. the failed checkpoint save) is the message; the writer is let go (`_usable`)."""
+    import traceback
     import warnings
     prev = threading.excepthook
     if getattr(prev, "_pldr_tensorboard", False):
         return
 
     def hook(args):
-        if issubclass(args.exc_type, OSError) and "tensorboardX" in "".join(
-                f.filename for f in __import__("traceback").extract_tb(args.exc_traceback)):
-            _WRITER_THREAD_FAILED.set()
+        if issubclass(args.exc_type, OSError) and "tensorboard" in "".join(
+                f.filename for f in traceback.extract_tb(args.exc_traceback)).lower():
             warnings.warn(f"TensorBoard events not written: {args.exc_value}", RuntimeWarning, stacklevel=1)
             return
         prev(args)
