@@ -4,11 +4,13 @@ requests run as static batches through `Sampler`, in one run.
 The server is a real ``pldr-jax serve preset:<name>`` process (``--slots`` rows, compiled before the
 load).  A load generator in this process sends ``--requests`` streamed completions (token-id
 prompts, ``ignore_eos`` so each request produces exactly its ``max_tokens``) with exponential gaps
-of mean 1 / ``--rate`` seconds and at most ``--max-in-flight`` open at once.  Two workloads, drawn
-from ``--seed``:
+of mean 1 / ``--rate`` seconds and at most ``--max-in-flight`` open at once.  Workloads, drawn
+from ``--seed`` (``--workloads``, default all three):
 
 * ``mixed``: prompt lengths uniform in [8, 96], output lengths uniform in [8, 128];
-* ``equal``: every prompt 64 tokens, every output 64 tokens.
+* ``equal``: every prompt 64 tokens, every output 64 tokens;
+* ``longtail``: prompts as ``mixed``, outputs log-normal (median 32, sigma 1) clipped to [4, 160]:
+  many short answers and a few long ones, as chat traffic.
 
 Per workload it reports the server's output tokens/s (all tokens / first send to last token), time to
 first token (send -> first streamed token) and time per output token (per request: (last - first
@@ -46,23 +48,31 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKLOADS = {"mixed": dict(prompt=(8, 96), output=(8, 128)), "equal": dict(prompt=(64, 64), output=(64, 64))}
+#: prompt and output length ranges; outputs uniform in the range, or "lognormal": median `median`,
+#: sigma 1, clipped to the range (a long tail of long answers among many short ones, as chat traffic)
+WORKLOADS = {"mixed": dict(prompt=(8, 96), output=(8, 128)), "equal": dict(prompt=(64, 64), output=(64, 64)),
+             "longtail": dict(prompt=(8, 96), output=(4, 160), dist="lognormal", median=32)}
 
 
 def draw(workload: str, n: int, vocab: int, rate: float, seed: int, max_len: int = 256) -> list[dict]:
     """n requests {"prompt", "max_tokens", "at"} (arrival offsets in seconds) of a workload; lengths
     scaled down (same proportions) when prompt + output could exceed max_len."""
     rng = np.random.default_rng(seed)
-    w = WORKLOADS[workload]
-    scale = min(1.0, max_len / (w["prompt"][1] + w["output"][1]))
-    w = {k: (max(1, int(a * scale)), max(1, int(b * scale))) for k, (a, b) in w.items()}
+    spec = WORKLOADS[workload]
+    scale = min(1.0, max_len / (spec["prompt"][1] + spec["output"][1]))
+    w = {k: (max(1, int(spec[k][0] * scale)), max(1, int(spec[k][1] * scale))) for k in ("prompt", "output")}
     at = np.cumsum(rng.exponential(1.0 / rate, size=n))
     at -= at[0]
     out = []
     for i in range(n):
         P = int(rng.integers(w["prompt"][0], w["prompt"][1] + 1))
-        out.append({"prompt": [int(t) for t in rng.integers(4, vocab, size=P)],
-                    "max_tokens": int(rng.integers(w["output"][0], w["output"][1] + 1)), "at": float(at[i])})
+        prompt = [int(t) for t in rng.integers(4, vocab, size=P)]
+        lo, hi = w["output"]
+        if spec.get("dist") == "lognormal":
+            m = int(np.clip(round(rng.lognormal(np.log(spec["median"] * scale), 1.0)), lo, hi))
+        else:
+            m = int(rng.integers(lo, hi + 1))
+        out.append({"prompt": prompt, "max_tokens": m, "at": float(at[i])})
     return out
 
 
@@ -225,7 +235,7 @@ def main() -> int:
                     help="mean arrivals per second (Poisson; the default offers several times what the server decodes: a throughput test)")
     ap.add_argument("--max-in-flight", type=int, default=64, help="open requests at most (the load's bound)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--workloads", default="mixed,equal")
+    ap.add_argument("--workloads", default="mixed,equal,longtail")
     ap.add_argument("--steps-per-sync", type=int, default=32, help="the server's longest block of generate steps per device call")
     ap.add_argument("--repeats", type=int, default=3, help="server / static runs per workload, alternated")
     ap.add_argument("--json", action="store_true", help="print one JSON object")

@@ -148,3 +148,25 @@ def test_bench_serve_quick():
     assert w["ratio"] == pytest.approx(w["server"]["tokens_per_s"] / w["static"]["tokens_per_s"], rel=1e-2)
     assert w["server"]["ttft_p99_ms"] >= w["server"]["ttft_p50_ms"] > 0
     assert "mixed" in out["acceptance"]
+
+
+def test_bench_serve_workloads_draw_within_their_ranges():
+    """The benchmark's workloads: lengths inside each range (scaled to the context), the same draw
+    for a seed, and `longtail`'s outputs skewed (median well below the range's middle, a long tail)."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    try:
+        import bench_serve
+    finally:
+        sys.path.remove(str(ROOT / "experiments"))
+    for name, spec in bench_serve.WORKLOADS.items():
+        reqs = bench_serve.draw(name, 200, 4000, 100.0, 0, 256)
+        assert reqs == bench_serve.draw(name, 200, 4000, 100.0, 0, 256)
+        for r in reqs:
+            assert spec["prompt"][0] <= len(r["prompt"]) <= spec["prompt"][1]
+            assert spec["output"][0] <= r["max_tokens"] <= spec["output"][1]
+            assert len(r["prompt"]) + r["max_tokens"] <= 256
+        assert [r["at"] for r in reqs] == sorted(r["at"] for r in reqs)
+    out = sorted(r["max_tokens"] for r in bench_serve.draw("longtail", 200, 4000, 100.0, 0, 256))
+    assert 24 <= out[100] <= 44 and out[-1] >= 120
+    small = bench_serve.draw("longtail", 50, 100, 100.0, 0, 64)       # scaled to a 64-token context
+    assert all(len(r["prompt"]) + r["max_tokens"] <= 64 for r in small)
