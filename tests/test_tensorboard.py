@@ -113,3 +113,12 @@ def test_a_writer_whose_event_thread_died_is_let_go_alone(tmp_path, capsys):
     b.close = lambda: None
     wb.close()
     alive_ev.set()
+
+
+def test_open_tracks_the_writers_own_event_thread(tmp_path):
+    """`open` keeps the thread tensorboardX's writer started (not other threads of the process), and
+    the writer is let go once that thread is gone."""
+    pytest.importorskip("tensorboardX")
+    w = TensorBoardWriter.open(tmp_path / "tb")
+    assert w._threads and all("tensorboard" in type(t).__module__.lower() and t.is_alive() for t in w._threads)
+    w.close()

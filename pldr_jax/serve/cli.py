@@ -97,8 +97,10 @@ def run(args) -> int:
     except OSError as e:
         raise ValueError(f"cannot listen on {args.host}:{args.port}: {e.strerror}; pick another --port "
                          f"(0 = any free port)") from None
-    sock.listen(2048)           # connections queue from here on, before uvicorn accepts them (the URL printed next
-    host, port = sock.getsockname()[:2]     # is usable at once: a bound socket not yet listening refuses them)
+    # listen before the URL is printed: a client connecting at once is queued until uvicorn accepts
+    # (a bound socket that does not listen yet refuses it)
+    sock.listen(2048)
+    host, port = sock.getsockname()[:2]
     name = args.model_name or args.checkpoint.rstrip("/").split("/")[-1]
     app = create_app(engine, model_name=name, drain_timeout=args.drain_timeout)
     shown = f"[{host}]" if ":" in host else host

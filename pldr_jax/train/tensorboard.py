@@ -65,7 +65,9 @@ class TensorBoardWriter:
         before = set(threading.enumerate())
         writer = SummaryWriter(str(directory), **kw)
         _guard_record_writer(writer)
-        return cls(writer, directory, [t for t in threading.enumerate() if t not in before])
+        threads = [t for t in threading.enumerate()       # its event thread (a tensorboard module's class)
+                   if t not in before and "tensorboard" in type(t).__module__.lower()]
+        return cls(writer, directory, threads)
 
     def _warn(self, e: OSError) -> None:
         if not self._warned:
