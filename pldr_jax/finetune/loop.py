@@ -291,7 +291,6 @@ def run_finetune(*, workdir: Path, cfg: PLDRConfig, task: str, params: dict, hea
     if run.main:
         if tokenizer_file is not None and not (workdir / "tokenizer.model").is_file():
             shutil.copyfile(tokenizer_file, workdir / "tokenizer.model")
-            run.tok_path = str(workdir / "tokenizer.model")
         if recipe.fixed_g:
             np.save(workdir / "fixed_g.npy", np.asarray(g_lm))
             run.g_path = workdir / "fixed_g.npy"
